@@ -1,0 +1,1 @@
+"""Stage two: fusion heads trained on cached features (never images or encoders)."""
