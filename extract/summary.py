@@ -1,0 +1,70 @@
+"""What `inspect` shows: class counts per split, dropped and flagged samples, decode fallbacks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from extract.datasets import LoadResult
+from extract.splits import SPLITS, UNASSIGNED, SplitResult
+
+
+def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
+    """A JSON-ready summary of one loaded dataset and its split."""
+    per_split: dict[str, dict[str, int]] = {}
+    counts = Counter((splits.assignment[s.id], s.label_name) for s in result.samples)
+    for split in (*SPLITS, UNASSIGNED):
+        row = {c: counts.get((split, c), 0) for c in result.classes}
+        if split in SPLITS or any(row.values()):
+            per_split[split] = row
+    rep = result.report
+    return {
+        "dataset": result.dataset,
+        "root": str(result.root),
+        "options": result.options,
+        "classes": list(result.classes),
+        "samples": len(result.samples),
+        "class_counts": result.class_counts(),
+        "split_source": splits.source,
+        "split_counts": per_split,
+        "split_file_unknown_ids": len(splits.unknown_ids),
+        "split_file_unassigned_ids": len(splits.unassigned_ids),
+        "report": rep.to_dict(),
+        "dropped_total": sum(rep.dropped.values()),
+        "fallback_decodes": rep.fallback_decodes,
+    }
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with right-aligned numbers (also used by the later stages' summaries)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    out = [f"dataset {s['dataset']} at {s['root']}: {s['samples']} samples "
+           f"({s['report']['rows_seen']} rows read, {s['dropped_total']} dropped)"]
+    classes = s["classes"]
+    rows = [[split] + [row[c] for c in classes] + [sum(row.values())] for split, row in s["split_counts"].items()]
+    rows.append(["all"] + [s["class_counts"][c] for c in classes] + [s["samples"]])
+    out += ["", f"split: {s['split_source']}", format_table(["split", *classes, "total"], rows)]
+    if s["split_file_unknown_ids"] or s["split_file_unassigned_ids"]:
+        out.append(f"split file: {s['split_file_unknown_ids']} ids not in the data, "
+                   f"{s['split_file_unassigned_ids']} samples not in the file (split 'none')")
+    rep = s["report"]
+    for title, key in (("dropped", "dropped"), ("flagged (kept)", "flagged")):
+        if rep[key]:
+            out += ["", title]
+            out.append(format_table(["reason", "count", "e.g. ids"], [
+                [r, n, ", ".join(rep["examples"].get(r, [])[:3])] for r, n in sorted(rep[key].items())]))
+    if rep["decoded_with"]:
+        enc = ", ".join(f"{e}: {n}" for e, n in sorted(rep["decoded_with"].items()))
+        out += ["", f"text decoding: {enc} ({s['fallback_decodes']} via fallback)"]
+    return "\n".join(out)

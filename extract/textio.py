@@ -1,0 +1,79 @@
+"""Small text helpers shared by the dataset readers: tolerant decoding, HTML junk removal, safe paths."""
+
+from __future__ import annotations
+
+import html
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+# Order matters: UTF-8 first (strict, so a wrong guess fails loudly), then GB18030, which is what the
+# non-UTF-8 MVSA tweets turn out to be (e.g. b"\xa1\xad" is the GBK ellipsis), then cp1252 for Western
+# mojibake; latin-1 never fails, so decoding always ends somewhere and is counted.
+FALLBACK_ENCODINGS = ("utf-8", "gb18030", "cp1252", "latin-1")
+
+_HTML_TAG = re.compile(r"<\s*/?\s*(html|head|body|meta|style|script|div|span|p|br|table|td|tr|ol|ul|li|a|b|i|font)\b", re.I)
+_SKIP_TAGS = {"style", "script", "head", "title"}
+
+
+def decode_bytes(raw: bytes) -> tuple[str, str]:
+    """Decode ``raw`` with the first encoding of :data:`FALLBACK_ENCODINGS` that works.
+
+    Returns ``(text, encoding_used)``; a UTF-8 BOM is removed.
+    """
+    for enc in FALLBACK_ENCODINGS:
+        try:
+            text = raw.decode(enc)
+        except UnicodeDecodeError:
+            continue
+        return text.lstrip("\ufeff"), enc
+    raise AssertionError("latin-1 decodes any byte string")  # pragma: no cover
+
+
+class _TextOnly(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):  # noqa: ARG002
+        if tag in _SKIP_TAGS:
+            self._skip += 1
+
+    def handle_endtag(self, tag):
+        if tag in _SKIP_TAGS and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+
+
+def looks_like_html(text: str) -> bool:
+    """True when ``text`` contains real HTML tags (``<3`` or ``a < b`` do not count)."""
+    return bool(_HTML_TAG.search(text))
+
+
+def clean_text(text: str) -> str:
+    """Strip HTML markup (keeping visible text, dropping <head>/<style>/<script>), unescape entities,
+    and collapse whitespace. Plain text only has its whitespace normalised."""
+    if looks_like_html(text):
+        parser = _TextOnly()
+        parser.feed(text)
+        parser.close()
+        text = "".join(parser.parts)
+    elif "&" in text:
+        text = html.unescape(text)
+    return " ".join(text.split())
+
+
+def safe_child(root: Path, relative: str | Path) -> Path | None:
+    """Resolve ``relative`` under ``root``; ``None`` if it escapes the root (``..``, absolute paths,
+    symlinks pointing outside). Datasets are untrusted input: never follow a path out of them."""
+    root = Path(root).resolve()
+    candidate = (root / relative).resolve()
+    try:
+        candidate.relative_to(root)
+    except ValueError:
+        return None
+    return candidate
