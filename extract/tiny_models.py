@@ -1,0 +1,397 @@
+"""Random-init checkpoints of real architectures, for tests and offline smoke runs.
+
+Every builder writes a folder with ``save_pretrained`` (config, ``model.safetensors``, tokenizer or
+image-processor files) that loads through the very same ``AutoTokenizer`` / ``AutoModel`` /
+``AutoImageProcessor`` path a user takes with a hub id, so :mod:`extract.encoders` is exercised end to
+end without network access. The weights are random: features are meaningless, shapes and code paths
+are real.
+
+Builders seed their own RNG (``torch.random.fork_rng``), so the same arguments give the same weights
+and the caller's global RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import string
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from extract.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BERT_SPECIAL_TOKENS",
+    "DEFAULT_WORDS",
+    "PRESETS",
+    "build_bert",
+    "build_dinov2",
+    "build_preset",
+    "build_resnet",
+    "build_vit",
+    "make_vocab",
+]
+
+#: Written last into a built folder; its absence means the build was interrupted.
+MARKER_NAME = ".mmcache_tiny_complete.json"
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+#: A few hundred common English words, sentiment-bearing ones included, so tiny tokenizers map real
+#: text to real ids (not a wall of [UNK] / single letters).
+DEFAULT_WORDS: tuple[str, ...] = tuple(
+    """
+    the a an and or but not no yes is are was were be been being am do does did have has had i you he she
+    it we they me him her us them my your his its our their this that these those there here what which
+    who whom whose when where why how all any both each few more most other some such only own same so
+    than too very can will just should would could may might must shall of in on at by for with about
+    against between into through during before after above below to from up down out off over under
+    again further then once if because as until while also even ever never always often sometimes still
+    already now today tomorrow yesterday day night morning evening week year time life world people man
+    woman child children friend friends family home house city place thing things way day days work
+    school food water weather movie film music song book picture photo image video game team party trip
+    dog cat car phone service hotel restaurant price quality product show story news one two three first
+    last new old big small long short high low little much many great good better best bad worse worst
+    nice fine ok okay well right wrong sure real true false happy sad angry glad excited bored tired
+    scared afraid worried calm proud sorry lucky unlucky love loved loves loving like liked likes hate
+    hated hates hating enjoy enjoyed enjoying want wanted need needed feel feels feeling felt think
+    thought know knew see saw look looked looks watch watched go went going come came get got make made
+    take took give gave say said tell told thank thanks please beautiful pretty lovely cute amazing
+    awesome wonderful fantastic excellent perfect brilliant incredible fun funny cool sweet kind warm
+    happy happiness joy joyful delight delighted pleased satisfied impressed glad smile smiles smiling
+    laugh laughing cheerful positive recommend favorite favourite win won winning success hope hopeful
+    awful terrible horrible disgusting ugly boring poor worst disappointed disappointing disappointment
+    annoying annoyed upset unhappy sadness cry crying tears pain hurt broken fail failed failure lose
+    lost losing negative problem problems issue issues waste rude dirty slow expensive cheap stupid
+    mess messy sick ill dead death fear fearful lonely miserable depressed depressing hopeless angry
+    furious mad hell damn shame shameful scary dangerous neutral average normal usual plain simple
+    whatever meh maybe perhaps probably really quite rather pretty almost enough totally absolutely
+    completely highly strongly definitely seriously literally honestly lol omg wow yay ugh
+    """.split()
+)
+
+
+def make_vocab(extra_words: Iterable[str] | None = None) -> list[str]:
+    """The tiny WordPiece vocabulary: specials, single characters, ``##`` letter pieces, words.
+
+    Order is deterministic and duplicates are dropped (first occurrence wins); ``[PAD]`` is id 0.
+    """
+    pieces: list[str] = list(BERT_SPECIAL_TOKENS)
+    pieces += list(string.ascii_lowercase) + list(string.digits) + list(string.punctuation)
+    pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
+    pieces += list(DEFAULT_WORDS)
+    pieces += [w.strip().lower() for w in (extra_words or ()) if w.strip()]
+    seen: set[str] = set()
+    out: list[str] = []
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _prepare_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER_NAME
+    if marker.exists():
+        marker.unlink()
+    return out
+
+
+def _write_marker(out: Path, kind: str, kwargs: dict) -> None:
+    (out / MARKER_NAME).write_text(json.dumps({"kind": kind, "kwargs": kwargs}, sort_keys=True, default=list))
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Seed torch for model init without disturbing the caller's global RNG state."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_bert(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position: int = 512,
+    vocab_words: Iterable[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build a random ``BertModel`` + fast WordPiece tokenizer into ``out_dir``; return the folder.
+
+    The tokenizer is built from a ``vocab.txt`` (see :func:`make_vocab`) with
+    ``BertTokenizerFast(vocab=PATH)``. (transformers 5 silently ignores the older ``vocab_file=``
+    keyword and yields a tokenizer that maps every word to [UNK].)
+    """
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    if hidden_size % num_heads:
+        raise BadInputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    kwargs = dict(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        intermediate_size=intermediate_size, max_position=max_position,
+        vocab_words=list(vocab_words or ()), seed=seed,
+    )
+    out = _prepare_dir(out_dir)
+    vocab = make_vocab(kwargs["vocab_words"])
+    vocab_path = out / "vocab.txt"
+    vocab_path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab=str(vocab_path), do_lower_case=True)
+    if tok.convert_tokens_to_ids("good") == tok.unk_token_id:  # the vocab_file= trap, guarded
+        raise RuntimeError("tiny BERT tokenizer did not pick up its vocabulary")
+
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position,
+        pad_token_id=tok.pad_token_id,
+    )
+    with _seeded(seed):
+        model = BertModel(config).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    _write_marker(out, "bert", kwargs)
+    log.info("built tiny BERT (hidden %d, %d layers) in %s", hidden_size, num_layers, out)
+    return out
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def build_dinov2(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    patch_size: int = 8,
+    image_size: int = 64,
+    num_register_tokens: int = 0,
+    resize_shortest_edge: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build a random ``Dinov2Model`` (``Dinov2WithRegistersModel`` if ``num_register_tokens > 0``).
+
+    The image processor is a ``BitImageProcessor`` (what DINOv2 checkpoints ship): resize the shortest
+    edge to ``resize_shortest_edge`` (default ``image_size``), center-crop ``image_size`` x
+    ``image_size``, bicubic, ImageNet mean/std. Patch grid = ``image_size // patch_size`` per side.
+    """
+    from transformers import BitImageProcessor
+
+    if hidden_size % num_heads:
+        raise BadInputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    kwargs = dict(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, patch_size=patch_size,
+        image_size=image_size, num_register_tokens=num_register_tokens,
+        resize_shortest_edge=resize_shortest_edge, seed=seed,
+    )
+    out = _prepare_dir(out_dir)
+    common = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        patch_size=patch_size,
+        image_size=image_size,
+    )
+    with _seeded(seed):
+        if num_register_tokens > 0:
+            from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+            model = Dinov2WithRegistersModel(
+                Dinov2WithRegistersConfig(num_register_tokens=num_register_tokens, **common)
+            )
+        else:
+            from transformers import Dinov2Config, Dinov2Model
+
+            model = Dinov2Model(Dinov2Config(**common))
+    processor = BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": resize_shortest_edge or image_size},
+        resample=3,  # PIL bicubic, as the released DINOv2 processors
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
+    )
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    _write_marker(out, "dinov2", kwargs)
+    log.info("built tiny DINOv2 (hidden %d, %d registers) in %s", hidden_size, num_register_tokens, out)
+    return out
+
+
+def build_vit(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    patch_size: int = 8,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Build a random ``ViTModel`` + ``ViTImageProcessor`` (resize to ``image_size`` square, mean/std 0.5)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    if hidden_size % num_heads:
+        raise BadInputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    kwargs = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                  patch_size=patch_size, image_size=image_size, seed=seed)
+    out = _prepare_dir(out_dir)
+    config = ViTConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        patch_size=patch_size,
+        image_size=image_size,
+    )
+    with _seeded(seed):
+        model = ViTModel(config)
+    processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=2,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    _write_marker(out, "vit", kwargs)
+    return out
+
+
+def build_resnet(
+    out_dir: str | Path,
+    *,
+    hidden_sizes: tuple[int, ...] = (8, 16),
+    depths: tuple[int, ...] = (1, 1),
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Build a random ``ResNetModel`` (basic blocks) + ``ConvNextImageProcessor`` as ResNet checkpoints use.
+
+    Processor: resize shortest edge to ``image_size / 0.875``, center-crop ``image_size``, ImageNet
+    mean/std. Output feature map: (B, hidden_sizes[-1], image_size / 32-ish, ...), read it off a forward.
+    """
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    if len(hidden_sizes) != len(depths):
+        raise BadInputError("hidden_sizes and depths must have the same length")
+    kwargs = dict(hidden_sizes=list(hidden_sizes), depths=list(depths), image_size=image_size, seed=seed)
+    out = _prepare_dir(out_dir)
+    config = ResNetConfig(
+        embedding_size=hidden_sizes[0],
+        hidden_sizes=list(hidden_sizes),
+        depths=list(depths),
+        layer_type="basic",
+    )
+    with _seeded(seed):
+        model = ResNetModel(config)
+    processor = ConvNextImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        crop_pct=0.875,
+        resample=3,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    _write_marker(out, "resnet", kwargs)
+    return out
+
+
+#: Keyword arguments for :func:`build_bert` / :func:`build_dinov2` per preset size. "base" has the
+#: shapes of bert-base-uncased and dinov2-base (random weights: ~110M + ~86M parameters, ~800 MB).
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "bert": dict(hidden_size=32, num_layers=2, num_heads=2),
+        "dinov2": dict(hidden_size=32, num_layers=2, num_heads=2, patch_size=8, image_size=64),
+    },
+    "small": {
+        "bert": dict(hidden_size=256, num_layers=4, num_heads=4),
+        "dinov2": dict(hidden_size=384, num_layers=4, num_heads=6, patch_size=14, image_size=224,
+                       resize_shortest_edge=256),
+    },
+    "base": {
+        "bert": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+        "dinov2": dict(hidden_size=768, num_layers=12, num_heads=12, patch_size=14, image_size=224,
+                       resize_shortest_edge=256),
+    },
+}
+
+
+def _is_complete(folder: Path, kind: str, kwargs: dict) -> bool:
+    marker = folder / MARKER_NAME
+    if not marker.is_file():
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    want = json.loads(json.dumps({"kind": kind, "kwargs": kwargs}, sort_keys=True, default=list))
+    return meta == want
+
+
+def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
+    """Build (or reuse) the text and image checkpoints of preset ``name`` under ``root``.
+
+    Returns ``(root / "bert-<name>", root / "dinov2-<name>")``. Idempotent: a folder whose completion
+    marker (written last) matches the preset's arguments is reused; a folder without one (an
+    interrupted build) or with other arguments is wiped and rebuilt.
+    """
+    if name not in PRESETS:
+        raise BadInputError(f"unknown tiny-model preset {name!r}; choose one of {sorted(PRESETS)}")
+    root = Path(root)
+    dirs = []
+    for kind, builder in (("bert", build_bert), ("dinov2", build_dinov2)):
+        kwargs = dict(PRESETS[name][kind])
+        folder = root / f"{kind}-{name}"
+        full = _full_kwargs(builder, kwargs)
+        if _is_complete(folder, kind, full):
+            log.info("reusing %s", folder)
+        else:
+            if folder.exists():
+                log.info("rebuilding incomplete or outdated %s", folder)
+                shutil.rmtree(folder)
+            builder(folder, **kwargs)
+        dirs.append(folder)
+    return dirs[0], dirs[1]
+
+
+def _full_kwargs(builder, kwargs: dict) -> dict:
+    """The builder's keyword defaults overlaid with ``kwargs``, as the builder records them."""
+    import inspect
+
+    full = {
+        k: p.default
+        for k, p in inspect.signature(builder).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    full.update(kwargs)
+    if "vocab_words" in full:
+        full["vocab_words"] = list(full["vocab_words"] or ())
+    return full
