@@ -1,0 +1,502 @@
+"""The on-disk cache format: the one module that writes and reads it.
+
+Imports only h5py and numpy (plus the stdlib) so stage two and other tools can read caches without
+loading torch or transformers. The schema is a public contract, documented in the README
+("Cache format"); bump :data:`FORMAT_VERSION` on any incompatible change.
+
+Layout, one folder per dataset::
+
+    cache/<dataset>/index.h5                     sample index: ids, labels, splits, texts, extra fields
+    cache/<dataset>/text--<model-slug>.h5        one file per modality and encoder
+    cache/<dataset>/image--<model-slug>.h5
+    cache/<dataset>/failures.csv                 every failed sample of every modality file, with a reason
+
+Crash safety: feature datasets are created up front with their storage allocated at creation
+(``H5D_ALLOC_TIME_EARLY``, no compression), so writing a batch only overwrites raw bytes and never
+changes the file's metadata. A process killed mid-run (``kill -9`` included) leaves a file that opens
+cleanly; rows are marked in ``done`` only after their values were written and flushed, so a resumed run
+recomputes exactly the rows that might be torn.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from extract.errors import BadInputError, CacheError
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.h5"
+FAILURES_NAME = "failures.csv"
+MODALITIES = ("text", "image")
+FEATURE_FIELDS = ("cls", "mean", "tokens", "mask")
+STR = h5py.string_dtype("utf-8")
+# Failure reasons are fixed-length so that writing one touches only preallocated raw bytes (variable-
+# length strings live in HDF5's global heap, i.e. metadata, which a kill -9 could leave half-written).
+REASON_BYTES = 160
+REASON = h5py.string_dtype("utf-8", REASON_BYTES)
+# Target ~1 MiB per chunk: small enough that a resumed batch rewrites little, big enough for fast reads.
+_CHUNK_BYTES = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------- names
+
+def model_slug(model: str) -> str:
+    """File-name form of a model id: ``facebook/dinov2-base`` -> ``facebook--dinov2-base``; a local
+    folder -> its last component (provenance keeps the full path)."""
+    p = Path(model)
+    name = p.name if (p.is_absolute() or model.startswith(".") or p.exists()) else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-") or "model"
+
+
+def feature_path(cache_dir: str | Path, dataset: str, modality: str, model: str) -> Path:
+    if modality not in MODALITIES:
+        raise BadInputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    return Path(cache_dir) / dataset / f"{modality}--{model_slug(model)}.h5"
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (config dicts, id lists)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def index_fingerprint(ids: list[str], texts: list[str], image_paths: list[str]) -> str:
+    """Identity of what gets encoded, in order. Labels and splits are left out on purpose: re-labelling
+    or re-splitting must not invalidate features."""
+    h = hashlib.sha256()
+    for sid, text, img in zip(ids, texts, image_paths, strict=True):
+        h.update(f"{sid}\x00{text}\x00{img}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+def _strs(ds) -> np.ndarray:
+    return np.asarray(ds.asstr()[...], dtype=object)
+
+
+def _json_attr(attrs, key, default=None):
+    raw = attrs.get(key)
+    return default if raw is None else json.loads(raw)
+
+
+# --------------------------------------------------------------------------------------------- index
+
+@dataclass
+class SampleIndex:
+    """The samples of one dataset, in cache row order. Arrays are length N."""
+
+    dataset: str
+    classes: list[str]
+    ids: np.ndarray  # (N,) object str
+    labels: np.ndarray  # (N,) int64, index into classes
+    splits: np.ndarray  # (N,) object str: train / val / test / none
+    texts: np.ndarray  # (N,) object str
+    image_paths: np.ndarray  # (N,) object str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 or object str each
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list[str], labels: list[int],
+                splits: list[str], texts: list[str], image_paths: list[str],
+                extra: dict[str, list] | None = None, attrs: dict[str, Any] | None = None) -> str:
+    """Write (atomically: temp file + rename) the sample index; returns its fingerprint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(ids)
+    if len(set(ids)) != n:
+        raise CacheError(f"{path}: sample ids are not unique")
+    fp = index_fingerprint(list(ids), list(texts), list(image_paths))
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
+        f.create_dataset("label", data=np.asarray(labels, dtype=np.int64))
+        f.create_dataset("split", data=np.asarray(splits, dtype=object), dtype=STR)
+        f.create_dataset("text", data=np.asarray(texts, dtype=object), dtype=STR)
+        f.create_dataset("image_path", data=np.asarray(image_paths, dtype=object), dtype=STR)
+        g = f.create_group("extra")
+        for key, values in (extra or {}).items():
+            if len(values) != n:
+                raise CacheError(f"extra field {key!r} has {len(values)} values for {n} samples")
+            if all(isinstance(v, (int, np.integer, bool)) for v in values):
+                g.create_dataset(key, data=np.asarray(values, dtype=np.int64))
+            else:
+                g.create_dataset(key, data=np.asarray(["" if v is None else str(v) for v in values], dtype=object), dtype=STR)
+        f.attrs.update({"format": "mmcache-index", "format_version": FORMAT_VERSION, "dataset": dataset,
+                        "classes": json.dumps(list(classes)), "fingerprint": fp, "num_samples": n,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, default=str)
+    os.replace(tmp, path)
+    return fp
+
+
+def read_index(path: str | Path) -> SampleIndex:
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"no sample index at {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != "mmcache-index":
+                raise CacheError(f"{path} is not an mmcache sample index")
+            return SampleIndex(
+                dataset=str(f.attrs["dataset"]), classes=json.loads(f.attrs["classes"]),
+                ids=_strs(f["id"]), labels=f["label"][...], splits=_strs(f["split"]), texts=_strs(f["text"]),
+                image_paths=_strs(f["image_path"]),
+                extra={k: (_strs(d) if d.dtype.kind == "O" else d[...]) for k, d in f["extra"].items()},
+                attrs={k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()},
+            )
+    except OSError as e:
+        raise CacheError(f"cannot read sample index {path}: {e}") from None
+
+
+def update_splits(path: str | Path, splits: list[str], source: str) -> None:
+    """Re-split in place; features stay valid because the fingerprint ignores splits."""
+    with h5py.File(path, "r+") as f:
+        if len(splits) != f["split"].shape[0]:
+            raise CacheError(f"{path}: {len(splits)} splits for {f['split'].shape[0]} samples")
+        f["split"][...] = np.asarray(splits, dtype=object)
+        f.attrs["split_source"] = source
+
+
+# --------------------------------------------------------------------------------------------- features
+
+def _early_dcpl() -> h5py.h5p.PropDCID:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
+def _chunk_rows(row_bytes: int, n: int) -> int:
+    return max(1, min(n, _CHUNK_BYTES // max(row_bytes, 1)))
+
+
+class FeatureWriter:
+    """Creates or resumes one modality file and writes batches of rows into it.
+
+    Rows are positions in the file (0..n-1); ``ids`` fixes their order. Use as a context manager.
+    """
+
+    def __init__(self, path: Path, f: h5py.File, up_to_date: bool) -> None:
+        self.path, self._f, self.up_to_date = path, f, up_to_date
+
+    @classmethod
+    def open(cls, path: str | Path, *, ids: list[str], rows: np.ndarray | None = None, index_fp: str,
+             modality: str, hidden_size: int, num_tokens: int, dtype: str = "float16",
+             config: dict[str, Any], provenance: dict[str, Any] | None = None,
+             grid: tuple[int, int] | None = None, force: bool = False,
+             shard: tuple[int, int] | None = None) -> FeatureWriter:
+        """Open ``path`` for writing, resuming when it holds the same ids and config.
+
+        ``config`` is what determines the values (model, revision, max length, dtype, pooling, ...);
+        its fingerprint must match an existing file's or :class:`CacheError` is raised, unless
+        ``force``, which starts the file over. ``rows`` are the ids' positions in the sample index
+        (default ``arange(n)``; a shard holds a subset).
+        """
+        path = Path(path)
+        if dtype not in ("float16", "float32"):
+            raise BadInputError(f"cache dtype must be float16 or float32, got {dtype!r}")
+        cfg_fp = fingerprint(config)
+        if path.exists() and not force:
+            f = _open_h5(path, "r+")
+            attrs = f.attrs
+            problems = []
+            if attrs.get("format") != "mmcache-features":
+                problems.append("not an mmcache feature file")
+            elif attrs.get("config_fingerprint") != cfg_fp:
+                old = _json_attr(attrs, "config", {})
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                problems.append(f"made with different settings ({', '.join(diff) or 'config'})")
+            elif attrs.get("index_fingerprint") != index_fp or list(_strs(f["id"])) != list(ids):
+                problems.append("made for a different sample index (ids, texts or image paths changed)")
+            if problems:
+                f.close()
+                raise CacheError(f"{path} was {problems[0]}; refusing to touch it (pass --force to rebuild)")
+            return cls(path, f, up_to_date=bool(attrs.get("complete")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        n = len(ids)
+        f = h5py.File(path, "w")
+        try:
+            cls._create(f, n, ids, rows, hidden_size, num_tokens, dtype)
+            f.attrs.update({
+                "format": "mmcache-features", "format_version": FORMAT_VERSION, "modality": modality,
+                "hidden_size": hidden_size, "num_tokens": num_tokens, "dtype": dtype,
+                "grid": json.dumps(list(grid) if grid else None), "config": json.dumps(config, sort_keys=True, default=str),
+                "config_fingerprint": cfg_fp, "index_fingerprint": index_fp, "num_samples": n,
+                "provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
+                "shard": json.dumps(list(shard) if shard else None),
+                "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            f.flush()
+        except BaseException:
+            f.close()
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, f, up_to_date=False)
+
+    @staticmethod
+    def _create(f, n, ids, rows, d, length, dtype) -> None:
+        item = np.dtype(dtype).itemsize
+        f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
+        f.create_dataset("row", data=np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64))
+        dcpl = _early_dcpl
+        f.create_dataset("done", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
+        f.create_dataset("valid", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
+        f.create_dataset("failure", shape=(n,), dtype=REASON, chunks=(_chunk_rows(REASON_BYTES, n),), dcpl=dcpl())
+        for name in ("cls", "mean"):
+            f.create_dataset(name, shape=(n, d), dtype=dtype, chunks=(_chunk_rows(d * item, n), d), dcpl=dcpl())
+        f.create_dataset("tokens", shape=(n, length, d), dtype=dtype,
+                         chunks=(_chunk_rows(length * d * item, n), length, d), dcpl=dcpl())
+        f.create_dataset("mask", shape=(n, length), dtype=bool, chunks=(_chunk_rows(length, n), length),
+                         fillvalue=False, dcpl=dcpl())
+
+    # -- state
+    @property
+    def num_rows(self) -> int:
+        return int(self._f["id"].shape[0])
+
+    def pending_rows(self) -> np.ndarray:
+        """(P,) int64 rows not yet done, ascending."""
+        return np.flatnonzero(~self._f["done"][...])
+
+    # -- writes
+    def write(self, rows: np.ndarray, *, cls: np.ndarray, mean: np.ndarray, tokens: np.ndarray,
+              mask: np.ndarray) -> None:
+        """Write one batch. ``rows`` (B,) ascending file rows; ``cls``/``mean`` (B, D); ``tokens``
+        (B, T, D) with T <= num_tokens (right-padded with zeros here); ``mask`` (B, T) bool, True = real.
+        Values first, flush, then the done bits: a crash in between only costs a recompute."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        if np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be strictly ascending")
+        f = self._f
+        dtype = f["cls"].dtype
+        length, d = f["tokens"].shape[1:]
+        b, t = mask.shape
+        if tokens.shape != (b, t, d) or cls.shape != (b, d) or mean.shape != (b, d) or b != rows.size:
+            raise ValueError(f"batch shapes {cls.shape} {mean.shape} {tokens.shape} {mask.shape} do not fit "
+                             f"{rows.size} rows of (L={length}, D={d})")
+        if t > length:
+            raise ValueError(f"{t} tokens do not fit the file's {length}")
+        tok = np.zeros((b, length, d), dtype=dtype)
+        tok[:, :t] = tokens
+        msk = np.zeros((b, length), dtype=bool)
+        msk[:, :t] = mask
+        sel = _selection(rows)
+        for name, arr in (("cls", cls.astype(dtype)), ("mean", mean.astype(dtype)), ("tokens", tok), ("mask", msk)):
+            _write_rows(f[name], rows, sel, arr)
+        _write_rows(f["valid"], rows, sel, np.ones(b, dtype=bool))
+        _write_rows(f["failure"], rows, sel, np.zeros(b, dtype=REASON))
+        f.flush()
+        _write_rows(f["done"], rows, sel, np.ones(b, dtype=bool))
+        f.flush()
+
+    def write_failures(self, rows: np.ndarray, reasons: list[str]) -> None:
+        """Mark ``rows`` done but not valid, with a reason each; their feature rows stay zero."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        order = np.argsort(rows)
+        rows = rows[order]
+        reasons = [reasons[i] for i in order]
+        f = self._f
+        sel = _selection(rows)
+        _write_rows(f["valid"], rows, sel, np.zeros(rows.size, dtype=bool))
+        _write_rows(f["failure"], rows, sel, np.asarray([_reason_bytes(r) for r in reasons], dtype=REASON))
+        f.flush()
+        _write_rows(f["done"], rows, sel, np.ones(rows.size, dtype=bool))
+        f.flush()
+
+    def finalize(self, extra_attrs: dict[str, Any] | None = None) -> bool:
+        """Mark the file complete if every row is done; returns whether it is."""
+        f = self._f
+        done = f["done"][...]
+        for key, value in (extra_attrs or {}).items():
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, default=str)
+        f.attrs["num_done"] = int(done.sum())
+        f.attrs["num_valid"] = int(f["valid"][...].sum())
+        f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        complete = bool(done.all())
+        f.attrs["complete"] = complete
+        f.flush()
+        self.up_to_date = complete
+        return complete
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _selection(rows: np.ndarray) -> slice | np.ndarray:
+    # A contiguous run (the common case: batches in order) is one hyperslab write; fancy indexing
+    # in h5py is much slower, so only use it when rows really are scattered (length-sorted batches).
+    if rows[-1] - rows[0] + 1 == rows.size:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _reason_bytes(reason: str) -> bytes:
+    raw = (reason or "failed").encode("utf-8")[:REASON_BYTES]
+    return raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character in half
+
+
+def _write_rows(ds, rows: np.ndarray, sel, values: np.ndarray) -> None:
+    ds[sel] = values
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun with --force") from None
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+class FeatureFile:
+    """Read access to one modality file. Arrays load whole (one contiguous read each), never per batch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"no feature cache at {self.path}")
+        self._f = _open_h5(self.path, "r")
+        if self._f.attrs.get("format") != "mmcache-features":
+            self._f.close()
+            raise CacheError(f"{self.path} is not an mmcache feature file")
+        a = self._f.attrs
+        self.modality: str = str(a["modality"])
+        self.hidden_size: int = int(a["hidden_size"])
+        self.num_tokens: int = int(a["num_tokens"])
+        self.dtype: str = str(a["dtype"])
+        self.complete: bool = bool(a["complete"])
+        self.config: dict[str, Any] = _json_attr(a, "config", {})
+        self.provenance: dict[str, Any] = _json_attr(a, "provenance", {})
+        self.grid = _json_attr(a, "grid")
+        self.shard = _json_attr(a, "shard")
+        self.index_fingerprint: str = str(a["index_fingerprint"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) object str."""
+        return _strs(self._f["id"])
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(N,) int64 positions in the sample index."""
+        return self._f["row"][...]
+
+    @property
+    def done(self) -> np.ndarray:
+        """(N,) bool."""
+        return self._f["done"][...]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: features present (done and not failed)."""
+        return self._f["valid"][...]
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(id, reason) for each failed row."""
+        reasons = _strs(self._f["failure"])
+        done, valid = self.done, self.valid
+        return [(i, r) for i, r, d, v in zip(self.ids, reasons, done, valid, strict=True) if d and not v]
+
+    def load(self, fields=("cls",), dtype: str | None = "float32") -> dict[str, np.ndarray]:
+        """Read whole arrays: ``cls``/``mean`` (N, D), ``tokens`` (N, L, D), ``mask`` (N, L) bool.
+        Float arrays are cast to ``dtype`` (None keeps the stored float16/float32)."""
+        out = {}
+        for name in fields:
+            if name not in FEATURE_FIELDS:
+                raise BadInputError(f"unknown cache field {name!r}; expected one of {', '.join(FEATURE_FIELDS)}")
+            ds = self._f[name]
+            arr = np.empty(ds.shape, dtype=ds.dtype)
+            ds.read_direct(arr)
+            out[name] = arr if (dtype is None or name == "mask") else arr.astype(dtype, copy=False)
+        return out
+
+    def nbytes_on_disk(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_feature_files(dataset_dir: str | Path) -> list[Path]:
+    """Modality files of one dataset folder (shard files excluded), sorted."""
+    d = Path(dataset_dir)
+    return sorted(p for p in d.glob("*--*.h5") if p.name.split("--")[0] in MODALITIES and ".shard" not in p.name)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Everything `cache info` shows about one file (index or features)."""
+    path = Path(path)
+    if path.name == INDEX_NAME:
+        idx = read_index(path)
+        splits = {s: int((idx.splits == s).sum()) for s in sorted(set(idx.splits))}
+        return {"path": str(path), "kind": "index", "dataset": idx.dataset, "samples": len(idx),
+                "classes": idx.classes, "splits": splits, "fingerprint": idx.fingerprint,
+                "size_bytes": path.stat().st_size}
+    with FeatureFile(path) as ff:
+        f = ff._f
+        return {
+            "path": str(path), "kind": "features", "modality": ff.modality,
+            "model": ff.provenance.get("model_id") or ff.config.get("model"),
+            "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(ff.done.sum()),
+            "valid": int(ff.valid.sum()), "failed": len(ff.failures()),
+            "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in FEATURE_FIELDS},
+            "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
+            "config": ff.config, "provenance": ff.provenance,
+        }
+
+
+def write_failures_csv(dataset_dir: str | Path) -> Path:
+    """(Re)write ``failures.csv`` from every modality file in the folder: modality, file, id, reason."""
+    d = Path(dataset_dir)
+    out = d / FAILURES_NAME
+    tmp = out.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["modality", "file", "id", "reason"])
+        for p in list_feature_files(d):
+            with FeatureFile(p) as ff:
+                for sid, reason in ff.failures():
+                    w.writerow([ff.modality, p.name, sid, reason])
+    os.replace(tmp, out)
+    return out
