@@ -1,0 +1,48 @@
+# Self-documenting: every target with a `## comment` shows up in `make help`.
+PYTHON ?= python3
+DATASET ?= demo
+DATA_DIR ?=
+TEXT_MODEL ?= bert-base-uncased
+IMAGE_MODEL ?= facebook/dinov2-base
+EXTRACT_ARGS ?=
+ABLATE_ARGS ?=
+BENCH_ARGS ?= --preset small
+STAMP := .make/installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint demo extract ablate bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: DATASET=$(DATASET) DATA_DIR=$(DATA_DIR) TEXT_MODEL=$(TEXT_MODEL) IMAGE_MODEL=$(IMAGE_MODEL)"
+
+# torch first and pinned: an unpinned `torch` would pull a multi-GB CUDA build on a CPU machine.
+# A machine that already has a torch (a GPU box) keeps it.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+
+install: $(STAMP) ## install the project and its dev tools (CPU torch if none is installed)
+
+test: $(STAMP) ## run the test suite
+	$(PYTHON) -m pytest
+
+lint: $(STAMP) ## ruff
+	$(PYTHON) -m ruff check .
+
+demo: $(STAMP) ## end to end on the built-in demo data with tiny local encoders (~1-2 min on CPU)
+	$(PYTHON) cli.py demo
+
+extract: $(STAMP) ## extract features: make extract DATASET=memotion [DATA_DIR=...] [TEXT_MODEL=...] [IMAGE_MODEL=...]
+	$(PYTHON) cli.py extract --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+		--text-model $(TEXT_MODEL) --image-model $(IMAGE_MODEL) $(EXTRACT_ARGS)
+
+ablate: $(STAMP) ## ablation tables for every dataset that has caches
+	$(PYTHON) cli.py ablate $(ABLATE_ARGS)
+
+bench: $(STAMP) ## benchmark both stages; prints a table, writes bench/results.json
+	$(PYTHON) cli.py bench $(BENCH_ARGS)
+
+clean: ## remove runs/, results/ and the install stamp (caches stay)
+	rm -rf runs results .make
