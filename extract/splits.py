@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,10 +88,12 @@ def read_split_file(path: str | Path) -> dict[str, str]:
         return out
     if not path.is_file():
         raise BadInputError(f"split file {str(path)!r} does not exist")
-    rows = list(csv.DictReader(decode_bytes(path.read_bytes())[0].splitlines()))
+    rows = list(csv.DictReader(io.StringIO(decode_bytes(path.read_bytes())[0], newline="")))
     if not rows or "id" not in rows[0] or "split" not in rows[0]:
         raise BadInputError(f"{path}: expected a CSV with columns id,split")
-    for row in rows:
+    for n, row in enumerate(rows, 2):
+        if row.get("id") is None or row.get("split") is None:
+            raise BadInputError(f"{path}:{n}: expected two fields id,split")
         split = _ALIASES.get(row["split"].strip().lower(), row["split"].strip().lower())
         if split not in SPLITS:
             raise BadInputError(f"{path}: unknown split {row['split']!r} for id {row['id']!r}")

@@ -173,9 +173,6 @@ def test_cli_subprocess_from_elsewhere_bad_input(tmp_path):
     assert proc.stderr.strip().startswith("error: unknown dataset 'nope'")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `inspect -d demo -o n=0` ends in an uncaught IndexError traceback from demo.generate_demo "
-    "(rows[0] on an empty list) instead of a one-line 'error:' and exit code 2"))
 def test_inspect_demo_n_zero_exit_2(capsys, demo_dir):
     code, _out, err = _run(capsys, "inspect", "-d", "demo", "--data-dir", str(demo_dir), "-o", "n=0")
     assert code == 2

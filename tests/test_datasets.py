@@ -481,19 +481,12 @@ def test_memotion_missing_required_column(tmp_path):
         load_dataset("memotion", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: memotion.py parses csv.DictReader(text.splitlines()); splitlines() removes the newline inside a "
-    "quoted multi-line cell and csv rejoins the pieces with nothing, so 'line one\\nline two' becomes "
-    "'line oneline two' (same pattern in folder.py and splits.py)"))
 def test_memotion_multiline_quoted_cell_keeps_word_boundary(tmp_path):
     rows = [_mem_row("image_1.jpg", "x", "line one\nline two", "positive")]
     res = load_dataset("memotion", _make_memotion(tmp_path, rows))
     assert res.samples[0].text == "line one line two"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: memotion.py counts report.flag('empty_text'/'html_in_*') before the path_outside_root drop, so "
-    "a dropped row is also counted as flagged, while LoadReport documents flagged = kept with a defect"))
 def test_memotion_dropped_rows_are_not_also_flagged(tmp_path):
     rows = [_mem_row("image_1.jpg", "a", "kept", "positive"),
             _mem_row("../escape.jpg", HTML_TRUNCATED, "", "positive")]
@@ -661,9 +654,6 @@ def test_folder_bad_manifest_is_bad_input(tmp_path, content, match):
         load_dataset("folder", tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: folder.py parses csv.DictReader(text.splitlines()); a quoted text cell with a newline loses its "
-    "word boundary ('great day\\nlove it' -> 'great daylove it')"))
 def test_folder_multiline_text_cell(tmp_path):
     root = _folder_fixture(tmp_path / "ds")
     _write_csv(root / "manifest.csv", [{"id": "a", "text": "great day\nlove it", "image": "imgs/a.png",
@@ -671,10 +661,6 @@ def test_folder_multiline_text_cell(tmp_path):
     assert load_dataset("folder", root).samples[0].text == "great day love it"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: folder.py splits the CSV with str.splitlines(), which also breaks on U+2028/U+0085/\\x0b/\\x0c/"
-    "\\x1c-\\x1e; csv.writer does not quote those, so such a text cell cuts its row in two (the sample is "
-    "lost as unknown_label and a junk row appears)"))
 def test_folder_unicode_line_separator_in_text(tmp_path):
     root = _folder_fixture(tmp_path / "ds")
     _write_csv(root / "manifest.csv", [
@@ -752,9 +738,6 @@ def test_demo_groups_classes_and_words(tmp_path):
     assert {s.label_name for s in res.samples if s.extra["group"] == "combo"} <= {"positive", "negative"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: demo.generate_demo does not validate n: n=0 hits rows[0] (IndexError) and n<0 a numpy "
-    "ValueError, instead of BadInputError (the CLI prints a traceback instead of exit code 2)"))
 @pytest.mark.parametrize("n", [0, -5])
 def test_demo_non_positive_n_is_bad_input(tmp_path, n):
     with pytest.raises(BadInputError):

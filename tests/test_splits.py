@@ -165,9 +165,6 @@ def test_split_csv_bad_header(tmp_path, content):
         read_split_file(f)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: splits.read_split_file: a CSV row with fewer fields than the header ('a' without ',split') gives "
-    "row['split'] = None and .strip() raises AttributeError, not BadInputError (CLI: traceback, not exit 2)"))
 def test_split_csv_short_row_is_bad_input(tmp_path):
     f = tmp_path / "split.csv"
     f.write_text("id,split\na,train\nb\n")

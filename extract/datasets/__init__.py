@@ -156,7 +156,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
         raise BadInputError(f"dataset {name!r} has no option {unknown[0]!r} (options: {known})")
     resolved = {k: _coerce(k, t, options.get(k, default)) for k, (t, default, _h) in spec.options.items()}
     root = resolve_data_dir(spec, data_dir)
-    if spec.name != "demo" and not root.is_dir():
+    if spec.name != "demo" and not (root.is_dir() or (spec.name == "folder" and root.is_file())):
         raise BadInputError(f"data folder {str(root)!r} for dataset {name!r} does not exist")
     result = spec.loader(root, **resolved)
     result.options = resolved

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from extract.datasets import SENTIMENT3, DatasetSpec, LoadResult, register_dataset
 from extract.datasets.folder import load_folder
+from extract.errors import BadInputError
 
 GENERATOR_VERSION = 1
 CUE_WORDS = {
@@ -80,6 +81,8 @@ def generate_demo(out_dir: Path, n: int = 360, seed: int = 0) -> Path:
     """Write ``n`` posts (PNG images + ``manifest.csv``) into ``out_dir``; returns the manifest path.
 
     Reuses an existing folder made with the same ``n``, ``seed`` and generator version."""
+    if n < 1:
+        raise BadInputError(f"demo dataset needs n >= 1 posts, got {n}")
     out_dir = Path(out_dir)
     stamp = {"n": n, "seed": seed, "version": GENERATOR_VERSION}
     marker = out_dir / "demo.json"

@@ -8,6 +8,7 @@ names or integers; the class list comes from the ``classes`` option, else from t
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _read_rows(manifest: Path) -> tuple[list[dict], str]:
     text, enc = decode_bytes(manifest.read_bytes())
     if manifest.suffix.lower() == ".jsonl":
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
             if not line.strip():
                 continue
             try:
@@ -46,7 +47,7 @@ def _read_rows(manifest: Path) -> tuple[list[dict], str]:
         return rows, enc
     if manifest.suffix.lower() != ".csv":
         raise BadInputError(f"{manifest}: manifest must be .csv or .jsonl")
-    return list(csv.DictReader(text.splitlines())), enc
+    return list(csv.DictReader(io.StringIO(text, newline=""))), enc
 
 
 def load_folder(root: Path, *, classes: str = "") -> LoadResult:

@@ -6,6 +6,7 @@ Task A (sentiment) merges the five ``overall_sentiment`` values into positive / 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
@@ -24,7 +25,7 @@ def load_memotion(root: Path) -> LoadResult:
     if not path.is_file():
         raise BadInputError(f"{str(root)!r} is not a Memotion folder: labels.csv not found")
     text, enc = decode_bytes(path.read_bytes())
-    rows = list(csv.DictReader(text.splitlines()))
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows or any(c not in rows[0] for c in REQUIRED):
         raise BadInputError(f"{path}: expected columns {', '.join(REQUIRED)}")
     report = LoadReport()
@@ -46,6 +47,10 @@ def load_memotion(root: Path) -> LoadResult:
         if s5 not in TO_TASK_A:
             report.drop("unknown_label", sid)
             continue
+        img = safe_child(images, name)
+        if img is None:
+            report.drop("path_outside_root", sid)
+            continue
         # text_corrected is the human-fixed OCR; fall back to raw OCR when empty. A cell that is an HTML
         # dump (a scraping accident) contributes only its visible text, which is usually nothing.
         txt = ""
@@ -58,10 +63,6 @@ def load_memotion(root: Path) -> LoadResult:
                 break
         if not txt:
             report.flag("empty_text", sid)
-        img = safe_child(images, name)
-        if img is None:
-            report.drop("path_outside_root", sid)
-            continue
         if not img.is_file():
             report.flag("missing_image", sid)
         label = TO_TASK_A[s5]
