@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # standalone mode lets click report its own usage errors (exit 2) and --help (exit 0) via
         # SystemExit; our library errors pass through it untouched and are mapped here.
-        app(args=argv, standalone_mode=True, prog_name="cli.py")
+        app(args=argv, standalone_mode=True, prog_name=Path(sys.argv[0]).name or "cli.py")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BadInputError as e:
