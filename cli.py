@@ -65,6 +65,95 @@ def inspect(
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+# --------------------------------------------------------------------------------------------- stage two
+
+def _head_options(pairs: OptionList) -> dict:
+    """--head-option KEY=VALUE pairs; values parse as JSON when they can (numbers, true/false)."""
+    out = {}
+    for key, value in _options(pairs).items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("train-fusion")
+def train_fusion(
+    head: str | None = typer.Option(None, "--head", help="fusion head (text_only, image_only, basic, self_attention, dual_attention)"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="cached dataset (default: the only one in --cache-dir)"),
+    features: str | None = typer.Option(None, "--features", help="cls | mean | tokens (default cls)"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file (when the dataset has several)"),
+    image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file (when the dataset has several)"),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config (e.g. a run's config.json); flags override it"),
+    dim: int | None = typer.Option(None, "--dim", help="shared latent width (default 256)"),
+    layers: int | None = typer.Option(None, "--layers", help="attention layers (default 1)"),
+    heads: int | None = typer.Option(None, "--heads", help="attention heads (default 4)"),
+    dropout: float | None = typer.Option(None, "--dropout", help="dropout (default 0.1)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="max epochs (default 30)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="batch size (default 32)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (default 3e-4)"),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.01)"),
+    warmup_frac: float | None = typer.Option(None, "--warmup-frac", help="share of steps for linear warm-up (default 0.1)"),
+    grad_clip: float | None = typer.Option(None, "--grad-clip", help="max gradient norm, 0 = off (default 1.0)"),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="(default 0)"),
+    class_balanced: bool | None = typer.Option(None, "--class-balanced/--no-class-balanced", help="inverse-frequency class weights in the loss"),
+    patience: int | None = typer.Option(None, "--patience", help="early-stop after N epochs without val macro-F1 gain, 0 = off (default 5)"),
+    seed: int | None = typer.Option(None, "--seed", help="seed (default 0)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (default on; CPU never)"),
+    head_option: OptionList = typer.Option(None, "--head-option", help="head-specific KEY=VALUE (repeatable)"),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default cache)"),
+    runs_dir: str | None = typer.Option(None, "--runs-dir", help="where run folders go (default runs)"),
+    run_name: str | None = typer.Option(None, "--run-name", help="run folder name (default <dataset>-<head>-<features>-s<seed>-<time>)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print metrics.json instead of the summary"),
+) -> None:
+    """Train a fusion head on cached features; writes runs/<name>/ and prints a summary table."""
+    from fuse.report import format_train
+    from fuse.train import TrainConfig, train
+
+    base = {}
+    if config is not None:
+        base = TrainConfig.from_json(config).to_dict()
+    flags = dict(head=head, dataset=dataset, features=features, text_cache=text_cache, image_cache=image_cache,
+                 dim=dim, layers=layers, heads=heads, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, warmup_frac=warmup_frac, grad_clip=grad_clip,
+                 label_smoothing=label_smoothing, class_balanced=class_balanced, patience=patience, seed=seed,
+                 device=device, amp=amp, cache_dir=cache_dir, runs_dir=runs_dir, run_name=run_name)
+    if head_option:
+        flags["head_options"] = _head_options(head_option)
+    merged = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    if config is not None and dataset is not None and dataset != base.get("dataset"):
+        merged.update(text_cache=text_cache, image_cache=image_cache)  # the config's files belong to its dataset
+    if "head" not in merged:
+        from fuse.heads import list_heads
+
+        raise BadInputError(f"--head is required (or --config); heads: {', '.join(list_heads())}")
+    result = train(TrainConfig.from_dict(merged), progress=not quiet and sys.stderr.isatty())
+    typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="run folder written by train-fusion"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="score on another cached dataset (same encoders, same classes)"),
+    split: str = typer.Option("test", "--split", help="train | val | test"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file of that dataset"),
+    image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file of that dataset"),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default: the run's)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default: the run's, else auto)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
+) -> None:
+    """Score a saved run again (its own test split, or another dataset's: cross-dataset evaluation)."""
+    from fuse.report import format_eval
+    from fuse.train import evaluate as evaluate_run
+
+    result = evaluate_run(run, dataset, split, cache_dir=cache_dir, text_cache=text_cache, image_cache=image_cache,
+                          device=device)
+    typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests with an argv list)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -1,0 +1,298 @@
+"""Stage-two data: find a dataset's caches, prove they line up, load them once into tensors.
+
+Reads only the cache (``extract.cache_format``: h5py + numpy), never images or encoders, and never
+imports transformers. Every array a run needs is read whole, once, into a torch tensor; batches are
+then made by indexing those tensors (:meth:`FusionData.batch`), so no HDF5 read happens per batch.
+
+What is loaded depends on ``features``:
+
+* ``cls`` / ``mean``: only that (N, D) array per modality, seen by the heads as a sequence of one
+  token, (N, 1, D) with an all-True (N, 1) mask. The ``tokens`` array is never touched.
+* ``tokens``: ``tokens`` (N, L, D) and ``mask`` (N, L) bool, True = real token.
+
+Samples whose required modality is missing in the cache (``valid`` False: unreadable image, empty
+text, ...) are dropped from every split and counted in :attr:`FusionData.dropped`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from extract import cache_format as cf
+from extract.errors import BadInputError, CacheError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FEATURES", "SPLITS", "FusionData", "ModalityData", "extract_command", "find_cache",
+           "list_cached_datasets", "load_data", "resolve_dataset"]
+
+FEATURES = ("cls", "mean", "tokens")
+SPLITS = ("train", "val", "test")
+MODALITY_ORDER = ("text", "image")
+
+
+def extract_command(dataset: str) -> str:
+    """The command that creates a dataset's cache, for error messages."""
+    return f"`make extract DATASET={dataset}` (or `python cli.py extract --dataset {dataset}`)"
+
+
+# --------------------------------------------------------------------------------------------- finding
+
+def list_cached_datasets(cache_dir: str | Path) -> list[str]:
+    """Dataset folders under ``cache_dir`` that hold a sample index, sorted."""
+    d = Path(cache_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if (p / cf.INDEX_NAME).is_file())
+
+
+def resolve_dataset(cache_dir: str | Path, dataset: str | None) -> str:
+    """``dataset`` itself, or the only dataset cached under ``cache_dir`` when None.
+
+    Raises :class:`CacheError` when nothing is cached, :class:`BadInputError` when several are
+    (listing them) or when the named one is not cached but others are.
+    """
+    found = list_cached_datasets(cache_dir)
+    if dataset is not None:
+        if dataset not in found:
+            have = f" (cached: {', '.join(found)})" if found else ""
+            raise CacheError(f"no cache for dataset {dataset!r} in {cache_dir}/{have}; create it with "
+                             f"{extract_command(dataset)}")
+        return dataset
+    if not found:
+        raise CacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
+    if len(found) > 1:
+        raise BadInputError(f"several datasets are cached in {cache_dir}/: {', '.join(found)}; pick one with --dataset")
+    return found[0]
+
+
+def find_cache(cache_dir: str | Path, dataset: str, modality: str, given: str | Path | None = None) -> Path:
+    """The feature file of ``modality`` for ``dataset``: ``given`` if set (a path, or a file name inside
+    ``cache/<dataset>/``), else the only ``<modality>--*.h5`` file there.
+
+    Raises :class:`CacheError` if there is none (naming the extract command) and
+    :class:`BadInputError` if there are several (listing them) or ``given`` does not exist.
+    """
+    folder = Path(cache_dir) / dataset
+    flag = f"--{modality}-cache"
+    if given is not None:
+        p = Path(given)
+        if not p.is_file() and (folder / p).is_file():
+            p = folder / p
+        if not p.is_file():
+            raise BadInputError(f"{flag} {given}: no such file")
+        return p
+    files = [p for p in cf.list_feature_files(folder) if p.name.split("--")[0] == modality]
+    if not files:
+        raise CacheError(f"no {modality} feature cache in {folder}/; create it with {extract_command(dataset)}")
+    if len(files) > 1:
+        names = ", ".join(p.name for p in files)
+        raise BadInputError(f"several {modality} caches in {folder}/: {names}; pick one with {flag}")
+    return files[0]
+
+
+# --------------------------------------------------------------------------------------------- data
+
+@dataclass
+class ModalityData:
+    """One modality's features for every sample of the index, in index order.
+
+    x: (N, L, D) float32 (or the stored float16, when kept that way on GPU); L = 1 for cls/mean.
+    mask: (N, L) bool, True = real token.  valid: (N,) bool, features present.
+    """
+
+    modality: str
+    path: Path
+    x: Tensor
+    mask: Tensor
+    valid: Tensor
+    hidden_size: int
+    model: str | None
+    info: dict[str, Any]  # the file's config, provenance and shape attributes (for provenance.json)
+
+    @property
+    def trim(self) -> bool:
+        return self.x.shape[1] > 1
+
+
+@dataclass
+class FusionData:
+    """Everything a run reads, in memory. Rows are positions in the sample index.
+
+    ``split_rows[s]``: (n_s,) int64 rows of split ``s`` whose modalities in :attr:`modalities` are all
+    valid. ``labels``: (N,) int64. ``ids``: (N,) object str. ``dropped``: counts of samples removed
+    for a missing modality, by split and modality.
+    """
+
+    dataset: str
+    classes: list[str]
+    features: str
+    modalities: tuple[str, ...]
+    ids: np.ndarray
+    labels: Tensor
+    split_rows: dict[str, Tensor]
+    text: ModalityData | None
+    image: ModalityData | None
+    index_path: Path
+    index_fingerprint: str
+    index_attrs: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def modality(self, name: str) -> ModalityData | None:
+        return self.text if name == "text" else self.image
+
+    def dims(self) -> dict[str, int | None]:
+        """``{"text_dim": Dt or None, "image_dim": Di or None}`` for :func:`fuse.heads.create_head`."""
+        return {f"{m}_dim": (md.hidden_size if (md := self.modality(m)) else None) for m in MODALITY_ORDER}
+
+    def to(self, device: str | torch.device) -> FusionData:
+        """Move every tensor to ``device`` (in place; returns self). Floats keep their dtype."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        self.labels = self.labels.to(device)
+        self.split_rows = {k: v.to(device) for k, v in self.split_rows.items()}
+        for md in (self.text, self.image):
+            if md is not None:
+                md.x, md.mask, md.valid = md.x.to(device), md.mask.to(device), md.valid.to(device)
+        return self
+
+    def batch(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """Features of ``rows`` ((B,) int64, on :attr:`device`) as the heads take them:
+        ``text (B, Lt, Dt) float32, text_mask (B, Lt) bool, image (B, Li, Di) float32, image_mask``;
+        None for a modality not loaded. Token sequences are cut to the batch's longest real length
+        (padding never changes a prediction, so this only saves time)."""
+        out: list[Tensor | None] = []
+        for md in (self.text, self.image):
+            if md is None:
+                out += [None, None]
+                continue
+            x, m = md.x[rows], md.mask[rows]
+            if md.trim:
+                used = m.any(0)
+                length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+                x, m = x[:, :length], m[:, :length]
+            out += [x.float(), m]
+        return out[0], out[1], out[2], out[3]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: what was loaded and how many samples each split keeps."""
+        return {
+            "dataset": self.dataset, "features": self.features, "modalities": list(self.modalities),
+            "classes": self.classes, "samples": {s: int(r.numel()) for s, r in self.split_rows.items()},
+            "dropped": self.dropped,
+            "caches": {m: str(md.path) for m in MODALITY_ORDER if (md := self.modality(m))},
+        }
+
+
+def _file_info(ff: cf.FeatureFile) -> dict[str, Any]:
+    return {"path": str(ff.path), "modality": ff.modality, "hidden_size": ff.hidden_size,
+            "num_tokens": ff.num_tokens, "dtype": ff.dtype, "grid": ff.grid,
+            "index_fingerprint": ff.index_fingerprint, "config": ff.config, "provenance": ff.provenance,
+            "created": ff.attrs.get("created"), "updated": ff.attrs.get("updated")}
+
+
+def _model_of(ff: cf.FeatureFile) -> str | None:
+    return ff.provenance.get("model_id") or ff.config.get("model")
+
+
+def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str,
+                   keep_half: bool) -> ModalityData:
+    with cf.FeatureFile(path) as ff:
+        if ff.modality != modality:
+            raise BadInputError(f"{path} holds {ff.modality} features, not {modality}")
+        if not ff.complete:
+            done = int(ff.done.sum())
+            raise CacheError(f"{path} is unfinished ({done} of {len(index)} samples done); rerun "
+                             f"{extract_command(dataset)} to resume it")
+        if ff.index_fingerprint != index.fingerprint or not np.array_equal(ff.ids, index.ids):
+            raise CacheError(f"{path} was made for a different sample index than {dataset}/{cf.INDEX_NAME} "
+                             f"(fingerprint {ff.index_fingerprint} vs {index.fingerprint}); rerun "
+                             f"{extract_command(dataset)}")
+        valid = ff.valid
+        fields = ("tokens", "mask") if features == "tokens" else (features,)
+        arrays = ff.load(fields, dtype=None if keep_half else "float32")
+        if features == "tokens":
+            x, mask = torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["mask"])
+        else:
+            x = torch.from_numpy(arrays[features]).unsqueeze(1)  # (N, 1, D)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool)
+        logger.debug("loaded %s %s %s from %s", modality, features, tuple(x.shape), path)
+        return ModalityData(modality=modality, path=path, x=x, mask=mask, valid=torch.from_numpy(valid),
+                            hidden_size=ff.hidden_size, model=_model_of(ff), info=_file_info(ff))
+
+
+def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, ...] | list[str],
+              features: str = "cls", cache_dir: str | Path = "cache", text_cache: str | Path | None = None,
+              image_cache: str | Path | None = None, device: str | torch.device = "cpu") -> FusionData:
+    """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``.
+
+    Floats are float32, except on CUDA where the stored dtype (float16 usually) is kept to halve memory
+    and batches are cast on the fly. Samples of train/val/test missing any of ``modalities`` are dropped
+    and counted; split ``none`` is not used.
+    Raises :class:`CacheError` for missing / unfinished / misaligned caches, :class:`BadInputError` for
+    ambiguous or unknown choices.
+    """
+    if features not in FEATURES:
+        raise BadInputError(f"unknown --features {features!r}; expected one of {', '.join(FEATURES)}")
+    mods = tuple(m for m in MODALITY_ORDER if m in set(modalities))
+    if not mods or set(modalities) - set(MODALITY_ORDER):
+        raise BadInputError(f"modalities must be a non-empty subset of text, image; got {sorted(modalities)}")
+    given = {"text": text_cache, "image": image_cache}
+    if dataset is None:
+        # An explicit cache file pins the dataset folder it sits in.
+        pinned = [Path(g) for m in mods if (g := given[m]) is not None and Path(g).is_file()]
+        dataset = (cf.read_index(pinned[0].parent / cf.INDEX_NAME).dataset if pinned
+                   else resolve_dataset(cache_dir, None))
+        if pinned:
+            cache_dir = pinned[0].parent.parent
+    folder = Path(cache_dir) / dataset
+    index_path = folder / cf.INDEX_NAME
+    if not index_path.is_file():
+        resolve_dataset(cache_dir, dataset)  # raises with the list of cached datasets
+    index = cf.read_index(index_path)
+    device = torch.device(device)
+    keep_half = device.type == "cuda"
+    loaded = {m: _load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset,
+                                keep_half) for m in mods}
+
+    labels = torch.from_numpy(np.asarray(index.labels, dtype=np.int64))
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(index.classes)):
+        raise CacheError(f"{index_path}: labels outside 0..{len(index.classes) - 1}")
+    ok = torch.ones(len(index), dtype=torch.bool)
+    for md in loaded.values():
+        ok &= md.valid
+    split_rows, dropped = {}, {"total": 0, "by_split": {}, "by_modality": {m: 0 for m in mods}}
+    splits = np.asarray(index.splits, dtype=object)
+    for s in SPLITS:
+        in_split = torch.from_numpy(splits == s)
+        split_rows[s] = torch.nonzero(in_split & ok).flatten()
+        n_drop = int((in_split & ~ok).sum())
+        dropped["by_split"][s] = n_drop
+        dropped["total"] += n_drop
+        for m, md in loaded.items():
+            dropped["by_modality"][m] += int((in_split & ~md.valid).sum())
+    dropped["unassigned"] = int((~np.isin(splits, SPLITS)).sum())
+    if dropped["total"]:
+        logger.info("%s: dropped %d samples with a missing modality (%s)", dataset, dropped["total"],
+                    ", ".join(f"{m}: {n}" for m, n in dropped["by_modality"].items() if n))
+    data = FusionData(dataset=dataset, classes=list(index.classes), features=features, modalities=mods,
+                      ids=index.ids, labels=labels, split_rows=split_rows, text=loaded.get("text"),
+                      image=loaded.get("image"), index_path=index_path, index_fingerprint=index.fingerprint,
+                      index_attrs=dict(index.attrs), dropped=dropped)
+    return data.to(device)

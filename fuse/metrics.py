@@ -1,0 +1,38 @@
+"""Classification metrics (scikit-learn): accuracy, macro-F1, weighted-F1, per-class P/R/F1, confusion.
+
+MVSA papers report weighted-F1, Memotion Task A reports macro-F1; both are always computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+__all__ = ["compute_metrics"]
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Scores of predictions ``y_pred`` against ``y_true`` (both (N,) int, indices into ``classes``).
+
+    Returns a JSON-ready dict: ``n``, ``accuracy``, ``macro_f1``, ``weighted_f1`` (floats in [0, 1]),
+    ``per_class`` ({class: {precision, recall, f1, support}}) and ``confusion_matrix`` (C x C nested
+    lists, rows = true class, columns = predicted, in ``classes`` order). Classes absent from both
+    arrays score 0 (no warnings); an empty input gives n = 0 and None scores.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    labels = list(range(len(classes)))
+    if y_true.size == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "weighted_f1": None, "per_class": {},
+                "confusion_matrix": [[0] * len(classes) for _ in classes]}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "n": int(y_true.size),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }

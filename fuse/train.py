@@ -1,0 +1,636 @@
+"""Training and evaluation of fusion heads on cached features.
+
+``train(config)`` loads what the head needs (:func:`fuse.data.load_data`), trains with AdamW,
+linear warm-up then cosine decay, gradient clipping, optional label smoothing and class-balanced loss,
+early-stops on validation macro-F1, restores the best-validation weights and scores the test split
+ONCE with them. Every run writes a folder (see :func:`train`). ``train(config, data=loaded)`` reuses
+tensors already in memory, so an ablation can run many heads/seeds in one process without re-reading
+HDF5. ``evaluate(run_dir)`` rebuilds a saved head and scores it again, also on another dataset's cache
+made with the same encoders and classes (cross-dataset evaluation).
+
+Determinism: python/numpy/torch are seeded from ``config.seed``, deterministic algorithms are switched
+on for the duration of a run, and shuffling uses its own ``torch.Generator``; the same config, seed
+and machine give identical numbers. Mixed precision (bf16 autocast) is used on CUDA only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from extract.errors import BadInputError, PipelineError
+from fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
+from fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
+from fuse.metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "TrainConfig", "TrainResult", "evaluate", "load_run_config", "resolve_device", "train"]
+
+RUN_FILES = ("config.json", "provenance.json", "history.json", "model.safetensors", "predictions.csv",
+             "metrics.json")
+FINISHED_MARKER = "metrics.json"  # written last: a run folder without it did not finish
+
+
+# --------------------------------------------------------------------------------------------- config
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run's numbers (plus where it reads and writes).
+
+    ``modalities``: the modalities whose features are loaded and required (a sample missing one is
+    dropped); None = the head's own. An ablation sets both so every head sees the same samples.
+    ``text_cache`` / ``image_cache``: feature files (None = the only one of that modality in
+    ``cache_dir/<dataset>/``). ``patience`` 0 and ``grad_clip`` 0 switch those off.
+    """
+
+    head: str = "basic"
+    dataset: str | None = None
+    features: str = "cls"
+    dim: int = 256
+    layers: int = 1
+    heads: int = 4
+    dropout: float = 0.1
+    head_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    class_balanced: bool = False
+    patience: int = 5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    modalities: list[str] | None = None
+    text_cache: str | None = None
+    image_cache: str | None = None
+    cache_dir: str = "cache"
+    runs_dir: str = "runs"
+    run_name: str | None = None
+
+    # -- (de)serialisation
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a JSON-like dict; unknown keys or wrong types raise :class:`BadInputError`."""
+        if not isinstance(d, dict):
+            raise BadInputError(f"a training config must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise BadInputError(f"unknown training config key(s): {', '.join(unknown)}; known: {', '.join(fields)}")
+        defaults = cls()
+        kw = {k: _coerce(k, v, getattr(defaults, k)) for k, v in d.items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInputError(f"config file {path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInputError(f"cannot read config file {path}: {e}") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise :class:`BadInputError` for a value no run can use."""
+        if self.head not in list_heads():
+            raise BadInputError(f"unknown fusion head {self.head!r}; known heads: {', '.join(list_heads())}")
+        if self.features not in FEATURES:
+            raise BadInputError(f"unknown features {self.features!r}; expected one of {', '.join(FEATURES)}")
+        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
+                  ("eval_batch_size", self.eval_batch_size >= 1), ("lr", self.lr > 0),
+                  ("weight_decay", self.weight_decay >= 0), ("warmup_frac", 0 <= self.warmup_frac < 1),
+                  ("grad_clip", self.grad_clip >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
+                  ("patience", self.patience >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise BadInputError(f"invalid {name}: {getattr(self, name)!r}")
+        if self.modalities is not None:
+            bad = set(self.modalities) - set(MODALITY_ORDER)
+            if bad or not self.modalities:
+                raise BadInputError(f"modalities must be a non-empty subset of text, image; got {self.modalities}")
+            missing = head_uses(self.head) - set(self.modalities)
+            if missing:
+                raise BadInputError(f"head {self.head!r} needs {', '.join(sorted(missing))}, not in modalities "
+                                    f"{self.modalities}")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check one config value's type against the field default (JSON has no int/float distinction)."""
+    if value is None:
+        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name"):
+            return None
+        raise BadInputError(f"config key {key!r} may not be null")
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    elif key == "modalities":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif isinstance(default, str) or default is None:
+        ok = isinstance(value, str)
+    if not ok:
+        raise BadInputError(f"config key {key!r}: wrong type {type(value).__name__} ({value!r})")
+    return value
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved config a run saved."""
+    return TrainConfig.from_json(Path(run_dir) / "config.json")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else is checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BadInputError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------- results
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns; the same numbers are in the run folder."""
+
+    run_dir: Path
+    config: TrainConfig  # resolved
+    metrics: dict[str, Any]  # metrics.json
+    history: list[dict[str, Any]]
+
+    @property
+    def test(self) -> dict[str, Any] | None:
+        return self.metrics.get("test")
+
+    @property
+    def val(self) -> dict[str, Any] | None:
+        return self.metrics.get("val")
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns."""
+
+    run_dir: Path
+    dataset: str
+    split: str
+    metrics: dict[str, Any]
+    dropped: dict[str, Any]
+    predictions_path: Path | None
+    metrics_path: Path | None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "h5py", "scikit-learn", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                           text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic kernels for the duration of a run; the process-wide setting is restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_before)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _build_head(config: TrainConfig, dims: dict[str, int | None], num_classes: int) -> FusionHead:
+    uses = head_uses(config.head)
+    return create_head(config.head, text_dim=dims["text_dim"] if "text" in uses else None,
+                       image_dim=dims["image_dim"] if "image" in uses else None, num_classes=num_classes,
+                       dim=config.dim, layers=config.layers, heads=config.heads, dropout=config.dropout,
+                       **config.head_options)
+
+
+@torch.inference_mode()
+def predict(model: FusionHead, data: FusionData, rows: Tensor, batch_size: int = 256, amp: bool = True) -> np.ndarray:
+    """Class probabilities of ``rows`` ((n,) int64 on the data's device): (n, C) float32 numpy."""
+    model.eval()
+    out = []
+    for start in range(0, rows.numel(), batch_size):
+        with _autocast(data.device, amp):
+            logits = model(*data.batch(rows[start:start + batch_size]))
+        out.append(logits.float().softmax(-1).cpu())
+    if not out:
+        return np.zeros((0, data.num_classes), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def _score(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    m = compute_metrics(labels, probs.argmax(-1) if len(probs) else np.zeros(0, np.int64), classes)
+    if len(probs):
+        m["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return m
+
+
+def _predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "true", "predicted", *(f"p_{c}" for c in classes)])
+    pred = probs.argmax(-1) if len(probs) else []
+    for sid, y, p, row in zip(ids, labels, pred, probs, strict=True):
+        w.writerow([sid, classes[int(y)], classes[int(p)], *(f"{v:.6f}" for v in row)])
+    return buf.getvalue()
+
+
+def _make_run_dir(runs_dir: Path, name: str) -> Path:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        d = runs_dir / (name if k == 1 else f"{name}-{k}")
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if k > 1:
+            logger.info("run folder %s exists; writing to %s", runs_dir / name, d)
+        return d
+    raise PipelineError(f"too many runs named {name} in {runs_dir}")
+
+
+def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: torch.device) -> tuple[TrainConfig, FusionData]:
+    needed = head_uses(config.head)
+    if data is None:
+        mods = config.modalities or [m for m in MODALITY_ORDER if m in needed]
+        data = load_data(config.dataset, modalities=mods, features=config.features, cache_dir=config.cache_dir,
+                         text_cache=config.text_cache, image_cache=config.image_cache, device=device)
+    else:
+        if data.features != config.features:
+            raise BadInputError(f"preloaded data holds {data.features!r} features, config asks for {config.features!r}")
+        if config.dataset not in (None, data.dataset):
+            raise BadInputError(f"preloaded data is {data.dataset!r}, config asks for {config.dataset!r}")
+        if not needed <= set(data.modalities):
+            raise BadInputError(f"head {config.head!r} needs {', '.join(sorted(needed))}; preloaded data has "
+                                f"{', '.join(data.modalities)}")
+        if config.modalities is not None and set(config.modalities) != set(data.modalities):
+            raise BadInputError(f"config modalities {config.modalities} differ from the preloaded data's "
+                                f"{list(data.modalities)}")
+        data.to(device)
+    paths = {m: (str(md.path) if (md := data.modality(m)) else None) for m in MODALITY_ORDER}
+    resolved = dataclasses.replace(config, dataset=data.dataset, device=str(device), modalities=list(data.modalities),
+                                   text_cache=paths["text"], image_cache=paths["image"])
+    return resolved, data
+
+
+def _provenance(data: FusionData, device: torch.device) -> dict[str, Any]:
+    caches = {}
+    for m in MODALITY_ORDER:
+        md = data.modality(m)
+        if md is not None:
+            caches[m] = {"model": md.model, **md.info}
+    return {
+        "dataset": data.dataset,
+        "index": {"path": str(data.index_path), "fingerprint": data.index_fingerprint,
+                  "attrs": {k: v for k, v in data.index_attrs.items()}},
+        "caches": caches,
+        "data": data.summary(),
+        "libraries": _library_versions(),
+        "git_commit": _git_commit(),
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+                 "device": str(device),
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None},
+        "argv": sys.argv,
+    }
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool = False) -> TrainResult:
+    """Train one head and write its run folder; returns the resolved config, metrics and history.
+
+    ``data``: features already loaded by :func:`fuse.data.load_data` (moved to the run's device in
+    place); they must be the config's ``features`` and hold every modality the head uses. Samples
+    missing any loaded modality are left out, so for comparable ablations load both modalities once.
+
+    Files in ``runs/<name>/`` (``name`` default ``<dataset>-<head>-<features>-s<seed>-<timestamp>``,
+    suffixed ``-2``, ``-3`` ... if taken): ``config.json`` (resolved), ``provenance.json`` (caches,
+    index fingerprint, library versions), ``history.json`` (per epoch), ``model.safetensors``
+    (best-validation weights), ``predictions.csv`` (test samples: id, true, predicted, p_<class>...) and,
+    written last so that its presence means the run finished, ``metrics.json`` (val at the best epoch,
+    test, train).
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    t_start = time.perf_counter()
+    config, data = _resolve_with_data(config, data, device)
+    train_rows, val_rows, test_rows = (data.split_rows[s] for s in ("train", "val", "test"))
+    if train_rows.numel() == 0:
+        raise PipelineError(f"{data.dataset}: no training samples (after dropping {data.dropped['total']} with a "
+                            "missing modality)")
+    if val_rows.numel() == 0:
+        logger.warning("%s has no validation samples: no early stopping, the last epoch's weights are kept",
+                       data.dataset)
+
+    name = config.run_name or (f"{data.dataset}-{config.head}-{config.features}-s{config.seed}-"
+                               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = _make_run_dir(Path(config.runs_dir), name)
+    config = dataclasses.replace(config, run_name=run_dir.name)
+    _write_json(run_dir / "config.json", config.to_dict())
+    _write_json(run_dir / "provenance.json", _provenance(data, device))
+    labels_np = data.labels.cpu().numpy()
+    classes = data.classes
+
+    with _deterministic(device):
+        _seed_everything(config.seed)
+        model = _build_head(config, data.dims(), data.num_classes).to(device)
+        n_params = count_parameters(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(train_rows.numel() / config.batch_size)
+        total = steps_per_epoch * config.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(total, round(config.warmup_frac * total)))
+        weight = None
+        if config.class_balanced:
+            counts = torch.bincount(data.labels[train_rows], minlength=data.num_classes).float()
+            weight = (counts.sum() / (data.num_classes * counts.clamp(min=1))).to(device)
+        shuffle = torch.Generator().manual_seed(config.seed)
+        logger.info("training %s on %s (%s features): %d train / %d val / %d test samples, %d parameters, %s",
+                    config.head, data.dataset, config.features, train_rows.numel(), val_rows.numel(),
+                    test_rows.numel(), n_params, device)
+
+        history: list[dict[str, Any]] = []
+        best_f1, best_epoch, best_state, since_best = -1.0, 0, None, 0
+        val_labels = labels_np[val_rows.cpu().numpy()]
+        epochs = range(1, config.epochs + 1)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(epochs, desc=f"{config.head}", unit="epoch", leave=False)
+        for epoch in bar if bar is not None else epochs:
+            t0 = time.perf_counter()
+            model.train()
+            order = train_rows[torch.randperm(train_rows.numel(), generator=shuffle).to(device)]
+            loss_sum = torch.zeros((), device=device)
+            for start in range(0, order.numel(), config.batch_size):
+                rows = order[start:start + config.batch_size]
+                with _autocast(device, config.amp):
+                    logits = model(*data.batch(rows))
+                loss = F.cross_entropy(logits.float(), data.labels[rows], weight=weight,
+                                       label_smoothing=config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * rows.numel()
+            train_loss = float(loss_sum) / train_rows.numel()
+            if not math.isfinite(train_loss):
+                raise PipelineError(f"training loss became {train_loss} in epoch {epoch}; try a lower --lr")
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
+            if val_rows.numel():
+                vm = _score(predict(model, data, val_rows, config.eval_batch_size, config.amp), val_labels, classes)
+                row.update(val_loss=vm["loss"], val_accuracy=vm["accuracy"], val_macro_f1=vm["macro_f1"],
+                           val_weighted_f1=vm["weighted_f1"])
+                improved = vm["macro_f1"] > best_f1
+            else:
+                improved = True
+            row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
+            history.append(row)
+            _write_json(run_dir / "history.json", history)
+            if improved:
+                best_f1, best_epoch, since_best = row.get("val_macro_f1", -1.0), epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            logger.debug("epoch %d: %s", epoch, row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{row.get('val_macro_f1', float('nan')):.3f}")
+            if config.patience and since_best >= config.patience:
+                logger.info("early stop after epoch %d (best val macro-F1 %.4f at epoch %d)", epoch, best_f1, best_epoch)
+                break
+        if bar is not None:
+            bar.close()
+
+        model.load_state_dict(best_state)
+        split_probs = {s: predict(model, data, data.split_rows[s], config.eval_batch_size, config.amp)
+                       for s in ("train", "val", "test")}
+
+    # Files: weights and predictions first, metrics.json last (its presence = the run finished).
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = run_dir / f".model.safetensors.tmp{os.getpid()}"
+    # One metadata key: safetensors writes several in hash order, which would make equal runs' files differ.
+    save_file(tensors, str(tmp), metadata={"mmcache": json.dumps({"format": "mmcache-fusion-head", "head": config.head})})
+    os.replace(tmp, run_dir / "model.safetensors")
+    test_np = test_rows.cpu().numpy()
+    _atomic_write(run_dir / "predictions.csv",
+                  _predictions_csv(data.ids[test_np], labels_np[test_np], split_probs["test"], classes))
+    metrics = {
+        "run": run_dir.name,
+        "dataset": data.dataset,
+        "head": config.head,
+        "features": config.features,
+        "seed": config.seed,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": len(history) < config.epochs,
+        "val": _score(split_probs["val"], labels_np[val_rows.cpu().numpy()], classes) if val_rows.numel() else None,
+        "test": _score(split_probs["test"], labels_np[test_np], classes) if test_rows.numel() else None,
+        "train": _score(split_probs["train"], labels_np[train_rows.cpu().numpy()], classes),
+        "samples": {s: int(r.numel()) for s, r in data.split_rows.items()},
+        "dropped": data.dropped,
+        "model": {"head": config.head, "classes": classes, "num_parameters": n_params, **data.dims()},
+        "seconds": time.perf_counter() - t_start,
+    }
+    _write_json(run_dir / FINISHED_MARKER, metrics)
+    logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
+                _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
+    return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
+
+
+def _fmt(m: dict[str, Any] | None, key: str) -> str:
+    return "-" if not m or m.get(key) is None else f"{m[key]:.4f}"
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+
+def load_head(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FusionHead, TrainConfig, dict[str, Any]]:
+    """Rebuild a finished run's head with its best weights: (model in eval mode, config, metrics.json)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise BadInputError(f"{run_dir} is not a run folder (no config.json)")
+    if not (run_dir / FINISHED_MARKER).is_file():
+        raise BadInputError(f"run {run_dir} did not finish (no {FINISHED_MARKER}); train it again")
+    config = load_run_config(run_dir)
+    meta = json.loads((run_dir / FINISHED_MARKER).read_text(encoding="utf-8"))
+    info = meta["model"]
+    model = _build_head(config, {"text_dim": info.get("text_dim"), "image_dim": info.get("image_dim")},
+                        len(info["classes"]))
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+        model.load_state_dict(state, strict=True)
+    except (OSError, RuntimeError) as e:
+        raise PipelineError(f"cannot load weights of run {run_dir}: {e}") from None
+    return model.to(device).eval(), config, meta
+
+
+def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test", *,
+             cache_dir: str | Path | None = None, text_cache: str | Path | None = None,
+             image_cache: str | Path | None = None, device: str | None = None, data: FusionData | None = None,
+             write: bool = True) -> EvalResult:
+    """Score a finished run again on ``split`` of its own dataset, or of ``dataset`` (cross-dataset).
+
+    The other dataset's caches must come from the same encoders (model ids and hidden sizes as in the
+    run's provenance) and have the same classes, in the same order; otherwise :class:`BadInputError`.
+    With ``write``, the metrics and predictions go to ``<run>/evaluations/<dataset>-<split>.json|.csv``.
+    """
+    run_dir = Path(run_dir)
+    if split not in ("train", "val", "test"):
+        raise BadInputError(f"unknown split {split!r}; expected train, val or test")
+    model, config, meta = load_head(run_dir, "cpu")
+    dev = resolve_device(device or ("auto" if config.device.startswith("cuda") else config.device))
+    model.to(dev)
+    prov_path = run_dir / "provenance.json"
+    prov = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.is_file() else {}
+    same = dataset is None or dataset == config.dataset
+    target = config.dataset if same else dataset
+    if data is None:
+        caches = {"text": text_cache, "image": image_cache}
+        if same:  # the run's own files, if still there
+            for m in MODALITY_ORDER:
+                own = getattr(config, f"{m}_cache")
+                if caches[m] is None and own and Path(own).is_file():
+                    caches[m] = own
+        data = load_data(target, modalities=config.modalities or sorted(head_uses(config.head)),
+                         features=config.features, cache_dir=cache_dir or config.cache_dir,
+                         text_cache=caches["text"], image_cache=caches["image"], device=dev)
+    else:
+        data.to(dev)
+    _check_compatible(data, config, meta, prov)
+    rows = data.split_rows[split]
+    probs = predict(model, data, rows, config.eval_batch_size, config.amp)
+    rows_np = rows.cpu().numpy()
+    labels = data.labels.cpu().numpy()[rows_np]
+    metrics = _score(probs, labels, data.classes)
+    metrics.update(dataset=data.dataset, split=split, run=run_dir.name, trained_on=config.dataset,
+                   dropped=data.dropped)
+    mpath = ppath = None
+    if write:
+        out = run_dir / "evaluations"
+        out.mkdir(exist_ok=True)
+        ppath, mpath = out / f"{data.dataset}-{split}.csv", out / f"{data.dataset}-{split}.json"
+        _atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
+        _write_json(mpath, metrics)
+    return EvalResult(run_dir=run_dir, dataset=data.dataset, split=split, metrics=metrics, dropped=data.dropped,
+                      predictions_path=ppath, metrics_path=mpath)
+
+
+def _check_compatible(data: FusionData, config: TrainConfig, meta: dict[str, Any], prov: dict[str, Any]) -> None:
+    info = meta["model"]
+    if data.features != config.features:
+        raise BadInputError(f"data holds {data.features!r} features; the run was trained on {config.features!r}")
+    if list(data.classes) != list(info["classes"]):
+        raise BadInputError(f"{data.dataset} has classes {data.classes}; the run was trained on {info['classes']}")
+    for m in sorted(head_uses(config.head)):
+        md = data.modality(m)
+        if md is None:
+            raise BadInputError(f"head {config.head!r} needs {m} features; none loaded")
+        want_dim, want_model = info.get(f"{m}_dim"), prov.get("caches", {}).get(m, {}).get("model")
+        if md.hidden_size != want_dim:
+            raise BadInputError(f"{md.path}: {m} features are {md.hidden_size}-d; the run was trained on "
+                                f"{want_dim}-d (a different encoder)")
+        if want_model and md.model and md.model != want_model:
+            raise BadInputError(f"{md.path} was made with {m} encoder {md.model!r}; the run was trained on "
+                                f"{want_model!r}")
