@@ -154,6 +154,70 @@ def evaluate(
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
 
 
+# --------------------------------------------------------------------------------------------- stage one
+
+@app.command()
+def extract(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="dataset name (see `datasets`)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="dataset folder (default: per dataset)"),
+    modality: str = typer.Option("both", "--modality", help="text | image | both"),
+    text_model: str = typer.Option("bert-base-uncased", "--text-model", help="BERT-family hub id or local folder"),
+    image_model: str = typer.Option("facebook/dinov2-base", "--image-model", help="vision backbone hub id or local folder"),
+    text_revision: str | None = typer.Option(None, "--text-revision", help="hub revision of the text model"),
+    image_revision: str | None = typer.Option(None, "--image-revision", help="hub revision of the image model"),
+    text_max_length: int = typer.Option(128, "--text-max-length", help="tokens stored per text (truncated beyond)"),
+    dtype: str = typer.Option("float16", "--dtype", help="storage dtype: float16 | float32"),
+    precision: str = typer.Option("auto", "--precision", help="compute: auto | fp32 | bf16 | fp16 (autocast on GPU)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(32, "--batch-size", help="samples per forward pass"),
+    text_batch_size: int | None = typer.Option(None, "--text-batch-size", help="override --batch-size for text"),
+    image_batch_size: int | None = typer.Option(None, "--image-batch-size", help="override --batch-size for images"),
+    num_workers: int = typer.Option(2, "--num-workers", help="image decoding processes (0: main process)"),
+    patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
+    force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
+    seed: int = typer.Option(0, "--seed", help="seed of the stratified split"),
+    option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root"),
+    name: str | None = typer.Option(None, "--name", help="cache folder name (default: the dataset name)"),
+    max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="refuse larger images (decompression bombs)"),
+    shard: str = typer.Option("0/1", "--shard", help="i/n: extract only shard i of n into its own .shard file"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Run the encoders once over a dataset into the resumable HDF5 cache (cache/<dataset>/...)."""
+    from extract.extraction import ExtractConfig, format_extract_summary, parse_shard, run_extract
+
+    cfg = ExtractConfig(
+        dataset=dataset, data_dir=data_dir, options=_options(option), cache_dir=cache_dir, name=name,
+        modality=modality, text_model=text_model, image_model=image_model, text_revision=text_revision,
+        image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
+        device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
+        num_workers=num_workers, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
+        split_file=split_file, seed=seed, shard=parse_shard(shard), progress=False if no_progress else None,
+    )
+    if max_image_pixels is not None:
+        cfg.max_image_pixels = max_image_pixels
+    summary = run_extract(cfg)
+    typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Look at the feature cache.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Path = typer.Argument(Path("cache"), help="a cache file, a dataset folder, or the cache root"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Every cache file: shapes, dtypes, size on disk, provenance, completeness, failure count."""
+    from extract.cache_info import collect, format_info
+
+    entries = collect(path)
+    typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests with an argv list)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

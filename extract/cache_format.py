@@ -10,6 +10,7 @@ Layout, one folder per dataset::
     cache/<dataset>/text--<model-slug>.h5        one file per modality and encoder
     cache/<dataset>/image--<model-slug>.h5
     cache/<dataset>/failures.csv                 every failed sample of every modality file, with a reason
+    cache/<dataset>/text--<slug>.shard-<i>-of-<n>.h5   shard i of n of a sharded run (see shard_path)
 
 Crash safety: feature datasets are created up front with their storage allocated at creation
 (``H5D_ALLOC_TIME_EARLY``, no compression), so writing a batch only overwrites raw bytes and never
@@ -49,6 +50,11 @@ REASON = h5py.string_dtype("utf-8", REASON_BYTES)
 _CHUNK_BYTES = 1 << 20
 
 
+class CacheMismatchError(CacheError, BadInputError):
+    """An existing cache file made with other settings or for another sample index. Also a
+    :class:`BadInputError`, so the CLI exits 2: the user must decide (``--force`` rebuilds)."""
+
+
 # --------------------------------------------------------------------------------------------- names
 
 def model_slug(model: str) -> str:
@@ -63,6 +69,18 @@ def feature_path(cache_dir: str | Path, dataset: str, modality: str, model: str)
     if modality not in MODALITIES:
         raise BadInputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     return Path(cache_dir) / dataset / f"{modality}--{model_slug(model)}.h5"
+
+
+def shard_path(cache_dir: str | Path, dataset: str, modality: str, model: str, shard_index: int,
+               num_shards: int) -> Path:
+    """``<modality>--<slug>.shard-<i>-of-<n>.h5``: the file shard ``i`` of ``n`` writes (one shard of
+    one is the normal :func:`feature_path` file, not a shard file)."""
+    if not (0 <= shard_index < num_shards):
+        raise BadInputError(f"shard {shard_index} of {num_shards} does not exist (0 <= shard < num_shards)")
+    if num_shards == 1:
+        return feature_path(cache_dir, dataset, modality, model)
+    base = feature_path(cache_dir, dataset, modality, model)
+    return base.with_name(f"{base.stem}.shard-{shard_index}-of-{num_shards}.h5")
 
 
 def fingerprint(obj: Any) -> str:
@@ -227,7 +245,7 @@ class FeatureWriter:
                 problems.append("made for a different sample index (ids, texts or image paths changed)")
             if problems:
                 f.close()
-                raise CacheError(f"{path} was {problems[0]}; refusing to touch it (pass --force to rebuild)")
+                raise CacheMismatchError(f"{path} was {problems[0]}; refusing to touch it (pass --force to rebuild)")
             return cls(path, f, up_to_date=bool(attrs.get("complete")))
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -276,6 +294,18 @@ class FeatureWriter:
     def pending_rows(self) -> np.ndarray:
         """(P,) int64 rows not yet done, ascending."""
         return np.flatnonzero(~self._f["done"][...])
+
+    def done_mask(self) -> np.ndarray:
+        """(N,) bool: rows written (features or a failure)."""
+        return self._f["done"][...]
+
+    def failed_rows(self) -> np.ndarray:
+        """(F,) int64 rows done but not valid (recorded failures), ascending."""
+        return np.flatnonzero(self._f["done"][...] & ~self._f["valid"][...])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
 
     # -- writes
     def write(self, rows: np.ndarray, *, cls: np.ndarray, mean: np.ndarray, tokens: np.ndarray,
@@ -369,9 +399,9 @@ def _write_rows(ds, rows: np.ndarray, sel, values: np.ndarray) -> None:
     ds[sel] = values
 
 
-def _open_h5(path: Path, mode: str) -> h5py.File:
+def _open_h5(path: Path, mode: str, locking: bool | None = None) -> h5py.File:
     try:
-        return h5py.File(path, mode)
+        return h5py.File(path, mode) if locking is None else h5py.File(path, mode, locking=locking)
     except OSError as e:
         raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun with --force") from None
 
@@ -381,11 +411,13 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
 class FeatureFile:
     """Read access to one modality file. Arrays load whole (one contiguous read each), never per batch."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, locking: bool | None = None) -> None:
+        """``locking=False`` reads a file another process is writing (``cache info`` during a run);
+        such a view may lag behind the writer, so only use it for progress displays."""
         self.path = Path(path)
         if not self.path.is_file():
             raise CacheError(f"no feature cache at {self.path}")
-        self._f = _open_h5(self.path, "r")
+        self._f = _open_h5(self.path, "r", locking=locking)
         if self._f.attrs.get("format") != "mmcache-features":
             self._f.close()
             raise CacheError(f"{self.path} is not an mmcache feature file")
@@ -464,7 +496,13 @@ def list_feature_files(dataset_dir: str | Path) -> list[Path]:
     return sorted(p for p in d.glob("*--*.h5") if p.name.split("--")[0] in MODALITIES and ".shard" not in p.name)
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def list_shard_files(dataset_dir: str | Path) -> list[Path]:
+    """Shard files (``*.shard-<i>-of-<n>.h5``) of one dataset folder, sorted."""
+    d = Path(dataset_dir)
+    return sorted(p for p in d.glob("*--*.shard-*-of-*.h5") if p.name.split("--")[0] in MODALITIES)
+
+
+def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]:
     """Everything `cache info` shows about one file (index or features)."""
     path = Path(path)
     if path.name == INDEX_NAME:
@@ -473,7 +511,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         return {"path": str(path), "kind": "index", "dataset": idx.dataset, "samples": len(idx),
                 "classes": idx.classes, "splits": splits, "fingerprint": idx.fingerprint,
                 "size_bytes": path.stat().st_size}
-    with FeatureFile(path) as ff:
+    with FeatureFile(path, locking=locking) as ff:
         f = ff._f
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
@@ -481,7 +519,12 @@ def describe(path: str | Path) -> dict[str, Any]:
             "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(ff.done.sum()),
             "valid": int(ff.valid.sum()), "failed": len(ff.failures()),
             "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in FEATURE_FIELDS},
+            "hidden_size": ff.hidden_size, "num_tokens": ff.num_tokens, "dtype": ff.dtype,
             "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
+            "index_fingerprint": ff.index_fingerprint,
+            "config_fingerprint": ff.attrs.get("config_fingerprint"),
+            "created": ff.attrs.get("created"), "updated": ff.attrs.get("updated"),
+            "last_run": _json_attr(f.attrs, "last_run"),
             "config": ff.config, "provenance": ff.provenance,
         }
 

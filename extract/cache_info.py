@@ -1,0 +1,127 @@
+"""What ``cli.py cache info`` shows: every cache file with shapes, dtypes, size, provenance,
+completeness and failure count. Imports only the format module (h5py + numpy): fast, no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from extract import cache_format as cf
+from extract.errors import BadInputError, CacheError
+
+
+def _dataset_dirs(path: Path) -> list[Path]:
+    if (path / cf.INDEX_NAME).exists() or any(path.glob("*--*.h5")):
+        return [path]
+    return sorted(d for d in path.iterdir() if d.is_dir() and ((d / cf.INDEX_NAME).exists() or any(d.glob("*--*.h5"))))
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    try:
+        return cf.describe(path)
+    except CacheError as first:
+        # A file another process is writing is locked; show its progress from an unlocked read.
+        try:
+            d = cf.describe(path, locking=False)
+            d["in_use"] = True
+            return d
+        except (CacheError, OSError, KeyError):
+            return {"path": str(path), "kind": "unreadable", "error": str(first),
+                    "size_bytes": path.stat().st_size if path.exists() else 0}
+
+
+def collect(path: str | Path = "cache") -> list[dict[str, Any]]:
+    """One dict per cache file under ``path`` (a file, a dataset folder, or the cache root), index
+    files first in each folder. Feature files get ``matches_index`` (fingerprints agree with the
+    folder's index.h5; None when there is no index) and ``failures_csv`` (path or None)."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"no cache at {str(p)!r}")
+    if p.is_file():
+        files = [p]
+    else:
+        files = []
+        for d in _dataset_dirs(p):
+            if (d / cf.INDEX_NAME).exists():
+                files.append(d / cf.INDEX_NAME)
+            files += cf.list_feature_files(d) + cf.list_shard_files(d)
+    entries = []
+    index_fp: dict[Path, str | None] = {}
+    for f in files:
+        e = _describe(f)
+        if e["kind"] == "index":
+            index_fp[f.parent] = e["fingerprint"]
+        elif e["kind"] == "features":
+            if f.parent not in index_fp:
+                idx = f.parent / cf.INDEX_NAME
+                index_fp[f.parent] = _describe(idx).get("fingerprint") if idx.exists() else None
+            want = index_fp[f.parent]
+            e["matches_index"] = None if want is None else want == e["index_fingerprint"]
+            csv = f.parent / cf.FAILURES_NAME
+            e["failures_csv"] = str(csv) if csv.exists() else None
+        entries.append(e)
+    return entries
+
+
+def _size(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _state(e: dict) -> str:
+    if e.get("in_use"):
+        return "being written"
+    if not e["complete"]:
+        return "INCOMPLETE"
+    if e.get("matches_index") is False:
+        return "STALE (index changed)"
+    return "complete"
+
+
+def format_info(entries: list[dict[str, Any]]) -> str:
+    """Tables: the index files, the feature files, then per feature file its arrays and provenance."""
+    from extract.summary import format_table
+
+    if not entries:
+        return "no cache files found"
+    out = []
+    idx = [e for e in entries if e["kind"] == "index"]
+    if idx:
+        out.append(format_table(["index", "dataset", "samples", "splits", "fingerprint", "size"], [
+            [e["path"], e["dataset"], e["samples"], " ".join(f"{k}={v}" for k, v in e["splits"].items()),
+             e["fingerprint"], _size(e["size_bytes"])] for e in idx]))
+    feats = [e for e in entries if e["kind"] == "features"]
+    if feats:
+        out += ["", format_table(
+            ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
+            [[e["path"], e["modality"], e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
+              "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], _size(e["size_bytes"])]
+             for e in feats])]
+    for e in feats:
+        prov, conf = e["provenance"], e["config"]
+        out += ["", f"{e['path']}:"]
+        for name, a in e["arrays"].items():
+            out.append(f"  {name:<7} {tuple(a['shape'])} {a['dtype']}")
+        out.append("  valid   (N,) bool   done (N,) bool   failure (N,) utf-8[160]   id (N,) str   row (N,) int64")
+        rev = prov.get("commit_hash") or prov.get("resolved_path") or "-"
+        out.append(f"  model {prov.get('model_id') or conf.get('model')} ({prov.get('class_name')}, "
+                   f"revision/path {rev})")
+        extra = f", grid {e['grid']}, patch_pool {conf.get('patch_pool')}" if e["modality"] == "image" else \
+            f", max_length {conf.get('max_length')}"
+        out.append(f"  hidden {e['hidden_size']}, tokens {e['num_tokens']}{extra}, dtype {e['dtype']}, "
+                   f"precision {conf.get('precision')}")
+        out.append(f"  transformers {prov.get('transformers_version')}, torch {prov.get('torch_version')}, "
+                   f"h5py {prov.get('h5py_version')}; config {e.get('config_fingerprint')}, "
+                   f"index {e['index_fingerprint']}")
+        out.append(f"  created {e.get('created')}, updated {e.get('updated') or '-'}"
+                   + (f", shard {e['shard'][0]}/{e['shard'][1]}" if e.get("shard") else ""))
+        if e["failed"]:
+            out.append(f"  {e['failed']} failed samples" + (f" (see {e['failures_csv']})" if e.get("failures_csv") else ""))
+    bad = [e for e in entries if e["kind"] == "unreadable"]
+    if bad:
+        out += ["", format_table(["unreadable file", "error"], [[e["path"], e["error"]] for e in bad])]
+    return "\n".join(out).lstrip("\n")

@@ -1,0 +1,671 @@
+"""Stage one: run the frozen encoders over a dataset once, into the resumable HDF5 cache.
+
+Entry points:
+
+* :func:`run_extract` -- what ``cli.py extract`` calls: write the sample index, then extract each
+  requested modality (image first, then text: one model in memory at a time, and the image
+  DataLoader forks before the Rust tokenizer starts its thread pool), then ``failures.csv``.
+* :func:`prepare_index` -- read the dataset, assign splits, write ``index.h5`` (only when it changed).
+* :func:`extract_shard` -- the unit of work: one modality, shard ``i`` of ``n``. Shard ``i`` owns the
+  *contiguous* block of index rows ``[i*N//n, (i+1)*N//n)`` (:func:`shard_rows`) and writes its own
+  file (:func:`extract.cache_format.shard_path`); shard 0 of 1 is the normal, unsharded file.
+
+Batching is a fixed plan, independent of what is already done, so a resumed run recomputes whole
+batches of the same composition and ends bit-identical to an uninterrupted one (with the same batch
+sizes; other batch sizes agree to float tolerance):
+
+* image: consecutive blocks of ``image_batch_size`` file rows; decoding + preprocessing in DataLoader
+  workers (failures come back as markers, never exceptions), overlapped with the forward pass;
+* text: windows of ``length_window`` consecutive non-empty rows; inside a window rows are sorted by
+  token length (stable) and cut into batches of ``text_batch_size``, so a batch pads to similar
+  lengths. Each batch is written in ascending row order; values land at their own rows.
+
+Stored token states at padded positions (mask False) are zero, so they do not depend on batching.
+
+This module imports torch / transformers (through :mod:`extract.encoders`); readers of the cache need
+only :mod:`extract.cache_format`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract import cache_format as cf
+from extract.errors import BadInputError, PipelineError
+from extract.images import DEFAULT_MAX_PIXELS, ImageFailure, load_image
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExtractConfig",
+    "ExtractSummary",
+    "IndexInfo",
+    "ModalitySummary",
+    "extract_shard",
+    "format_extract_summary",
+    "prepare_index",
+    "run_extract",
+    "shard_rows",
+]
+
+MODALITY_CHOICES = ("text", "image", "both")
+DTYPES = ("float16", "float32")
+EMPTY_TEXT = "empty text"
+DECODE_POLICY = "PIL full decode; RGB; alpha composited on white; first frame; no EXIF transpose"
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "tokenizer.json", "vocab.txt", "*.model")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+@dataclass
+class ExtractConfig:
+    """Everything one extraction run needs. Only some fields determine the cached values (see
+    :func:`text_config` / :func:`image_config`); batch sizes, workers and device do not."""
+
+    dataset: str
+    data_dir: str | Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # dataset reader options (--option K=V)
+    cache_dir: str | Path = "cache"
+    name: str | None = None  # cache folder name; default: dataset name (folder datasets: the folder's name)
+    modality: str = "both"  # text | image | both
+    text_model: str = "bert-base-uncased"
+    image_model: str = "facebook/dinov2-base"
+    text_revision: str | None = None
+    image_revision: str | None = None
+    text_max_length: int = 128
+    dtype: str = "float16"  # storage dtype of cls / mean / tokens
+    precision: str = "auto"  # compute precision: auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    batch_size: int = 32
+    text_batch_size: int | None = None  # default: batch_size
+    image_batch_size: int | None = None  # default: batch_size
+    num_workers: int = 2  # image decoding processes (0 = in the main process)
+    patch_pool: int = 1
+    force: bool = False
+    retry_failed: bool = False  # recompute rows recorded as failures (e.g. after fixing the files)
+    split_file: str | Path | None = None
+    seed: int = 0
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    image_timeout_s: float = 60.0  # per image, inside a worker process
+    loader_timeout_s: float = 600.0  # DataLoader: longest wait for one batch before giving up
+    length_grouping: bool = True
+    length_window: int | None = None  # rows per length-sorting window; default 64 * text_batch_size
+    progress: bool | None = None  # tqdm bars: None = only on a terminal
+    shard: tuple[int, int] = (0, 1)  # (shard_index, num_shards)
+
+    def validate(self) -> None:
+        if self.modality not in MODALITY_CHOICES:
+            raise BadInputError(f"--modality must be one of {', '.join(MODALITY_CHOICES)}, got {self.modality!r}")
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"--dtype must be float16 or float32, got {self.dtype!r}")
+        for key in ("batch_size", "text_batch_size", "image_batch_size", "length_window"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise BadInputError(f"{key.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.num_workers < 0:
+            raise BadInputError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.patch_pool < 1:
+            raise BadInputError(f"--patch-pool must be >= 1, got {self.patch_pool}")
+        if self.text_max_length < 2:
+            raise BadInputError(f"--text-max-length must be >= 2, got {self.text_max_length}")
+        if self.max_image_pixels < 1:
+            raise BadInputError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        i, n = self.shard
+        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+            raise BadInputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text", "image") if self.modality == "both" else (self.modality,)
+
+    @property
+    def text_bs(self) -> int:
+        return self.text_batch_size or self.batch_size
+
+    @property
+    def image_bs(self) -> int:
+        return self.image_batch_size or self.batch_size
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise BadInputError(f"--shard expects i/n (e.g. 0/4), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise BadInputError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def shard_rows(num_samples: int, shard_index: int, num_shards: int) -> np.ndarray:
+    """(M,) int64 index rows of shard ``shard_index`` of ``num_shards``: the contiguous block
+    ``[i*N//n, (i+1)*N//n)``. The blocks of all shards partition ``range(N)`` in order."""
+    if not (0 <= shard_index < num_shards):
+        raise BadInputError(f"shard {shard_index} of {num_shards} does not exist")
+    lo = shard_index * num_samples // num_shards
+    hi = (shard_index + 1) * num_samples // num_shards
+    return np.arange(lo, hi, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+@dataclass
+class ModalitySummary:
+    """One modality file after a run. Counts are rows of this file (a shard holds a subset)."""
+
+    modality: str
+    model: str
+    path: str
+    total: int = 0
+    already_done: int = 0  # rows done before this run (features or failure), not recomputed
+    encoded: int = 0  # rows newly written with features this run
+    failed: int = 0  # rows newly recorded as failures this run
+    valid: int = 0  # rows with features in the file after the run
+    failures: dict[str, int] = field(default_factory=dict)  # all failed rows in the file, by reason kind
+    seconds: float = 0.0  # wall time incl. model loading
+    samples_per_s: float = 0.0  # (encoded + failed) / time of the encode loop
+    size_bytes: int = 0
+    complete: bool = False
+    up_to_date: bool = False  # nothing to do: the file was already complete
+    forced: bool = False
+
+
+@dataclass
+class IndexInfo:
+    path: Path
+    dataset_dir: Path
+    status: str  # "written" | "unchanged" | "updated" (labels/splits/extras) | "replaced" (samples changed)
+    fingerprint: str
+    num_samples: int
+    ids: list[str]
+    texts: list[str]
+    image_files: list[str | None]  # absolute paths for loading (None: no image path)
+    split_counts: dict[str, int]
+    split_source: str
+
+
+@dataclass
+class ExtractSummary:
+    dataset: str
+    cache_dir: str
+    index_path: str
+    index_status: str
+    num_samples: int
+    shard: tuple[int, int]
+    modalities: list[ModalitySummary]
+    failures_csv: str | None
+    seconds: float
+
+    @property
+    def up_to_date(self) -> bool:
+        return all(m.up_to_date for m in self.modalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["up_to_date"] = self.up_to_date
+        return d
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":", 1)[0].strip() or "failed"
+
+
+def _human_bytes(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if x < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_extract_summary(s: ExtractSummary) -> str:
+    """The closing summary the CLI prints: one table row per modality, then failures by reason."""
+    from extract.summary import format_table
+
+    names = ", ".join(Path(m.path).name for m in s.modalities)
+    head = (f"up to date: {s.cache_dir}/{Path(s.index_path).parent.name} ({names})" if s.up_to_date else
+            f"extracted {s.dataset}: {s.num_samples} samples into {Path(s.index_path).parent}")
+    if s.shard[1] > 1:
+        head += f" [shard {s.shard[0]}/{s.shard[1]}]"
+    out = [head, f"index: {s.index_path} ({s.index_status})", ""]
+    rows = []
+    for m in sorted(s.modalities, key=lambda m: cf.MODALITIES.index(m.modality)):
+        rows.append([m.modality, Path(m.path).name, m.total, m.already_done, m.encoded, m.failed,
+                     sum(m.failures.values()), m.valid, "yes" if m.complete else "NO",
+                     f"{m.seconds:.1f}", "-" if m.up_to_date else f"{m.samples_per_s:.1f}",
+                     _human_bytes(m.size_bytes)])
+    out.append(format_table(["modality", "file", "total", "done before", "encoded", "failed now",
+                             "failed all", "valid", "complete", "seconds", "samples/s", "size"], rows))
+    fail_rows = [[m.modality, reason, n] for m in s.modalities for reason, n in sorted(m.failures.items())]
+    if fail_rows:
+        out += ["", format_table(["modality", "failure", "count"], fail_rows)]
+    if s.failures_csv:
+        out.append(f"failures: {s.failures_csv}")
+    out.append(f"total time {s.seconds:.1f} s")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+def _cache_name(cfg: ExtractConfig, root: Path) -> str:
+    if cfg.name:
+        name = cfg.name
+    elif cfg.dataset == "folder":
+        base = root if root.is_dir() else root.parent
+        name = base.resolve().name or "folder"
+    else:
+        name = cfg.dataset
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise BadInputError(f"cache name {name!r} must be a plain folder name")
+    return name
+
+
+def prepare_index(cfg: ExtractConfig) -> IndexInfo:
+    """Read the dataset, assign splits and (re)write ``<cache>/<name>/index.h5`` when its content
+    changed. Image paths are stored relative to the dataset folder (absolute if outside it)."""
+    from extract.datasets import load_dataset
+    from extract.splits import resolve_splits
+
+    result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
+    splits = resolve_splits(result.samples, split_file=cfg.split_file, seed=cfg.seed)
+    root = Path(result.root)
+    base = (root if root.is_dir() else root.parent).resolve()
+    samples = result.samples
+    ids = [s.id for s in samples]
+    texts = [s.text or "" for s in samples]
+    files: list[str | None] = [str(s.image_path) if s.image_path else None for s in samples]
+    rel = []
+    for f in files:
+        if f is None:
+            rel.append("")
+            continue
+        try:
+            rel.append(Path(f).resolve().relative_to(base).as_posix())
+        except ValueError:
+            rel.append(str(Path(f).resolve()))
+    labels = [int(s.label) for s in samples]
+    split_list = [splits.assignment[s.id] for s in samples]
+    keys: list[str] = []
+    for s in samples:
+        keys += [k for k in s.extra if k not in keys]
+    extra = {k: [s.extra.get(k) for s in samples] for k in keys}
+    attrs = {"root": str(base), "reader": cfg.dataset, "reader_options": result.options,
+             "split_source": splits.source, "load_report": result.report.to_dict()}
+    content = cf.fingerprint({"ids": ids, "texts": texts, "images": rel, "labels": labels, "splits": split_list,
+                              "classes": list(result.classes), "extra": extra, "attrs": attrs})
+    dataset_dir = Path(cfg.cache_dir) / _cache_name(cfg, root)
+    path = dataset_dir / cf.INDEX_NAME
+    old_fp = old_content = None
+    if path.exists():
+        try:
+            old = cf.read_index(path)
+            old_fp, old_content = old.fingerprint, old.attrs.get("content_fingerprint")
+        except cf.CacheError as e:
+            log.warning("rewriting unreadable sample index %s (%s)", path, e)
+    if old_content == content:
+        status, fp = "unchanged", old_fp
+    else:
+        fp = cf.write_index(path, dataset=result.dataset, classes=list(result.classes), ids=ids, labels=labels,
+                            splits=split_list, texts=texts, image_paths=rel, extra=extra,
+                            attrs={**attrs, "content_fingerprint": content})
+        status = "written" if old_fp is None else ("updated" if old_fp == fp else "replaced")
+        if status == "replaced":
+            log.warning("sample index %s changed (ids, texts or image paths): existing feature files will be "
+                        "refused until rebuilt with --force", path)
+    counts = Counter(split_list)
+    return IndexInfo(path=path, dataset_dir=dataset_dir, status=status, fingerprint=fp, num_samples=len(ids),
+                     ids=ids, texts=texts, image_files=files, split_counts=dict(counts),
+                     split_source=splits.source)
+
+
+# ---------------------------------------------------------------------------------------------- model identity
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def _model_identity(model: str) -> tuple[str, str | None]:
+    """(identity, weights sha256): a local folder is identified by its resolved path and the hash of
+    its weight and vocabulary files (so a rebuilt folder is never mistaken for the old one); a hub id
+    by itself (its commit hash goes into the config separately)."""
+    p = Path(model)
+    if not p.is_dir():
+        return model, None
+    files = sorted({f for pat in _WEIGHT_FILES for f in p.glob(pat) if f.is_file()})
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()[:32]
+    return str(p.resolve()), _HASH_CACHE[key]
+
+
+def text_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
+    """What determines a text file's values: its fingerprint must match to resume."""
+    from extract.encoders import TEXT_POOLING
+
+    ident, weights = _model_identity(enc.model_id)
+    prov = enc.provenance()
+    return {
+        "format_version": cf.FORMAT_VERSION, "modality": "text", "model": ident, "revision": revision,
+        "commit_hash": prov.get("commit_hash"), "weights_sha256": weights, "class_name": prov["class_name"],
+        "model_type": prov["model_type"], "tokenizer_class": prov["tokenizer_class"],
+        "hidden_size": enc.hidden_size, "max_length": enc.max_length, "truncation": True,
+        "padding": "right; token states at mask False positions stored as 0",
+        "dtype": dtype, "precision": enc.precision, "pooling": dict(TEXT_POOLING),
+    }
+
+
+def image_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
+    """What determines an image file's values: its fingerprint must match to resume."""
+    ident, weights = _model_identity(enc.model_id)
+    prov = enc.provenance()
+    return {
+        "format_version": cf.FORMAT_VERSION, "modality": "image", "model": ident, "revision": revision,
+        "commit_hash": prov.get("commit_hash"), "weights_sha256": weights, "class_name": prov["class_name"],
+        "model_type": prov["model_type"], "kind": enc.kind, "hidden_size": enc.hidden_size,
+        "input_hw": list(enc.input_hw), "raw_grid": list(enc.raw_grid), "grid": list(enc.grid),
+        "num_prefix_tokens": enc.num_prefix_tokens, "patch_pool": enc.patch_pool,
+        "processor": enc.preprocessor.settings(), "decode": DECODE_POLICY,
+        "dtype": dtype, "precision": enc.precision, "pooling": prov["pooling"],
+    }
+
+
+def _provenance(enc, cfg: ExtractConfig, index: IndexInfo) -> dict[str, Any]:
+    import h5py
+    import PIL
+
+    return {**enc.provenance(), "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
+            "numpy_version": np.__version__, "pillow_version": PIL.__version__, "dataset": cfg.dataset,
+            "dataset_root": str(index.dataset_dir), "written_by": "mmcache extract",
+            "max_image_pixels": cfg.max_image_pixels}
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _write_batch(writer: cf.FeatureWriter, rows: np.ndarray, out: dict, dtype: str) -> tuple[int, list[tuple[int, str]]]:
+    """Cast to the storage dtype, zero padded token states, route non-finite rows to failures.
+
+    ``rows`` (B,) ascending file rows; ``out`` from an encoder: cls/mean (B, D), tokens (B, T, D) float32
+    tensors, mask (B, T) bool. Returns (rows written with features, [(row, reason)] failures)."""
+    mask = out["mask"].numpy().astype(bool)
+    cls = out["cls"].numpy().astype(dtype)
+    mean = out["mean"].numpy().astype(dtype)
+    tokens = out["tokens"].numpy().astype(dtype)
+    tokens[~mask] = 0
+    finite = (np.isfinite(cls).all(1) & np.isfinite(mean).all(1)
+              & np.isfinite(tokens.reshape(len(rows), -1)).all(1))
+    failures: list[tuple[int, str]] = []
+    if not finite.all():
+        reason = f"non-finite features (overflow in {dtype} storage or reduced precision)"
+        failures = [(int(r), reason) for r in rows[~finite]]
+        rows, cls, mean, tokens, mask = rows[finite], cls[finite], mean[finite], tokens[finite], mask[finite]
+    if rows.size:
+        writer.write(rows, cls=cls, mean=mean, tokens=tokens, mask=mask)
+    return int(rows.size), failures
+
+
+def _record_failures(writer: cf.FeatureWriter, failures: list[tuple[int, str]]) -> None:
+    if failures:
+        rows, reasons = zip(*failures, strict=True)
+        writer.write_failures(np.asarray(rows, dtype=np.int64), list(reasons))
+
+
+def _bar(total: int, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = None if progress is None else not progress
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, disable=disable, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+def text_batches(lengths: np.ndarray, batch_size: int, window: int, grouping: bool = True) -> list[np.ndarray]:
+    """The fixed batch plan over ``len(lengths)`` items: windows of ``window`` consecutive items,
+    each sorted by length (stable) when ``grouping``, cut into ``batch_size`` batches. Returns
+    positions into ``lengths``, each batch ascending."""
+    plan = []
+    for w0 in range(0, len(lengths), window):
+        pos = np.arange(w0, min(w0 + window, len(lengths)))
+        if grouping:
+            pos = pos[np.argsort(lengths[pos], kind="stable")]
+        for b0 in range(0, len(pos), batch_size):
+            plan.append(np.sort(pos[b0:b0 + batch_size]))
+    return plan
+
+
+def _run_text(writer, enc, texts: list[str], redo: np.ndarray, cfg: ExtractConfig, bar) -> tuple[int, int]:
+    import torch
+
+    nonempty = np.asarray([i for i, t in enumerate(texts) if t.strip()], dtype=np.int64)
+    empty = np.asarray([i for i, t in enumerate(texts) if not t.strip()], dtype=np.int64)
+    todo_empty = empty[redo[empty]] if empty.size else empty
+    _record_failures(writer, [(int(r), EMPTY_TEXT) for r in todo_empty])
+    bar.update(len(todo_empty))
+    encoded, failed = 0, len(todo_empty)
+    bs = cfg.text_bs
+    window = cfg.length_window or 64 * bs
+    tok = enc.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for w0 in range(0, len(nonempty), window):
+        wrows = nonempty[w0:w0 + window]
+        if not redo[wrows].any():
+            continue
+        ids = tok([texts[r] for r in wrows], truncation=True, max_length=enc.max_length, padding=False,
+                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths = np.asarray([len(x) for x in ids])
+        for pos in text_batches(lengths, bs, len(wrows), cfg.length_grouping):
+            rows = wrows[pos]
+            if not redo[rows].any():
+                continue
+            longest = int(lengths[pos].max())
+            input_ids = torch.full((len(pos), longest), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(pos), longest), dtype=torch.long)
+            for j, p in enumerate(pos):
+                input_ids[j, :lengths[p]] = torch.as_tensor(ids[p])
+                attn[j, :lengths[p]] = 1
+            out = enc.encode({"input_ids": input_ids, "attention_mask": attn})
+            n_ok, fails = _write_batch(writer, rows, out, cfg.dtype)
+            _record_failures(writer, fails)
+            pending = int(redo[rows].sum())
+            encoded += min(n_ok, pending)
+            failed += len(fails)
+            bar.update(pending)
+    return encoded, failed
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+class ImageRows:
+    """Map-style dataset over file rows: decode + preprocess one image, never raise.
+
+    ``__getitem__(row)`` -> ``(row, pixels (3, H, W) float32 or None, failure reason or None)``.
+    Runs in DataLoader worker processes; holds only paths and the (picklable) preprocessor."""
+
+    def __init__(self, files: list[str | None], preprocessor, max_pixels: int, timeout_s: float | None) -> None:
+        self.files, self.preprocessor = files, preprocessor
+        self.max_pixels, self.timeout_s = max_pixels, timeout_s
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, row: int):
+        try:
+            img = load_image(self.files[row], max_pixels=self.max_pixels, timeout_s=self.timeout_s)
+        except ImageFailure as e:
+            return row, None, str(e)
+        except Exception as e:  # noqa: BLE001 -- a worker must never die on one sample
+            return row, None, f"unreadable image: {type(e).__name__}: {e}"
+        try:
+            return row, self.preprocessor.one(img), None
+        except Exception as e:  # noqa: BLE001
+            return row, None, f"preprocessing failed: {type(e).__name__}: {' '.join(str(e).split())[:100]}"
+
+
+def collate_image_rows(items):
+    """-> (rows (B',) int64 ndarray ascending, pixels (B', 3, H, W) float32 or None, [(row, reason)])."""
+    import torch
+
+    items = sorted(items, key=lambda t: t[0])
+    ok = [(r, x) for r, x, why in items if why is None]
+    failures = [(int(r), why) for r, _x, why in items if why is not None]
+    rows = np.asarray([r for r, _x in ok], dtype=np.int64)
+    pixels = torch.stack([x for _r, x in ok]) if ok else None
+    return rows, pixels, failures
+
+
+def _run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: ExtractConfig, bar) -> tuple[int, int]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    bs = cfg.image_bs
+    plan = [np.arange(b0, min(b0 + bs, len(files))) for b0 in range(0, len(files), bs)]
+    plan = [b.tolist() for b in plan if redo[b].any()]
+    if not plan:
+        return 0, 0
+    workers = min(cfg.num_workers, len(plan))
+    loader = DataLoader(
+        ImageRows(files, enc.preprocessor, cfg.max_image_pixels, cfg.image_timeout_s),
+        batch_sampler=plan, num_workers=workers, collate_fn=collate_image_rows,
+        pin_memory=enc.device.type == "cuda", timeout=cfg.loader_timeout_s if workers else 0,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    encoded = failed = 0
+    it = iter(loader)
+    try:
+        for batch in plan:
+            try:
+                rows, pixels, fails = next(it)
+            except StopIteration:  # pragma: no cover -- the sampler fixes the number of batches
+                break
+            except RuntimeError as e:
+                raise PipelineError(f"image loading stopped: {' '.join(str(e).split())[:200]}. Finished batches "
+                                    "are saved; rerun the same command to resume") from e
+            pending = int(redo[np.asarray(batch)].sum())
+            n_ok = 0
+            if pixels is not None:
+                with torch.inference_mode():
+                    out = enc.encode(pixels)
+                n_ok, more = _write_batch(writer, rows, out, cfg.dtype)
+                fails = fails + more
+            _record_failures(writer, fails)
+            encoded += min(n_ok, pending)
+            failed += len(fails)
+            bar.update(pending)
+    finally:
+        del it  # shuts the worker processes down
+    return encoded, failed
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+
+def _load_encoder(modality: str, cfg: ExtractConfig):
+    from extract.encoders import load_image_encoder, load_text_encoder
+
+    if modality == "text":
+        return load_text_encoder(cfg.text_model, device=cfg.device, max_length=cfg.text_max_length,
+                                 precision=cfg.precision, revision=cfg.text_revision)
+    return load_image_encoder(cfg.image_model, device=cfg.device, precision=cfg.precision,
+                              patch_pool=cfg.patch_pool, revision=cfg.image_revision)
+
+
+def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_shards: int = 1,
+                  index: IndexInfo | None = None, encoder=None) -> ModalitySummary:
+    """Extract ``modality`` for shard ``shard_index`` of ``num_shards`` into its own file
+    (:func:`~extract.cache_format.shard_path`); shard 0 of 1 writes the normal feature file.
+
+    Resumes a matching unfinished file, is a no-op for a complete one, and raises
+    :class:`~extract.cache_format.CacheMismatchError` for a file made with other settings (unless
+    ``cfg.force``). ``encoder`` reuses an already loaded encoder of the right modality."""
+    import torch
+
+    cfg.validate()
+    if modality not in cf.MODALITIES:
+        raise BadInputError(f"unknown modality {modality!r}")
+    t0 = time.perf_counter()
+    index = index or prepare_index(cfg)
+    rows = shard_rows(index.num_samples, shard_index, num_shards)
+    model = cfg.text_model if modality == "text" else cfg.image_model
+    enc = encoder or _load_encoder(modality, cfg)
+    revision = cfg.text_revision if modality == "text" else cfg.image_revision
+    conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=revision)
+    path = cf.shard_path(cfg.cache_dir, index.dataset_dir.name, modality, model, shard_index, num_shards)
+    ids = [index.ids[r] for r in rows]
+    num_tokens = enc.max_length if modality == "text" else enc.num_tokens
+    grid = None if modality == "text" else tuple(enc.grid)
+    summary = ModalitySummary(modality=modality, model=model, path=str(path), total=len(rows), forced=cfg.force)
+    with cf.FeatureWriter.open(path, ids=ids, rows=rows, index_fp=index.fingerprint, modality=modality,
+                               hidden_size=enc.hidden_size, num_tokens=num_tokens, dtype=cfg.dtype, config=conf,
+                               provenance=_provenance(enc, cfg, index), grid=grid, force=cfg.force,
+                               shard=(shard_index, num_shards) if num_shards > 1 else None) as writer:
+        done = writer.done_mask()
+        redo = ~done
+        if cfg.retry_failed:
+            redo[writer.failed_rows()] = True
+        summary.already_done = int((~redo).sum())
+        if writer.up_to_date and not redo.any():
+            summary.up_to_date = True
+            log.info("%s is up to date", path)
+        else:
+            if done.any():
+                log.info("resuming %s: %d of %d rows done", path, int(done.sum()), len(done))
+            t_loop = time.perf_counter()
+            with _bar(int(redo.sum()), f"{modality} {path.stem}", cfg.progress) as bar, torch.inference_mode():
+                if modality == "text":
+                    texts = [index.texts[r] for r in rows]
+                    summary.encoded, summary.failed = _run_text(writer, enc, texts, redo, cfg, bar)
+                else:
+                    files = [index.image_files[r] for r in rows]
+                    summary.encoded, summary.failed = _run_image(writer, enc, files, redo, cfg, bar)
+            loop_s = time.perf_counter() - t_loop
+            summary.samples_per_s = (summary.encoded + summary.failed) / loop_s if loop_s > 0 else 0.0
+            writer.finalize({"last_run": {
+                "encoded": summary.encoded, "failed": summary.failed, "seconds": round(loop_s, 3),
+                "samples_per_s": round(summary.samples_per_s, 2), "device": str(enc.device),
+                "batch_size": cfg.text_bs if modality == "text" else cfg.image_bs,
+                "num_workers": cfg.num_workers, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+    with cf.FeatureFile(path) as ff:
+        summary.complete = ff.complete
+        summary.valid = int(ff.valid.sum())
+        summary.failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
+    summary.size_bytes = path.stat().st_size
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    """Index, then each requested modality (image before text), then ``failures.csv`` (unsharded
+    runs only: a sharded run leaves that to the merge). Returns the summary; raises
+    :class:`BadInputError` / :class:`PipelineError` (incl. :class:`CacheError`)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    index = prepare_index(cfg)
+    log.info("sample index %s: %d samples (%s)", index.path, index.num_samples, index.status)
+    i, n = cfg.shard
+    results = {}
+    for modality in ("image", "text"):
+        if modality in cfg.modalities:
+            results[modality] = extract_shard(cfg, modality, i, n, index=index)
+    failures_csv = None
+    if n == 1:
+        failures_csv = str(cf.write_failures_csv(index.dataset_dir))
+    return ExtractSummary(
+        dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
+        index_status=index.status, num_samples=index.num_samples, shard=(i, n),
+        modalities=[results[m] for m in cf.MODALITIES if m in results], failures_csv=failures_csv,
+        seconds=time.perf_counter() - t0,
+    )
+

@@ -1,0 +1,115 @@
+"""Safe image decoding for stage one: every way an image file can be bad becomes one short reason.
+
+Dataset images are untrusted input. :func:`load_image` never returns a half-decoded picture:
+
+* a file whose header claims more than ``max_pixels`` pixels is refused *before* any pixel is decoded
+  ("decompression bomb: ..."); PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``) is turned into the
+  same failure, so the effective cap is ``min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)``;
+* truncated files fail ("truncated image: ..."): ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set;
+* anything PIL cannot identify fails ("cannot identify image"), as does any other decode error
+  ("unreadable image: ...").
+
+A decoded image is returned as RGB; alpha (RGBA, LA, PA, palette transparency) is composited onto
+white, as ``transformers.image_transforms.convert_to_rgb`` does. Multi-frame files give their first
+frame. EXIF orientation is not applied (the Hugging Face image processors do not apply it either).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+#: Default pixel cap: PIL's own warning threshold (~89.5 MP, e.g. 9459 x 9459).
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class ImageFailure(Exception):
+    """An image that cannot be used; ``str(exc)`` is the reason recorded in the cache."""
+
+
+@contextmanager
+def _time_limit(seconds: float | None):
+    """Best-effort per-image time limit via SIGALRM; only where that is safe (a DataLoader worker
+    process, which owns its main thread). Elsewhere a no-op: the DataLoader timeout is the backstop."""
+    from torch.utils.data import get_worker_info
+
+    usable = (seconds and hasattr(signal, "SIGALRM") and get_worker_info() is not None
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):  # noqa: ARG001
+        raise ImageFailure(f"decode timeout: took longer than {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _short(exc: BaseException, limit: int = 100) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               timeout_s: float | None = None) -> Image.Image:
+    """Decode ``path`` fully into an RGB :class:`PIL.Image.Image`.
+
+    Raises:
+        ImageFailure: with the reason: "no image path", "missing image file", "decompression bomb: ...",
+            "truncated image: ...", "cannot identify image", "decode timeout: ...", "unreadable image: ...".
+    """
+    if path is None or str(path) == "":
+        raise ImageFailure("no image path")
+    p = Path(path)
+    if not p.is_file():
+        raise ImageFailure("missing image file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with _time_limit(timeout_s), Image.open(p) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageFailure(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                if w < 1 or h < 1:
+                    raise ImageFailure(f"unreadable image: empty {w}x{h} image")
+                im.load()  # decodes every pixel now; truncated data raises here
+                out = _to_rgb(im)
+                out.load()
+                return out
+        except ImageFailure:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageFailure(f"decompression bomb: {_short(e)}") from None
+        except UnidentifiedImageError:
+            raise ImageFailure("cannot identify image") from None
+        except (OSError, SyntaxError) as e:
+            msg = _short(e)
+            if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+                raise ImageFailure(f"truncated image: {msg}") from None
+            raise ImageFailure(f"unreadable image: {type(e).__name__}: {msg}") from None
+        except Exception as e:  # noqa: BLE001 -- untrusted input: any decoder error is a failed sample
+            raise ImageFailure(f"unreadable image: {type(e).__name__}: {_short(e)}") from None
