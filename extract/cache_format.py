@@ -46,8 +46,11 @@ STR = h5py.string_dtype("utf-8")
 # length strings live in HDF5's global heap, i.e. metadata, which a kill -9 could leave half-written).
 REASON_BYTES = 160
 REASON = h5py.string_dtype("utf-8", REASON_BYTES)
-# Target ~1 MiB per chunk: small enough that a resumed batch rewrites little, big enough for fast reads.
-_CHUNK_BYTES = 1 << 20
+# Target <= 256 KiB per chunk: small enough that a scattered row write (length-sorted text batches)
+# rewrites little -- one bert-base token row (128 x 768 float16 = 192 KiB) is then one chunk, 6x faster
+# to write scattered than 5-row 1 MiB chunks -- and still big enough for whole-array reads at memory
+# speed (measured: 7.3 vs 8.5 GB/s for 1-row vs 5-row chunks).
+_CHUNK_BYTES = 1 << 18
 
 
 class CacheMismatchError(CacheError, BadInputError):
@@ -383,8 +386,9 @@ class FeatureWriter:
 
 
 def _selection(rows: np.ndarray) -> slice | np.ndarray:
-    # A contiguous run (the common case: batches in order) is one hyperslab write; fancy indexing
-    # in h5py is much slower, so only use it when rows really are scattered (length-sorted batches).
+    # A contiguous run (the common case: batches in order) is one hyperslab write. Scattered rows
+    # (length-sorted text batches) are written run by run in _write_rows: h5py's fancy-index write
+    # is ~35x slower than per-run slice writes (measured: 350 vs 12,000 rows/s of 128x768 float16).
     if rows[-1] - rows[0] + 1 == rows.size:
         return slice(int(rows[0]), int(rows[-1]) + 1)
     return rows
@@ -395,8 +399,25 @@ def _reason_bytes(reason: str) -> bytes:
     return raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character in half
 
 
+# Scattered rows spanning at most this many bytes are written as one read-modify-write of the span
+# (rows in between are rewritten with their own bytes, so even a torn write leaves them intact).
+_SPAN_RMW_BYTES = 4 << 20
+
+
 def _write_rows(ds, rows: np.ndarray, sel, values: np.ndarray) -> None:
-    ds[sel] = values
+    if isinstance(sel, slice):
+        ds[sel] = values
+        return
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    if (hi - lo) * ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)) <= _SPAN_RMW_BYTES:
+        buf = ds[lo:hi]
+        buf[rows - lo] = values
+        ds[lo:hi] = buf
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [rows.size]]), strict=True):
+        start = int(rows[a])
+        ds[start:start + int(b - a)] = values[a:b]
 
 
 def _open_h5(path: Path, mode: str, locking: bool | None = None) -> h5py.File:
