@@ -102,6 +102,7 @@ def train_fusion(
     seed: int | None = typer.Option(None, "--seed", help="seed (default 0)"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (default on; CPU never)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's; 1 is often fastest for small heads)"),
     head_option: OptionList = typer.Option(None, "--head-option", help="head-specific KEY=VALUE (repeatable)"),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default cache)"),
     runs_dir: str | None = typer.Option(None, "--runs-dir", help="where run folders go (default runs)"),
@@ -120,7 +121,7 @@ def train_fusion(
                  dim=dim, layers=layers, heads=heads, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, warmup_frac=warmup_frac, grad_clip=grad_clip,
                  label_smoothing=label_smoothing, class_balanced=class_balanced, patience=patience, seed=seed,
-                 device=device, amp=amp, cache_dir=cache_dir, runs_dir=runs_dir, run_name=run_name)
+                 device=device, amp=amp, threads=threads, cache_dir=cache_dir, runs_dir=runs_dir, run_name=run_name)
     if head_option:
         flags["head_options"] = _head_options(head_option)
     merged = {**base, **{k: v for k, v in flags.items() if v is not None}}
@@ -173,6 +174,7 @@ def extract(
     text_batch_size: int | None = typer.Option(None, "--text-batch-size", help="override --batch-size for text"),
     image_batch_size: int | None = typer.Option(None, "--image-batch-size", help="override --batch-size for images"),
     num_workers: int = typer.Option(2, "--num-workers", help="image decoding processes (0: main process)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU torch threads (default: cores minus --num-workers)"),
     patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
     force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
@@ -194,7 +196,7 @@ def extract(
         modality=modality, text_model=text_model, image_model=image_model, text_revision=text_revision,
         image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
         device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
-        num_workers=num_workers, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
+        num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
         split_file=split_file, seed=seed, shard=parse_shard(shard), progress=False if no_progress else None,
     )
     if max_image_pixels is not None:
