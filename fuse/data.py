@@ -104,7 +104,9 @@ def find_cache(cache_dir: str | Path, dataset: str, modality: str, given: str | 
 class ModalityData:
     """One modality's features for every sample of the index, in index order.
 
-    x: (N, L, D) float32 (or the stored float16, when kept that way on GPU); L = 1 for cls/mean.
+    x: (N, L, D) in the stored dtype (float16 usually, float32 if the cache was written so); L = 1 for
+    cls/mean. :meth:`FusionData.batch` casts to float32 (exact), so keeping float16 halves memory and
+    changes no number.
     mask: (N, L) bool, True = real token.  valid: (N,) bool, features present.
     """
 
@@ -211,8 +213,7 @@ def _model_of(ff: cf.FeatureFile) -> str | None:
     return ff.provenance.get("model_id") or ff.config.get("model")
 
 
-def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str,
-                   keep_half: bool) -> ModalityData:
+def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str) -> ModalityData:
     with cf.FeatureFile(path) as ff:
         if ff.modality != modality:
             raise BadInputError(f"{path} holds {ff.modality} features, not {modality}")
@@ -226,7 +227,7 @@ def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: s
                              f"{extract_command(dataset)}")
         valid = ff.valid
         fields = ("tokens", "mask") if features == "tokens" else (features,)
-        arrays = ff.load(fields, dtype=None if keep_half else "float32")
+        arrays = ff.load(fields, dtype=None)  # stored dtype; batches are cast to float32
         if features == "tokens":
             x, mask = torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["mask"])
         else:
@@ -242,8 +243,8 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
               image_cache: str | Path | None = None, device: str | torch.device = "cpu") -> FusionData:
     """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``.
 
-    Floats are float32, except on CUDA where the stored dtype (float16 usually) is kept to halve memory
-    and batches are cast on the fly. Samples of train/val/test missing any of ``modalities`` are dropped
+    Features stay in the stored dtype (float16 usually: half the memory of float32); batches are cast
+    to float32 on the fly, which is exact, so the numbers are the same as with float32 arrays. Samples of train/val/test missing any of ``modalities`` are dropped
     and counted; split ``none`` is not used.
     Raises :class:`CacheError` for missing / unfinished / misaligned caches, :class:`BadInputError` for
     ambiguous or unknown choices.
@@ -266,10 +267,8 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     if not index_path.is_file():
         resolve_dataset(cache_dir, dataset)  # raises with the list of cached datasets
     index = cf.read_index(index_path)
-    device = torch.device(device)
-    keep_half = device.type == "cuda"
-    loaded = {m: _load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset,
-                                keep_half) for m in mods}
+    loaded = {m: _load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset)
+              for m in mods}
 
     labels = torch.from_numpy(np.asarray(index.labels, dtype=np.int64))
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(index.classes)):

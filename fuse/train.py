@@ -60,7 +60,9 @@ class TrainConfig:
     ``modalities``: the modalities whose features are loaded and required (a sample missing one is
     dropped); None = the head's own. An ablation sets both so every head sees the same samples.
     ``text_cache`` / ``image_cache``: feature files (None = the only one of that modality in
-    ``cache_dir/<dataset>/``). ``patience`` 0 and ``grad_clip`` 0 switch those off.
+    ``cache_dir/<dataset>/``). ``patience`` 0 and ``grad_clip`` 0 switch those off. ``threads``: CPU
+    threads for the run (None = torch's default; 1 is often fastest for small heads on a busy machine,
+    and float results can depend on it, so it is part of the config).
     """
 
     head: str = "basic"
@@ -84,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    threads: int | None = None
     modalities: list[str] | None = None
     text_cache: str | None = None
     image_cache: str | None = None
@@ -128,7 +131,7 @@ class TrainConfig:
                   ("eval_batch_size", self.eval_batch_size >= 1), ("lr", self.lr > 0),
                   ("weight_decay", self.weight_decay >= 0), ("warmup_frac", 0 <= self.warmup_frac < 1),
                   ("grad_clip", self.grad_clip >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
-                  ("patience", self.patience >= 0)]
+                  ("patience", self.patience >= 0), ("threads", self.threads is None or self.threads >= 1)]
         for name, ok in checks:
             if not ok:
                 raise BadInputError(f"invalid {name}: {getattr(self, name)!r}")
@@ -145,7 +148,7 @@ class TrainConfig:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check one config value's type against the field default (JSON has no int/float distinction)."""
     if value is None:
-        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name"):
+        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads"):
             return None
         raise BadInputError(f"config key {key!r} may not be null")
     ok = True
@@ -160,6 +163,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, dict)
     elif key == "modalities":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif key == "threads":
+        ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, str) or default is None:
         ok = isinstance(value, str)
     if not ok:
@@ -261,17 +266,22 @@ def _seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _deterministic(device: torch.device):
-    """Deterministic kernels for the duration of a run; the process-wide setting is restored after."""
+def _deterministic(device: torch.device, threads: int | None = None):
+    """Deterministic kernels (and ``threads`` CPU threads) for the duration of a run; the process-wide
+    settings are restored after."""
     before = torch.are_deterministic_algorithms_enabled()
     warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads_before = torch.get_num_threads()
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_before)
+        torch.set_num_threads(threads_before)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -369,7 +379,7 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
     return resolved, data
 
 
-def _provenance(data: FusionData, device: torch.device) -> dict[str, Any]:
+def _provenance(data: FusionData, device: torch.device, threads: int | None) -> dict[str, Any]:
     caches = {}
     for m in MODALITY_ORDER:
         md = data.modality(m)
@@ -383,7 +393,7 @@ def _provenance(data: FusionData, device: torch.device) -> dict[str, Any]:
         "data": data.summary(),
         "libraries": _library_versions(),
         "git_commit": _git_commit(),
-        "host": {"platform": platform.platform(), "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "torch_threads": threads or torch.get_num_threads(),
                  "device": str(device),
                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None},
         "argv": sys.argv,
@@ -423,11 +433,11 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     run_dir = _make_run_dir(Path(config.runs_dir), name)
     config = dataclasses.replace(config, run_name=run_dir.name)
     _write_json(run_dir / "config.json", config.to_dict())
-    _write_json(run_dir / "provenance.json", _provenance(data, device))
+    _write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
     labels_np = data.labels.cpu().numpy()
     classes = data.classes
 
-    with _deterministic(device):
+    with _deterministic(device, config.threads):
         _seed_everything(config.seed)
         model = _build_head(config, data.dims(), data.num_classes).to(device)
         n_params = count_parameters(model)
@@ -600,7 +610,8 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
         data.to(dev)
     _check_compatible(data, config, meta, prov)
     rows = data.split_rows[split]
-    probs = predict(model, data, rows, config.eval_batch_size, config.amp)
+    with _deterministic(dev, config.threads):
+        probs = predict(model, data, rows, config.eval_batch_size, config.amp)
     rows_np = rows.cpu().numpy()
     labels = data.labels.cpu().numpy()[rows_np]
     metrics = _score(probs, labels, data.classes)

@@ -25,7 +25,7 @@ from fuse.train import TrainConfig, evaluate, load_run_config, train
 
 HEADS = list_heads()
 FEATURES = ["cls", "mean", "tokens"]
-TINY = dict(dim=16, heads=2, layers=1, batch_size=16, eval_batch_size=64)
+TINY = dict(dim=16, heads=2, layers=1, batch_size=16, eval_batch_size=64, threads=1)  # 1 thread: tiny ops, shared CPUs
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_each_head_overfits_tiny_cache(tmp_path, head):
     make_cache(tmp_path / "c", "tiny", n=32, signal=0.3, seed=3, all_train=True)
     r = train(TrainConfig(head=head, features="tokens", dataset="tiny", cache_dir=str(tmp_path / "c"),
                           runs_dir=str(tmp_path / "runs"), dim=32, heads=2, dropout=0.0, epochs=60, lr=3e-3,
-                          batch_size=8, weight_decay=0.0, patience=0, warmup_frac=0.05))
+                          batch_size=8, weight_decay=0.0, patience=0, warmup_frac=0.05, threads=1))
     assert r.metrics["train"]["accuracy"] >= 0.95, r.metrics["train"]
     assert r.metrics["val"] is None and r.metrics["test"] is None and r.metrics["best_epoch"] == 60
 
@@ -149,8 +149,11 @@ def test_cls_run_never_reads_tokens(cache, tmp_path, monkeypatch):
     seen.clear()
     data = load_data("synth", modalities={"text", "image"}, features="tokens", cache_dir=cache)
     assert seen == ["tokens", "mask", "tokens", "mask"]
-    assert data.text.x.shape == (60, 6, 12) and data.text.x.dtype == torch.float32
+    assert data.text.x.shape == (60, 6, 12) and data.text.x.dtype == torch.float16  # as stored
     assert data.image.mask.dtype == torch.bool
+    t, tm, i, im = data.batch(data.split_rows["train"])
+    assert t.dtype == i.dtype == torch.float32 and tm.dtype == torch.bool
+    assert t.shape[1] == int(tm.sum(1).max()) <= 6  # cut to the batch's longest text
 
 
 def test_vector_features_are_single_token_sequences(cache):
@@ -274,12 +277,12 @@ def _run(capsys, *argv):
 def test_cli_train_and_evaluate(cache, tmp_path, capsys):
     code, out, err = _run(capsys, "train-fusion", "--head", "basic", "--dataset", "synth", "--cache-dir", str(cache),
                           "--runs-dir", str(tmp_path / "runs"), "--epochs", "2", "--dim", "16", "--lr", "0.003",
-                          "--seed", "5", "--run-name", "cli-run", "--quiet")
+                          "--seed", "5", "--threads", "1", "--run-name", "cli-run", "--quiet")
     assert code == 0, err
     assert "macro-F1" in out and "val (best)" in out and "dropped 3 samples" in out
     run = tmp_path / "runs" / "cli-run"
     cfg = load_run_config(run)
-    assert (cfg.seed, cfg.lr, cfg.dim, cfg.epochs, cfg.features) == (5, 0.003, 16, 2, "cls")
+    assert (cfg.seed, cfg.lr, cfg.dim, cfg.epochs, cfg.features, cfg.threads) == (5, 0.003, 16, 2, "cls", 1)
     code, out, err = _run(capsys, "evaluate", "--run", str(run), "--dataset", "synth2", "--json")
     assert code == 0, err
     assert json.loads(out)["dataset"] == "synth2"
