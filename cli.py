@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -184,12 +185,17 @@ def extract(
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root"),
     name: str | None = typer.Option(None, "--name", help="cache folder name (default: the dataset name)"),
     max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="refuse larger images (decompression bombs)"),
-    shard: str = typer.Option("0/1", "--shard", help="i/n: extract only shard i of n into its own .shard file"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n (or i with --num-shards n): extract only shard i of n into its own .shard file; combine with `cache merge`"),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="n, with --shard i (job arrays: --shard $TASK_ID --num-shards n)"),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="torchrun: keep the per-rank shard files after the verified merge"),
+    dist_backend: str = typer.Option("auto", "--dist-backend", help="torchrun: auto (nccl on CUDA, gloo on CPU) | gloo | nccl"),
+    dist_timeout_hours: float = typer.Option(48.0, "--dist-timeout-hours", help="torchrun: longest wait at the start/end barrier"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ) -> None:
     """Run the encoders once over a dataset into the resumable HDF5 cache (cache/<dataset>/...)."""
-    from extract.extraction import ExtractConfig, format_extract_summary, parse_shard, run_extract
+    from extract.distributed import launch_env, run_distributed_extract
+    from extract.extraction import ExtractConfig, format_extract_summary, parse_shard
 
     cfg = ExtractConfig(
         dataset=dataset, data_dir=data_dir, options=_options(option), cache_dir=cache_dir, name=name,
@@ -197,12 +203,15 @@ def extract(
         image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
         device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
         num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
-        split_file=split_file, seed=seed, shard=parse_shard(shard), progress=False if no_progress else None,
+        split_file=split_file, seed=seed, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
     )
     if max_image_pixels is not None:
         cfg.max_image_pixels = max_image_pixels
-    summary = run_extract(cfg)
-    typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
+    env = launch_env()  # None unless started by torchrun
+    summary = run_distributed_extract(cfg, env, keep_shards=keep_shards, backend=dist_backend,
+                                      timeout_s=dist_timeout_hours * 3600)
+    if env is None or env.is_main:
+        typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Look at the feature cache.")
@@ -220,9 +229,65 @@ def cache_info(
     entries = collect(path)
     typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
 
+@cache_app.command("merge")
+def cache_merge(
+    paths: list[Path] = typer.Argument(..., help="dataset folder(s) and/or shard files (*.shard-<i>-of-<n>.h5)"),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="keep the shard files after the verified merge"),
+    force: bool = typer.Option(False, "--force", help="replace a merged file made with other settings"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Combine the shard files of `extract --shard i/n` runs into the normal feature file."""
+    from extract.cache_format import merge_paths
+
+    results = merge_paths(paths, keep_shards=keep_shards, force=force)
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+        return
+    if not results:
+        typer.echo(f"nothing to merge: no shard files in {', '.join(map(str, paths))}")
+    for r in results:
+        left = "shard files removed" if r.removed_shards else ("shard files kept" if r.shards else "")
+        typer.echo(f"{r.status} {r.num_shards} shards -> {r.path} ({r.num_samples} samples, {r.num_valid} valid, "
+                   f"{r.num_failed} failed{', ' + left if left else ''})")
+    csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv})
+    if csvs:
+        typer.echo(f"failures: {', '.join(csvs)}")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("small", help="model sizes: tiny | small | base (random-init, built locally)"),
+    samples: int = typer.Option(256, help="generated posts (JPEG + text) to extract"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (GPU autocast)"),
+    batch_sizes: str = typer.Option("8,32", help="comma-separated extraction batch sizes to compare"),
+    repeats: int = typer.Option(3, help="timed repeats per figure (median)"),
+    num_workers: int = typer.Option(2, help="image decoding workers in the extract path"),
+    epochs: int = typer.Option(5, help="epochs per training run"),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak RSS in child processes"),
+    out_dir: Path = typer.Option(Path("bench"), help="where results.json and results.md go"),
+    work_dir: Path = typer.Option(Path("cache/bench"), help="generated data, models and scratch caches"),
+) -> None:
+    """Measure both stages against their limits; print a table, write bench/results.json."""
+    from bench.run import BenchConfig, format_report, run_bench
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise BadInputError(f"--batch-sizes expects integers like 8,32; got {batch_sizes!r}") from None
+    cfg = BenchConfig(preset=preset, samples=samples, device=device, precision=precision, batch_sizes=sizes,
+                      repeats=repeats, num_workers=num_workers, epochs=epochs, memory=memory,
+                      out_dir=str(out_dir), work_dir=str(work_dir))
+    typer.echo(format_report(run_bench(cfg)))
+    typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests with an argv list)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    rank = os.environ.get("RANK")  # set by torchrun: only rank 0 logs below warnings
+    logging.basicConfig(level=logging.INFO if rank in (None, "0") else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s" if rank is None else
+                        f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
         # standalone mode lets click report its own usage errors (exit 2) and --help (exit 0) via
         # SystemExit; our library errors pass through it untouched and are mapped here.

@@ -1,0 +1,46 @@
+"""One benchmark job in a fresh process, so its peak RSS is its own: ``python -m bench.child KIND JSON``.
+
+Prints one JSON line: ``peak_rss_mib`` = this process's peak plus the largest worker's peak (DataLoader
+workers are forked children; their shared pages are counted twice, so this is an upper bound).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def _peak_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 1024.0  # ru_maxrss is KiB on Linux
+
+
+def main(argv: list[str]) -> None:
+    kind, args = argv[0], json.loads(argv[1])
+    if kind == "extract":
+        from extract.extraction import ExtractConfig, run_extract
+
+        run_extract(ExtractConfig(dataset="folder", data_dir=args["data_dir"], cache_dir=args["cache_dir"],
+                                  name="bench", text_model=args["text_model"], image_model=args["image_model"],
+                                  device=args["device"], precision=args["precision"],
+                                  num_workers=args["num_workers"], progress=False, force=True))
+    elif kind == "train":
+        from fuse.data import load_data
+        from fuse.heads import list_heads
+        from fuse.train import TrainConfig, train
+
+        data = load_data("bench", modalities=("text", "image"), features=args["features"],
+                         cache_dir=args["cache_dir"], device=args["device"])
+        for head in list_heads():
+            train(TrainConfig(head=head, dataset="bench", features=args["features"], epochs=args["epochs"],
+                              patience=0, device=args["device"], cache_dir=args["cache_dir"],
+                              runs_dir=args["cache_dir"] + "/runs", modalities=["text", "image"]), data)
+    else:
+        raise SystemExit(f"unknown job {kind!r}")
+    sys.stdout.write(json.dumps({"peak_rss_mib": _peak_mib()}) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

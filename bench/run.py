@@ -1,0 +1,473 @@
+"""The benchmark behind `make bench` / `python cli.py bench`.
+
+Every figure is a rate or a ratio measured side by side in the same process and run (median of
+``repeats``), so machine noise mostly cancels:
+
+1. extraction per modality and both: the encoder's forward pass alone on ready-made batches (the
+   limit), our full ``extract`` path (decode, preprocess, tokenize, forward, HDF5 write) and a naive
+   one-sample-at-a-time loop through the same model; efficiency = ours / limit, speedup = ours / naive;
+2. cache I/O: loading a cache array vs reading the same bytes with numpy from a plain ``.npy`` file,
+   and bytes on disk per sample for each dtype / patch-pool choice;
+3. stage two: seconds per epoch and per run for each head and features mode, against one epoch with
+   the frozen encoders in the loop (measured, then extrapolated to the same number of epochs);
+4. peak RSS of extraction at two dataset sizes (it must stay flat) and of training, in child processes.
+
+Models are random-initialised BERT / DINOv2 of the preset's shapes, built locally (no downloads).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract.errors import BadInputError
+
+log = logging.getLogger(__name__)
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "small"
+    samples: int = 256
+    device: str = "auto"
+    precision: str = "auto"
+    batch_sizes: tuple[int, ...] = (8, 32)
+    repeats: int = 3
+    num_workers: int = 2
+    naive_samples: int = 32
+    epochs: int = 5
+    heads: tuple[str, ...] | None = None  # None: every registered head
+    memory: bool = True
+    work_dir: str = "cache/bench"
+    out_dir: str = str(BENCH_DIR)
+    seed: int = 0
+    image_size: tuple[int, int] = (320, 240)  # generated JPEGs are resized by the processor, like real ones
+
+    def validate(self) -> None:
+        from extract.tiny_models import PRESETS
+
+        if self.preset not in PRESETS:
+            raise BadInputError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        if self.samples < 16:
+            raise BadInputError("--samples must be at least 16")
+        if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise BadInputError("--repeats and --batch-sizes must be positive")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def make_dataset(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> Path:
+    """``n`` posts as a `folder` dataset: JPEG photos-like images (smooth noise + shapes) and texts of
+    8-60 common words. Reused when it already exists with the same parameters."""
+    from PIL import Image, ImageDraw
+
+    from extract.tiny_models import DEFAULT_WORDS
+
+    stamp = {"n": n, "seed": seed, "size": list(size), "v": 1}
+    marker = root / "bench.json"
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = np.asarray(DEFAULT_WORDS)
+    rows = []
+    for i in range(n):
+        small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BICUBIC)
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x0, y0 = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
+            draw.ellipse([x0, y0, x0 + 40, y0 + 40], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        name = f"images/b{i:05d}.jpg"
+        img.save(root / name, quality=90)
+        text = " ".join(rng.choice(words, size=int(rng.integers(8, 61))))
+        rows.append({"id": f"b{i:05d}", "text": text, "image": name, "label": ("positive", "neutral", "negative")[i % 3]})
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    marker.write_text(json.dumps(stamp))
+    return root
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    return info
+
+
+def _extract_cfg(cfg: BenchConfig, data_dir: Path, cache_dir: Path, text_dir: Path, image_dir: Path, **kw):
+    from extract.extraction import ExtractConfig
+
+    base = dict(dataset="folder", data_dir=str(data_dir), cache_dir=str(cache_dir), name="bench",
+                text_model=str(text_dir), image_model=str(image_dir), device=cfg.device,
+                precision=cfg.precision, num_workers=cfg.num_workers, progress=False, force=True)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ 1. extraction
+
+def _text_limit(enc, texts: list[str], bs: int, repeats: int) -> float:
+    """Samples/s of ``enc.encode`` alone on pre-tokenized batches, cut exactly as ``extract`` cuts
+    them (same length grouping), so the only difference from ours is everything around the forward."""
+    from extract.extraction import text_batches
+
+    lengths = np.asarray([len(x) for x in enc.tokenizer(texts, truncation=True, max_length=enc.max_length)["input_ids"]])
+    plan = text_batches(lengths, bs, window=64 * bs)
+    batches = [enc.tokenize([texts[i] for i in rows]) for rows in plan]
+
+    def run():
+        for b in batches:
+            enc.encode(b)
+        _sync(enc.device)
+
+    return len(texts) / median_seconds(run, repeats)
+
+
+def _image_limit(enc, files: list[str], bs: int, repeats: int) -> float:
+    """Samples/s of ``enc.encode`` alone on pre-decoded, pre-processed batches in memory."""
+    from PIL import Image
+
+    pixels = []
+    for i in range(0, len(files), bs):
+        imgs = [Image.open(p).convert("RGB") for p in files[i:i + bs]]
+        pixels.append(enc.preprocess(imgs))
+
+    def run():
+        for px in pixels:
+            enc.encode(px)
+        _sync(enc.device)
+
+    return len(files) / median_seconds(run, repeats)
+
+
+def _naive(enc, items: list[str], modality: str) -> float:
+    """Samples/s of a notebook-style loop: one sample at a time through the same model, results
+    appended to a list (no batching, no workers, no file writes)."""
+    from PIL import Image
+
+    out = []
+    t0 = time.perf_counter()
+    for item in items:
+        if modality == "text":
+            out.append(enc.encode(enc.tokenize([item]))["cls"].numpy())
+        else:
+            out.append(enc.encode(enc.preprocess([Image.open(item).convert("RGB")]))["cls"].numpy())
+    _sync(enc.device)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
+    from extract.datasets import load_dataset
+    from extract.encoders import load_image_encoder, load_text_encoder
+    from extract.extraction import run_extract
+
+    ds = load_dataset("folder", data_dir)
+    texts = [s.text for s in ds.samples]
+    files = [str(s.image_path) for s in ds.samples]
+    text_enc = load_text_encoder(str(text_dir), device=cfg.device, precision=cfg.precision)
+    image_enc = load_image_encoder(str(image_dir), device=cfg.device, precision=cfg.precision)
+    results: dict[str, Any] = {"rows": [], "samples": len(texts)}
+    best: dict[str, dict[str, float]] = {}
+    for modality, enc, items in (("text", text_enc, texts), ("image", image_enc, files)):
+        naive = _naive(enc, items[: cfg.naive_samples], modality)
+        for bs in cfg.batch_sizes:
+            limit = (_text_limit if modality == "text" else _image_limit)(enc, items, bs, cfg.repeats)
+            ours_runs = []
+            for _ in range(cfg.repeats):
+                s = run_extract(_extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir,
+                                             modality=modality, batch_size=bs))
+                ours_runs.append(s.modalities[0].samples_per_s)
+            ours = statistics.median(ours_runs)
+            row = {"modality": modality, "batch_size": bs, "limit_sps": limit, "ours_sps": ours,
+                   "naive_sps": naive, "efficiency": ours / limit, "speedup_vs_naive": ours / naive}
+            results["rows"].append(row)
+            log.info("extract %s bs=%d: limit %.1f/s ours %.1f/s naive %.1f/s", modality, bs, limit, ours, naive)
+            if modality not in best or row["efficiency"] > best[modality]["efficiency"]:
+                best[modality] = row
+    # Both modalities in one command, at each modality's best batch size.
+    bs_t, bs_i = best["text"]["batch_size"], best["image"]["batch_size"]
+    s = run_extract(_extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir, modality="both",
+                                 text_batch_size=bs_t, image_batch_size=bs_i))
+    rate = {m.modality: m.samples_per_s for m in s.modalities}
+    combine = lambda a, b: 1.0 / (1.0 / a + 1.0 / b)  # noqa: E731  (samples/s of doing both, one after the other)
+    ours_both = combine(rate["text"], rate["image"])
+    limit_both = combine(best["text"]["limit_sps"], best["image"]["limit_sps"])
+    naive_both = combine(best["text"]["naive_sps"], best["image"]["naive_sps"])
+    results["rows"].append({"modality": "both", "batch_size": f"{bs_t}/{bs_i}", "limit_sps": limit_both,
+                            "ours_sps": ours_both, "naive_sps": naive_both, "efficiency": ours_both / limit_both,
+                            "speedup_vs_naive": ours_both / naive_both})
+    results["best"] = {m: r["batch_size"] for m, r in best.items()}
+    results["limit_both_sps"] = limit_both
+    del text_enc, image_enc
+    return results
+
+
+# ------------------------------------------------------------------------------------------ 2. cache I/O
+
+def bench_cache_io(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
+    from extract import cache_format as cf
+    from extract.extraction import run_extract
+
+    folder = tmp / "cache" / "bench"
+    image_file = next(p for p in cf.list_feature_files(folder) if p.name.startswith("image--"))
+    with cf.FeatureFile(image_file) as ff:
+        arr = ff.load(("tokens",), dtype=None)["tokens"]
+    raw = tmp / "tokens.npy"
+    np.save(raw, arr)
+    nbytes = arr.nbytes
+
+    def load_cache():
+        with cf.FeatureFile(image_file) as ff:
+            ff.load(("tokens",), dtype=None)
+
+    t_cache = median_seconds(load_cache, cfg.repeats)
+    t_numpy = median_seconds(lambda: np.load(raw), cfg.repeats)
+    io = {"array": f"image tokens {tuple(arr.shape)} {arr.dtype}", "bytes": nbytes,
+          "cache_gbps": nbytes / t_cache / 1e9, "numpy_gbps": nbytes / t_numpy / 1e9,
+          "cache_vs_numpy": t_numpy / t_cache}
+    # Bytes on disk per sample for each storage choice, on a subset (file size / samples).
+    sizes = []
+    sub = min(cfg.samples, 32)
+    sub_dir = tmp / "subset"
+    make_dataset(sub_dir, sub, cfg.seed, cfg.image_size)
+    for modality, dtype, pool in (("text", "float16", 1), ("text", "float32", 1), ("image", "float16", 1),
+                                  ("image", "float32", 1), ("image", "float16", 2), ("image", "float16", 4)):
+        s = run_extract(_extract_cfg(cfg, sub_dir, tmp / "sizes", text_dir, image_dir, modality=modality,
+                                     dtype=dtype, patch_pool=pool, batch_size=32))
+        with cf.FeatureFile(s.modalities[0].path) as ff:
+            tokens = ff.num_tokens
+        sizes.append({"modality": modality, "dtype": dtype, "patch_pool": pool if modality == "image" else None,
+                      "tokens": tokens, "bytes_per_sample": s.modalities[0].size_bytes / sub})
+    io["sizes"] = sizes
+    return io
+
+
+# ------------------------------------------------------------------------------------------ 3. training
+
+def _encoders_in_loop_epoch(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, head_name: str,
+                            features: str) -> tuple[float, int]:
+    """Seconds of ONE training epoch with the frozen encoders in the loop (decode, preprocess,
+    tokenize, forward both encoders, then the head's forward/backward), on the train split."""
+    import torch
+    from PIL import Image
+
+    from extract.datasets import load_dataset
+    from extract.encoders import load_image_encoder, load_text_encoder
+    from extract.splits import resolve_splits
+    from fuse.heads import create_head
+
+    ds = load_dataset("folder", data_dir)
+    split = resolve_splits(ds.samples, seed=cfg.seed).assignment
+    train = [s for s in ds.samples if split[s.id] == "train"]
+    te = load_text_encoder(str(text_dir), device=cfg.device, precision=cfg.precision)
+    ie = load_image_encoder(str(image_dir), device=cfg.device, precision=cfg.precision)
+    head = create_head(head_name, text_dim=te.hidden_size, image_dim=ie.hidden_size, num_classes=3).to(te.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-4)
+    bs = 32
+    t0 = time.perf_counter()
+    for i in range(0, len(train), bs):
+        batch = train[i:i + bs]
+        t = te.encode(te.tokenize([s.text for s in batch]))
+        im = ie.encode(ie.preprocess([Image.open(s.image_path).convert("RGB") for s in batch]))
+
+        def seq(out):
+            if features == "tokens":
+                return out["tokens"].to(te.device), out["mask"].to(te.device)
+            v = out[features].to(te.device).unsqueeze(1)
+            return v, torch.ones(v.shape[:2], dtype=torch.bool, device=te.device)
+
+        (xt, mt), (xi, mi) = seq(t), seq(im)
+        y = torch.tensor([s.label for s in batch], device=te.device)
+        loss = torch.nn.functional.cross_entropy(head(xt, mt, xi, mi), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _sync(te.device)
+    return time.perf_counter() - t0, len(train)
+
+
+def bench_training(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
+    from fuse.data import load_data
+    from fuse.heads import list_heads
+    from fuse.train import TrainConfig, train
+
+    heads = list(cfg.heads or list_heads())
+    rows = []
+    for features in ("cls", "tokens"):
+        data = load_data("bench", modalities=("text", "image"), features=features, cache_dir=tmp / "cache",
+                         device="cpu" if cfg.device == "auto" and not _cuda() else cfg.device)
+        for head in heads:
+            tc = TrainConfig(head=head, dataset="bench", features=features, epochs=cfg.epochs, patience=0,
+                             seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"),
+                             runs_dir=str(tmp / "runs"), modalities=["text", "image"])
+            t0 = time.perf_counter()
+            res = train(tc, data)
+            total = time.perf_counter() - t0
+            epoch_s = statistics.median(h["seconds"] for h in res.history)
+            rows.append({"head": head, "features": features, "epochs": len(res.history),
+                         "epoch_s": epoch_s, "run_s": total})
+            log.info("train %s/%s: %.3fs/epoch, %.2fs/run", head, features, epoch_s, total)
+    # The same training with the encoders in the loop: one epoch measured, extrapolated to the same
+    # number of epochs as the cached run (the head's own cost is inside both).
+    loop = {}
+    for features in ("cls", "tokens"):
+        ref = next(r for r in rows if r["features"] == features and r["head"] == ("dual_attention" if "dual_attention" in heads else heads[0]))
+        epoch_s, n_train = _encoders_in_loop_epoch(cfg, data_dir, text_dir, image_dir, ref["head"], features)
+        loop[features] = {"head": ref["head"], "epoch_s": epoch_s, "train_samples": n_train,
+                          "extrapolated_run_s": epoch_s * ref["epochs"], "cached_run_s": ref["run_s"],
+                          "cache_speedup": epoch_s * ref["epochs"] / ref["run_s"]}
+    return {"rows": rows, "encoders_in_loop": loop}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------ 4. memory
+
+def _child_peak_rss(kind: str, args: dict[str, Any]) -> float:
+    """Peak RSS (MiB) of a fresh child process doing one job, its DataLoader workers included."""
+    cmd = [sys.executable, "-m", "bench.child", kind, json.dumps(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child {kind} failed: {out.stderr.strip()[-500:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"])
+
+
+def bench_memory(cfg: BenchConfig, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
+    small, large = cfg.samples // 2, cfg.samples
+    out = {}
+    for n in (small, large):
+        d = make_dataset(tmp / f"mem{n}", n, cfg.seed + 1, cfg.image_size)
+        args = {"data_dir": str(d), "cache_dir": str(tmp / f"memcache{n}"), "text_model": str(text_dir),
+                "image_model": str(image_dir), "device": cfg.device, "num_workers": cfg.num_workers,
+                "precision": cfg.precision}
+        out[f"extract_{n}"] = _child_peak_rss("extract", args)
+    out["extract_growth"] = out[f"extract_{large}"] / out[f"extract_{small}"]
+    out["train_tokens_mib"] = _child_peak_rss("train", {"cache_dir": str(tmp / "cache"), "device": cfg.device,
+                                                        "features": "tokens", "epochs": 2})
+    out["sizes"] = [small, large]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _f(x, nd=1):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def format_report(r: dict[str, Any]) -> str:
+    from extract.summary import format_table
+
+    m = r["machine"]
+    out = [f"## bench: preset {r['config']['preset']}, {r['extraction']['samples']} samples, device {m['device']}",
+           f"machine: {m.get('gpu') or m.get('cpu')}, {m['cpu_count']} CPUs, torch {m['torch']} "
+           f"({m['torch_threads']} threads), {m['platform']}", "", "### 1. Extraction (samples/s)", ""]
+    out.append(format_table(["modality", "batch", "limit (forward only)", "ours (extract)", "naive (1 by 1)",
+                             "efficiency", "speedup vs naive"],
+                            [[x["modality"], x["batch_size"], _f(x["limit_sps"]), _f(x["ours_sps"]), _f(x["naive_sps"]),
+                              _f(x["efficiency"], 2), _f(x["speedup_vs_naive"], 1)] for x in r["extraction"]["rows"]]))
+    io = r["cache_io"]
+    out += ["", "### 2. Cache I/O", "",
+            f"load {io['array']} ({io['bytes'] / 1e6:.1f} MB): cache {io['cache_gbps']:.2f} GB/s vs numpy .npy "
+            f"{io['numpy_gbps']:.2f} GB/s (cache/numpy speed {io['cache_vs_numpy']:.2f})", "",
+            format_table(["modality", "dtype", "patch pool", "tokens", "KB/sample on disk"],
+                         [[s["modality"], s["dtype"], _f(s["patch_pool"]), s["tokens"], _f(s["bytes_per_sample"] / 1024)]
+                          for s in io["sizes"]])]
+    tr = r["training"]
+    out += ["", "### 3. Stage two (train-fusion on the cache)", "",
+            format_table(["head", "features", "epochs", "s/epoch", "s/run"],
+                         [[x["head"], x["features"], x["epochs"], _f(x["epoch_s"], 3), _f(x["run_s"], 2)] for x in tr["rows"]]),
+            "", format_table(["features", "head", "encoders-in-loop s/epoch", "extrapolated s/run", "cached s/run", "cache speedup"],
+                             [[f, x["head"], _f(x["epoch_s"], 2), _f(x["extrapolated_run_s"], 1), _f(x["cached_run_s"], 2),
+                               _f(x["cache_speedup"], 1) + "x"] for f, x in tr["encoders_in_loop"].items()])]
+    if r.get("memory"):
+        mem = r["memory"]
+        a, b = mem["sizes"]
+        out += ["", "### 4. Peak RSS (MiB, child process incl. workers)", "",
+                format_table(["job", "peak RSS MiB"],
+                             [[f"extract both, {a} samples", _f(mem[f"extract_{a}"])],
+                              [f"extract both, {b} samples", _f(mem[f"extract_{b}"])],
+                              ["growth (larger / smaller)", _f(mem["extract_growth"], 2)],
+                              ["train-fusion tokens (all heads' data)", _f(mem["train_tokens_mib"])]])]
+    out += ["", f"total bench time: {r['seconds']:.0f} s"]
+    return "\n".join(out)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run every section; write ``results.json`` and ``results.md`` into ``cfg.out_dir``."""
+    import torch
+
+    from extract.tiny_models import build_preset
+
+    cfg.validate()
+    device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and device != "cuda":
+        raise BadInputError("--device cuda requested but CUDA is not available")
+    cfg.device = device
+    t0 = time.perf_counter()
+    work = Path(cfg.work_dir)
+    text_dir, image_dir = build_preset(cfg.preset, work / "models")
+    data_dir = make_dataset(work / f"data{cfg.samples}", cfg.samples, cfg.seed, cfg.image_size)
+    with tempfile.TemporaryDirectory(dir=work, prefix="run") as t:
+        tmp = Path(t)
+        result: dict[str, Any] = {"config": asdict(cfg), "machine": _machine(device)}
+        result["extraction"] = bench_extraction(cfg, data_dir, text_dir, image_dir, tmp)
+        result["cache_io"] = bench_cache_io(cfg, data_dir, text_dir, image_dir, tmp)
+        result["training"] = bench_training(cfg, data_dir, text_dir, image_dir, tmp)
+        result["memory"] = bench_memory(cfg, text_dir, image_dir, tmp) if cfg.memory else None
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "results.md").write_text(format_report(result) + "\n")
+    return result
+
+
+__all__ = ["BenchConfig", "format_report", "make_dataset", "run_bench"]
