@@ -598,11 +598,15 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     target = config.dataset if same else dataset
     if data is None:
         caches = {"text": text_cache, "image": image_cache}
-        if same:  # the run's own files, if still there
-            for m in MODALITY_ORDER:
-                own = getattr(config, f"{m}_cache")
-                if caches[m] is None and own and Path(own).is_file():
-                    caches[m] = own
+        for m in MODALITY_ORDER:
+            own = getattr(config, f"{m}_cache")
+            if caches[m] is not None or not own:
+                continue
+            if same and Path(own).is_file():  # the run's own files, if still there
+                caches[m] = own
+            elif not same:  # same encoder, same file name in the other dataset's folder, if there
+                twin = Path(cache_dir or config.cache_dir) / target / Path(own).name
+                caches[m] = twin if twin.is_file() else None
         data = load_data(target, modalities=config.modalities or sorted(head_uses(config.head)),
                          features=config.features, cache_dir=cache_dir or config.cache_dir,
                          text_cache=caches["text"], image_cache=caches["image"], device=dev)

@@ -244,6 +244,8 @@ def test_cross_dataset_evaluation(trained, cache, tmp_path):
     e = evaluate(trained.run_dir, "synth2")
     assert e.dataset == "synth2" and e.metrics["trained_on"] == "synth" and e.metrics["n"] == 12
     assert e.metrics_path.name == "synth2-test.json" and e.metrics["accuracy"] > 0.5  # same centroids
+    make_cache(tmp_path, "twins", extra_text_files=1)  # two text caches: the one named like the run's is used
+    assert evaluate(trained.run_dir, "twins", cache_dir=tmp_path, write=False).metrics["n"] == 12
     make_cache(tmp_path, "otherclasses", classes=["neg", "neu", "pos"])
     with pytest.raises(BadInputError, match="classes"):
         evaluate(trained.run_dir, "otherclasses", cache_dir=tmp_path)
