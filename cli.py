@@ -214,7 +214,7 @@ def extract(
         typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="Look at the feature cache.")
+cache_app = typer.Typer(no_args_is_help=True, help="Look at the feature cache; merge shards.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -228,6 +228,7 @@ def cache_info(
 
     entries = collect(path)
     typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
+
 
 @cache_app.command("merge")
 def cache_merge(

@@ -53,6 +53,8 @@ __all__ = [
     "ModalitySummary",
     "extract_shard",
     "format_extract_summary",
+    "load_index_info",
+    "parse_shard",
     "prepare_index",
     "run_extract",
     "shard_rows",
@@ -140,14 +142,26 @@ class ExtractConfig:
         return self.image_batch_size or self.batch_size
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)``."""
+def parse_shard(spec: str | None, num_shards: int | None = None) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``; or ``spec="i"`` with ``num_shards=n`` (job arrays: ``--shard
+    $TASK_ID --num-shards 8``). Neither -> ``(0, 1)``."""
+    if spec is None:
+        if num_shards is not None and num_shards != 1:
+            raise BadInputError(f"--num-shards {num_shards} needs --shard i (which shard this process runs)")
+        return 0, 1
     try:
-        i, n = (int(x) for x in spec.split("/"))
+        if "/" in spec:
+            i, n = (int(x) for x in spec.split("/"))
+            if num_shards is not None and num_shards != n:
+                raise BadInputError(f"--shard {spec} disagrees with --num-shards {num_shards}")
+        elif num_shards is not None:
+            i, n = int(spec), num_shards
+        else:
+            raise BadInputError(f"--shard {spec}: give i/n (e.g. 0/4) or add --num-shards n")
     except ValueError:
         raise BadInputError(f"--shard expects i/n (e.g. 0/4), got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise BadInputError(f"--shard {spec}: need 0 <= i < n")
+        raise BadInputError(f"--shard {i}/{n}: need 0 <= i < n")
     return i, n
 
 
@@ -209,6 +223,8 @@ class ExtractSummary:
     modalities: list[ModalitySummary]
     failures_csv: str | None
     seconds: float
+    ranks: int = 1  # processes of a torchrun launch whose shards were merged into these files
+    notes: list[str] = field(default_factory=list)  # e.g. what the merge did
 
     @property
     def up_to_date(self) -> bool:
@@ -242,6 +258,8 @@ def format_extract_summary(s: ExtractSummary) -> str:
             f"extracted {s.dataset}: {s.num_samples} samples into {Path(s.index_path).parent}")
     if s.shard[1] > 1:
         head += f" [shard {s.shard[0]}/{s.shard[1]}]"
+    if s.ranks > 1:
+        head += f" [{s.ranks} ranks]"
     out = [head, f"index: {s.index_path} ({s.index_status})", ""]
     rows = []
     for m in sorted(s.modalities, key=lambda m: cf.MODALITIES.index(m.modality)):
@@ -254,6 +272,7 @@ def format_extract_summary(s: ExtractSummary) -> str:
     fail_rows = [[m.modality, reason, n] for m in s.modalities for reason, n in sorted(m.failures.items())]
     if fail_rows:
         out += ["", format_table(["modality", "failure", "count"], fail_rows)]
+    out += s.notes
     if s.failures_csv:
         out.append(f"failures: {s.failures_csv}")
     out.append(f"total time {s.seconds:.1f} s")
@@ -331,6 +350,19 @@ def prepare_index(cfg: ExtractConfig) -> IndexInfo:
     return IndexInfo(path=path, dataset_dir=dataset_dir, status=status, fingerprint=fp, num_samples=len(ids),
                      ids=ids, texts=texts, image_files=files, split_counts=dict(counts),
                      split_source=splits.source)
+
+
+def load_index_info(path: str | Path) -> IndexInfo:
+    """The :class:`IndexInfo` of an existing ``index.h5``, without reading the dataset (ranks other
+    than 0 of a torchrun launch: rank 0 wrote it). Image paths resolve against the stored root."""
+    path = Path(path)
+    idx = cf.read_index(path)
+    root = Path(str(idx.attrs.get("root", path.parent)))
+    files: list[str | None] = [str(root / p) if p else None for p in idx.image_paths]
+    return IndexInfo(path=path, dataset_dir=path.parent, status="unchanged", fingerprint=idx.fingerprint,
+                     num_samples=len(idx), ids=list(idx.ids), texts=list(idx.texts), image_files=files,
+                     split_counts=dict(Counter(idx.splits.tolist())),
+                     split_source=str(idx.attrs.get("split_source", "")))
 
 
 # ---------------------------------------------------------------------------------------------- model identity
@@ -634,6 +666,11 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     revision = cfg.text_revision if modality == "text" else cfg.image_revision
     conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=revision)
     path = cf.shard_path(cfg.cache_dir, index.dataset_dir.name, modality, model, shard_index, num_shards)
+    if num_shards > 1 and not path.exists() and not cfg.force:
+        merged = _merged_summary(cfg, modality, model, rows, conf, index)
+        if merged is not None:
+            merged.seconds = time.perf_counter() - t0
+            return merged
     ids = [index.ids[r] for r in rows]
     num_tokens = enc.max_length if modality == "text" else enc.num_tokens
     grid = None if modality == "text" else tuple(enc.grid)
@@ -676,6 +713,34 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     summary.size_bytes = path.stat().st_size
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndarray, conf: dict,
+                    index: IndexInfo) -> ModalitySummary | None:
+    """A shard whose file is gone because it was merged already: when the merged file is complete,
+    made with the same settings for the same index (and ``--retry-failed`` has nothing to redo in
+    these rows), the shard is up to date; returns its summary, else None (extract the shard)."""
+    full = cf.feature_path(cfg.cache_dir, index.dataset_dir.name, modality, model)
+    if not full.exists():
+        return None
+    try:
+        with cf.FeatureFile(full) as ff:
+            a = ff.attrs
+            if not (ff.complete and a.get("config_fingerprint") == cf.fingerprint(conf)
+                    and a.get("index_fingerprint") == index.fingerprint and len(ff.ids) == index.num_samples):
+                return None
+            valid, done = ff.valid[rows], ff.done[rows]
+            if cfg.retry_failed and (done & ~valid).any():
+                return None
+            mine = set(ff.ids[rows])
+            failures = dict(Counter(_reason_kind(r) for sid, r in ff.failures() if sid in mine))
+    except cf.CacheError:
+        return None
+    log.info("%s already holds shard rows %d..%d: up to date", full, int(rows[0]) if rows.size else 0,
+             int(rows[-1]) if rows.size else 0)
+    return ModalitySummary(modality=modality, model=model, path=str(full), total=len(rows),
+                           already_done=len(rows), valid=int(valid.sum()), failures=failures,
+                           size_bytes=full.stat().st_size, complete=True, up_to_date=True)
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:

@@ -1,0 +1,243 @@
+"""Stage one across GPUs and machines: ``torchrun ... cli.py extract ...``.
+
+torchrun starts one process per GPU and tells each its place through the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``). :func:`run_distributed_extract` turns that into the shard logic of
+:mod:`extract.extraction`:
+
+1. rank 0 reads the dataset and writes ``index.h5`` (only rank 0 writes it: no races); every rank
+   learns the outcome through one broadcast (a barrier), then the others read the index file;
+2. rank ``r`` extracts shard ``r`` of ``WORLD_SIZE`` (contiguous rows) into its own shard file, with the
+   single-process resume rules: a complete shard is a no-op, an interrupted one resumes;
+3. one gather (a barrier) collects every rank's outcome; then rank 0 merges the shards into the normal
+   feature file (:func:`extract.cache_format.merge_shards`: a verified copy, shard files removed
+   afterwards unless ``keep_shards``) and rewrites ``failures.csv``.
+
+There are no collectives during the work, only at the start and the end, and the process group's
+timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one.
+A rank that dies (``kill -9``, out of memory) makes torchrun stop the others; every shard file stays
+resumable, so relaunching the same command finishes only the missing work. A rank that fails with an
+error reports it in the final gather, and rank 0 names it.
+
+The cache folder (and the dataset) must be on a filesystem every node sees at the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+from extract import cache_format as cf
+from extract.errors import BadInputError, PipelineError
+from extract.extraction import (
+    ExtractConfig,
+    ExtractSummary,
+    ModalitySummary,
+    _reason_kind,
+    extract_shard,
+    load_index_info,
+    prepare_index,
+    run_extract,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "BACKENDS", "LaunchEnv", "launch_env", "run_distributed_extract"]
+
+DEFAULT_TIMEOUT_S = 48 * 3600  # longest wait at the start / end barrier (a slow rank's whole shard)
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in a torchrun launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv | None:
+    """The torchrun environment of this process, or None when not launched by torchrun (no
+    ``RANK`` / ``WORLD_SIZE``)."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        raise BadInputError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (set by torchrun)") from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local):
+        raise BadInputError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return LaunchEnv(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """The device this rank computes on: ``auto`` / ``cuda`` -> ``cuda:<LOCAL_RANK>`` when CUDA is
+    available (``auto`` falls back to ``cpu``); ``cpu`` and an explicit ``cuda:N`` are kept."""
+    import torch
+
+    if device not in ("auto", "cuda"):
+        return device
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise BadInputError("--device cuda requested but CUDA is not available; use 'cpu' or 'auto'")
+        return "cpu"
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise BadInputError(f"LOCAL_RANK {local_rank} has no GPU: {count} visible on this node. Launch at most "
+                            f"{count} processes per node (--nproc_per_node), or use --device cpu")
+    return f"cuda:{local_rank}"
+
+
+def _backend(backend: str, device: str) -> str:
+    if backend not in BACKENDS:
+        raise BadInputError(f"--dist-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+@contextmanager
+def _process_group(backend: str, device: str, timeout_s: float):
+    import torch
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        dev = torch.device(device)
+        torch.cuda.set_device(dev)
+        kwargs["device_id"] = dev
+    try:
+        dist.init_process_group(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise PipelineError(f"cannot start the {backend} process group: {' '.join(str(e).split())[:300]}") from e
+    try:
+        yield dist
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _describe_error(e: BaseException) -> dict[str, Any]:
+    return {"ok": False, "type": type(e).__name__, "error": str(e), "bad_input": isinstance(e, BadInputError)}
+
+
+def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *, keep_shards: bool = False,
+                            backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> ExtractSummary:
+    """Run this process's part of a torchrun launch; see the module docstring.
+
+    Rank 0 returns the summary of the merged files (``ranks`` = world size); other ranks return
+    their own shard's summary. Without torchrun (or with one process) this is :func:`run_extract`.
+    Raises :class:`BadInputError` / :class:`PipelineError` like :func:`run_extract`; on rank 0 also
+    when another rank failed (naming it)."""
+    env = env or launch_env()
+    cfg = replace(cfg)
+    cfg.validate()
+    if env is not None:
+        cfg.device = rank_device(cfg.device, env.local_rank)
+    if env is None or env.world_size == 1:
+        return run_extract(cfg)
+    if cfg.shard != (0, 1):
+        raise BadInputError("--shard cannot be combined with torchrun: each rank extracts the shard of its RANK")
+    if timeout_s <= 0:
+        raise BadInputError(f"the process group timeout must be positive, got {timeout_s}")
+    rank, world = env.rank, env.world_size
+    if not env.is_main and cfg.progress is None:
+        cfg.progress = False  # one set of progress bars (rank 0's) on a shared terminal
+    t0 = time.perf_counter()
+    with _process_group(_backend(backend, cfg.device), cfg.device, timeout_s) as dist:
+        # 1. rank 0 writes the index; the broadcast doubles as the start barrier
+        index = None
+        first: BaseException | None = None
+        msg: list[Any] = [None]
+        if env.is_main:
+            try:
+                index = prepare_index(cfg)
+                msg[0] = {"ok": True, "path": str(index.path), "fingerprint": index.fingerprint,
+                          "status": index.status}
+                log.info("sample index %s: %d samples (%s); %d ranks", index.path, index.num_samples,
+                         index.status, world)
+            except Exception as e:  # noqa: BLE001 -- reported to the other ranks, then re-raised
+                first, msg[0] = e, _describe_error(e)
+        dist.broadcast_object_list(msg, src=0)
+        if first is not None:
+            raise first
+        if not msg[0]["ok"]:
+            raise PipelineError(f"rank 0 could not prepare the sample index: {msg[0]['error']}")
+        if index is None:
+            index = load_index_info(msg[0]["path"])
+            if index.fingerprint != msg[0]["fingerprint"]:
+                raise PipelineError(f"{index.path} changed while the launch started; rerun it")
+            index.status = msg[0]["status"]
+
+        # 2. this rank's shard; no collectives while working
+        results: dict[str, ModalitySummary] = {}
+        error: BaseException | None = None
+        try:
+            for modality in ("image", "text"):
+                if modality in cfg.modalities:
+                    results[modality] = extract_shard(cfg, modality, rank, world, index=index)
+            mine: dict[str, Any] = {"ok": True, "summaries": {m: asdict(s) for m, s in results.items()}}
+        except Exception as e:  # noqa: BLE001 -- reported to rank 0 at the end barrier, then re-raised
+            error, mine = e, _describe_error(e)
+        mine["rank"] = rank
+        statuses: list[Any] = [None] * world
+        dist.all_gather_object(statuses, mine)  # the end barrier
+    if error is not None:
+        raise error
+    if not env.is_main:
+        return ExtractSummary(dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
+                              index_status=index.status, num_samples=index.num_samples, shard=(rank, world),
+                              modalities=[results[m] for m in cf.MODALITIES if m in results], failures_csv=None,
+                              seconds=time.perf_counter() - t0)
+    failed = [s for s in statuses if not s["ok"]]
+    if failed:
+        which = "; ".join(f"rank {s['rank']} (shard {s['rank']}/{world}): {s['type']}: {s['error']}" for s in failed)
+        cls = BadInputError if all(s["bad_input"] for s in failed) else PipelineError
+        raise cls(f"{len(failed)} of {world} ranks failed: {which}. Finished batches are saved; fix the cause and "
+                  "rerun the same launch to finish the missing work")
+
+    # 3. rank 0 merges
+    modalities, notes, failures_csv = [], [], None
+    for modality in cf.MODALITIES:
+        if modality not in cfg.modalities:
+            continue
+        parts = [ModalitySummary(**s["summaries"][modality]) for s in statuses]
+        model = parts[0].model
+        target = cf.feature_path(cfg.cache_dir, index.dataset_dir.name, modality, model)
+        all_done = all(p.up_to_date for p in parts)
+        res = cf.merge_shards(target, world, keep_shards=keep_shards, force=cfg.force, skip_if_merged=all_done)
+        if res.failures_csv is not None:
+            failures_csv = str(res.failures_csv)
+        left = "shard files removed" if res.removed_shards else ("shard files kept" if res.shards else "")
+        notes.append(f"{modality}: {res.status} {world} shards into {target.name} in {res.seconds:.1f} s"
+                     + (f" ({left})" if left else ""))
+        with cf.FeatureFile(target) as ff:
+            failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
+            complete = ff.complete
+        modalities.append(ModalitySummary(
+            modality=modality, model=model, path=str(target), total=res.num_samples,
+            already_done=sum(p.already_done for p in parts), encoded=sum(p.encoded for p in parts),
+            failed=sum(p.failed for p in parts), valid=res.num_valid, failures=failures,
+            seconds=max(p.seconds for p in parts) + res.seconds, samples_per_s=sum(p.samples_per_s for p in parts),
+            size_bytes=target.stat().st_size, complete=complete, up_to_date=all_done and res.status == "already merged",
+            forced=cfg.force))
+    if failures_csv is None and modalities:
+        failures_csv = str(cf.write_failures_csv(index.dataset_dir))
+    return ExtractSummary(dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
+                          index_status=index.status, num_samples=index.num_samples, shard=(0, 1),
+                          modalities=modalities, failures_csv=failures_csv, seconds=time.perf_counter() - t0,
+                          ranks=world, notes=notes)
