@@ -1,6 +1,8 @@
 # Self-documenting: every target with a `## comment` shows up in `make help`.
 PYTHON ?= python3
 DATASET ?= demo
+HEAD ?= self_attention
+FEATURES ?= cls
 DATA_DIR ?=
 TEXT_MODEL ?= bert-base-uncased
 IMAGE_MODEL ?= facebook/dinov2-base
@@ -10,7 +12,7 @@ BENCH_ARGS ?= --preset small
 STAMP := .make/installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo extract ablate bench clean
+.PHONY: help install test lint demo extract cache-info train ablate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +39,12 @@ demo: $(STAMP) ## end to end on the built-in demo data with tiny local encoders 
 extract: $(STAMP) ## extract features: make extract DATASET=memotion [DATA_DIR=...] [TEXT_MODEL=...] [IMAGE_MODEL=...]
 	$(PYTHON) cli.py extract --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
 		--text-model $(TEXT_MODEL) --image-model $(IMAGE_MODEL) $(EXTRACT_ARGS)
+
+cache-info: $(STAMP) ## every cache file: shapes, dtypes, sizes, provenance, completeness
+	$(PYTHON) cli.py cache info
+
+train: $(STAMP) ## train one head: make train HEAD=dual_attention DATASET=memotion FEATURES=tokens
+	$(PYTHON) cli.py train-fusion --head $(HEAD) --dataset $(DATASET) --features $(FEATURES)
 
 ablate: $(STAMP) ## ablation tables for every dataset that has caches
 	$(PYTHON) cli.py ablate $(ABLATE_ARGS)
