@@ -283,6 +283,63 @@ def bench(
     typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
 
 
+def _names(values: OptionList) -> list[str] | None:
+    """Repeatable options that also take comma-separated lists: --heads a,b --heads c -> [a, b, c]."""
+    out = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    return out or None
+
+
+@app.command()
+def ablate(
+    dataset: OptionList = typer.Option(None, "--dataset", "-d", help="cached dataset(s), repeatable or a,b (default: every dataset in --cache-dir)"),
+    heads: OptionList = typer.Option(None, "--heads", help="heads, repeatable or a,b (default: all five)"),
+    features: OptionList = typer.Option(None, "--features", help="cls | mean | tokens, repeatable or a,b (default cls,tokens)"),
+    seeds: int = typer.Option(5, "--seeds", help="seeds 0..N-1 per config"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="worker processes (0 = auto: 1 on CUDA, else min(cores, 4)); 1 = in this process"),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads per run (default cores // jobs)"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: run only configs i, i+n, ... of the sorted grid (job arrays); tables cover every finished run"),
+    force: bool = typer.Option(False, "--force", help="rerun finished runs too"),
+    aggregate_only: bool = typer.Option(False, "--aggregate-only", help="train nothing; tables from the finished runs"),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config every run starts from (e.g. a run's config.json)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="max epochs (default 30)"),
+    dim: int | None = typer.Option(None, "--dim", help="shared latent width (default 256)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (default 3e-4)"),
+    patience: int | None = typer.Option(None, "--patience", help="early-stop patience, 0 = off (default 5)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="batch size (default 32)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)"),
+    cache_dir: str = typer.Option("cache", "--cache-dir", help="cache root"),
+    runs_dir: str = typer.Option("runs/ablate", "--runs-dir", help="run folders go to RUNS_DIR/<dataset>/"),
+    results_dir: str = typer.Option("results", "--results-dir", help="where ablation_<dataset>.md|csv|json go"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
+    as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
+) -> None:
+    """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
+    from extract.extraction import parse_shard
+    from fuse.ablate import AblationConfig, cpu_cores, format_ablation, run_ablation
+    from fuse.train import TrainConfig
+
+    base = TrainConfig.from_json(config).to_dict() if config is not None else {}
+    flags = dict(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if jobs < 0:
+        raise BadInputError(f"--jobs must be >= 0, got {jobs}")
+    if jobs == 0:
+        import torch
+
+        want = base.get("device", "auto")
+        jobs = 1 if (want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())) else min(cpu_cores(), 4)
+    cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or ["cls", "tokens"],
+                         seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
+                         results_dir=results_dir, jobs=jobs, threads=threads,
+                         shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
+                         plots=plots)
+    result = run_ablation(cfg)
+    typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
+    if result.failed:
+        raise PipelineError(f"{len(result.failed)} of {len(result.selected)} runs failed (listed in the tables and "
+                            f"{cfg.results_dir}/ablation_<dataset>.json); rerun to retry them")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests with an argv list)."""
     rank = os.environ.get("RANK")  # set by torchrun: only rank 0 logs below warnings

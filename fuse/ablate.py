@@ -1,0 +1,818 @@
+"""Batch ablations: every head x features x encoder x seed on every cached dataset, tables at the end.
+
+The grid (:func:`expand_grid`): datasets (default: every folder of ``cache_dir`` with a sample index)
+x heads (default: all registered) x features (default ``cls``, ``tokens``) x seeds (default 0..4) x
+encoders (each combination of a complete text feature file and a complete image feature file of the
+dataset; with one file per modality this axis has one value). Each cell is a
+:class:`fuse.train.TrainConfig`; its **key** is a short hash of that config (without ``runs_dir``,
+``run_name``, ``device``, ``threads`` and ``cache_dir``; feature files by name) plus a fingerprint of
+the data it reads (sample index ids, labels, splits and classes; each feature file's settings). The
+run folder is ``<runs_dir>/<dataset>/<head>-<features>-<text slug>+<image slug>-s<seed>-<key>``, so:
+
+* a finished run (``metrics.json`` present and its ``config.json`` matching) is reused, never retrained;
+* a folder without ``metrics.json`` (interrupted, or failed last time) is removed and the run redone;
+* re-extracting or re-splitting a cache changes the key: the old runs are simply not part of the grid;
+* ``force`` reruns everything in the grid (or in this shard of it).
+
+Every head of one (dataset, encoder, features) group trains on the same samples: the group's data is
+loaded once with BOTH modalities (a sample missing either is dropped for every head) and handed to
+:func:`fuse.train.train`; HDF5 is never re-read per run.
+
+``jobs`` > 1 runs configs in that many spawned worker processes, each with ``cores // jobs`` torch
+threads, each loading a group's data once (runs are dispatched group by group; a worker keeps the last
+group it loaded). ``jobs`` = 1 runs them one after the other in this process (also the path for one
+GPU). A run that raises is recorded as failed (``error.json`` in its folder, the message in the results
+JSON) and the grid goes on.
+
+``shard`` = (i, n) runs only configs i, i+n, i+2n, ... of the sorted grid (machines, job arrays);
+aggregation always covers the whole grid and reads whatever runs have finished, so the last shard to
+end (or ``aggregate_only``) writes the complete tables.
+
+Aggregation (:func:`aggregate`): one row per (head, features, encoder): accuracy, macro-F1 and
+weighted-F1 on the test split as mean and sample standard deviation (ddof=1) over the finished seeds
+(std is None with one seed, shown as ``-``), finished / failed seed counts, parameter count, mean
+training seconds. The best mean per metric is marked (ties: all of them). MVSA caches (index field
+``labels_agree``) get the same metrics on the test posts whose text and image labels agree and on those
+where they disagree. A reference row holds the paper's reported figures where it has one for the dataset.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cfut
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extract import cache_format as cf
+from extract.errors import BadInputError, CacheError, PipelineError
+from fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
+from fuse.heads import list_heads
+from fuse.train import FINISHED_MARKER, TrainConfig, train
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AblationConfig", "AblationResult", "GridRun", "METRICS", "REPORTED", "aggregate", "expand_grid",
+           "format_ablation", "format_tables", "mean_std", "run_ablation", "run_grid", "run_status",
+           "write_results"]
+
+DEFAULT_FEATURES = ("cls", "tokens")
+DEFAULT_SEEDS = 5
+METRICS = ("accuracy", "macro_f1", "weighted_f1")
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
+ERROR_FILE = "error.json"
+KEY_EXCLUDED = ("runs_dir", "run_name", "device", "threads", "cache_dir")
+MODALITIES = ("text", "image")
+REPORTED_LABEL = "reported (paper), not measured"
+
+# The paper's own figures (arXiv 2503.07943), shown as a reference row, never marked best.
+REPORTED: dict[str, dict[str, Any]] = {
+    "memotion": {"head": "dual_attention", "macro_f1": 0.3552, "note": "Memotion 7k Task A, dual attention"},
+    "mvsa_single": {"head": None, "accuracy": 0.73, "note": "MVSA-Single, accuracy about 0.73"},
+}
+
+
+# --------------------------------------------------------------------------------------------- grid
+
+@dataclass(frozen=True)
+class Encoder:
+    """One (text file, image file) pair of a dataset: a value of the encoder axis."""
+
+    text: str  # feature file paths
+    image: str
+
+    @staticmethod
+    def slug(path: str) -> str:
+        name = Path(path).name
+        return name.split("--", 1)[1][:-3] if name.endswith(".h5") and "--" in name else name
+
+    @property
+    def label(self) -> str:
+        return f"{self.slug(self.text)} + {self.slug(self.image)}"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.slug(self.text)}+{self.slug(self.image)}"
+
+
+@dataclass
+class GridRun:
+    """One cell of the grid: its config, key and run folder."""
+
+    dataset: str
+    head: str
+    features: str
+    encoder: Encoder
+    seed: int
+    config: TrainConfig  # dataset, head, features, seed, modalities, cache files set; run_name = folder name
+    key: str
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        """Runs with one group share their data: (dataset, features, text file, image file)."""
+        return (self.dataset, self.features, self.encoder.text, self.encoder.image)
+
+    @property
+    def row_key(self) -> tuple[str, str, str]:
+        return (self.head, self.features, self.encoder.label)
+
+    def sort_key(self) -> tuple:
+        return (self.dataset, self.encoder.label, self.features, self.head, self.seed)
+
+
+def _comparable(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config fields that determine a run's numbers, feature files by name."""
+    d = dict(config.to_dict() if isinstance(config, TrainConfig) else config)
+    for k in KEY_EXCLUDED:
+        d.pop(k, None)
+    for m in MODALITIES:
+        if d.get(f"{m}_cache"):
+            d[f"{m}_cache"] = Path(d[f"{m}_cache"]).name
+    if d.get("modalities"):
+        d["modalities"] = sorted(d["modalities"])
+    return d
+
+
+def run_key(config: TrainConfig, data_fingerprint: str) -> str:
+    """10 hex of SHA-256 over the comparable config and the data fingerprint."""
+    payload = json.dumps({"config": _comparable(config), "data": data_fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
+
+
+def _index_fingerprint(path: Path) -> tuple[str, cf.SampleIndex]:
+    index = cf.read_index(path)
+    h = hashlib.sha256()
+    h.update(json.dumps([index.fingerprint, list(index.classes)]).encode("utf-8"))
+    h.update(np.asarray(index.labels, dtype=np.int64).tobytes())
+    h.update("\n".join(map(str, index.splits)).encode("utf-8"))
+    return h.hexdigest()[:16], index
+
+
+def _encoders(cache_dir: Path, dataset: str, explicit: bool) -> tuple[list[Encoder], dict[str, str]]:
+    """Every (text, image) pair of complete feature files, and each file's settings fingerprint."""
+    folder = cache_dir / dataset
+    files: dict[str, list[str]] = {m: [] for m in MODALITIES}
+    fps: dict[str, str] = {}
+    for p in cf.list_feature_files(folder):
+        try:
+            with cf.FeatureFile(p) as ff:
+                complete, modality = ff.complete, ff.modality
+                fps[str(p)] = f"{ff.attrs.get('config_fingerprint')}/{ff.index_fingerprint}"
+        except CacheError as e:
+            logger.warning("%s: skipped (%s)", p, e)
+            continue
+        if not complete:
+            logger.warning("%s is unfinished: left out of the ablation; resume it with %s", p, extract_command(dataset))
+            continue
+        files.setdefault(modality, []).append(str(p))
+    missing = [m for m in MODALITIES if not files.get(m)]
+    if missing:
+        msg = (f"{dataset}: no complete {' or '.join(missing)} feature file in {folder}/ (an ablation needs both "
+               f"modalities); create it with {extract_command(dataset)}")
+        if explicit:
+            raise CacheError(msg)
+        logger.warning("%s; skipped", msg)
+        return [], fps
+    return [Encoder(t, i) for t, i in product(sorted(files["text"]), sorted(files["image"]))], fps
+
+
+def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None = None, heads: list[str] | None = None,
+                features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, seeds: list[int] | int = DEFAULT_SEEDS,
+                cache_dir: str | Path = "cache", runs_dir: str | Path = "runs/ablate") -> list[GridRun]:
+    """Every run of the grid, sorted by (dataset, encoder, features, head, seed).
+
+    ``base``: the training config every run starts from (default: train-fusion's defaults); its
+    dataset, head, features, seed, modalities, cache files, cache/runs dirs and run name are replaced
+    by the grid's. ``seeds``: a count n (seeds 0..n-1) or a list. Unknown heads / features are
+    :class:`BadInputError`; a named dataset without a complete cache is :class:`CacheError`.
+    """
+    base = base or TrainConfig()
+    cache_dir = Path(cache_dir)
+    heads = list(dict.fromkeys(heads)) if heads else list_heads()
+    unknown = [h for h in heads if h not in list_heads()]
+    if unknown:
+        raise BadInputError(f"unknown head(s) {', '.join(unknown)}; known heads: {', '.join(list_heads())}")
+    features = list(dict.fromkeys(features))
+    bad = [f for f in features if f not in FEATURES]
+    if bad or not features:
+        raise BadInputError(f"unknown features {', '.join(bad) or '(none)'}; expected some of {', '.join(FEATURES)}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(dict.fromkeys(int(s) for s in seeds))
+    if not seed_list:
+        raise BadInputError("no seeds: give at least one (--seeds 1)")
+    cached = list_cached_datasets(cache_dir)
+    explicit = bool(datasets)
+    if explicit:
+        names = list(dict.fromkeys(datasets))
+        missing = [d for d in names if d not in cached]
+        if missing:
+            have = f" (cached: {', '.join(cached)})" if cached else ""
+            raise CacheError(f"no cache for dataset(s) {', '.join(missing)} in {cache_dir}/{have}; create it with "
+                             f"{extract_command(missing[0])}")
+    else:
+        names = cached
+        if not names:
+            raise CacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
+
+    runs: list[GridRun] = []
+    for dataset in names:
+        index_fp, _ = _index_fingerprint(cache_dir / dataset / cf.INDEX_NAME)
+        encoders, file_fps = _encoders(cache_dir, dataset, explicit)
+        for enc, feat, head, seed in product(encoders, features, heads, seed_list):
+            cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
+                                      modalities=list(MODALITIES), text_cache=enc.text, image_cache=enc.image,
+                                      cache_dir=str(cache_dir), run_name=None)
+            cfg.validate()
+            data_fp = f"{index_fp}|{file_fps[enc.text]}|{file_fps[enc.image]}"
+            key = run_key(cfg, data_fp)
+            name = f"{head}-{feat}-{enc.tag}-s{seed}-{key}"
+            run_dir = Path(runs_dir) / dataset / name
+            cfg = dataclasses.replace(cfg, runs_dir=str(run_dir.parent), run_name=name)
+            runs.append(GridRun(dataset=dataset, head=head, features=feat, encoder=enc, seed=seed, config=cfg,
+                                key=key, run_dir=run_dir))
+    if not runs:
+        raise CacheError(f"nothing to run: no dataset in {cache_dir}/ has both text and image feature files")
+    runs.sort(key=GridRun.sort_key)
+    return runs
+
+
+def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridRun]:
+    """Configs i, i+n, i+2n, ... of the sorted grid for shard (i, n)."""
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise BadInputError(f"--shard {i}/{n}: need 0 <= i < n")
+    return list(runs[i::n])
+
+
+# --------------------------------------------------------------------------------------------- run status
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_status(run: GridRun) -> str:
+    """``finished`` (metrics.json and a matching config.json), ``failed`` (error.json, no metrics),
+    ``unfinished`` (a folder without either, or a finished run whose config differs) or ``missing``."""
+    d = run.run_dir
+    if not d.is_dir():
+        return "missing"
+    if (d / FINISHED_MARKER).is_file():
+        saved = _read_json(d / "config.json")
+        if isinstance(saved, dict) and _comparable(saved) == _comparable(run.config):
+            return "finished"
+        return "unfinished"
+    if (d / ERROR_FILE).is_file():
+        return "failed"
+    return "unfinished"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _record_failure(run: GridRun, err: BaseException | str) -> str:
+    msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run.run_dir / "config.json").is_file():
+        _atomic_write(run.run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
+    _atomic_write(run.run_dir / ERROR_FILE, json.dumps({"run": run.name, "error": msg}, indent=2) + "\n")
+    return msg
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+# Per-process cache of the last group's data (a worker runs groups one after the other).
+_DATA: dict[tuple, FusionData] = {}
+
+
+def _group_data(run: GridRun, cache_dir: str) -> FusionData:
+    if run.group not in _DATA:
+        _DATA.clear()  # one group at a time: token features can be gigabytes
+        _DATA[run.group] = load_data(run.dataset, modalities=list(MODALITIES), features=run.features,
+                                     cache_dir=cache_dir, text_cache=run.encoder.text, image_cache=run.encoder.image)
+    return _DATA[run.group]
+
+
+def _execute(run: GridRun) -> dict[str, Any]:
+    """Train one run; never raises for a failing run (returns status failed and the message)."""
+    t0 = time.perf_counter()
+    try:
+        data = _group_data(run, run.config.cache_dir)
+        result = train(run.config, data=data)
+        if result.run_dir != run.run_dir:  # train never reuses a folder; ours was removed before
+            raise PipelineError(f"run written to {result.run_dir}, expected {run.run_dir}")
+        test = result.metrics.get("test") or {}
+        return {"name": run.name, "status": "finished", "seconds": time.perf_counter() - t0,
+                "macro_f1": test.get("macro_f1"), "error": None}
+    except Exception as e:  # noqa: BLE001 - a failing run is a table entry, not the end of the grid
+        logger.debug("run %s failed", run.name, exc_info=True)
+        msg = _record_failure(run, e)
+        return {"name": run.name, "status": "failed", "seconds": time.perf_counter() - t0, "macro_f1": None,
+                "error": msg}
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fuse.train").setLevel(max(level, logging.WARNING))
+    logging.getLogger("fuse.data").setLevel(max(level, logging.WARNING))
+
+
+def _worker_run(run: GridRun) -> dict[str, Any]:
+    return _execute(run)
+
+
+_SLOW_FIRST = {"self_attention": 0, "dual_attention": 1, "basic": 2}  # measured order of cost per run
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False) -> dict[str, Any]:
+    """Train every run of ``runs`` that is not finished (all of them with ``force``).
+
+    Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "seconds": float}``.
+    Unfinished folders (and finished ones with ``force``) are removed first.
+    """
+    if jobs < 1:
+        raise BadInputError(f"--jobs must be >= 1, got {jobs}")
+    t0 = time.perf_counter()
+    todo, reused = [], []
+    for r in runs:
+        status = run_status(r)
+        if status == "finished" and not force:
+            reused.append(r.name)
+            continue
+        if r.run_dir.exists():
+            shutil.rmtree(r.run_dir)
+        todo.append(r)
+    # Group by group (each worker loads a group's data once), the slowest heads first within a group so
+    # that no long run starts last while the other workers sit idle.
+    group_order = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in todo))}
+    todo.sort(key=lambda r: (group_order[r.group], _SLOW_FIRST.get(r.head, len(_SLOW_FIRST)), r.head, r.seed))
+    threads = threads or max(1, cpu_cores() // jobs)
+    todo = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads)) for r in todo]
+    jobs = min(jobs, len(todo)) or 1
+    if todo:
+        logger.info("ablation: %d runs to train, %d finished runs reused; %d process%s x %d thread%s", len(todo),
+                    len(reused), jobs, "es" if jobs > 1 else "", threads, "s" if threads > 1 else "")
+    else:
+        logger.info("ablation: all %d runs already finished", len(reused))
+    outcomes: list[dict[str, Any]] = []
+
+    def report(out: dict[str, Any]) -> None:
+        outcomes.append(out)
+        what = (f"test macro-F1 {out['macro_f1']:.4f}" if out["status"] == "finished" and out["macro_f1"] is not None
+                else out["status"] if out["status"] == "finished" else f"FAILED: {out['error']}")
+        logger.info("[%d/%d] %s: %s (%.1fs)", len(outcomes), len(todo), out["name"], what, out["seconds"])
+
+    if jobs == 1:
+        quiet = [logging.getLogger(n) for n in ("fuse.train", "fuse.data")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+        try:
+            for r in todo:
+                report(_execute(r))
+        finally:
+            for lg, lv in zip(quiet, levels, strict=True):
+                lg.setLevel(lv)
+            _DATA.clear()
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        with cfut.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                      initargs=(threads, level)) as pool:
+            futures = {pool.submit(_worker_run, r): r for r in todo}
+            try:
+                for fut in cfut.as_completed(futures):
+                    r = futures[fut]
+                    try:
+                        report(fut.result())
+                    except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
+                        report({"name": r.name, "status": "failed", "seconds": 0.0, "macro_f1": None,
+                                "error": _record_failure(r, f"worker process failed: {type(e).__name__}: {e}")})
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    failed = {o["name"]: o["error"] for o in outcomes if o["status"] == "failed"}
+    return {"trained": [o["name"] for o in outcomes if o["status"] == "finished"], "reused": reused,
+            "failed": failed, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); std None for one value, both None for none."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    mean = sum(v) / len(v)
+    if len(v) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+
+
+def _subset_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | None]:
+    """Scores on a subset of the test posts; macro-F1 averages over the classes present in it (true or
+    predicted), so a class the subset lacks does not count as F1 0."""
+    if y_true.size == 0:
+        return {m: None for m in METRICS}
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0))}
+
+
+def _agreement_scores(run_dir: Path, agree: dict[str, bool]) -> dict[str, dict[str, Any]] | None:
+    """Test metrics of one run on the posts whose text and image labels agree / disagree."""
+    text = (run_dir / "predictions.csv").read_text(encoding="utf-8") if (run_dir / "predictions.csv").is_file() else None
+    if text is None:
+        return None
+    rows = list(csv.DictReader(io.StringIO(text)))
+    out = {}
+    for part, want in (("agree", True), ("disagree", False)):
+        sel = [r for r in rows if agree.get(r["id"]) is want]
+        y_true = np.asarray([r["true"] for r in sel], dtype=object)
+        y_pred = np.asarray([r["predicted"] for r in sel], dtype=object)
+        out[part] = {"n": len(sel), **_subset_scores(y_true, y_pred)}
+    return out
+
+
+def _summary(values: list[float | None]) -> dict[str, float | None]:
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
+
+
+def _mark_best(rows: list[dict[str, Any]], path: tuple[str, ...], flag: str) -> None:
+    def get(r):
+        v = r
+        for p in path:
+            v = (v or {}).get(p)
+        return v
+
+    values = [get(r) for r in rows]
+    best = max((v for v in values if v is not None), default=None)
+    for r, v in zip(rows, values, strict=True):
+        r[flag] = best is not None and v is not None and math.isclose(v, best, rel_tol=0, abs_tol=1e-12)
+
+
+def aggregate(runs: list[GridRun]) -> dict[str, dict[str, Any]]:
+    """Per dataset: the table (rows, reference row, per-run records, MVSA agreement split)."""
+    tables: dict[str, dict[str, Any]] = {}
+    by_dataset: dict[str, list[GridRun]] = {}
+    for r in runs:
+        by_dataset.setdefault(r.dataset, []).append(r)
+    for dataset, druns in by_dataset.items():
+        index_path = Path(druns[0].config.cache_dir) / dataset / cf.INDEX_NAME
+        index = cf.read_index(index_path)
+        agree = None
+        if "labels_agree" in index.extra:
+            agree = {str(i): bool(int(a)) for i, a in zip(index.ids, index.extra["labels_agree"], strict=True)}
+        records, groups = [], {}
+        for r in druns:
+            status = run_status(r)
+            rec: dict[str, Any] = {"run": r.name, "run_dir": str(r.run_dir), "key": r.key, "head": r.head,
+                                   "features": r.features, "encoder": r.encoder.label, "seed": r.seed,
+                                   "status": status, "error": None}
+            if status == "finished":
+                m = _read_json(r.run_dir / FINISHED_MARKER) or {}
+                test = m.get("test") or {}
+                rec.update({k: test.get(k) for k in METRICS}, n_test=test.get("n"), seconds=m.get("seconds"),
+                           num_parameters=(m.get("model") or {}).get("num_parameters"), best_epoch=m.get("best_epoch"),
+                           epochs_run=m.get("epochs_run"), confusion_matrix=test.get("confusion_matrix"))
+                if agree is not None:
+                    rec["agreement"] = _agreement_scores(r.run_dir, agree)
+            elif status == "failed":
+                rec["error"] = (_read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
+            records.append(rec)
+            groups.setdefault(r.row_key, []).append(rec)
+        rows = []
+        for (head, feat, enc), recs in groups.items():
+            done = [x for x in recs if x["status"] == "finished"]
+            row: dict[str, Any] = {
+                "kind": "measured", "head": head, "features": feat, "encoder": enc,
+                "seeds_total": len(recs), "seeds_finished": len(done),
+                "seeds_failed": sum(x["status"] == "failed" for x in recs),
+                "num_parameters": next((x["num_parameters"] for x in done if x.get("num_parameters") is not None), None),
+                "train_seconds_mean": mean_std([x.get("seconds") for x in done])[0],
+            }
+            for k in METRICS:
+                row[k] = _summary([x.get(k) for x in done])
+            if agree is not None:
+                for part in ("agree", "disagree"):
+                    parts = [x["agreement"][part] for x in done if x.get("agreement")]
+                    row[part] = {"n": parts[0]["n"] if parts else 0,
+                                 **{k: _summary([p[k] for p in parts]) for k in METRICS}}
+            rows.append(row)
+        for k in METRICS:
+            _mark_best(rows, (k, "mean"), f"best_{k}")
+            if agree is not None:
+                for part in ("agree", "disagree"):
+                    _mark_best(rows, (part, k, "mean"), f"best_{part}_{k}")
+        reference = None
+        if dataset in REPORTED:
+            rep = REPORTED[dataset]
+            reference = {"kind": "reported", "label": REPORTED_LABEL, "head": rep.get("head"), "note": rep["note"],
+                         **{k: rep.get(k) for k in METRICS}}
+        best = max((row for row in rows if row["macro_f1"]["mean"] is not None),
+                   key=lambda row: row["macro_f1"]["mean"], default=None)
+        confusion = None
+        if best is not None:
+            mats = [np.asarray(x["confusion_matrix"]) for x in groups[(best["head"], best["features"], best["encoder"])]
+                    if x["status"] == "finished" and x.get("confusion_matrix")]
+            if mats:
+                confusion = {"head": best["head"], "features": best["features"], "encoder": best["encoder"],
+                             "seeds": len(mats), "how": f"summed over its {len(mats)} finished seed(s), test split",
+                             "matrix": np.sum(mats, axis=0).tolist()}
+        encoders = sorted({r.encoder.label for r in druns})
+        tables[dataset] = {
+            "dataset": dataset, "classes": list(index.classes), "encoders": encoders,
+            "heads": list(dict.fromkeys(r.head for r in druns)),
+            "features": list(dict.fromkeys(r.features for r in druns)),
+            "seeds": sorted({r.seed for r in druns}),
+            "counts": {s: sum(x["status"] == s for x in records) for s in ("finished", "failed", "unfinished", "missing")},
+            "rows": rows, "reference": reference, "confusion": confusion, "runs": records,
+            "mvsa_agreement": agree is not None,
+            "notes": {"metrics": "test split; mean and sample standard deviation (ddof=1) over finished seeds; "
+                                 "std null when only one seed finished",
+                      "best": "best_<metric> marks the highest mean per column (ties: all); the reference row never",
+                      "agreement": "agree/disagree: test posts whose text and image labels (index field labels_agree) "
+                                   "agree / disagree; macro-F1 over the classes present in the subset"},
+        }
+    return tables
+
+
+# --------------------------------------------------------------------------------------------- output
+
+def _cell(s: dict[str, float | None], best: bool, style: str) -> str:
+    """``mean ± std`` (4 decimals; std ``-`` for one seed); best: bold in markdown, ``*`` in the terminal."""
+    if s["mean"] is None:
+        return "-"
+    std = "-" if s["std"] is None else f"{s['std']:.4f}"
+    text = f"{s['mean']:.4f} ± {std}"
+    if best:
+        text = f"**{text}**" if style == "md" else f"{text} *"
+    return text
+
+
+def _seeds_cell(row: dict[str, Any]) -> str:
+    text = f"{row['seeds_finished']}/{row['seeds_total']}"
+    return text + (f" ({row['seeds_failed']} failed)" if row["seeds_failed"] else "")
+
+
+def _table_rows(table: dict[str, Any], style: str) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """Headers and rows of the main table and (MVSA) of the agreement table."""
+    show_enc = len(table["encoders"]) > 1
+    lead = ["head", "features"] + (["encoder"] if show_enc else [])
+    headers = lead + ["seeds", *(METRIC_NAMES[k] for k in METRICS), "parameters", "train s"]
+    rows = []
+    for r in table["rows"]:
+        rows.append([r["head"], r["features"]] + ([r["encoder"]] if show_enc else []) + [
+            _seeds_cell(r), *(_cell(r[k], r[f"best_{k}"], style) for k in METRICS),
+            "-" if r["num_parameters"] is None else f"{r['num_parameters']:,}",
+            "-" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}"])
+    ref = table.get("reference")
+    if ref:
+        name = f"{ref['head'] or 'best model'}: {REPORTED_LABEL}"
+        rows.append([name, "-"] + (["-"] if show_enc else []) + ["-", *(
+            "-" if ref.get(k) is None else f"{ref[k]:.4f}" for k in METRICS), "-", "-"])
+    a_headers: list[str] = []
+    a_rows: list[list[str]] = []
+    if table.get("mvsa_agreement"):
+        a_headers = lead + [f"{part} {what}" for part in ("agree", "disagree")
+                            for what in ("n", *(METRIC_NAMES[k] for k in METRICS))]
+        for r in table["rows"]:
+            cells = [r["head"], r["features"]] + ([r["encoder"]] if show_enc else [])
+            for part in ("agree", "disagree"):
+                cells.append(str(r[part]["n"]))
+                cells += [_cell(r[part][k], r[f"best_{part}_{k}"], style) for k in METRICS]
+            a_rows.append(cells)
+    return headers, rows, a_headers, a_rows
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in [headers, *rows]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(lines)
+
+
+def _failures(table: dict[str, Any], limit: int = 10) -> list[str]:
+    failed = [x for x in table["runs"] if x["status"] == "failed"]
+    lines = [f"{x['run']}: {x['error']}" for x in failed[:limit]]
+    if len(failed) > limit:
+        lines.append(f"... and {len(failed) - limit} more (see the results JSON)")
+    return lines
+
+
+def _heading(table: dict[str, Any]) -> str:
+    c = table["counts"]
+    enc = table["encoders"][0] if len(table["encoders"]) == 1 else f"{len(table['encoders'])} encoder pairs"
+    text = (f"{table['dataset']}: {len(table['rows'])} configs x {len(table['seeds'])} seeds, encoders {enc}; "
+            f"{c['finished']} runs finished")
+    if c["failed"]:
+        text += f", {c['failed']} failed"
+    if c["unfinished"] or c["missing"]:
+        text += f", {c['unfinished'] + c['missing']} not run yet"
+    return text
+
+
+NOTE = ("test split; mean ± sample std (ddof=1) over the finished seeds, '-' when one seed finished; "
+        "best mean per column marked")
+
+
+def format_tables(tables: dict[str, dict[str, Any]]) -> str:
+    """The terminal version of every dataset's table (best marked with ``*``)."""
+    from extract.summary import format_table
+
+    out = []
+    for table in tables.values():
+        headers, rows, a_headers, a_rows = _table_rows(table, "text")
+        out += [_heading(table), format_table(headers, rows)]
+        if a_rows:
+            out += ["", "text and image labels agree vs disagree (test posts):", format_table(a_headers, a_rows)]
+        failures = _failures(table)
+        if failures:
+            out += ["", "failed runs:", *(f"  {f}" for f in failures)]
+        out.append("")
+    out.append(f"({NOTE} with *)")
+    return "\n".join(out)
+
+
+def _markdown(table: dict[str, Any]) -> str:
+    headers, rows, a_headers, a_rows = _table_rows(table, "md")
+    out = [f"# Ablation: {table['dataset']}", "", _heading(table) + ".", "",
+           f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
+           f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
+           f"**bold**. The reference row holds figures the paper reports, not measured here.", "",
+           _md_table(headers, rows)]
+    if a_rows:
+        out += ["", "## Text and image labels agree vs disagree", "",
+                "The same metrics on the test posts whose text and image labels agree (`labels_agree`) and on "
+                "those where they disagree; macro-F1 averages over the classes present in each subset.", "",
+                _md_table(a_headers, a_rows)]
+    if table.get("confusion"):
+        c = table["confusion"]
+        out += ["", f"## Confusion matrix of the best config ({c['head']}, {c['features']}, {c['encoder']}: "
+                    f"best mean macro-F1)", "", f"Rows = true class, columns = predicted; {c['how']}.", "",
+                _md_table(["true \\ predicted", *table["classes"]],
+                          [[cls, *map(str, row)] for cls, row in zip(table["classes"], c["matrix"], strict=True)])]
+    failures = _failures(table)
+    if failures:
+        out += ["", "## Failed runs", "", *(f"- `{f}`" for f in failures)]
+    return "\n".join(out) + "\n"
+
+
+def _csv(table: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["dataset", "kind", "head", "features", "encoder", "seeds_finished", "seeds_failed", "seeds_total"]
+    for k in METRICS:
+        head += [f"{k}_mean", f"{k}_std", f"best_{k}"]
+    head += ["num_parameters", "train_seconds_mean"]
+    parts = ("agree", "disagree") if table.get("mvsa_agreement") else ()
+    for part in parts:
+        head.append(f"{part}_n")
+        for k in METRICS:
+            head += [f"{part}_{k}_mean", f"{part}_{k}_std", f"best_{part}_{k}"]
+    w.writerow(head)
+
+    def num(v):
+        return "" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)
+
+    for r in table["rows"]:
+        line = [table["dataset"], "measured", r["head"], r["features"], r["encoder"], r["seeds_finished"],
+                r["seeds_failed"], r["seeds_total"]]
+        for k in METRICS:
+            line += [num(r[k]["mean"]), num(r[k]["std"]), r[f"best_{k}"]]
+        line += [num(r["num_parameters"]), num(r["train_seconds_mean"])]
+        for part in parts:
+            line.append(r[part]["n"])
+            for k in METRICS:
+                line += [num(r[part][k]["mean"]), num(r[part][k]["std"]), r[f"best_{part}_{k}"]]
+        w.writerow(line)
+    ref = table.get("reference")
+    if ref:
+        line = [table["dataset"], "reported", ref["head"] or "", "", REPORTED_LABEL, "", "", ""]
+        for k in METRICS:
+            line += [num(ref.get(k)), "", False]
+        line += ["", ""]
+        for _ in parts:
+            line += [""] + ["", "", False] * len(METRICS)
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *, plots: bool = True) -> dict[str, list[Path]]:
+    """``results/ablation_<dataset>.md|.csv|.json`` (+ ``.png`` and ``_confusion.png`` when matplotlib is
+    installed and ``plots``); returns the paths per dataset."""
+    results_dir = Path(results_dir)
+    written: dict[str, list[Path]] = {}
+    for dataset, table in tables.items():
+        stem = results_dir / f"ablation_{dataset}"
+        paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
+        _atomic_write(paths[0], _markdown(table))
+        _atomic_write(paths[1], _csv(table))
+        _atomic_write(paths[2], json.dumps(table, indent=2, default=str) + "\n")
+        if plots:
+            from fuse.plots import plot_table
+
+            paths += plot_table(table, results_dir)
+        written[dataset] = paths
+    return written
+
+
+# --------------------------------------------------------------------------------------------- API
+
+@dataclass
+class AblationConfig:
+    """What :func:`run_ablation` runs. ``base``: the TrainConfig every run starts from (default:
+    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: cores // jobs."""
+
+    datasets: list[str] | None = None
+    heads: list[str] | None = None
+    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    seeds: list[int] | int = DEFAULT_SEEDS
+    base: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: str = "cache"
+    runs_dir: str = "runs/ablate"
+    results_dir: str = "results"
+    jobs: int = 1
+    threads: int | None = None
+    shard: tuple[int, int] | None = None
+    force: bool = False
+    aggregate_only: bool = False
+    plots: bool = True
+
+
+@dataclass
+class AblationResult:
+    runs: list[GridRun]  # the whole grid
+    selected: list[GridRun]  # this shard's part
+    trained: list[str]
+    reused: list[str]
+    failed: dict[str, str]  # run name -> message (this call's failures)
+    tables: dict[str, dict[str, Any]]
+    files: dict[str, list[Path]]
+    seconds: float
+
+
+def run_ablation(config: AblationConfig) -> AblationResult:
+    """Expand the grid, train this shard's unfinished runs, aggregate every finished run of the grid and
+    write the result files."""
+    t0 = time.perf_counter()
+    runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
+                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir)
+    selected = shard_runs(runs, config.shard)
+    if config.aggregate_only:
+        done = {"trained": [], "reused": [], "failed": {}}
+    else:
+        done = run_grid(selected, jobs=config.jobs, threads=config.threads, force=config.force)
+    tables = aggregate(runs)
+    files = write_results(tables, config.results_dir, plots=config.plots)
+    return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
+                          failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0)
+
+
+def format_ablation(result: AblationResult) -> str:
+    """Tables plus a closing line: what was trained, reused, failed, and where the files are."""
+    shard = "" if len(result.selected) == len(result.runs) else f" (this shard: {len(result.selected)})"
+    lines = [format_tables(result.tables), "",
+             f"{len(result.runs)} runs in the grid{shard}: {len(result.trained)} trained, {len(result.reused)} "
+             f"reused, {len(result.failed)} failed, in {result.seconds:.1f}s"]
+    for dataset, paths in result.files.items():
+        lines.append(f"{dataset}: {', '.join(str(p) for p in paths)}")
+    return "\n".join(lines)
