@@ -315,19 +315,13 @@ def ablate(
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
     from extract.extraction import parse_shard
-    from fuse.ablate import AblationConfig, cpu_cores, format_ablation, run_ablation
+    from fuse.ablate import AblationConfig, format_ablation, resolve_jobs, run_ablation
     from fuse.train import TrainConfig
 
     base = TrainConfig.from_json(config).to_dict() if config is not None else {}
     flags = dict(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
     base.update({k: v for k, v in flags.items() if v is not None})
-    if jobs < 0:
-        raise BadInputError(f"--jobs must be >= 0, got {jobs}")
-    if jobs == 0:
-        import torch
-
-        want = base.get("device", "auto")
-        jobs = 1 if (want.startswith("cuda") or (want == "auto" and torch.cuda.is_available())) else min(cpu_cores(), 4)
+    jobs = resolve_jobs(jobs, base.get("device", "auto"))
     cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or ["cls", "tokens"],
                          seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
@@ -338,6 +332,31 @@ def ablate(
     if result.failed:
         raise PipelineError(f"{len(result.failed)} of {len(result.selected)} runs failed (listed in the tables and "
                             f"{cfg.results_dir}/ablation_<dataset>.json); rerun to retry them")
+
+
+@app.command()
+def demo(
+    cache_dir: Path = typer.Option(Path("cache"), help="cache root (demo data, tiny models and features go here)"),
+    runs_dir: Path = typer.Option(Path("runs/demo"), help="run folders of the demo grid"),
+    results_dir: Path = typer.Option(Path("results"), help="where the ablation tables go"),
+    seeds: int = typer.Option(3, help="seeds per configuration"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="parallel training processes (0 = auto)"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib)"),
+    n: int = typer.Option(600, "--n", help="demo posts to generate"),
+    epochs: int | None = typer.Option(None, help="max epochs per run (default 40)"),
+) -> None:
+    """Both stages end to end on the built-in demo data with tiny local encoders (~1-2 min on a CPU)."""
+    from extract.extraction import format_extract_summary
+    from fuse.ablate import format_ablation
+    from fuse.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(cache_dir=str(cache_dir), runs_dir=str(runs_dir), results_dir=str(results_dir),
+                                 seeds=seeds, jobs=jobs, plots=plots, n=n, epochs=epochs))
+    typer.echo(format_extract_summary(result.extract))
+    typer.echo("")
+    typer.echo(format_ablation(result.ablation))
+    if result.ablation.failed:
+        raise PipelineError(f"{len(result.ablation.failed)} demo run(s) failed; see the table above")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,6 +359,19 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_jobs(jobs: int, device: str = "auto") -> int:
+    """``jobs`` 0 = auto: one in-process worker on a GPU (runs share it one after the other), else one
+    process per core up to 4 (small heads scale across processes far better than across threads)."""
+    if jobs < 0:
+        raise BadInputError(f"--jobs must be >= 0, got {jobs}")
+    if jobs:
+        return jobs
+    import torch
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 1 if on_gpu else min(cpu_cores(), 4)
+
+
 def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False) -> dict[str, Any]:
     """Train every run of ``runs`` that is not finished (all of them with ``force``).
 

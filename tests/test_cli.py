@@ -40,7 +40,7 @@ def test_datasets_lists_names(capsys):
     listed = [ln for ln in out.splitlines() if ln and not ln.startswith(" ")]
     assert set(NAMES) <= set(listed)
     assert "layout:" in out
-    assert "option n=360 (int)" in out
+    assert "option n=600 (int)" in out
     assert "option strict_agree=False (bool)" in out
 
 

@@ -77,7 +77,7 @@ def _scribble(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
         draw.line([x0, y0, x1, y1], fill=col, width=int(rng.integers(1, 4)))
 
 
-def generate_demo(out_dir: Path, n: int = 360, seed: int = 0) -> Path:
+def generate_demo(out_dir: Path, n: int = 600, seed: int = 0) -> Path:
     """Write ``n`` posts (PNG images + ``manifest.csv``) into ``out_dir``; returns the manifest path.
 
     Reuses an existing folder made with the same ``n``, ``seed`` and generator version."""
@@ -131,7 +131,7 @@ def demo_words() -> list[str]:
     return sorted(words)
 
 
-def load_demo(root: Path, *, n: int = 360, seed: int = 0) -> LoadResult:
+def load_demo(root: Path, *, n: int = 600, seed: int = 0) -> LoadResult:
     generate_demo(root, n=n, seed=seed)
     result = load_folder(root, classes=",".join(SENTIMENT3))
     result.dataset = "demo"
@@ -143,6 +143,6 @@ register_dataset(DatasetSpec(
     description="built-in generated posts (sentiment in text, image, both, or only their combination)",
     layout="generated on first use into the data folder (default cache/demo/data)",
     loader=load_demo,
-    options={"n": (int, 360, "number of posts"), "seed": (int, 0, "generator seed")},
+    options={"n": (int, 600, "number of posts"), "seed": (int, 0, "generator seed")},
     default_dirs=("cache/demo/data",),
 ))

@@ -1,0 +1,23 @@
+"""`make demo` end to end (small): tiny encoders built locally, extraction, the ablation grid, tables."""
+
+import json
+
+import cli
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    args = ["demo", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results"), "--n", "60", "--seeds", "1", "--epochs", "2",
+            "--jobs", "1", "--no-plots"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for head in ("text_only", "image_only", "basic", "self_attention", "dual_attention"):
+        assert head in out
+    table = json.loads((tmp_path / "results" / "ablation_demo.json").read_text())
+    assert table  # written
+    assert (tmp_path / "cache" / "demo" / "index.h5").is_file()
+    # A second call reuses the cache and every run.
+    assert cli.main(args) == 0
+    out2 = capsys.readouterr().out
+    assert "up to date" in out2
+    assert "0 trained" in out2
