@@ -29,6 +29,7 @@ import inspect
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extract.errors import BadInputError
@@ -203,11 +204,31 @@ class _Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, q_in: Tensor, kv_in: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
+    # Set by FusionHead.forward: False (training, plain prediction) takes the fused SDPA kernel, which
+    # never materialises the (B, H, Lq, Lk) weights; True takes the explicit path below that returns them.
+    need_weights: bool = True
+
+    def forward(self, q_in: Tensor, kv_in: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor | None]:
         B, Lq, D = q_in.shape
         Lk = kv_in.shape[1]
+        has_any = key_mask.any(-1)  # (B,) False for a missing modality
+        if Lk == 1:
+            # One key: softmax gives it weight 1 whatever the query, so only the value projection is
+            # needed (q and k are skipped: a third of the work for vector cls/mean features).
+            w = has_any.to(kv_in.dtype)[:, None, None, None].expand(B, self.heads, Lq, 1)  # (B, H, Lq, 1)
+            v = F.linear(kv_in, self.kv.weight[D:], self.kv.bias[D:])  # (B, 1, D)
+            v = v.view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, 1, hd)
+            y = (self.drop(w) @ v).transpose(1, 2).reshape(B, Lq, D)
+            return self.out(y) * has_any.to(y.dtype)[:, None, None], (w if self.need_weights else None)
         q = self.q(q_in).view(B, Lq, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
         k, v = self.kv(kv_in).view(B, Lk, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if not self.need_weights:
+            # Rows without any real key would be all -inf (NaN); give them one dummy key and zero them after.
+            allowed = (key_mask | ~has_any[:, None])[:, None, None, :]  # (B, 1, 1, Lk) True = attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                               dropout_p=self.drop.p if self.training else 0.0)
+            y = y.transpose(1, 2).reshape(B, Lq, D)
+            return self.out(y) * has_any.to(y.dtype)[:, None, None], None
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, Lq, Lk)
         scores = scores.masked_fill(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
         has_key = key_mask.any(-1).to(scores.dtype)  # (B,) 0.0 for a missing modality
@@ -292,6 +313,9 @@ class FusionHead(nn.Module):
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """See module docstring. Returns logits (B, C) float32 [, attn dict]."""
+        for m in self.modules():
+            if isinstance(m, _Attention):
+                m.need_weights = return_attention
         t = self._prep(text, text_mask, "text")
         i = self._prep(image, image_mask, "image")
         if t is not None and i is not None and t[0].shape[0] != i[0].shape[0]:
