@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 __all__ = ["compute_metrics"]
 
@@ -21,6 +20,10 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) 
     lists, rows = true class, columns = predicted, in ``classes`` order). Classes absent from both
     arrays score 0 (no warnings); an empty input gives n = 0 and None scores.
     """
+    # sklearn costs ~0.8 s to import: deferred so commands that never score (cache info, extract,
+    # an ablation's parent process) do not pay it
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     labels = list(range(len(classes)))
     if y_true.size == 0:
