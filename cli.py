@@ -175,7 +175,7 @@ def extract(
     text_batch_size: int | None = typer.Option(None, "--text-batch-size", help="override --batch-size for text"),
     image_batch_size: int | None = typer.Option(None, "--image-batch-size", help="override --batch-size for images"),
     num_workers: int = typer.Option(2, "--num-workers", help="image decoding processes (0: main process)"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU torch threads (default: cores minus --num-workers)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU torch threads for the forward (default: all cores; fewer on a busy machine)"),
     patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
     force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
