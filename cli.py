@@ -361,6 +361,9 @@ def demo(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests with an argv list)."""
+    # transformers' own "Loading weights" bars would interleave with ours on every model load; set
+    # before transformers is first imported (commands import it lazily). Users can set it to 0.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rank = os.environ.get("RANK")  # set by torchrun: only rank 0 logs below warnings
     logging.basicConfig(level=logging.INFO if rank in (None, "0") else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s" if rank is None else
