@@ -492,6 +492,8 @@ class FeatureFile:
         for name in fields:
             if name not in FEATURE_FIELDS:
                 raise BadInputError(f"unknown cache field {name!r}; expected one of {', '.join(FEATURE_FIELDS)}")
+            if name not in self._f:  # a file written by another tool may lack an array
+                raise CacheError(f"{self.path} has no {name!r} array; re-extract it with this project")
             ds = self._f[name]
             arr = np.empty(ds.shape, dtype=ds.dtype)
             ds.read_direct(arr)

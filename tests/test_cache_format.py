@@ -65,3 +65,21 @@ def test_damaged_file_is_a_cache_error(tmp_path):
         _open(tmp_path / "text--m.h5", 3)
     with pytest.raises(CacheError):
         cf.FeatureFile(tmp_path / "text--m.h5")
+
+
+def test_load_of_an_absent_array_is_a_cache_error(tmp_path):
+    """A feature file from another tool without `tokens` gives a clear CacheError, not h5py's KeyError."""
+    import h5py
+    import pytest
+
+    from extract import cache_format as cf
+    from extract.errors import CacheError
+
+    path = tmp_path / "text--x.h5"
+    with cf.FeatureWriter.open(path, ids=["a", "b"], index_fp="f", modality="text", hidden_size=4, num_tokens=3,
+                               config={"m": 1}) as w:
+        w.finalize()
+    with h5py.File(path, "r+") as f:
+        del f["tokens"]
+    with cf.FeatureFile(path) as ff, pytest.raises(CacheError, match="no 'tokens' array"):
+        ff.load(("tokens",))
