@@ -42,6 +42,7 @@ INDEX_NAME = "index.h5"
 FAILURES_NAME = "failures.csv"
 MODALITIES = ("text", "image")
 FEATURE_FIELDS = ("cls", "mean", "tokens", "mask")
+DTYPES = ("float16", "float32")  # storage dtypes of cls / mean / tokens
 STR = h5py.string_dtype("utf-8")
 # Failure reasons are fixed-length so that writing one touches only preallocated raw bytes (variable-
 # length strings live in HDF5's global heap, i.e. metadata, which a kill -9 could leave half-written).
@@ -104,6 +105,16 @@ def index_fingerprint(ids: list[str], texts: list[str], image_paths: list[str]) 
 
 def _strs(ds) -> np.ndarray:
     return np.asarray(ds.asstr()[...], dtype=object)
+
+
+def _attrs(h5attrs) -> dict[str, Any]:
+    """An HDF5 attribute set as a plain dict (bytes decoded)."""
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5attrs.items()}
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The config keys whose values differ, for "made with different settings (...)" messages."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))) or "config"
 
 
 def _json_attr(attrs, key, default=None):
@@ -182,19 +193,10 @@ def read_index(path: str | Path) -> SampleIndex:
                 ids=_strs(f["id"]), labels=f["label"][...], splits=_strs(f["split"]), texts=_strs(f["text"]),
                 image_paths=_strs(f["image_path"]),
                 extra={k: (_strs(d) if d.dtype.kind == "O" else d[...]) for k, d in f["extra"].items()},
-                attrs={k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()},
+                attrs=_attrs(f.attrs),
             )
     except OSError as e:
         raise CacheError(f"cannot read sample index {path}: {e}") from None
-
-
-def update_splits(path: str | Path, splits: list[str], source: str) -> None:
-    """Re-split in place; features stay valid because the fingerprint ignores splits."""
-    with h5py.File(path, "r+") as f:
-        if len(splits) != f["split"].shape[0]:
-            raise CacheError(f"{path}: {len(splits)} splits for {f['split'].shape[0]} samples")
-        f["split"][...] = np.asarray(splits, dtype=object)
-        f.attrs["split_source"] = source
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -232,7 +234,7 @@ class FeatureWriter:
         (default ``arange(n)``; a shard holds a subset).
         """
         path = Path(path)
-        if dtype not in ("float16", "float32"):
+        if dtype not in DTYPES:
             raise BadInputError(f"cache dtype must be float16 or float32, got {dtype!r}")
         cfg_fp = fingerprint(config)
         if path.exists() and not force:
@@ -242,9 +244,7 @@ class FeatureWriter:
             if attrs.get("format") != "mmcache-features":
                 problems.append("not an mmcache feature file")
             elif attrs.get("config_fingerprint") != cfg_fp:
-                old = _json_attr(attrs, "config", {})
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                problems.append(f"made with different settings ({', '.join(diff) or 'config'})")
+                problems.append(f"made with different settings ({_config_diff(_json_attr(attrs, 'config', {}), config)})")
             elif attrs.get("index_fingerprint") != index_fp or list(_strs(f["id"])) != list(ids):
                 problems.append("made for a different sample index (ids, texts or image paths changed)")
             if problems:
@@ -291,10 +291,6 @@ class FeatureWriter:
                          fillvalue=False, dcpl=dcpl())
 
     # -- state
-    @property
-    def num_rows(self) -> int:
-        return int(self._f["id"].shape[0])
-
     def pending_rows(self) -> np.ndarray:
         """(P,) int64 rows not yet done, ascending."""
         return np.flatnonzero(~self._f["done"][...])
@@ -306,10 +302,6 @@ class FeatureWriter:
     def failed_rows(self) -> np.ndarray:
         """(F,) int64 rows done but not valid (recorded failures), ascending."""
         return np.flatnonzero(self._f["done"][...] & ~self._f["valid"][...])
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
 
     # -- writes
     def write(self, rows: np.ndarray, *, cls: np.ndarray, mean: np.ndarray, tokens: np.ndarray,
@@ -457,7 +449,7 @@ class FeatureFile:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
+        return _attrs(self._f.attrs)
 
     @property
     def ids(self) -> np.ndarray:
@@ -537,17 +529,18 @@ def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]
                 "size_bytes": path.stat().st_size}
     with FeatureFile(path, locking=locking) as ff:
         f = ff._f
+        done, valid, attrs = ff.done, ff.valid, ff.attrs  # each read once (cache info lists many files)
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
             "model": ff.provenance.get("model_id") or ff.config.get("model"),
-            "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(ff.done.sum()),
-            "valid": int(ff.valid.sum()), "failed": len(ff.failures()),
+            "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(done.sum()),
+            "valid": int(valid.sum()), "failed": int((done & ~valid).sum()),
             "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in FEATURE_FIELDS},
             "hidden_size": ff.hidden_size, "num_tokens": ff.num_tokens, "dtype": ff.dtype,
             "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
             "index_fingerprint": ff.index_fingerprint,
-            "config_fingerprint": ff.attrs.get("config_fingerprint"),
-            "created": ff.attrs.get("created"), "updated": ff.attrs.get("updated"),
+            "config_fingerprint": attrs.get("config_fingerprint"),
+            "created": attrs.get("created"), "updated": attrs.get("updated"),
             "last_run": _json_attr(f.attrs, "last_run"),
             "config": ff.config, "provenance": ff.provenance,
         }
@@ -655,7 +648,7 @@ def _read_shard_meta(path: Path, i: int, n: int) -> _ShardMeta:
         raise CacheError(f"cannot open shard {i} of {n} ({path}): {e}. Is an extract of it still running? "
                          f"If the file is damaged, rerun that shard with --force") from None
     with f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        attrs = _attrs(f.attrs)
         if attrs.get("format") != "mmcache-features":
             raise CacheError(f"{path} is not an mmcache feature file")
         shard = _json_attr(f.attrs, "shard")
@@ -716,11 +709,10 @@ def merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fal
     # same settings, same index: checked first, a mismatch is the most basic refusal
     for m in metas[1:]:
         if m.attrs.get("config_fingerprint") != ref.attrs.get("config_fingerprint"):
-            old, new = _json_attr(ref.attrs, "config", {}), _json_attr(m.attrs, "config", {})
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = _config_diff(_json_attr(ref.attrs, "config", {}), _json_attr(m.attrs, "config", {}))
             raise CacheMismatchError(
                 f"refusing to merge: {m.path.name} was made with different settings than {ref.path.name} "
-                f"({', '.join(diff) or 'config'}). Rerun that shard with the same settings as the others "
+                f"({diff}). Rerun that shard with the same settings as the others "
                 "(--force rebuilds it)")
         if m.attrs.get("index_fingerprint") != ref.attrs.get("index_fingerprint"):
             raise CacheMismatchError(

@@ -63,15 +63,6 @@ def collect(path: str | Path = "cache") -> list[dict[str, Any]]:
     return entries
 
 
-def _size(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def _state(e: dict) -> str:
     if e.get("in_use"):
         return "being written"
@@ -84,7 +75,7 @@ def _state(e: dict) -> str:
 
 def format_info(entries: list[dict[str, Any]]) -> str:
     """Tables: the index files, the feature files, then per feature file its arrays and provenance."""
-    from extract.summary import format_table
+    from extract.summary import format_table, human_bytes
 
     if not entries:
         return "no cache files found"
@@ -93,13 +84,13 @@ def format_info(entries: list[dict[str, Any]]) -> str:
     if idx:
         out.append(format_table(["index", "dataset", "samples", "splits", "fingerprint", "size"], [
             [e["path"], e["dataset"], e["samples"], " ".join(f"{k}={v}" for k, v in e["splits"].items()),
-             e["fingerprint"], _size(e["size_bytes"])] for e in idx]))
+             e["fingerprint"], human_bytes(e["size_bytes"])] for e in idx]))
     feats = [e for e in entries if e["kind"] == "features"]
     if feats:
         out += ["", format_table(
             ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
             [[e["path"], e["modality"], e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
-              "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], _size(e["size_bytes"])]
+              "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], human_bytes(e["size_bytes"])]
              for e in feats])]
     for e in feats:
         prov, conf = e["provenance"], e["config"]

@@ -431,11 +431,6 @@ class ImageEncoder:
     _source: dict = field(default_factory=dict, repr=False)
 
     @property
-    def processor(self):
-        """The checkpoint's image processor (picklable)."""
-        return self.preprocessor.processor
-
-    @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
@@ -488,10 +483,6 @@ class ImageEncoder:
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, gh'*gw', D), row-major
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return {"cls": cls, "mean": mean, "tokens": tokens, "mask": mask}
-
-    def encode_images(self, images: list) -> dict[str, torch.Tensor]:
-        """:meth:`preprocess` then :meth:`encode`."""
-        return self.encode(self.preprocess(images))
 
     def provenance(self) -> dict:
         """JSON-serialisable description of exactly what produced the features."""

@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 MODALITY_CHOICES = ("text", "image", "both")
-DTYPES = ("float16", "float32")
 EMPTY_TEXT = "empty text"
 DECODE_POLICY = "PIL full decode; RGB; alpha composited on white; first frame; no EXIF transpose"
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "tokenizer.json", "vocab.txt", "*.model")
@@ -108,7 +107,7 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.modality not in MODALITY_CHOICES:
             raise BadInputError(f"--modality must be one of {', '.join(MODALITY_CHOICES)}, got {self.modality!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype not in cf.DTYPES:
             raise BadInputError(f"--dtype must be float16 or float32, got {self.dtype!r}")
         for key in ("batch_size", "text_batch_size", "image_batch_size", "length_window"):
             v = getattr(self, key)
@@ -207,8 +206,6 @@ class IndexInfo:
     ids: list[str]
     texts: list[str]
     image_files: list[str | None]  # absolute paths for loading (None: no image path)
-    split_counts: dict[str, int]
-    split_source: str
 
 
 @dataclass
@@ -239,18 +236,9 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "failed"
 
 
-def _human_bytes(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def format_extract_summary(s: ExtractSummary) -> str:
     """The closing summary the CLI prints: one table row per modality, then failures by reason."""
-    from extract.summary import format_table
+    from extract.summary import format_table, human_bytes
 
     names = ", ".join(Path(m.path).name for m in s.modalities)
     head = (f"up to date: {s.cache_dir}/{Path(s.index_path).parent.name} ({names})" if s.up_to_date else
@@ -265,7 +253,7 @@ def format_extract_summary(s: ExtractSummary) -> str:
         rows.append([m.modality, Path(m.path).name, m.total, m.already_done, m.encoded, m.failed,
                      sum(m.failures.values()), m.valid, "yes" if m.complete else "NO",
                      f"{m.seconds:.1f}", "-" if m.up_to_date else f"{m.samples_per_s:.1f}",
-                     _human_bytes(m.size_bytes)])
+                     human_bytes(m.size_bytes)])
     out.append(format_table(["modality", "file", "total", "done before", "encoded", "failed now",
                              "failed all", "valid", "complete", "seconds", "samples/s", "size"], rows))
     fail_rows = [[m.modality, reason, n] for m in s.modalities for reason, n in sorted(m.failures.items())]
@@ -345,10 +333,8 @@ def prepare_index(cfg: ExtractConfig) -> IndexInfo:
         if status == "replaced":
             log.warning("sample index %s changed (ids, texts or image paths): existing feature files will be "
                         "refused until rebuilt with --force", path)
-    counts = Counter(split_list)
     return IndexInfo(path=path, dataset_dir=dataset_dir, status=status, fingerprint=fp, num_samples=len(ids),
-                     ids=ids, texts=texts, image_files=files, split_counts=dict(counts),
-                     split_source=splits.source)
+                     ids=ids, texts=texts, image_files=files)
 
 
 def load_index_info(path: str | Path) -> IndexInfo:
@@ -359,9 +345,7 @@ def load_index_info(path: str | Path) -> IndexInfo:
     root = Path(str(idx.attrs.get("root", path.parent)))
     files: list[str | None] = [str(root / p) if p else None for p in idx.image_paths]
     return IndexInfo(path=path, dataset_dir=path.parent, status="unchanged", fingerprint=idx.fingerprint,
-                     num_samples=len(idx), ids=list(idx.ids), texts=list(idx.texts), image_files=files,
-                     split_counts=dict(Counter(idx.splits.tolist())),
-                     split_source=str(idx.attrs.get("split_source", "")))
+                     num_samples=len(idx), ids=list(idx.ids), texts=list(idx.texts), image_files=files)
 
 
 # ---------------------------------------------------------------------------------------------- model identity
@@ -389,34 +373,34 @@ def _model_identity(model: str) -> tuple[str, str | None]:
     return str(p.resolve()), _HASH_CACHE[key]
 
 
-def text_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    """What determines a text file's values: its fingerprint must match to resume."""
-    from extract.encoders import TEXT_POOLING
-
+def _model_config(enc, modality: str, dtype: str, revision: str | None) -> dict[str, Any]:
+    """The part of a file's config both modalities share: which weights, stored how."""
     ident, weights = _model_identity(enc.model_id)
     prov = enc.provenance()
     return {
-        "format_version": cf.FORMAT_VERSION, "modality": "text", "model": ident, "revision": revision,
+        "format_version": cf.FORMAT_VERSION, "modality": modality, "model": ident, "revision": revision,
         "commit_hash": prov.get("commit_hash"), "weights_sha256": weights, "class_name": prov["class_name"],
-        "model_type": prov["model_type"], "tokenizer_class": prov["tokenizer_class"],
-        "hidden_size": enc.hidden_size, "max_length": enc.max_length, "truncation": True,
+        "model_type": prov["model_type"], "hidden_size": enc.hidden_size, "dtype": dtype,
+        "precision": enc.precision, "pooling": prov["pooling"],
+    }
+
+
+def text_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
+    """What determines a text file's values: its fingerprint must match to resume."""
+    return {
+        **_model_config(enc, "text", dtype, revision), "tokenizer_class": type(enc.tokenizer).__name__,
+        "max_length": enc.max_length, "truncation": True,
         "padding": "right; token states at mask False positions stored as 0",
-        "dtype": dtype, "precision": enc.precision, "pooling": dict(TEXT_POOLING),
     }
 
 
 def image_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
     """What determines an image file's values: its fingerprint must match to resume."""
-    ident, weights = _model_identity(enc.model_id)
-    prov = enc.provenance()
     return {
-        "format_version": cf.FORMAT_VERSION, "modality": "image", "model": ident, "revision": revision,
-        "commit_hash": prov.get("commit_hash"), "weights_sha256": weights, "class_name": prov["class_name"],
-        "model_type": prov["model_type"], "kind": enc.kind, "hidden_size": enc.hidden_size,
+        **_model_config(enc, "image", dtype, revision), "kind": enc.kind,
         "input_hw": list(enc.input_hw), "raw_grid": list(enc.raw_grid), "grid": list(enc.grid),
         "num_prefix_tokens": enc.num_prefix_tokens, "patch_pool": enc.patch_pool,
         "processor": enc.preprocessor.settings(), "decode": DECODE_POLICY,
-        "dtype": dtype, "precision": enc.precision, "pooling": prov["pooling"],
     }
 
 
@@ -564,7 +548,6 @@ def collate_image_rows(items):
 
 
 def _run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: ExtractConfig, bar) -> tuple[int, int]:
-    import torch
     from torch.utils.data import DataLoader
 
     bs = cfg.image_bs
@@ -593,8 +576,7 @@ def _run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extr
             pending = int(redo[np.asarray(batch)].sum())
             n_ok = 0
             if pixels is not None:
-                with torch.inference_mode():
-                    out = enc.encode(pixels)
+                out = enc.encode(pixels)  # inference mode: set by extract_shard around the loop
                 n_ok, more = _write_batch(writer, rows, out, cfg.dtype)
                 fails = fails + more
             _record_failures(writer, fails)

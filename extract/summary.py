@@ -35,6 +35,16 @@ def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
     }
 
 
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units; bytes shown whole)."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A plain-text table with right-aligned numbers (also used by the later stages' summaries)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]

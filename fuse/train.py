@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from extract.encoders import resolve_device  # torch only: transformers loads lazily there
 from extract.errors import BadInputError, PipelineError
 from fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
@@ -175,19 +176,6 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The resolved config a run saved."""
     return TrainConfig.from_json(Path(run_dir) / "config.json")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; anything else is checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BadInputError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {device!r} requested but CUDA is not available (use --device cpu)")
-    return dev
 
 
 # --------------------------------------------------------------------------------------------- results
