@@ -315,14 +315,13 @@ def ablate(
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
     from extract.extraction import parse_shard
-    from fuse.ablate import AblationConfig, format_ablation, resolve_jobs, run_ablation
+    from fuse.ablate import DEFAULT_FEATURES, AblationConfig, format_ablation, run_ablation
     from fuse.train import TrainConfig
 
     base = TrainConfig.from_json(config).to_dict() if config is not None else {}
     flags = dict(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
     base.update({k: v for k, v in flags.items() if v is not None})
-    jobs = resolve_jobs(jobs, base.get("device", "auto"))
-    cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or ["cls", "tokens"],
+    cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or list(DEFAULT_FEATURES),
                          seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,

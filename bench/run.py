@@ -339,7 +339,7 @@ def bench_training(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: 
     rows = []
     for features in ("cls", "tokens"):
         data = load_data("bench", modalities=("text", "image"), features=features, cache_dir=tmp / "cache",
-                         device="cpu" if cfg.device == "auto" and not _cuda() else cfg.device)
+                         device=cfg.device)
         for head in heads:
             tc = TrainConfig(head=head, dataset="bench", features=features, epochs=cfg.epochs, patience=0,
                              seed=cfg.seed, device=cfg.device, cache_dir=str(tmp / "cache"),
@@ -361,12 +361,6 @@ def bench_training(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: 
                           "extrapolated_run_s": epoch_s * ref["epochs"], "cached_run_s": ref["run_s"],
                           "cache_speedup": epoch_s * ref["epochs"] / ref["run_s"]}
     return {"rows": rows, "encoders_in_loop": loop}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------------ 4. memory
@@ -442,15 +436,12 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every section; write ``results.json`` and ``results.md`` into ``cfg.out_dir``."""
-    import torch
 
+    from extract.encoders import resolve_device
     from extract.tiny_models import build_preset
 
     cfg.validate()
-    device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and device != "cuda":
-        raise BadInputError("--device cuda requested but CUDA is not available")
-    cfg.device = device
+    cfg.device = device = resolve_device(cfg.device).type  # "auto" -> cuda or cpu; a missing GPU is an error
     t0 = time.perf_counter()
     work = Path(cfg.work_dir)
     text_dir, image_dir = build_preset(cfg.preset, work / "models")

@@ -61,7 +61,7 @@ from extract import cache_format as cf
 from extract.errors import BadInputError, CacheError, PipelineError
 from fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
 from fuse.heads import list_heads
-from fuse.train import FINISHED_MARKER, TrainConfig, train
+from fuse.train import FINISHED_MARKER, TrainConfig, atomic_write, train
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +157,13 @@ def run_key(config: TrainConfig, data_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
 
 
-def _index_fingerprint(path: Path) -> tuple[str, cf.SampleIndex]:
+def _index_fingerprint(path: Path) -> str:
     index = cf.read_index(path)
     h = hashlib.sha256()
     h.update(json.dumps([index.fingerprint, list(index.classes)]).encode("utf-8"))
     h.update(np.asarray(index.labels, dtype=np.int64).tobytes())
     h.update("\n".join(map(str, index.splits)).encode("utf-8"))
-    return h.hexdigest()[:16], index
+    return h.hexdigest()[:16]
 
 
 def _encoders(cache_dir: Path, dataset: str, explicit: bool) -> tuple[list[Encoder], dict[str, str]]:
@@ -233,7 +233,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
 
     runs: list[GridRun] = []
     for dataset in names:
-        index_fp, _ = _index_fingerprint(cache_dir / dataset / cf.INDEX_NAME)
+        index_fp = _index_fingerprint(cache_dir / dataset / cf.INDEX_NAME)
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
         for enc, feat, head, seed in product(encoders, features, heads, seed_list):
             cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
@@ -288,19 +288,12 @@ def run_status(run: GridRun) -> str:
     return "unfinished"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _record_failure(run: GridRun, err: BaseException | str) -> str:
     msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if not (run.run_dir / "config.json").is_file():
-        _atomic_write(run.run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
-    _atomic_write(run.run_dir / ERROR_FILE, json.dumps({"run": run.name, "error": msg}, indent=2) + "\n")
+        atomic_write(run.run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
+    atomic_write(run.run_dir / ERROR_FILE, json.dumps({"run": run.name, "error": msg}, indent=2) + "\n")
     return msg
 
 
@@ -343,10 +336,6 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fuse.train").setLevel(max(level, logging.WARNING))
     logging.getLogger("fuse.data").setLevel(max(level, logging.WARNING))
-
-
-def _worker_run(run: GridRun) -> dict[str, Any]:
-    return _execute(run)
 
 
 _SLOW_FIRST = {"self_attention": 0, "dual_attention": 1, "basic": 2}  # measured order of cost per run
@@ -427,7 +416,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         level = logging.getLogger().getEffectiveLevel()
         with cfut.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                       initargs=(threads, level)) as pool:
-            futures = {pool.submit(_worker_run, r): r for r in todo}
+            futures = {pool.submit(_execute, r): r for r in todo}
             try:
                 for fut in cfut.as_completed(futures):
                     r = futures[fut]
@@ -757,9 +746,9 @@ def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *,
     for dataset, table in tables.items():
         stem = results_dir / f"ablation_{dataset}"
         paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
-        _atomic_write(paths[0], _markdown(table))
-        _atomic_write(paths[1], _csv(table))
-        _atomic_write(paths[2], json.dumps(table, indent=2, default=str) + "\n")
+        atomic_write(paths[0], _markdown(table))
+        atomic_write(paths[1], _csv(table))
+        atomic_write(paths[2], json.dumps(table, indent=2, default=str) + "\n")
         if plots:
             from fuse.plots import plot_table
 
@@ -813,7 +802,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     if config.aggregate_only:
         done = {"trained": [], "reused": [], "failed": {}}
     else:
-        done = run_grid(selected, jobs=config.jobs, threads=config.threads, force=config.force)
+        done = run_grid(selected, jobs=resolve_jobs(config.jobs, config.base.device), threads=config.threads,
+                        force=config.force)
     tables = aggregate(runs)
     files = write_results(tables, config.results_dir, plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuse.ablate import AblationConfig, AblationResult, resolve_jobs, run_ablation
+from fuse.ablate import AblationConfig, AblationResult, run_ablation
 from fuse.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,5 +71,5 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     ablation = run_ablation(AblationConfig(
         datasets=["demo"], features=list(cfg.features), seeds=cfg.seeds,
         base=TrainConfig(**{**DEMO_TRAINING, **({"epochs": cfg.epochs} if cfg.epochs else {})}, device="cpu"), cache_dir=str(cache), runs_dir=cfg.runs_dir,
-        results_dir=cfg.results_dir, jobs=resolve_jobs(cfg.jobs, "cpu"), threads=cfg.threads, plots=cfg.plots))
+        results_dir=cfg.results_dir, jobs=cfg.jobs, threads=cfg.threads, plots=cfg.plots))
     return DemoResult(summary, ablation)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -189,13 +190,6 @@ class TrainResult:
     metrics: dict[str, Any]  # metrics.json
     history: list[dict[str, Any]]
 
-    @property
-    def test(self) -> dict[str, Any] | None:
-        return self.metrics.get("test")
-
-    @property
-    def val(self) -> dict[str, Any] | None:
-        return self.metrics.get("val")
 
 
 @dataclass
@@ -213,7 +207,9 @@ class EvalResult:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write via a temp file + rename (fsynced): a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -223,9 +219,10 @@ def _atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+@functools.lru_cache(maxsize=1)  # fixed for the process; an ablation writes it for every run
 def _library_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -238,6 +235,7 @@ def _library_versions() -> dict[str, str | None]:
     return out
 
 
+@functools.lru_cache(maxsize=1)  # one git subprocess per process, not per run
 def _git_commit() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
@@ -520,7 +518,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     save_file(tensors, str(tmp), metadata={"mmcache": json.dumps({"format": "mmcache-fusion-head", "head": config.head})})
     os.replace(tmp, run_dir / "model.safetensors")
     test_np = test_rows.cpu().numpy()
-    _atomic_write(run_dir / "predictions.csv",
+    atomic_write(run_dir / "predictions.csv",
                   _predictions_csv(data.ids[test_np], labels_np[test_np], split_probs["test"], classes))
     metrics = {
         "run": run_dir.name,
@@ -531,7 +529,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": len(history) < config.epochs,
-        "val": _score(split_probs["val"], labels_np[val_rows.cpu().numpy()], classes) if val_rows.numel() else None,
+        "val": _score(split_probs["val"], val_labels, classes) if val_rows.numel() else None,
         "test": _score(split_probs["test"], labels_np[test_np], classes) if test_rows.numel() else None,
         "train": _score(split_probs["train"], labels_np[train_rows.cpu().numpy()], classes),
         "samples": {s: int(r.numel()) for s, r in data.split_rows.items()},
@@ -623,7 +621,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
         out = run_dir / "evaluations"
         out.mkdir(exist_ok=True)
         ppath, mpath = out / f"{data.dataset}-{split}.csv", out / f"{data.dataset}-{split}.json"
-        _atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
+        atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
         _write_json(mpath, metrics)
     return EvalResult(run_dir=run_dir, dataset=data.dataset, split=split, metrics=metrics, dropped=data.dropped,
                       predictions_path=ppath, metrics_path=mpath)
