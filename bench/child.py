@@ -20,16 +20,16 @@ def _peak_mib() -> float:
 def main(argv: list[str]) -> None:
     kind, args = argv[0], json.loads(argv[1])
     if kind == "extract":
-        from extract.extraction import ExtractConfig, run_extract
+        from mmcache.extract.extraction import ExtractConfig, run_extract
 
         run_extract(ExtractConfig(dataset="folder", data_dir=args["data_dir"], cache_dir=args["cache_dir"],
                                   name="bench", text_model=args["text_model"], image_model=args["image_model"],
                                   device=args["device"], precision=args["precision"],
                                   num_workers=args["num_workers"], progress=False, force=True))
     elif kind == "train":
-        from fuse.data import load_data
-        from fuse.heads import list_heads
-        from fuse.train import TrainConfig, train
+        from mmcache.fuse.data import load_data
+        from mmcache.fuse.heads import list_heads
+        from mmcache.fuse.train import TrainConfig, train
 
         data = load_data("bench", modalities=("text", "image"), features=args["features"],
                          cache_dir=args["cache_dir"], device=args["device"])

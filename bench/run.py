@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 BENCH_DIR = Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ class BenchConfig:
     image_size: tuple[int, int] = (320, 240)  # generated JPEGs are resized by the processor, like real ones
 
     def validate(self) -> None:
-        from extract.tiny_models import PRESETS
+        from mmcache.extract.tiny_models import PRESETS
 
         if self.preset not in PRESETS:
             raise BadInputError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
@@ -74,9 +74,8 @@ class BenchConfig:
 def make_dataset(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> Path:
     """``n`` posts as a `folder` dataset: JPEG photos-like images (smooth noise + shapes) and texts of
     8-60 common words. Reused when it already exists with the same parameters."""
+    from mmcache.extract.tiny_models import DEFAULT_WORDS
     from PIL import Image, ImageDraw
-
-    from extract.tiny_models import DEFAULT_WORDS
 
     stamp = {"n": n, "seed": seed, "size": list(size), "v": 1}
     marker = root / "bench.json"
@@ -139,7 +138,7 @@ def _machine(device: str) -> dict[str, Any]:
 
 
 def _extract_cfg(cfg: BenchConfig, data_dir: Path, cache_dir: Path, text_dir: Path, image_dir: Path, **kw):
-    from extract.extraction import ExtractConfig
+    from mmcache.extract.extraction import ExtractConfig
 
     base = dict(dataset="folder", data_dir=str(data_dir), cache_dir=str(cache_dir), name="bench",
                 text_model=str(text_dir), image_model=str(image_dir), device=cfg.device,
@@ -153,7 +152,7 @@ def _extract_cfg(cfg: BenchConfig, data_dir: Path, cache_dir: Path, text_dir: Pa
 def _text_limit(enc, texts: list[str], bs: int, repeats: int) -> float:
     """Samples/s of ``enc.encode`` alone on pre-tokenized batches, cut exactly as ``extract`` cuts
     them (same length grouping), so the only difference from ours is everything around the forward."""
-    from extract.extraction import text_batches
+    from mmcache.extract.extraction import text_batches
 
     lengths = np.asarray([len(x) for x in enc.tokenizer(texts, truncation=True, max_length=enc.max_length)["input_ids"]])
     plan = text_batches(lengths, bs, window=64 * bs)
@@ -201,9 +200,9 @@ def _naive(enc, items: list[str], modality: str) -> float:
 
 
 def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
-    from extract.datasets import load_dataset
-    from extract.encoders import load_image_encoder, load_text_encoder
-    from extract.extraction import run_extract
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
+    from mmcache.extract.extraction import run_extract
 
     ds = load_dataset("folder", data_dir)
     texts = [s.text for s in ds.samples]
@@ -249,8 +248,8 @@ def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir
 # ------------------------------------------------------------------------------------------ 2. cache I/O
 
 def bench_cache_io(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
-    from extract import cache_format as cf
-    from extract.extraction import run_extract
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.extraction import run_extract
 
     folder = tmp / "cache" / "bench"
     image_file = next(p for p in cf.list_feature_files(folder) if p.name.startswith("image--"))
@@ -293,12 +292,11 @@ def _encoders_in_loop_epoch(cfg: BenchConfig, data_dir: Path, text_dir: Path, im
     """Seconds of ONE training epoch with the frozen encoders in the loop (decode, preprocess,
     tokenize, forward both encoders, then the head's forward/backward), on the train split."""
     import torch
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
+    from mmcache.extract.splits import resolve_splits
+    from mmcache.fuse.heads import create_head
     from PIL import Image
-
-    from extract.datasets import load_dataset
-    from extract.encoders import load_image_encoder, load_text_encoder
-    from extract.splits import resolve_splits
-    from fuse.heads import create_head
 
     ds = load_dataset("folder", data_dir)
     split = resolve_splits(ds.samples, seed=cfg.seed).assignment
@@ -331,9 +329,9 @@ def _encoders_in_loop_epoch(cfg: BenchConfig, data_dir: Path, text_dir: Path, im
 
 
 def bench_training(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
-    from fuse.data import load_data
-    from fuse.heads import list_heads
-    from fuse.train import TrainConfig, train
+    from mmcache.fuse.data import load_data
+    from mmcache.fuse.heads import list_heads
+    from mmcache.fuse.train import TrainConfig, train
 
     heads = list(cfg.heads or list_heads())
     rows = []
@@ -367,7 +365,7 @@ def bench_training(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: 
 
 def _child_peak_rss(kind: str, args: dict[str, Any]) -> float:
     """Peak RSS (MiB) of a fresh child process doing one job, its DataLoader workers included."""
-    cmd = [sys.executable, "-m", "bench.child", kind, json.dumps(args)]
+    cmd = [sys.executable, "-m", "mmcache.bench.child", kind, json.dumps(args)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"bench child {kind} failed: {out.stderr.strip()[-500:]}")
@@ -397,7 +395,7 @@ def _f(x, nd=1):
 
 
 def format_report(r: dict[str, Any]) -> str:
-    from extract.summary import format_table
+    from mmcache.extract.summary import format_table
 
     m = r["machine"]
     out = [f"## bench: preset {r['config']['preset']}, {r['extraction']['samples']} samples, device {m['device']}",
@@ -437,8 +435,8 @@ def format_report(r: dict[str, Any]) -> str:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every section; write ``results.json`` and ``results.md`` into ``cfg.out_dir``."""
 
-    from extract.encoders import resolve_device
-    from extract.tiny_models import build_preset
+    from mmcache.extract.encoders import resolve_device
+    from mmcache.extract.tiny_models import build_preset
 
     cfg.validate()
     cfg.device = device = resolve_device(cfg.device).type  # "auto" -> cuda or cpu; a missing GPU is an error

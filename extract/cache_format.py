@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from extract.errors import BadInputError, CacheError
+from mmcache.errors import BadInputError, CacheError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.h5"

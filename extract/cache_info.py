@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError
+from mmcache.extract import cache_format as cf
+
+from mmcache.errors import BadInputError, CacheError
 
 
 def _dataset_dirs(path: Path) -> list[Path]:
@@ -75,7 +76,7 @@ def _state(e: dict) -> str:
 
 def format_info(entries: list[dict[str, Any]]) -> str:
     """Tables: the index files, the feature files, then per feature file its arrays and provenance."""
-    from extract.summary import format_table, human_bytes
+    from mmcache.extract.summary import format_table, human_bytes
 
     if not entries:
         return "no cache files found"

@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from extract import tiny_models as tm
-from extract.datasets.demo import demo_words
+from mmcache.extract import tiny_models as tm
+from mmcache.extract.datasets.demo import demo_words
 
 log = logging.getLogger(__name__)
 

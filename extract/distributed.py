@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, PipelineError
-from extract.extraction import (
+from mmcache.extract import cache_format as cf
+from mmcache.extract.extraction import (
     ExtractConfig,
     ExtractSummary,
     ModalitySummary,
@@ -44,6 +43,8 @@ from extract.extraction import (
     prepare_index,
     run_extract,
 )
+
+from mmcache.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from extract.errors import BadInputError, ModelLoadError
+from mmcache.errors import BadInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mmcache.extract import cache_format as cf
+from mmcache.extract.images import DEFAULT_MAX_PIXELS, ImageFailure, load_image
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, PipelineError
-from extract.images import DEFAULT_MAX_PIXELS, ImageFailure, load_image
+from mmcache.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _reason_kind(reason: str) -> str:
 
 def format_extract_summary(s: ExtractSummary) -> str:
     """The closing summary the CLI prints: one table row per modality, then failures by reason."""
-    from extract.summary import format_table, human_bytes
+    from mmcache.extract.summary import format_table, human_bytes
 
     names = ", ".join(Path(m.path).name for m in s.modalities)
     head = (f"up to date: {s.cache_dir}/{Path(s.index_path).parent.name} ({names})" if s.up_to_date else
@@ -284,8 +284,8 @@ def _cache_name(cfg: ExtractConfig, root: Path) -> str:
 def prepare_index(cfg: ExtractConfig) -> IndexInfo:
     """Read the dataset, assign splits and (re)write ``<cache>/<name>/index.h5`` when its content
     changed. Image paths are stored relative to the dataset folder (absolute if outside it)."""
-    from extract.datasets import load_dataset
-    from extract.splits import resolve_splits
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.splits import resolve_splits
 
     result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
     splits = resolve_splits(result.samples, split_file=cfg.split_file, seed=cfg.seed)
@@ -613,7 +613,7 @@ def _torch_threads(enc, modality: str, cfg: ExtractConfig):
 
 
 def _load_encoder(modality: str, cfg: ExtractConfig):
-    from extract.encoders import load_image_encoder, load_text_encoder
+    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
 
     if modality == "text":
         return load_text_encoder(cfg.text_model, device=cfg.device, max_length=cfg.text_max_length,

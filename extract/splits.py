@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from mmcache.extract.datasets import Sample
+from mmcache.extract.textio import decode_bytes
 
-from extract.datasets import Sample
-from extract.errors import BadInputError
-from extract.textio import decode_bytes
+from mmcache.errors import BadInputError
 
 SPLITS = ("train", "val", "test")
 UNASSIGNED = "none"  # a sample that a split file does not mention: kept in the cache, used by no split

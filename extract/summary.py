@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from extract.datasets import LoadResult
-from extract.splits import SPLITS, UNASSIGNED, SplitResult
+from mmcache.extract.datasets import LoadResult
+from mmcache.extract.splits import SPLITS, UNASSIGNED, SplitResult
 
 
 def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:

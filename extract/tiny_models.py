@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -56,12 +56,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mmcache.extract import cache_format as cf
+from mmcache.fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
+from mmcache.fuse.heads import list_heads
+from mmcache.fuse.train import FINISHED_MARKER, TrainConfig, atomic_write, train
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError, PipelineError
-from fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
-from fuse.heads import list_heads
-from fuse.train import FINISHED_MARKER, TrainConfig, atomic_write, train
+from mmcache.errors import BadInputError, CacheError, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -334,8 +334,8 @@ def _worker_init(threads: int, level: int) -> None:
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fuse.train").setLevel(max(level, logging.WARNING))
-    logging.getLogger("fuse.data").setLevel(max(level, logging.WARNING))
+    logging.getLogger("mmcache.fuse.train").setLevel(max(level, logging.WARNING))
+    logging.getLogger("mmcache.fuse.data").setLevel(max(level, logging.WARNING))
 
 
 _SLOW_FIRST = {"self_attention": 0, "dual_attention": 1, "basic": 2}  # measured order of cost per run
@@ -400,7 +400,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         logger.info("[%d/%d] %s: %s (%.1fs)", len(outcomes), len(todo), out["name"], what, out["seconds"])
 
     if jobs == 1:
-        quiet = [logging.getLogger(n) for n in ("fuse.train", "fuse.data")]
+        quiet = [logging.getLogger(n) for n in ("mmcache.fuse.train", "mmcache.fuse.data")]
         levels = [lg.level for lg in quiet]
         for lg in quiet:
             lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
@@ -658,7 +658,7 @@ NOTE = ("test split; mean ± sample std (ddof=1) over the finished seeds, '-' wh
 
 def format_tables(tables: dict[str, dict[str, Any]]) -> str:
     """The terminal version of every dataset's table (best marked with ``*``)."""
-    from extract.summary import format_table
+    from mmcache.extract.summary import format_table
 
     out = []
     for table in tables.values():
@@ -750,7 +750,7 @@ def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *,
         atomic_write(paths[1], _csv(table))
         atomic_write(paths[2], json.dumps(table, indent=2, default=str) + "\n")
         if plots:
-            from fuse.plots import plot_table
+            from mmcache.fuse.plots import plot_table
 
             paths += plot_table(table, results_dir)
         written[dataset] = paths

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmcache.extract import cache_format as cf
 from torch import Tensor
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError
+from mmcache.errors import BadInputError, CacheError
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuse.ablate import AblationConfig, AblationResult, run_ablation
-from fuse.train import TrainConfig
+from mmcache.fuse.ablate import AblationConfig, AblationResult, run_ablation
+from mmcache.fuse.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class DemoResult:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from extract.cache_format import CacheMismatchError
-    from extract.demo_models import ensure_demo_models
-    from extract.extraction import ExtractConfig, run_extract
+    from mmcache.extract.cache_format import CacheMismatchError
+    from mmcache.extract.demo_models import ensure_demo_models
+    from mmcache.extract.extraction import ExtractConfig, run_extract
 
     cache = Path(cfg.cache_dir)
     text_dir, image_dir = ensure_demo_models(cache / "models")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from extract import cache_format as cf
+from mmcache.extract import cache_format as cf
 
 CLASSES = ["negative", "neutral", "positive"]
 

@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmcache.extract.encoders import resolve_device  # torch only: transformers loads lazily there
+from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
+from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
+from mmcache.fuse.metrics import compute_metrics
 from torch import Tensor
 
-from extract.encoders import resolve_device  # torch only: transformers loads lazily there
-from extract.errors import BadInputError, PipelineError
-from fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
-from fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
-from fuse.metrics import compute_metrics
+from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -10,16 +10,16 @@ import math
 import statistics
 from pathlib import Path
 
+import mmcache.fuse.ablate as ab
 import numpy as np
 import pytest
+from mmcache.extract import cache_format as cf
+from mmcache.fuse.heads import list_heads
+from mmcache.fuse.synthetic import make_cache
+from mmcache.fuse.train import TrainConfig
 
-import cli
-import fuse.ablate as ab
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError
-from fuse.heads import list_heads
-from fuse.synthetic import make_cache
-from fuse.train import TrainConfig
+from mmcache import cli
+from mmcache.errors import BadInputError, CacheError
 
 TINY = TrainConfig(dim=8, heads=2, epochs=1, batch_size=16, eval_batch_size=64, lr=3e-3, patience=0, device="cpu")
 TINY_FLAGS = ["--dim", "8", "--epochs", "1", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu", "--threads", "1"]
@@ -357,9 +357,9 @@ def test_plots_optional(caches, tmp_path, monkeypatch):
     paths = ab.write_results(tables, tmp_path / "res")["synth"]
     assert [p.name for p in paths[3:]] == ["ablation_synth.png", "ablation_synth_confusion.png"]
     assert all(p.stat().st_size > 1000 for p in paths[3:])
-    import fuse.plots
+    import mmcache.fuse.plots
 
-    monkeypatch.setattr(fuse.plots, "_pyplot", lambda: None)  # as without matplotlib
+    monkeypatch.setattr(mmcache.fuse.plots, "_pyplot", lambda: None)  # as without matplotlib
     assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 3
 
 

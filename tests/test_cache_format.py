@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mmcache.extract import cache_format as cf
 
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError
+from mmcache.errors import BadInputError, CacheError
 
 
 def _open(path, n, d=4, length=3, **kw):
@@ -71,9 +71,9 @@ def test_load_of_an_absent_array_is_a_cache_error(tmp_path):
     """A feature file from another tool without `tokens` gives a clear CacheError, not h5py's KeyError."""
     import h5py
     import pytest
+    from mmcache.extract import cache_format as cf
 
-    from extract import cache_format as cf
-    from extract.errors import CacheError
+    from mmcache.errors import CacheError
 
     path = tmp_path / "text--x.h5"
     with cf.FeatureWriter.open(path, ids=["a", "b"], index_fp="f", modality="text", hidden_size=4, num_tokens=3,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from mmcache import cli
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("demo", "folder", "memotion", "mvsa_single", "mvsa_multiple")

@@ -14,11 +14,11 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+from mmcache.extract.datasets import SENTIMENT3, get_dataset, list_datasets, load_dataset
+from mmcache.extract.datasets.demo import demo_words, generate_demo
 from PIL import Image
 
-from extract.datasets import SENTIMENT3, get_dataset, list_datasets, load_dataset
-from extract.datasets.demo import demo_words, generate_demo
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 EXPECTED_DATASETS = {"demo", "folder", "memotion", "mvsa_single", "mvsa_multiple"}
 

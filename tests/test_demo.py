@@ -2,7 +2,7 @@
 
 import json
 
-import cli
+from mmcache import cli
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):

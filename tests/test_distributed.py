@@ -18,14 +18,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from mmcache.extract import cache_format as cf
+from mmcache.extract import tiny_models as tm
+from mmcache.extract.distributed import launch_env, rank_device
+from mmcache.extract.extraction import ExtractConfig, parse_shard, run_extract
 from PIL import Image
 
-import cli
-from extract import cache_format as cf
-from extract import tiny_models as tm
-from extract.distributed import launch_env, rank_device
-from extract.errors import BadInputError, CacheError
-from extract.extraction import ExtractConfig, parse_shard, run_extract
+from mmcache import cli
+from mmcache.errors import BadInputError, CacheError
 
 REPO = Path(__file__).resolve().parents[1]
 N = 13  # odd: shards of 6 and 7 rows
@@ -135,8 +135,8 @@ def test_torchrun_two_ranks_equals_single_process(data, models, reference, tmp_p
 _CRASH = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from extract import cache_format as cf
-from extract.errors import PipelineError
+from mmcache.extract import cache_format as cf
+from mmcache.errors import PipelineError
 _write, _calls = cf.FeatureWriter.write, [0]
 def write(self, rows, **kw):  # rank 1 dies hard (kill -9) or raises, after {after} batches
     _write(self, rows, **kw)
@@ -146,7 +146,7 @@ def write(self, rows, **kw):  # rank 1 dies hard (kill -9) or raises, after {aft
             os.kill(os.getpid(), 9)
         raise PipelineError("disk full (test)")
 cf.FeatureWriter.write = write
-import cli
+from mmcache import cli
 sys.exit(cli.main())
 """
 

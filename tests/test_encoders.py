@@ -10,12 +10,12 @@ import pickle
 
 import pytest
 import torch
+from mmcache.extract import tiny_models as tm
+from mmcache.extract.encoders import load_image_encoder, load_text_encoder
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from extract import tiny_models as tm
-from extract.encoders import load_image_encoder, load_text_encoder
-from extract.errors import BadInputError, ModelLoadError
+from mmcache.errors import BadInputError, ModelLoadError
 
 TEXT_HIDDEN = 48  # deliberately not a default anywhere
 TEXTS = [

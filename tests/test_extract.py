@@ -22,14 +22,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from mmcache.extract import cache_format as cf
+from mmcache.extract import tiny_models as tm
+from mmcache.extract.extraction import ExtractConfig, run_extract, shard_rows, text_batches
+from mmcache.extract.images import ImageFailure, load_image
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from extract import cache_format as cf
-from extract import tiny_models as tm
-from extract.errors import BadInputError, CacheError
-from extract.extraction import ExtractConfig, run_extract, shard_rows, text_batches
-from extract.images import ImageFailure, load_image
+from mmcache.errors import BadInputError, CacheError
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ("i love this movie it is great and happy but the weather was awful so we hate rain today "
@@ -321,13 +321,13 @@ def test_shards_partition_rows_and_match_single_run(good_run, good_data, models,
 _CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from extract import cache_format as cf
+from mmcache.extract import cache_format as cf
 _orig = cf._write_rows
 def _slow(ds, rows, sel, values):  # slow every dataset write: the kill lands anywhere in a batch
     _orig(ds, rows, sel, values)
     time.sleep(0.01)
 cf._write_rows = _slow
-from extract.extraction import ExtractConfig, run_extract
+from mmcache.extract.extraction import ExtractConfig, run_extract
 run_extract(ExtractConfig(**json.loads(sys.argv[1])))
 """
 
@@ -378,9 +378,10 @@ def test_kill9_then_resume_equals_uninterrupted_run(tmp_path, models):
 # --------------------------------------------------------------------------------------------- CLI
 
 def test_cli_extract_demo_end_to_end(tmp_path, capsys):
-    import cli
-    from extract.datasets.demo import demo_words
-    from extract.demo_models import ensure_demo_models
+    from mmcache.extract.datasets.demo import demo_words
+    from mmcache.extract.demo_models import ensure_demo_models
+
+    from mmcache import cli
 
     text_dir, image_dir = ensure_demo_models(tmp_path / "models")
     stamp = (text_dir / tm.MARKER_NAME).stat().st_mtime_ns

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from mmcache.fuse.heads import list_heads
 
-import cli
-from fuse.heads import list_heads
+from mmcache import cli
 
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
-    from extract.demo_models import ensure_demo_models
+    from mmcache.extract.demo_models import ensure_demo_models
 
     root = tmp_path_factory.mktemp("e2e")
     text_dir, image_dir = ensure_demo_models(root / "models")

@@ -13,15 +13,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from mmcache.extract import cache_format as cf
+from mmcache.fuse.data import load_data
+from mmcache.fuse.heads import head_uses, list_heads
+from mmcache.fuse.metrics import compute_metrics
+from mmcache.fuse.synthetic import CLASSES, make_cache
+from mmcache.fuse.train import TrainConfig, evaluate, load_run_config, train
 
-import cli
-from extract import cache_format as cf
-from extract.errors import BadInputError, CacheError
-from fuse.data import load_data
-from fuse.heads import head_uses, list_heads
-from fuse.metrics import compute_metrics
-from fuse.synthetic import CLASSES, make_cache
-from fuse.train import TrainConfig, evaluate, load_run_config, train
+from mmcache import cli
+from mmcache.errors import BadInputError, CacheError
 
 HEADS = list_heads()
 FEATURES = ["cls", "mean", "tokens"]

@@ -7,9 +7,9 @@ that mixes up the two projections fails loudly.
 
 import pytest
 import torch
+from mmcache.fuse.heads import count_parameters, create_head, head_uses, list_heads
 
-from extract.errors import BadInputError
-from fuse.heads import count_parameters, create_head, head_uses, list_heads
+from mmcache.errors import BadInputError
 
 HEADS = list_heads()
 ATTENTION_HEADS = {"self_attention", "dual_attention"}

@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from mmcache.extract.datasets import load_dataset
 
-import cli
-from extract.datasets import load_dataset
+from mmcache import cli
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEMOTION = DATA / "memotion7k"

@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from mmcache.extract.datasets import SENTIMENT3, Sample
+from mmcache.extract.splits import SPLITS, UNASSIGNED, read_split_file, resolve_splits, stratified_split
 
-from extract.datasets import SENTIMENT3, Sample
-from extract.errors import BadInputError
-from extract.splits import SPLITS, UNASSIGNED, read_split_file, resolve_splits, stratified_split
+from mmcache.errors import BadInputError
 
 CLASS_SIZES = {0: 53, 1: 17, 2: 7}  # uneven, and none a multiple of 10
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 SENTIMENT3 = ("positive", "neutral", "negative")  # index = label id; matches the MVSA split files (0=pos)
 MAX_EXAMPLES = 5  # ids kept per reason in a report, enough to go and look without flooding it
@@ -177,4 +177,4 @@ def _load_builtin() -> None:
     global _BUILTIN_LOADED
     if not _BUILTIN_LOADED:
         _BUILTIN_LOADED = True
-        from extract.datasets import demo, folder, memotion, mvsa  # noqa: F401
+        from mmcache.extract.datasets import demo, folder, memotion, mvsa  # noqa: F401

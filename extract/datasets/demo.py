@@ -20,11 +20,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadResult, register_dataset
+from mmcache.extract.datasets.folder import load_folder
 from PIL import Image, ImageDraw
 
-from extract.datasets import SENTIMENT3, DatasetSpec, LoadResult, register_dataset
-from extract.datasets.folder import load_folder
-from extract.errors import BadInputError
+from mmcache.errors import BadInputError
 
 GENERATOR_VERSION = 1
 CUE_WORDS = {

@@ -12,9 +12,10 @@ import io
 import json
 from pathlib import Path
 
-from extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
-from extract.errors import BadInputError
-from extract.textio import clean_text, decode_bytes, safe_child
+from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
+from mmcache.extract.textio import clean_text, decode_bytes, safe_child
+
+from mmcache.errors import BadInputError
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 SPLITS = ("train", "val", "test")

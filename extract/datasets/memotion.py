@@ -9,9 +9,10 @@ import csv
 import io
 from pathlib import Path
 
-from extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
-from extract.errors import BadInputError
-from extract.textio import clean_text, decode_bytes, looks_like_html, safe_child
+from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
+from mmcache.extract.textio import clean_text, decode_bytes, looks_like_html, safe_child
+
+from mmcache.errors import BadInputError
 
 SENTIMENT5 = ("very_positive", "positive", "neutral", "negative", "very_negative")
 TO_TASK_A = {"very_positive": "positive", "positive": "positive", "neutral": "neutral",

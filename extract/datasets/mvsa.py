@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
-from extract.errors import BadInputError
-from extract.textio import clean_text, decode_bytes, safe_child
+from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
+from mmcache.extract.textio import clean_text, decode_bytes, safe_child
+
+from mmcache.errors import BadInputError
 
 LABEL_FILE = "labelResultAll.txt"
 _POLAR = {"positive", "negative"}

@@ -1,0 +1,388 @@
+"""Command line for both stages. Thin on purpose: parse, call the library, print, map errors to exit
+codes (2 = bad input, 1 = runtime failure). Run as ``python cli.py ...`` from a checkout, or as the
+``mmcache`` command / ``python -m mmcache`` once installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from mmcache.errors import BadInputError, PipelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Extract BERT/DINOv2 features once into an HDF5 cache; train fusion heads on it.")
+
+OptionList = list[str] | None
+
+
+def _options(pairs: OptionList) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--option expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+@app.command()
+def datasets() -> None:
+    """List the known datasets and the folder layout each expects."""
+    from mmcache.extract.datasets import get_dataset, list_datasets
+
+    for name in list_datasets():
+        spec = get_dataset(name)
+        typer.echo(f"{name}\n  {spec.description}\n  layout: {spec.layout}")
+        for opt, (typ, default, helptext) in spec.options.items():
+            typer.echo(f"  option {opt}={default!r} ({typ.__name__}): {helptext}")
+        if spec.default_dirs:
+            typer.echo(f"  default folder: {' or '.join(spec.default_dirs)}")
+        if spec.download:
+            typer.echo(f"  download: {spec.download}")
+
+
+@app.command()
+def inspect(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="dataset name (see `datasets`)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="dataset folder (default: per dataset)"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
+    seed: int = typer.Option(0, help="seed of the stratified split"),
+    option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Counts per class and split, dropped samples by reason, decode fallbacks."""
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.splits import resolve_splits
+    from mmcache.extract.summary import format_summary, summarize
+
+    result = load_dataset(dataset, data_dir, **_options(option))
+    summary = summarize(result, resolve_splits(result.samples, split_file=split_file, seed=seed))
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+# --------------------------------------------------------------------------------------------- stage two
+
+def _head_options(pairs: OptionList) -> dict:
+    """--head-option KEY=VALUE pairs; values parse as JSON when they can (numbers, true/false)."""
+    out = {}
+    for key, value in _options(pairs).items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command("train-fusion")
+def train_fusion(
+    head: str | None = typer.Option(None, "--head", help="fusion head (text_only, image_only, basic, self_attention, dual_attention)"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="cached dataset (default: the only one in --cache-dir)"),
+    features: str | None = typer.Option(None, "--features", help="cls | mean | tokens (default cls)"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file (when the dataset has several)"),
+    image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file (when the dataset has several)"),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config (e.g. a run's config.json); flags override it"),
+    dim: int | None = typer.Option(None, "--dim", help="shared latent width (default 256)"),
+    layers: int | None = typer.Option(None, "--layers", help="attention layers (default 1)"),
+    heads: int | None = typer.Option(None, "--heads", help="attention heads (default 4)"),
+    dropout: float | None = typer.Option(None, "--dropout", help="dropout (default 0.1)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="max epochs (default 30)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="batch size (default 32)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (default 3e-4)"),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.01)"),
+    warmup_frac: float | None = typer.Option(None, "--warmup-frac", help="share of steps for linear warm-up (default 0.1)"),
+    grad_clip: float | None = typer.Option(None, "--grad-clip", help="max gradient norm, 0 = off (default 1.0)"),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="(default 0)"),
+    class_balanced: bool | None = typer.Option(None, "--class-balanced/--no-class-balanced", help="inverse-frequency class weights in the loss"),
+    patience: int | None = typer.Option(None, "--patience", help="early-stop after N epochs without val macro-F1 gain, 0 = off (default 5)"),
+    seed: int | None = typer.Option(None, "--seed", help="seed (default 0)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (default on; CPU never)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's; 1 is often fastest for small heads)"),
+    head_option: OptionList = typer.Option(None, "--head-option", help="head-specific KEY=VALUE (repeatable)"),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default cache)"),
+    runs_dir: str | None = typer.Option(None, "--runs-dir", help="where run folders go (default runs)"),
+    run_name: str | None = typer.Option(None, "--run-name", help="run folder name (default <dataset>-<head>-<features>-s<seed>-<time>)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print metrics.json instead of the summary"),
+) -> None:
+    """Train a fusion head on cached features; writes runs/<name>/ and prints a summary table."""
+    from mmcache.fuse.report import format_train
+    from mmcache.fuse.train import TrainConfig, train
+
+    base = {}
+    if config is not None:
+        base = TrainConfig.from_json(config).to_dict()
+    flags = dict(head=head, dataset=dataset, features=features, text_cache=text_cache, image_cache=image_cache,
+                 dim=dim, layers=layers, heads=heads, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, warmup_frac=warmup_frac, grad_clip=grad_clip,
+                 label_smoothing=label_smoothing, class_balanced=class_balanced, patience=patience, seed=seed,
+                 device=device, amp=amp, threads=threads, cache_dir=cache_dir, runs_dir=runs_dir, run_name=run_name)
+    if head_option:
+        flags["head_options"] = _head_options(head_option)
+    merged = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    if config is not None and dataset is not None and dataset != base.get("dataset"):
+        merged.update(text_cache=text_cache, image_cache=image_cache)  # the config's files belong to its dataset
+    if "head" not in merged:
+        from mmcache.fuse.heads import list_heads
+
+        raise BadInputError(f"--head is required (or --config); heads: {', '.join(list_heads())}")
+    result = train(TrainConfig.from_dict(merged), progress=not quiet and sys.stderr.isatty())
+    typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="run folder written by train-fusion"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="score on another cached dataset (same encoders, same classes)"),
+    split: str = typer.Option("test", "--split", help="train | val | test"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file of that dataset"),
+    image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file of that dataset"),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default: the run's)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default: the run's, else auto)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
+) -> None:
+    """Score a saved run again (its own test split, or another dataset's: cross-dataset evaluation)."""
+    from mmcache.fuse.report import format_eval
+    from mmcache.fuse.train import evaluate as evaluate_run
+
+    result = evaluate_run(run, dataset, split, cache_dir=cache_dir, text_cache=text_cache, image_cache=image_cache,
+                          device=device)
+    typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
+
+
+# --------------------------------------------------------------------------------------------- stage one
+
+@app.command()
+def extract(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="dataset name (see `datasets`)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="dataset folder (default: per dataset)"),
+    modality: str = typer.Option("both", "--modality", help="text | image | both"),
+    text_model: str = typer.Option("bert-base-uncased", "--text-model", help="BERT-family hub id or local folder"),
+    image_model: str = typer.Option("facebook/dinov2-base", "--image-model", help="vision backbone hub id or local folder"),
+    text_revision: str | None = typer.Option(None, "--text-revision", help="hub revision of the text model"),
+    image_revision: str | None = typer.Option(None, "--image-revision", help="hub revision of the image model"),
+    text_max_length: int = typer.Option(128, "--text-max-length", help="tokens stored per text (truncated beyond)"),
+    dtype: str = typer.Option("float16", "--dtype", help="storage dtype: float16 | float32"),
+    precision: str = typer.Option("auto", "--precision", help="compute: auto | fp32 | bf16 | fp16 (autocast on GPU)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(32, "--batch-size", help="samples per forward pass"),
+    text_batch_size: int | None = typer.Option(None, "--text-batch-size", help="override --batch-size for text"),
+    image_batch_size: int | None = typer.Option(None, "--image-batch-size", help="override --batch-size for images"),
+    num_workers: int = typer.Option(2, "--num-workers", help="image decoding processes (0: main process)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU torch threads for the forward (default: all cores; fewer on a busy machine)"),
+    patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
+    force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
+    seed: int = typer.Option(0, "--seed", help="seed of the stratified split"),
+    option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root"),
+    name: str | None = typer.Option(None, "--name", help="cache folder name (default: the dataset name)"),
+    max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="refuse larger images (decompression bombs)"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n (or i with --num-shards n): extract only shard i of n into its own .shard file; combine with `cache merge`"),
+    num_shards: int | None = typer.Option(None, "--num-shards", help="n, with --shard i (job arrays: --shard $TASK_ID --num-shards n)"),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="torchrun: keep the per-rank shard files after the verified merge"),
+    dist_backend: str = typer.Option("auto", "--dist-backend", help="torchrun: auto (nccl on CUDA, gloo on CPU) | gloo | nccl"),
+    dist_timeout_hours: float = typer.Option(48.0, "--dist-timeout-hours", help="torchrun: longest wait at the start/end barrier"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Run the encoders once over a dataset into the resumable HDF5 cache (cache/<dataset>/...)."""
+    from mmcache.extract.distributed import launch_env, run_distributed_extract
+    from mmcache.extract.extraction import ExtractConfig, format_extract_summary, parse_shard
+
+    cfg = ExtractConfig(
+        dataset=dataset, data_dir=data_dir, options=_options(option), cache_dir=cache_dir, name=name,
+        modality=modality, text_model=text_model, image_model=image_model, text_revision=text_revision,
+        image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
+        device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
+        num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
+        split_file=split_file, seed=seed, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
+    )
+    if max_image_pixels is not None:
+        cfg.max_image_pixels = max_image_pixels
+    env = launch_env()  # None unless started by torchrun
+    summary = run_distributed_extract(cfg, env, keep_shards=keep_shards, backend=dist_backend,
+                                      timeout_s=dist_timeout_hours * 3600)
+    if env is None or env.is_main:
+        typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Look at the feature cache; merge shards.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(
+    path: Path = typer.Argument(Path("cache"), help="a cache file, a dataset folder, or the cache root"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Every cache file: shapes, dtypes, size on disk, provenance, completeness, failure count."""
+    from mmcache.extract.cache_info import collect, format_info
+
+    entries = collect(path)
+    typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
+
+
+@cache_app.command("merge")
+def cache_merge(
+    paths: list[Path] = typer.Argument(..., help="dataset folder(s) and/or shard files (*.shard-<i>-of-<n>.h5)"),
+    keep_shards: bool = typer.Option(False, "--keep-shards", help="keep the shard files after the verified merge"),
+    force: bool = typer.Option(False, "--force", help="replace a merged file made with other settings"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Combine the shard files of `extract --shard i/n` runs into the normal feature file."""
+    from mmcache.extract.cache_format import merge_paths
+
+    results = merge_paths(paths, keep_shards=keep_shards, force=force)
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+        return
+    if not results:
+        typer.echo(f"nothing to merge: no shard files in {', '.join(map(str, paths))}")
+    for r in results:
+        left = "shard files removed" if r.removed_shards else ("shard files kept" if r.shards else "")
+        typer.echo(f"{r.status} {r.num_shards} shards -> {r.path} ({r.num_samples} samples, {r.num_valid} valid, "
+                   f"{r.num_failed} failed{', ' + left if left else ''})")
+    csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv})
+    if csvs:
+        typer.echo(f"failures: {', '.join(csvs)}")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("small", help="model sizes: tiny | small | base (random-init, built locally)"),
+    samples: int = typer.Option(256, help="generated posts (JPEG + text) to extract"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (GPU autocast)"),
+    batch_sizes: str = typer.Option("8,32", help="comma-separated extraction batch sizes to compare"),
+    repeats: int = typer.Option(3, help="timed repeats per figure (median)"),
+    num_workers: int = typer.Option(2, help="image decoding workers in the extract path"),
+    epochs: int = typer.Option(5, help="epochs per training run"),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak RSS in child processes"),
+    out_dir: Path = typer.Option(Path("bench"), help="where results.json and results.md go"),
+    work_dir: Path = typer.Option(Path("cache/bench"), help="generated data, models and scratch caches"),
+) -> None:
+    """Measure both stages against their limits; print a table, write bench/results.json."""
+    from mmcache.bench.run import BenchConfig, format_report, run_bench
+
+    try:
+        sizes = tuple(int(x) for x in batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise BadInputError(f"--batch-sizes expects integers like 8,32; got {batch_sizes!r}") from None
+    cfg = BenchConfig(preset=preset, samples=samples, device=device, precision=precision, batch_sizes=sizes,
+                      repeats=repeats, num_workers=num_workers, epochs=epochs, memory=memory,
+                      out_dir=str(out_dir), work_dir=str(work_dir))
+    typer.echo(format_report(run_bench(cfg)))
+    typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+
+
+def _names(values: OptionList) -> list[str] | None:
+    """Repeatable options that also take comma-separated lists: --heads a,b --heads c -> [a, b, c]."""
+    out = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    return out or None
+
+
+@app.command()
+def ablate(
+    dataset: OptionList = typer.Option(None, "--dataset", "-d", help="cached dataset(s), repeatable or a,b (default: every dataset in --cache-dir)"),
+    heads: OptionList = typer.Option(None, "--heads", help="heads, repeatable or a,b (default: all five)"),
+    features: OptionList = typer.Option(None, "--features", help="cls | mean | tokens, repeatable or a,b (default cls,tokens)"),
+    seeds: int = typer.Option(5, "--seeds", help="seeds 0..N-1 per config"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="worker processes (0 = auto: 1 on CUDA, else min(cores, 4)); 1 = in this process"),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads per run (default cores // jobs)"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: run only configs i, i+n, ... of the sorted grid (job arrays); tables cover every finished run"),
+    force: bool = typer.Option(False, "--force", help="rerun finished runs too"),
+    aggregate_only: bool = typer.Option(False, "--aggregate-only", help="train nothing; tables from the finished runs"),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config every run starts from (e.g. a run's config.json)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="max epochs (default 30)"),
+    dim: int | None = typer.Option(None, "--dim", help="shared latent width (default 256)"),
+    lr: float | None = typer.Option(None, "--lr", help="peak learning rate (default 3e-4)"),
+    patience: int | None = typer.Option(None, "--patience", help="early-stop patience, 0 = off (default 5)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="batch size (default 32)"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)"),
+    cache_dir: str = typer.Option("cache", "--cache-dir", help="cache root"),
+    runs_dir: str = typer.Option("runs/ablate", "--runs-dir", help="run folders go to RUNS_DIR/<dataset>/"),
+    results_dir: str = typer.Option("results", "--results-dir", help="where ablation_<dataset>.md|csv|json go"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
+    as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
+) -> None:
+    """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
+    from mmcache.extract.extraction import parse_shard
+    from mmcache.fuse.ablate import DEFAULT_FEATURES, AblationConfig, format_ablation, run_ablation
+    from mmcache.fuse.train import TrainConfig
+
+    base = TrainConfig.from_json(config).to_dict() if config is not None else {}
+    flags = dict(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
+    base.update({k: v for k, v in flags.items() if v is not None})
+    cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or list(DEFAULT_FEATURES),
+                         seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
+                         results_dir=results_dir, jobs=jobs, threads=threads,
+                         shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
+                         plots=plots)
+    result = run_ablation(cfg)
+    typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
+    if result.failed:
+        raise PipelineError(f"{len(result.failed)} of {len(result.selected)} runs failed (listed in the tables and "
+                            f"{cfg.results_dir}/ablation_<dataset>.json); rerun to retry them")
+
+
+@app.command()
+def demo(
+    cache_dir: Path = typer.Option(Path("cache"), help="cache root (demo data, tiny models and features go here)"),
+    runs_dir: Path = typer.Option(Path("runs/demo"), help="run folders of the demo grid"),
+    results_dir: Path = typer.Option(Path("results"), help="where the ablation tables go"),
+    seeds: int = typer.Option(3, help="seeds per configuration"),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="parallel training processes (0 = auto)"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib)"),
+    n: int = typer.Option(600, "--n", help="demo posts to generate"),
+    epochs: int | None = typer.Option(None, help="max epochs per run (default 40)"),
+) -> None:
+    """Both stages end to end on the built-in demo data with tiny local encoders (~1-2 min on a CPU)."""
+    from mmcache.extract.extraction import format_extract_summary
+    from mmcache.fuse.ablate import format_ablation
+    from mmcache.fuse.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(cache_dir=str(cache_dir), runs_dir=str(runs_dir), results_dir=str(results_dir),
+                                 seeds=seeds, jobs=jobs, plots=plots, n=n, epochs=epochs))
+    typer.echo(format_extract_summary(result.extract))
+    typer.echo("")
+    typer.echo(format_ablation(result.ablation))
+    if result.ablation.failed:
+        raise PipelineError(f"{len(result.ablation.failed)} demo run(s) failed; see the table above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (callable from tests with an argv list)."""
+    # transformers' own "Loading weights" bars would interleave with ours on every model load; set
+    # before transformers is first imported (commands import it lazily). Users can set it to 0.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    rank = os.environ.get("RANK")  # set by torchrun: only rank 0 logs below warnings
+    logging.basicConfig(level=logging.INFO if rank in (None, "0") else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s" if rank is None else
+                        f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        # standalone mode lets click report its own usage errors (exit 2) and --help (exit 0) via
+        # SystemExit; our library errors pass through it untouched and are mapped here.
+        app(args=argv, standalone_mode=True, prog_name=Path(sys.argv[0]).name or "cli.py")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BadInputError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except PipelineError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
