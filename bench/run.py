@@ -435,8 +435,9 @@ def format_report(r: dict[str, Any]) -> str:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every section; write ``results.json`` and ``results.md`` into ``cfg.out_dir``."""
 
-    from mmcache.extract.encoders import resolve_device
     from mmcache.extract.tiny_models import build_preset
+
+    from mmcache.common import resolve_device
 
     cfg.validate()
     cfg.device = device = resolve_device(cfg.device).type  # "auto" -> cuda or cpu; a missing GPU is an error

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmcache.common import resolve_device
 from mmcache.errors import BadInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,6 @@ CNN_POOLING = {
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; ``"cpu"``; ``"cuda"`` / ``"cuda:N"`` (must be available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise BadInputError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    if dev.type not in ("cpu", "cuda"):
-        raise BadInputError(f"unsupported device {device!r}; use 'auto', 'cpu' or 'cuda'")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -59,8 +59,10 @@ import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
 from mmcache.fuse.heads import list_heads
-from mmcache.fuse.train import FINISHED_MARKER, TrainConfig, atomic_write, train
+from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json
+from mmcache.fuse.train import TrainConfig, train
 
+from mmcache.common import atomic_write
 from mmcache.errors import BadInputError, CacheError, PipelineError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,6 @@ DEFAULT_FEATURES = ("cls", "tokens")
 DEFAULT_SEEDS = 5
 METRICS = ("accuracy", "macro_f1", "weighted_f1")
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
-ERROR_FILE = "error.json"
 KEY_EXCLUDED = ("runs_dir", "run_name", "device", "threads", "cache_dir")
 MODALITIES = ("text", "image")
 REPORTED_LABEL = "reported (paper), not measured"
@@ -265,13 +266,6 @@ def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridR
 
 # --------------------------------------------------------------------------------------------- run status
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run_status(run: GridRun) -> str:
     """``finished`` (metrics.json and a matching config.json), ``failed`` (error.json, no metrics),
     ``unfinished`` (a folder without either, or a finished run whose config differs) or ``missing``."""
@@ -279,7 +273,7 @@ def run_status(run: GridRun) -> str:
     if not d.is_dir():
         return "missing"
     if (d / FINISHED_MARKER).is_file():
-        saved = _read_json(d / "config.json")
+        saved = read_json(d / "config.json")
         if isinstance(saved, dict) and _comparable(saved) == _comparable(run.config):
             return "finished"
         return "unfinished"
@@ -510,7 +504,7 @@ def aggregate(runs: list[GridRun]) -> dict[str, dict[str, Any]]:
                                    "features": r.features, "encoder": r.encoder.label, "seed": r.seed,
                                    "status": status, "error": None}
             if status == "finished":
-                m = _read_json(r.run_dir / FINISHED_MARKER) or {}
+                m = read_json(r.run_dir / FINISHED_MARKER) or {}
                 test = m.get("test") or {}
                 rec.update({k: test.get(k) for k in METRICS}, n_test=test.get("n"), seconds=m.get("seconds"),
                            num_parameters=(m.get("model") or {}).get("num_parameters"), best_epoch=m.get("best_epoch"),
@@ -518,7 +512,7 @@ def aggregate(runs: list[GridRun]) -> dict[str, dict[str, Any]]:
                 if agree is not None:
                     rec["agreement"] = _agreement_scores(r.run_dir, agree)
             elif status == "failed":
-                rec["error"] = (_read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
+                rec["error"] = (read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
             records.append(rec)
             groups.setdefault(r.row_key, []).append(rec)
         rows = []

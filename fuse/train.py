@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
 import io
 import json
 import logging
@@ -26,7 +25,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,21 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmcache.extract.encoders import resolve_device  # torch only: transformers loads lazily there
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
 from mmcache.fuse.metrics import compute_metrics
+from mmcache.fuse.runs import FINISHED_MARKER, make_run_dir, read_json, require_finished, write_json
+from mmcache.fuse.runs import git_commit as _git_commit
+from mmcache.fuse.runs import library_versions as _library_versions
 from torch import Tensor
 
+from mmcache.common import atomic_write, resolve_device
 from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EvalResult", "TrainConfig", "TrainResult", "evaluate", "load_run_config", "resolve_device", "train"]
 
-RUN_FILES = ("config.json", "provenance.json", "history.json", "model.safetensors", "predictions.csv",
-             "metrics.json")
-FINISHED_MARKER = "metrics.json"  # written last: a run folder without it did not finish
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -207,44 +205,6 @@ class EvalResult:
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write via a temp file + rename (fsynced): a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-@functools.lru_cache(maxsize=1)  # fixed for the process; an ablation writes it for every run
-def _library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "h5py", "scikit-learn", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-@functools.lru_cache(maxsize=1)  # one git subprocess per process, not per run
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                           text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -336,20 +296,6 @@ def _predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, cla
     return buf.getvalue()
 
 
-def _make_run_dir(runs_dir: Path, name: str) -> Path:
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(1, 1000):
-        d = runs_dir / (name if k == 1 else f"{name}-{k}")
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        if k > 1:
-            logger.info("run folder %s exists; writing to %s", runs_dir / name, d)
-        return d
-    raise PipelineError(f"too many runs named {name} in {runs_dir}")
-
-
 def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: torch.device) -> tuple[TrainConfig, FusionData]:
     needed = head_uses(config.head)
     if data is None:
@@ -425,10 +371,10 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
 
     name = config.run_name or (f"{data.dataset}-{config.head}-{config.features}-s{config.seed}-"
                                f"{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = _make_run_dir(Path(config.runs_dir), name)
+    run_dir = make_run_dir(Path(config.runs_dir), name)
     config = dataclasses.replace(config, run_name=run_dir.name)
-    _write_json(run_dir / "config.json", config.to_dict())
-    _write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
+    write_json(run_dir / "config.json", config.to_dict())
+    write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
     labels_np = data.labels.cpu().numpy()
     classes = data.classes
 
@@ -490,7 +436,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                 improved = True
             row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
             history.append(row)
-            _write_json(run_dir / "history.json", history)
+            write_json(run_dir / "history.json", history)
             if improved:
                 best_f1, best_epoch, since_best = row.get("val_macro_f1", -1.0), epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -537,7 +483,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
         "model": {"head": config.head, "classes": classes, "num_parameters": n_params, **data.dims()},
         "seconds": time.perf_counter() - t_start,
     }
-    _write_json(run_dir / FINISHED_MARKER, metrics)
+    write_json(run_dir / FINISHED_MARKER, metrics)
     logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
                 _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
     return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
@@ -551,11 +497,7 @@ def _fmt(m: dict[str, Any] | None, key: str) -> str:
 
 def load_head(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FusionHead, TrainConfig, dict[str, Any]]:
     """Rebuild a finished run's head with its best weights: (model in eval mode, config, metrics.json)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise BadInputError(f"{run_dir} is not a run folder (no config.json)")
-    if not (run_dir / FINISHED_MARKER).is_file():
-        raise BadInputError(f"run {run_dir} did not finish (no {FINISHED_MARKER}); train it again")
+    run_dir = require_finished(run_dir)
     config = load_run_config(run_dir)
     meta = json.loads((run_dir / FINISHED_MARKER).read_text(encoding="utf-8"))
     info = meta["model"]
@@ -587,8 +529,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     model, config, meta = load_head(run_dir, "cpu")
     dev = resolve_device(device or ("auto" if config.device.startswith("cuda") else config.device))
     model.to(dev)
-    prov_path = run_dir / "provenance.json"
-    prov = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.is_file() else {}
+    prov = read_json(run_dir / "provenance.json") or {}
     same = dataset is None or dataset == config.dataset
     target = config.dataset if same else dataset
     if data is None:
@@ -622,7 +563,7 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
         out.mkdir(exist_ok=True)
         ppath, mpath = out / f"{data.dataset}-{split}.csv", out / f"{data.dataset}-{split}.json"
         atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
-        _write_json(mpath, metrics)
+        write_json(mpath, metrics)
     return EvalResult(run_dir=run_dir, dataset=data.dataset, split=split, metrics=metrics, dropped=data.dropped,
                       predictions_path=ppath, metrics_path=mpath)
 
