@@ -103,6 +103,46 @@ def index_fingerprint(ids: list[str], texts: list[str], image_paths: list[str]) 
     return h.hexdigest()[:16]
 
 
+SPLIT_NAMES = ("train", "val", "test")
+UNRECORDED_SPLIT = {"kind": "unrecorded"}  # an index written before split sources were stored
+
+
+def split_fingerprint(ids, splits) -> str:
+    """16 hex of SHA-256 over the sorted id lists of train, val and test: the identity of a split,
+    independent of row order and of how it was made (ids in split ``none`` are left out)."""
+    ids, splits = np.asarray(ids, dtype=object), np.asarray(splits, dtype=object)
+    h = hashlib.sha256()
+    for name in SPLIT_NAMES:
+        h.update(f"[{name}]\n".encode())
+        for sid in sorted(map(str, ids[splits == name])):
+            h.update(f"{sid}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def split_counts(splits) -> dict[str, int]:
+    """Samples per split: train, val, test always, ``none`` when there are any."""
+    splits = np.asarray(splits, dtype=object)
+    out = {s: int((splits == s).sum()) for s in SPLIT_NAMES}
+    rest = int((~np.isin(splits, SPLIT_NAMES)).sum())
+    return {**out, "none": rest} if rest else out
+
+
+def split_spec_text(spec: dict[str, Any] | None) -> str:
+    """One line naming what made a split: ``seeded (seed 0, 0.8/0.1/0.1)``, ``file splits/x (sha256
+    1a2b3c4d5e6f)``, ``manifest split column``, ``unrecorded (...)``."""
+    spec = spec or UNRECORDED_SPLIT
+    kind = spec.get("kind")
+    if kind == "seeded":
+        ratios = "/".join(f"{r:g}" for r in spec.get("ratios") or ())
+        return f"seeded (seed {spec.get('seed')}, {ratios})"
+    if kind == "file":
+        return f"file {spec.get('path')} (sha256 {str(spec.get('sha256'))[:12]})"
+    if kind == "manifest":
+        return f"manifest split column (sha256 {str(spec.get('sha256'))[:12]})"
+    legacy = f": {spec['description']}" if spec.get("description") else ""
+    return f"unrecorded (index written before split sources were stored{legacy})"
+
+
 def _strs(ds) -> np.ndarray:
     return np.asarray(ds.asstr()[...], dtype=object)
 
@@ -142,14 +182,50 @@ class SampleIndex:
     def fingerprint(self) -> str:
         return self.attrs["fingerprint"]
 
+    @property
+    def split_spec(self) -> dict[str, Any]:
+        """What made the split (``split_spec`` attribute). An index written before it was stored gives
+        ``{"kind": "unrecorded", "description": <its split_source>}``: its current split counts as the
+        recorded one and is kept like any other."""
+        raw = self.attrs.get("split_spec")
+        if raw:
+            return json.loads(raw)
+        legacy = self.attrs.get("split_source")
+        return {**UNRECORDED_SPLIT, **({"description": str(legacy)} if legacy else {})}
+
+    @property
+    def split_fingerprint(self) -> str:
+        """:func:`split_fingerprint` of the stored split (computed for indexes that predate the attribute)."""
+        return str(self.attrs.get("split_fingerprint") or split_fingerprint(self.ids, self.splits))
+
+    @property
+    def split_history(self) -> list[dict[str, Any]]:
+        """Every ``extract --resplit`` that replaced this index's split, oldest first."""
+        raw = self.attrs.get("split_history")
+        return json.loads(raw) if raw else []
+
+    def split_ids(self) -> dict[str, list[str]]:
+        """Sample ids of train, val and test, in index order."""
+        return {s: [str(i) for i in self.ids[self.splits == s]] for s in SPLIT_NAMES}
+
+    def split_info(self) -> dict[str, Any]:
+        """JSON-ready: spec, its one-line description, fingerprint and counts per split."""
+        spec = self.split_spec
+        return {"spec": spec, "source": split_spec_text(spec), "fingerprint": self.split_fingerprint,
+                "counts": split_counts(self.splits)}
+
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list[str], labels: list[int],
                 splits: list[str], texts: list[str], image_paths: list[str],
-                extra: dict[str, list] | None = None, attrs: dict[str, Any] | None = None) -> str:
-    """Write (atomically: temp file + rename) the sample index; returns its fingerprint."""
+                extra: dict[str, list] | None = None, attrs: dict[str, Any] | None = None,
+                split_spec: dict[str, Any] | None = None, split_history: list[dict[str, Any]] | None = None) -> str:
+    """Write (atomically: temp file + rename) the sample index; returns its fingerprint.
+
+    ``split_spec``: what made ``splits`` (see :func:`split_spec_text`; None: unrecorded), stored with
+    the split's :func:`split_fingerprint`; ``split_history``: the re-splits so far."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(ids)
@@ -176,6 +252,9 @@ def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         for key, value in (attrs or {}).items():
             f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, default=str)
+        f.attrs.update({"split_spec": json.dumps(split_spec or UNRECORDED_SPLIT, sort_keys=True),
+                        "split_fingerprint": split_fingerprint(ids, splits),
+                        "split_history": json.dumps(split_history or [], default=str)})
     os.replace(tmp, path)
     return fp
 
@@ -523,9 +602,11 @@ def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]
     path = Path(path)
     if path.name == INDEX_NAME:
         idx = read_index(path)
-        splits = {s: int((idx.splits == s).sum()) for s in sorted(set(idx.splits))}
+        info = idx.split_info()
         return {"path": str(path), "kind": "index", "dataset": idx.dataset, "samples": len(idx),
-                "classes": idx.classes, "splits": splits, "fingerprint": idx.fingerprint,
+                "classes": idx.classes, "splits": info["counts"], "split_source": info["source"],
+                "split_spec": info["spec"], "split_fingerprint": info["fingerprint"],
+                "split_history": idx.split_history, "fingerprint": idx.fingerprint,
                 "size_bytes": path.stat().st_size}
     with FeatureFile(path, locking=locking) as ff:
         f = ff._f

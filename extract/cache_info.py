@@ -86,6 +86,9 @@ def format_info(entries: list[dict[str, Any]]) -> str:
         out.append(format_table(["index", "dataset", "samples", "splits", "fingerprint", "size"], [
             [e["path"], e["dataset"], e["samples"], " ".join(f"{k}={v}" for k, v in e["splits"].items()),
              e["fingerprint"], human_bytes(e["size_bytes"])] for e in idx]))
+        for e in idx:
+            resplits = f", re-split {len(e['split_history'])}x" if e.get("split_history") else ""
+            out.append(f"  {e['dataset']} split: {e['split_source']} (fingerprint {e['split_fingerprint']}{resplits})")
     feats = [e for e in entries if e["kind"] == "features"]
     if feats:
         out += ["", format_table(

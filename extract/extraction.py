@@ -95,7 +95,8 @@ class ExtractConfig:
     force: bool = False
     retry_failed: bool = False  # recompute rows recorded as failures (e.g. after fixing the files)
     split_file: str | Path | None = None
-    seed: int = 0
+    seed: int | None = None  # None: not asked (the cache's split is kept; a new cache gets seed 0)
+    resplit: bool = False  # replace the cache's split by the one asked for (--seed / --split-file)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     image_timeout_s: float = 60.0  # per image, inside a worker process
     loader_timeout_s: float = 600.0  # DataLoader: longest wait for one batch before giving up
@@ -206,6 +207,9 @@ class IndexInfo:
     ids: list[str]
     texts: list[str]
     image_files: list[str | None]  # absolute paths for loading (None: no image path)
+    split_status: str = "kept"  # new | kept | same | resplit (extract.split_policy.SplitDecision)
+    split_notes: list[str] = field(default_factory=list)  # warnings about the split (empty val, re-split, ...)
+    split_summary: str = ""  # "split: <source>; train/val/test a/b/c (kept)"
 
 
 @dataclass
@@ -281,15 +285,33 @@ def _cache_name(cfg: ExtractConfig, root: Path) -> str:
     return name
 
 
+def _read_old_index(path: Path) -> cf.SampleIndex | None:
+    if not path.exists():
+        return None
+    try:
+        return cf.read_index(path)
+    except cf.CacheError as e:
+        log.warning("rewriting unreadable sample index %s (%s)", path, e)
+        return None
+
+
 def prepare_index(cfg: ExtractConfig) -> IndexInfo:
-    """Read the dataset, assign splits and (re)write ``<cache>/<name>/index.h5`` when its content
-    changed. Image paths are stored relative to the dataset folder (absolute if outside it)."""
+    """Read the dataset, decide the split (:func:`extract.split_policy.decide_split`: the stored split
+    is kept unless another is asked for with ``resplit``) and (re)write ``<cache>/<name>/index.h5``
+    when its content changed. Image paths are stored relative to the dataset folder (absolute if
+    outside it)."""
     from mmcache.extract.datasets import load_dataset
-    from mmcache.extract.splits import resolve_splits
+    from mmcache.extract.split_policy import decide_split
 
     result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
-    splits = resolve_splits(result.samples, split_file=cfg.split_file, seed=cfg.seed)
     root = Path(result.root)
+    dataset_dir = Path(cfg.cache_dir) / _cache_name(cfg, root)
+    path = dataset_dir / cf.INDEX_NAME
+    old = _read_old_index(path)
+    splits = decide_split(result.samples, old, split_file=cfg.split_file, seed=cfg.seed, resplit=cfg.resplit,
+                          index_path=path)
+    for w in splits.warnings:
+        log.warning("%s", w)
     base = (root if root.is_dir() else root.parent).resolve()
     samples = result.samples
     ids = [s.id for s in samples]
@@ -313,28 +335,30 @@ def prepare_index(cfg: ExtractConfig) -> IndexInfo:
     attrs = {"root": str(base), "reader": cfg.dataset, "reader_options": result.options,
              "split_source": splits.source, "load_report": result.report.to_dict()}
     content = cf.fingerprint({"ids": ids, "texts": texts, "images": rel, "labels": labels, "splits": split_list,
-                              "classes": list(result.classes), "extra": extra, "attrs": attrs})
-    dataset_dir = Path(cfg.cache_dir) / _cache_name(cfg, root)
-    path = dataset_dir / cf.INDEX_NAME
-    old_fp = old_content = None
-    if path.exists():
-        try:
-            old = cf.read_index(path)
-            old_fp, old_content = old.fingerprint, old.attrs.get("content_fingerprint")
-        except cf.CacheError as e:
-            log.warning("rewriting unreadable sample index %s (%s)", path, e)
-    if old_content == content:
+                              "classes": list(result.classes), "extra": extra, "attrs": attrs,
+                              "split_spec": splits.spec})
+    old_fp = old.fingerprint if old is not None else None
+    if old is not None and old.attrs.get("content_fingerprint") == content:
         status, fp = "unchanged", old_fp
     else:
         fp = cf.write_index(path, dataset=result.dataset, classes=list(result.classes), ids=ids, labels=labels,
                             splits=split_list, texts=texts, image_paths=rel, extra=extra,
-                            attrs={**attrs, "content_fingerprint": content})
+                            attrs={**attrs, "content_fingerprint": content}, split_spec=splits.spec,
+                            split_history=splits.history)
         status = "written" if old_fp is None else ("updated" if old_fp == fp else "replaced")
         if status == "replaced":
             log.warning("sample index %s changed (ids, texts or image paths): existing feature files will be "
                         "refused until rebuilt with --force", path)
     return IndexInfo(path=path, dataset_dir=dataset_dir, status=status, fingerprint=fp, num_samples=len(ids),
-                     ids=ids, texts=texts, image_files=files)
+                     ids=ids, texts=texts, image_files=files, split_status=splits.status,
+                     split_notes=list(splits.warnings), split_summary=_split_summary(splits))
+
+
+def _split_summary(splits) -> str:
+    counts = cf.split_counts(list(splits.assignment.values()))
+    text = "/".join(str(counts[s]) for s in cf.SPLIT_NAMES) + (f" (+{counts['none']} none)" if "none" in counts else "")
+    how = {"new": "new", "kept": "kept from the cache", "same": "as stored", "resplit": "RE-SPLIT"}[splits.status]
+    return f"split: {splits.source}; train/val/test {text} ({how})"
 
 
 def load_index_info(path: str | Path) -> IndexInfo:
@@ -741,5 +765,6 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         index_status=index.status, num_samples=index.num_samples, shard=(i, n),
         modalities=[results[m] for m in cf.MODALITIES if m in results], failures_csv=failures_csv,
         seconds=time.perf_counter() - t0,
+        notes=[index.split_summary, *(f"warning: {w}" for w in index.split_notes)] if index.split_summary else [],
     )
 

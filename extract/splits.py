@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections import Counter
@@ -27,6 +28,9 @@ class SplitResult:
     source: str  # "stratified(seed=0, ratios=0.8/0.1/0.1)", "manifest", or the split file's path
     unknown_ids: list[str] = field(default_factory=list)  # in the split file, not in the data
     unassigned_ids: list[str] = field(default_factory=list)  # in the data, not in the split file
+    # What made the split, as stored in the index (cache_format.split_spec_text describes it):
+    # {"kind": "seeded", "seed", "ratios"} | {"kind": "file", "path", "sha256"} | {"kind": "manifest", "sha256"}
+    spec: dict = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         c = Counter(self.assignment.values())
@@ -59,7 +63,17 @@ def stratified_split(samples: list[Sample], ratios=(0.8, 0.1, 0.1), seed: int = 
             assignment.update({sid: split for sid in ids[start:start + k]})
             start += k
     source = f"stratified(seed={seed}, ratios={'/'.join(f'{r:g}' for r in ratios)})"
-    return SplitResult(assignment, source)
+    return SplitResult(assignment, source, spec={"kind": "seeded", "seed": int(seed),
+                                                 "ratios": [float(r) for r in ratios]})
+
+
+def assignment_sha256(assignment: dict[str, str]) -> str:
+    """Content hash of an ``id -> split`` mapping (sorted ``id<TAB>split`` lines): the identity of a
+    split file, whatever its layout (CSV, CLMLF folder), line endings or order."""
+    h = hashlib.sha256()
+    for sid in sorted(assignment):
+        h.update(f"{sid}\t{assignment[sid]}\n".encode())
+    return h.hexdigest()
 
 
 def read_split_file(path: str | Path) -> dict[str, str]:
@@ -101,16 +115,47 @@ def read_split_file(path: str | Path) -> dict[str, str]:
     return out
 
 
-def resolve_splits(samples: list[Sample], *, split_file: str | Path | None = None, seed: int = 0,
+def manifest_split(samples: list[Sample]) -> SplitResult | None:
+    """The split a dataset gives itself (a folder manifest's ``split`` column), when every sample has one."""
+    if not (samples and all(s.split for s in samples)):
+        return None
+    assignment = {s.id: s.split for s in samples}
+    return SplitResult(assignment, "manifest", spec={"kind": "manifest", "sha256": assignment_sha256(assignment)})
+
+
+def resolve_splits(samples: list[Sample], *, split_file: str | Path | None = None, seed: int | None = None,
                    ratios=(0.8, 0.1, 0.1)) -> SplitResult:
-    """A split file wins; else splits the manifest gives for every sample; else a stratified split."""
+    """A split file wins; else splits the manifest gives for every sample (unless a ``seed`` is
+    given); else a stratified split (seed 0 by default).
+
+    A split file that names none of the samples is a :class:`BadInputError` (the wrong file or the
+    wrong dataset: every sample would land in split ``none``)."""
     if split_file is not None:
         given = read_split_file(split_file)
         ids = {s.id for s in samples}
         assignment = {s.id: given.get(s.id, UNASSIGNED) for s in samples}
+        if samples and not ids & set(given):
+            example = ", ".join(sorted(given)[:3])
+            raise BadInputError(f"split file {str(split_file)!r} matches none of the {len(ids)} sample ids "
+                                f"(its ids look like {example or '(none)'}; the data's like "
+                                f"{', '.join(sorted(ids)[:3])}): wrong file or wrong dataset?")
         return SplitResult(assignment, str(split_file),
                            unknown_ids=sorted(set(given) - ids),
-                           unassigned_ids=sorted(ids - set(given)))
-    if samples and all(s.split for s in samples):
-        return SplitResult({s.id: s.split for s in samples}, "manifest")
-    return stratified_split(samples, ratios, seed)
+                           unassigned_ids=sorted(ids - set(given)),
+                           spec={"kind": "file", "path": str(split_file), "sha256": assignment_sha256(given)})
+    if seed is None:
+        own = manifest_split(samples)
+        if own is not None:
+            return own
+    return stratified_split(samples, ratios, 0 if seed is None else seed)
+
+
+def empty_split_warnings(counts: dict[str, int]) -> list[str]:
+    """Human warnings for a split that leaves val or test (or train) empty."""
+    out = []
+    for split, what in (("train", "nothing can be trained"),
+                        ("val", "training refuses it unless --allow-no-val (no early stopping, no model selection)"),
+                        ("test", "no test numbers can be reported")):
+        if not counts.get(split):
+            out.append(f"the {split} split is empty: {what}")
+    return out

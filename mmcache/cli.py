@@ -51,7 +51,7 @@ def inspect(
     dataset: str = typer.Option(..., "--dataset", "-d", help="dataset name (see `datasets`)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="dataset folder (default: per dataset)"),
     split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
-    seed: int = typer.Option(0, help="seed of the stratified split"),
+    seed: int | None = typer.Option(None, help="seed of the stratified split (default 0)"),
     option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
@@ -178,8 +178,9 @@ def extract(
     patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
     force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
-    split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
-    seed: int = typer.Option(0, "--seed", help="seed of the stratified split"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json (a new cache; an existing one keeps its split unless --resplit)"),
+    seed: int | None = typer.Option(None, "--seed", help="seed of the stratified split (a new cache: default 0; an existing one keeps its split unless --resplit)"),
+    resplit: bool = typer.Option(False, "--resplit", help="replace the cache's split by the one --seed / --split-file asks for (recorded in the index)"),
     option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root"),
     name: str | None = typer.Option(None, "--name", help="cache folder name (default: the dataset name)"),
@@ -202,7 +203,7 @@ def extract(
         image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
         device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
         num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
-        split_file=split_file, seed=seed, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
+        split_file=split_file, seed=seed, resplit=resplit, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
     )
     if max_image_pixels is not None:
         cfg.max_image_pixels = max_image_pixels

@@ -285,14 +285,19 @@ def test_resplit_keeps_features(good_data, models, tmp_path):
     cfg = _cfg(good_data, tmp_path, models, modality="text")
     first = run_extract(cfg)
     split_before = cf.read_index(first.index_path).splits
-    s = run_extract(ExtractConfig(**{**cfg.__dict__, "seed": 7}))
+    with pytest.raises(BadInputError, match="--resplit"):  # another split is never taken silently
+        run_extract(ExtractConfig(**{**cfg.__dict__, "seed": 7}))
+    assert list(cf.read_index(first.index_path).splits) == list(split_before)
+    s = run_extract(ExtractConfig(**{**cfg.__dict__, "seed": 7, "resplit": True}))
     assert s.index_status == "updated" and s.up_to_date
     assert list(cf.read_index(s.index_path).splits) != list(split_before)
     split_file = tmp_path / "split.csv"
     split_file.write_text("id,split\n" + "".join(f"s{i:02d},{'train' if i < 10 else 'test'}\n" for i in range(N_GOOD)))
-    s = run_extract(ExtractConfig(**{**cfg.__dict__, "split_file": split_file}))
+    s = run_extract(ExtractConfig(**{**cfg.__dict__, "split_file": split_file, "resplit": True}))
     assert s.index_status == "updated" and s.up_to_date
-    assert cf.read_index(s.index_path).attrs["split_source"] == str(split_file)
+    index = cf.read_index(s.index_path)
+    assert str(split_file) in index.attrs["split_source"]
+    assert index.split_spec["kind"] == "file" and [h["to"]["kind"] for h in index.split_history] == ["seeded", "file"]
 
 
 def test_shards_partition_rows_and_match_single_run(good_run, good_data, models, tmp_path):

@@ -228,9 +228,13 @@ def test_manifest_splits_used_when_all_samples_have_one():
     samples = _samples({0: 4, 1: 3})
     for i, s in enumerate(samples):
         s.split = SPLITS[i % 3]
-    res = resolve_splits(samples, seed=0)
-    assert res.source == "manifest"
+    res = resolve_splits(samples)
+    assert res.source == "manifest" and res.spec["kind"] == "manifest"
     assert res.assignment == {s.id: s.split for s in samples}
+    # an explicit seed asks for the seeded split instead of the manifest's column
+    seeded = resolve_splits(samples, seed=0)
+    assert seeded.spec == {"kind": "seeded", "seed": 0, "ratios": [0.8, 0.1, 0.1]}
+    assert seeded.assignment == stratified_split(samples, seed=0).assignment
 
 
 def test_manifest_splits_ignored_when_some_missing():
