@@ -139,8 +139,11 @@ def split_spec_text(spec: dict[str, Any] | None) -> str:
         return f"file {spec.get('path')} (sha256 {str(spec.get('sha256'))[:12]})"
     if kind == "manifest":
         return f"manifest split column (sha256 {str(spec.get('sha256'))[:12]})"
-    legacy = f": {spec['description']}" if spec.get("description") else ""
-    return f"unrecorded (index written before split sources were stored{legacy})"
+    if kind == "unrecorded":
+        legacy = f": {spec['description']}" if spec.get("description") else ""
+        return f"unrecorded (index written before split sources were stored{legacy})"
+    details = ", ".join(f"{k} {v}" for k, v in sorted(spec.items()) if k != "kind")
+    return f"{kind} ({details})" if details else str(kind)
 
 
 def _strs(ds) -> np.ndarray:

@@ -58,8 +58,8 @@ from typing import Any
 import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
-from mmcache.fuse.heads import list_heads
-from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json
+from mmcache.fuse.heads import head_uses, list_heads
+from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
 from mmcache.fuse.train import TrainConfig, train
 
 from mmcache.common import atomic_write
@@ -92,13 +92,19 @@ REPORTED: dict[str, dict[str, Any]] = {
 class Encoder:
     """One (text file, image file) pair of a dataset: a value of the encoder axis."""
 
-    text: str  # feature file paths
-    image: str
+    text: str | None  # feature file paths; None: the dataset has no complete file of that modality
+    image: str | None
 
     @staticmethod
-    def slug(path: str) -> str:
+    def slug(path: str | None) -> str:
+        if path is None:
+            return "none"
         name = Path(path).name
         return name.split("--", 1)[1][:-3] if name.endswith(".h5") and "--" in name else name
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
 
     @property
     def label(self) -> str:
@@ -121,6 +127,7 @@ class GridRun:
     config: TrainConfig  # dataset, head, features, seed, modalities, cache files set; run_name = folder name
     key: str
     run_dir: Path
+    split_fingerprint: str | None = None  # the cache's split: a finished run made on another one is stale
 
     @property
     def name(self) -> str:
@@ -184,21 +191,33 @@ def _encoders(cache_dir: Path, dataset: str, explicit: bool) -> tuple[list[Encod
             logger.warning("%s is unfinished: left out of the ablation; resume it with %s", p, extract_command(dataset))
             continue
         files.setdefault(modality, []).append(str(p))
-    missing = [m for m in MODALITIES if not files.get(m)]
-    if missing:
-        msg = (f"{dataset}: no complete {' or '.join(missing)} feature file in {folder}/ (an ablation needs both "
-               f"modalities); create it with {extract_command(dataset)}")
+    if not any(files.get(m) for m in MODALITIES):
+        msg = (f"{dataset}: no complete feature file in {folder}/; create them with {extract_command(dataset)}")
         if explicit:
             raise CacheError(msg)
         logger.warning("%s; skipped", msg)
         return [], fps
-    return [Encoder(t, i) for t, i in product(sorted(files["text"]), sorted(files["image"]))], fps
+    # a dataset with one modality only: the heads that need only that one run (the others are skipped)
+    texts, images = sorted(files["text"]) or [None], sorted(files["image"]) or [None]
+    return [Encoder(t, i) for t, i in product(texts, images)], fps
+
+
+def _skip_reason(head: str, enc: Encoder, dataset: str) -> str | None:
+    missing = sorted(head_uses(head) - set(enc.modalities))
+    if not missing:
+        return None
+    return (f"needs {' and '.join(missing)} features; {dataset} has no complete {' or '.join(missing)} feature file "
+            f"(create it with {extract_command(dataset)})")
 
 
 def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None = None, heads: list[str] | None = None,
                 features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, seeds: list[int] | int = DEFAULT_SEEDS,
-                cache_dir: str | Path = "cache", runs_dir: str | Path = "runs/ablate") -> list[GridRun]:
+                cache_dir: str | Path = "cache", runs_dir: str | Path = "runs/ablate",
+                skipped: list[dict[str, Any]] | None = None) -> list[GridRun]:
     """Every run of the grid, sorted by (dataset, encoder, features, head, seed).
+
+    A dataset with features of one modality only gets the heads that need only that modality; each
+    head left out is appended to ``skipped`` (``{"dataset", "head", "reason"}``) when given.
 
     ``base``: the training config every run starts from (default: train-fusion's defaults); its
     dataset, head, features, seed, modalities, cache files, cache/runs dirs and run name are replaced
@@ -233,23 +252,35 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
             raise CacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
 
     runs: list[GridRun] = []
+    skips: list[dict[str, Any]] = []
     for dataset in names:
         index_fp = _index_fingerprint(cache_dir / dataset / cf.INDEX_NAME)
+        split_fp = cf.read_index(cache_dir / dataset / cf.INDEX_NAME).split_fingerprint
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
+        for enc in encoders:
+            for head in heads:
+                reason = _skip_reason(head, enc, dataset)
+                if reason and not any(x["dataset"] == dataset and x["head"] == head for x in skips):
+                    skips.append({"dataset": dataset, "head": head, "reason": reason})
         for enc, feat, head, seed in product(encoders, features, heads, seed_list):
+            if _skip_reason(head, enc, dataset):
+                continue
             cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
-                                      modalities=list(MODALITIES), text_cache=enc.text, image_cache=enc.image,
+                                      modalities=enc.modalities, text_cache=enc.text, image_cache=enc.image,
                                       cache_dir=str(cache_dir), run_name=None)
             cfg.validate()
-            data_fp = f"{index_fp}|{file_fps[enc.text]}|{file_fps[enc.image]}"
+            data_fp = "|".join([index_fp, *(file_fps[getattr(enc, m)] for m in enc.modalities)])
             key = run_key(cfg, data_fp)
             name = f"{head}-{feat}-{enc.tag}-s{seed}-{key}"
             run_dir = Path(runs_dir) / dataset / name
             cfg = dataclasses.replace(cfg, runs_dir=str(run_dir.parent), run_name=name)
             runs.append(GridRun(dataset=dataset, head=head, features=feat, encoder=enc, seed=seed, config=cfg,
-                                key=key, run_dir=run_dir))
+                                key=key, run_dir=run_dir, split_fingerprint=split_fp))
+    if skipped is not None:
+        skipped.extend(skips)
     if not runs:
-        raise CacheError(f"nothing to run: no dataset in {cache_dir}/ has both text and image feature files")
+        why = "; ".join(f"{x['dataset']}: {x['head']} {x['reason']}" for x in skips[:3])
+        raise CacheError(f"nothing to run in {cache_dir}/" + (f" ({why})" if why else ": no complete feature files"))
     runs.sort(key=GridRun.sort_key)
     return runs
 
@@ -267,16 +298,20 @@ def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridR
 # --------------------------------------------------------------------------------------------- run status
 
 def run_status(run: GridRun) -> str:
-    """``finished`` (metrics.json and a matching config.json), ``failed`` (error.json, no metrics),
-    ``unfinished`` (a folder without either, or a finished run whose config differs) or ``missing``."""
+    """``finished`` (metrics.json and a matching config.json), ``stale`` (finished, but its split.json
+    is not the cache's split: rerun), ``failed`` (error.json, no metrics), ``unfinished`` (a folder
+    without either, or a finished run whose config differs) or ``missing``."""
     d = run.run_dir
     if not d.is_dir():
         return "missing"
     if (d / FINISHED_MARKER).is_file():
         saved = read_json(d / "config.json")
-        if isinstance(saved, dict) and _comparable(saved) == _comparable(run.config):
-            return "finished"
-        return "unfinished"
+        if not (isinstance(saved, dict) and _comparable(saved) == _comparable(run.config)):
+            return "unfinished"
+        rec = read_split(d)  # None: made before runs recorded their split; the key (it hashes the split) vouches
+        if run.split_fingerprint and rec is not None and rec["fingerprint"] != run.split_fingerprint:
+            return "stale"
+        return "finished"
     if (d / ERROR_FILE).is_file():
         return "failed"
     return "unfinished"
@@ -300,17 +335,17 @@ _DATA: dict[tuple, FusionData] = {}
 def _group_data(run: GridRun, cache_dir: str) -> FusionData:
     if run.group not in _DATA:
         _DATA.clear()  # one group at a time: token features can be gigabytes
-        _DATA[run.group] = load_data(run.dataset, modalities=list(MODALITIES), features=run.features,
+        _DATA[run.group] = load_data(run.dataset, modalities=run.encoder.modalities, features=run.features,
                                      cache_dir=cache_dir, text_cache=run.encoder.text, image_cache=run.encoder.image)
     return _DATA[run.group]
 
 
-def _execute(run: GridRun) -> dict[str, Any]:
+def _execute(run: GridRun, allow_no_val: bool = False) -> dict[str, Any]:
     """Train one run; never raises for a failing run (returns status failed and the message)."""
     t0 = time.perf_counter()
     try:
         data = _group_data(run, run.config.cache_dir)
-        result = train(run.config, data=data)
+        result = train(run.config, data=data, allow_no_val=allow_no_val)
         if result.run_dir != run.run_dir:  # train never reuses a folder; ours was removed before
             raise PipelineError(f"run written to {result.run_dir}, expected {run.run_dir}")
         test = result.metrics.get("test") or {}
@@ -355,21 +390,25 @@ def resolve_jobs(jobs: int, device: str = "auto") -> int:
     return 1 if on_gpu else min(cpu_cores(), 4)
 
 
-def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False) -> dict[str, Any]:
+def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False,
+             allow_no_val: bool = False) -> dict[str, Any]:
     """Train every run of ``runs`` that is not finished (all of them with ``force``).
 
-    Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "seconds": float}``.
-    Unfinished folders (and finished ones with ``force``) are removed first.
+    Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "stale": [...], "seconds"}``.
+    Unfinished and stale folders (and finished ones with ``force``) are removed first.
     """
     if jobs < 1:
         raise BadInputError(f"--jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
-    todo, reused = [], []
+    todo, reused, stale = [], [], []
     for r in runs:
         status = run_status(r)
         if status == "finished" and not force:
             reused.append(r.name)
             continue
+        if status == "stale":
+            stale.append(r.name)
+            logger.warning("%s was made on another split of %s: stale, rerun", r.name, r.dataset)
         if r.run_dir.exists():
             shutil.rmtree(r.run_dir)
         todo.append(r)
@@ -400,7 +439,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
             lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
         try:
             for r in todo:
-                report(_execute(r))
+                report(_execute(r, allow_no_val))
         finally:
             for lg, lv in zip(quiet, levels, strict=True):
                 lg.setLevel(lv)
@@ -410,7 +449,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         level = logging.getLogger().getEffectiveLevel()
         with cfut.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                       initargs=(threads, level)) as pool:
-            futures = {pool.submit(_execute, r): r for r in todo}
+            futures = {pool.submit(_execute, r, allow_no_val): r for r in todo}
             try:
                 for fut in cfut.as_completed(futures):
                     r = futures[fut]
@@ -424,7 +463,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
                 raise
     failed = {o["name"]: o["error"] for o in outcomes if o["status"] == "failed"}
     return {"trained": [o["name"] for o in outcomes if o["status"] == "finished"], "reused": reused,
-            "failed": failed, "seconds": time.perf_counter() - t0}
+            "failed": failed, "stale": stale, "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------- aggregation
@@ -485,8 +524,24 @@ def _mark_best(rows: list[dict[str, Any]], path: tuple[str, ...], flag: str) -> 
         r[flag] = best is not None and v is not None and math.isclose(v, best, rel_tol=0, abs_tol=1e-12)
 
 
-def aggregate(runs: list[GridRun]) -> dict[str, dict[str, Any]]:
-    """Per dataset: the table (rows, reference row, per-run records, MVSA agreement split)."""
+def _stale_elsewhere(druns: list[GridRun], split_fp: str) -> list[str]:
+    """Finished run folders beside the grid's (same ``runs_dir/<dataset>/``) made on another split of
+    the dataset: left out of the table, named so nobody mistakes them for current results."""
+    names = {r.name for r in druns}
+    out = []
+    for folder in sorted({r.run_dir.parent for r in druns}):
+        for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if d.name in names or not (d / FINISHED_MARKER).is_file():
+                continue
+            rec = read_split(d)
+            if rec is not None and rec["fingerprint"] != split_fp:
+                out.append(d.name)
+    return out
+
+
+def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per dataset: the table (rows, reference row, per-run records, MVSA agreement split, the split it
+    was computed on, heads skipped for a missing modality, runs made on another split)."""
     tables: dict[str, dict[str, Any]] = {}
     by_dataset: dict[str, list[GridRun]] = {}
     for r in runs:
@@ -554,12 +609,17 @@ def aggregate(runs: list[GridRun]) -> dict[str, dict[str, Any]]:
                              "seeds": len(mats), "how": f"summed over its {len(mats)} finished seed(s), test split",
                              "matrix": np.sum(mats, axis=0).tolist()}
         encoders = sorted({r.encoder.label for r in druns})
+        split = index.split_info()
         tables[dataset] = {
+            "split": {"source": split["source"], "fingerprint": split["fingerprint"], "counts": split["counts"]},
+            "skipped": [x for x in skipped or [] if x["dataset"] == dataset],
+            "stale_runs": _stale_elsewhere(druns, split["fingerprint"]),
             "dataset": dataset, "classes": list(index.classes), "encoders": encoders,
             "heads": list(dict.fromkeys(r.head for r in druns)),
             "features": list(dict.fromkeys(r.features for r in druns)),
             "seeds": sorted({r.seed for r in druns}),
-            "counts": {s: sum(x["status"] == s for x in records) for s in ("finished", "failed", "unfinished", "missing")},
+            "counts": {s: sum(x["status"] == s for x in records)
+                       for s in ("finished", "failed", "unfinished", "missing", "stale")},
             "rows": rows, "reference": reference, "confusion": confusion, "runs": records,
             "mvsa_agreement": agree is not None,
             "notes": {"metrics": "test split; mean and sample standard deviation (ddof=1) over finished seeds; "
@@ -643,7 +703,23 @@ def _heading(table: dict[str, Any]) -> str:
         text += f", {c['failed']} failed"
     if c["unfinished"] or c["missing"]:
         text += f", {c['unfinished'] + c['missing']} not run yet"
+    if c.get("stale"):
+        text += f", {c['stale']} stale (made on another split)"
     return text
+
+
+def _split_lines(table: dict[str, Any]) -> list[str]:
+    """The split the table was computed on, heads skipped, runs made on other splits."""
+    sp = table.get("split") or {}
+    counts = sp.get("counts") or {}
+    out = [f"split: {sp.get('source')} (fingerprint {sp.get('fingerprint')}; train/val/test "
+           f"{'/'.join(str(counts.get(s, 0)) for s in ('train', 'val', 'test'))})"]
+    out += [f"skipped {x['head']}: {x['reason']}" for x in table.get("skipped") or []]
+    stale = table.get("stale_runs") or []
+    if stale:
+        out.append(f"left out: {len(stale)} finished runs made on another split of {table['dataset']} "
+                   f"(e.g. {', '.join(stale[:2])})")
+    return out
 
 
 NOTE = ("test split; mean ± sample std (ddof=1) over the finished seeds, '-' when one seed finished; "
@@ -657,7 +733,7 @@ def format_tables(tables: dict[str, dict[str, Any]]) -> str:
     out = []
     for table in tables.values():
         headers, rows, a_headers, a_rows = _table_rows(table, "text")
-        out += [_heading(table), format_table(headers, rows)]
+        out += [_heading(table), *_split_lines(table), format_table(headers, rows)]
         if a_rows:
             out += ["", "text and image labels agree vs disagree (test posts):", format_table(a_headers, a_rows)]
         failures = _failures(table)
@@ -671,6 +747,7 @@ def format_tables(tables: dict[str, dict[str, Any]]) -> str:
 def _markdown(table: dict[str, Any]) -> str:
     headers, rows, a_headers, a_rows = _table_rows(table, "md")
     out = [f"# Ablation: {table['dataset']}", "", _heading(table) + ".", "",
+           *(f"- {line[0].upper()}{line[1:]}." for line in _split_lines(table)), "",
            f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
            f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
            f"**bold**. The reference row holds figures the paper reports, not measured here.", "",
@@ -772,6 +849,7 @@ class AblationConfig:
     force: bool = False
     aggregate_only: bool = False
     plots: bool = True
+    allow_no_val: bool = False  # train datasets without a validation split (else those runs fail)
 
 
 @dataclass
@@ -784,24 +862,27 @@ class AblationResult:
     tables: dict[str, dict[str, Any]]
     files: dict[str, list[Path]]
     seconds: float
+    stale: list[str] = field(default_factory=list)  # runs made on another split of the cache: rerun by this call
 
 
 def run_ablation(config: AblationConfig) -> AblationResult:
     """Expand the grid, train this shard's unfinished runs, aggregate every finished run of the grid and
     write the result files."""
     t0 = time.perf_counter()
+    skipped: list[dict[str, Any]] = []
     runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
-                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir)
+                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped)
     selected = shard_runs(runs, config.shard)
     if config.aggregate_only:
-        done = {"trained": [], "reused": [], "failed": {}}
+        done = {"trained": [], "reused": [], "failed": {}, "stale": []}
     else:
         done = run_grid(selected, jobs=resolve_jobs(config.jobs, config.base.device), threads=config.threads,
-                        force=config.force)
-    tables = aggregate(runs)
+                        force=config.force, allow_no_val=config.allow_no_val)
+    tables = aggregate(runs, skipped)
     files = write_results(tables, config.results_dir, plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
-                          failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0)
+                          failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
+                          stale=done["stale"])
 
 
 def format_ablation(result: AblationResult) -> str:
@@ -809,7 +890,8 @@ def format_ablation(result: AblationResult) -> str:
     shard = "" if len(result.selected) == len(result.runs) else f" (this shard: {len(result.selected)})"
     lines = [format_tables(result.tables), "",
              f"{len(result.runs)} runs in the grid{shard}: {len(result.trained)} trained, {len(result.reused)} "
-             f"reused, {len(result.failed)} failed, in {result.seconds:.1f}s"]
+             f"reused, {len(result.failed)} failed, in {result.seconds:.1f}s"
+             + (f" ({len(result.stale)} of them rerun: made on another split)" if result.stale else "")]
     for dataset, paths in result.files.items():
         lines.append(f"{dataset}: {', '.join(str(p) for p in paths)}")
     return "\n".join(lines)

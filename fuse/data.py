@@ -146,6 +146,10 @@ class FusionData:
     index_fingerprint: str
     index_attrs: dict[str, Any] = field(default_factory=dict)
     dropped: dict[str, Any] = field(default_factory=dict)
+    # The index's split (the only place stage two takes it from): {"spec", "source", "fingerprint", "counts"}
+    # and the sample ids of train / val / test in index order (before dropping samples missing a modality).
+    split: dict[str, Any] = field(default_factory=dict)
+    split_ids: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -191,6 +195,23 @@ class FusionData:
                 x, m = x[:, :length], m[:, :length]
             out += [x.float(), m]
         return out[0], out[1], out[2], out[3]
+
+    def usable(self) -> Tensor:
+        """(N,) bool on :attr:`device`: every loaded modality present."""
+        ok = torch.ones(len(self.ids), dtype=torch.bool, device=self.device)
+        for md in (self.text, self.image):
+            if md is not None:
+                ok &= md.valid
+        return ok
+
+    def rows_of_ids(self, ids: list[str]) -> tuple[Tensor, list[str]]:
+        """Rows ((n,) int64 on :attr:`device`, ascending) of ``ids`` whose loaded modalities are all
+        present, and the ids the index does not hold at all."""
+        where = {str(sid): r for r, sid in enumerate(self.ids)}
+        missing = [str(i) for i in ids if str(i) not in where]
+        rows = torch.as_tensor(sorted(where[str(i)] for i in ids if str(i) in where), dtype=torch.int64,
+                               device=self.device)
+        return rows[self.usable()[rows]], missing
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: what was loaded and how many samples each split keeps."""
@@ -293,5 +314,6 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     data = FusionData(dataset=dataset, classes=list(index.classes), features=features, modalities=mods,
                       ids=index.ids, labels=labels, split_rows=split_rows, text=loaded.get("text"),
                       image=loaded.get("image"), index_path=index_path, index_fingerprint=index.fingerprint,
-                      index_attrs=dict(index.attrs), dropped=dropped)
+                      index_attrs=dict(index.attrs), dropped=dropped, split=index.split_info(),
+                      split_ids=index.split_ids())
     return data.to(device)

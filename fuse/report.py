@@ -38,6 +38,8 @@ def format_train(result) -> str:
     if dropped:
         by = ", ".join(f"{k}: {v}" for k, v in m["dropped"]["by_modality"].items() if v)
         lines.append(f"dropped {dropped} samples with a missing modality ({by})")
+    if m.get("split"):
+        lines.append(f"split: {m['split'].get('source')} (fingerprint {m['split'].get('fingerprint')}; ids in split.json)")
     lines += ["", _table(HEADERS, [_row("train", m.get("train")), _row("val (best)", m.get("val")),
                                    _row("test", m.get("test"))])]
     return "\n".join(lines)
@@ -48,6 +50,12 @@ def format_eval(result) -> str:
     m = result.metrics
     where = m["dataset"] if m["dataset"] == m["trained_on"] else f"{m['dataset']} (trained on {m['trained_on']})"
     lines = [f"run {result.run_dir} on {where}, split {result.split}"]
+    scored = m.get("split_scored") or {}
+    what = {"run": "the run's own split (unchanged in the cache)", "original": "the run's ORIGINAL split (its split.json ids)",
+            "current": "the cache's CURRENT split, NOT the run's", "dataset": "that dataset's split"}.get(scored.get("which"))
+    if what:
+        lines.append(f"scored on {what}: {scored.get('source')} (fingerprint {scored.get('fingerprint')})"
+                     + (f"; {scored['note']}" if scored.get("note") else ""))
     if result.dropped.get("total"):
         lines.append(f"dropped {result.dropped['total']} samples with a missing modality")
     lines += ["", _table(HEADERS, [_row(result.split, m)])]

@@ -4,6 +4,9 @@ A run folder ``runs/<name>/`` holds, in the order they are written:
 
 * ``config.json``: the resolved :class:`~mmcache.fuse.train.TrainConfig`;
 * ``provenance.json``: caches (files, encoders), index fingerprint, library versions, host, argv;
+* ``split.json``: the split it trained, validated and tested on: its source, fingerprint and the exact
+  sample ids of train / val / test (:func:`write_split`); ``evaluate`` and ``ablate`` compare it with
+  the cache's split, so a run is never scored on samples it trained on after a re-split;
 * ``history.json``: one row per epoch (rewritten each epoch, so a crashed run shows how far it got);
 * ``model.safetensors``: the best-validation weights;
 * ``predictions.csv``: test samples, ``id, true, predicted, p_<class>...``;
@@ -28,8 +31,9 @@ from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("config.json", "provenance.json", "history.json", "model.safetensors", "predictions.csv",
-             "metrics.json")
+RUN_FILES = ("config.json", "provenance.json", "split.json", "history.json", "model.safetensors",
+             "predictions.csv", "metrics.json")
+SPLIT_FILE = "split.json"  # the run's split: source, fingerprint, ids per split
 FINISHED_MARKER = "metrics.json"  # written last: a run folder without it did not finish
 ERROR_FILE = "error.json"  # an ablation's record of a run that raised
 
@@ -84,6 +88,19 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
 def read_provenance(run_dir: str | Path) -> dict[str, Any]:
     """``provenance.json`` ({} for a run folder without one)."""
     return read_json(Path(run_dir) / "provenance.json") or {}
+
+
+def write_split(run_dir: str | Path, split: dict[str, Any], ids: dict[str, list[str]]) -> None:
+    """``split.json``: ``split`` (the index's ``split_info``: spec, source, fingerprint, counts) and
+    ``ids`` (train / val / test sample ids as in the index, before dropping samples missing a modality)."""
+    rec = {**split, "ids": {s: list(v) for s, v in ids.items()}}
+    atomic_write(Path(run_dir) / SPLIT_FILE, json.dumps(rec, separators=(",", ":"), default=str) + "\n")  # compact: ids
+
+
+def read_split(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``split.json``, or None for a run made before runs recorded their split."""
+    rec = read_json(Path(run_dir) / SPLIT_FILE)
+    return rec if isinstance(rec, dict) and "fingerprint" in rec else None
 
 
 @functools.lru_cache(maxsize=1)  # fixed for the process; an ablation writes it for every run

@@ -24,7 +24,7 @@ def make_cache(cache_dir: Path, dataset: str = "synth", *, n: int = 60, dt: int 
 
     Splits: 60% train, 20% val, 20% test by position; ``text_invalid`` / ``image_invalid`` are rows
     written as failures (valid False). ``complete=False`` leaves the image file unfinished;
-    ``all_train`` puts every sample in train (no val / test: the trainer keeps the last epoch).
+    ``all_train`` puts every sample in train (no val / test: training needs ``allow_no_val``).
     """
     classes = classes or CLASSES
     rng = np.random.default_rng(seed)
@@ -35,7 +35,8 @@ def make_cache(cache_dir: Path, dataset: str = "synth", *, n: int = 60, dt: int 
     images = [f"img/{i}.png" for i in range(n)]
     folder = Path(cache_dir) / dataset
     fp = cf.write_index(folder / cf.INDEX_NAME, dataset=dataset, classes=classes, ids=ids, labels=labels.tolist(),
-                        splits=splits, texts=texts, image_paths=images)
+                        splits=splits, texts=texts, image_paths=images,
+                        split_spec={"kind": "synthetic", "rule": "all train" if all_train else "by position 60/20/20"})
     out = {"index": folder / cf.INDEX_NAME}
     centroid_rng = np.random.default_rng(1234)  # same centroids for every dataset: cross-dataset works
     specs = [("text", text_model, dt, lt, text_invalid), ("image", image_model, di, li, image_invalid)]

@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
 from mmcache.fuse.metrics import compute_metrics
-from mmcache.fuse.runs import FINISHED_MARKER, make_run_dir, read_json, require_finished, write_json
+from mmcache.fuse.runs import (
+    FINISHED_MARKER,
+    make_run_dir,
+    read_json,
+    read_split,
+    require_finished,
+    write_json,
+    write_split,
+)
 from mmcache.fuse.runs import git_commit as _git_commit
 from mmcache.fuse.runs import library_versions as _library_versions
 from torch import Tensor
@@ -328,6 +336,7 @@ def _provenance(data: FusionData, device: torch.device, threads: int | None) -> 
             caches[m] = {"model": md.model, **md.info}
     return {
         "dataset": data.dataset,
+        "split": {k: data.split.get(k) for k in ("source", "fingerprint", "counts")},
         "index": {"path": str(data.index_path), "fingerprint": data.index_fingerprint,
                   "attrs": {k: v for k, v in data.index_attrs.items()}},
         "caches": caches,
@@ -343,7 +352,32 @@ def _provenance(data: FusionData, device: torch.device, threads: int | None) -> 
 
 # --------------------------------------------------------------------------------------------- train
 
-def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool = False) -> TrainResult:
+def _check_val(data: FusionData, val_rows: Tensor, allow_no_val: bool) -> None:
+    if val_rows.numel():
+        return
+    counts = "/".join(str(data.split.get("counts", {}).get(s, 0)) for s in ("train", "val", "test"))
+    why = (f"{data.dataset} has no validation samples (split {data.split.get('source', '?')}: train/val/test "
+           f"{counts}, {data.dropped.get('by_split', {}).get('val', 0)} val samples dropped for a missing modality)")
+    if not allow_no_val:
+        raise BadInputError(f"{why}: early stopping and model selection need them. Re-split with a validation part "
+                            "(extract --resplit --seed N or --split-file PATH), or pass --allow-no-val to train every "
+                            "epoch and keep the last epoch's weights")
+    logger.warning("%s: --allow-no-val: no early stopping, the last epoch's weights are kept", why)
+
+
+def _check_expected_split(data: FusionData, expected: dict[str, Any] | None) -> None:
+    """A reproduction (``--config runs/R/config.json``) on a cache whose split changed since R: warned,
+    not refused (the new run records its own split, so nothing is mislabelled), since its numbers cannot
+    equal R's."""
+    if expected and expected.get("fingerprint") != data.split.get("fingerprint"):
+        logger.warning("the split of %s differs from the one the config's run was trained on (run: %s, fingerprint "
+                       "%s; cache now: %s, fingerprint %s): this run does not reproduce it", data.dataset,
+                       expected.get("source"), expected.get("fingerprint"), data.split.get("source"),
+                       data.split.get("fingerprint"))
+
+
+def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool = False, allow_no_val: bool = False,
+          expected_split: dict[str, Any] | None = None) -> TrainResult:
     """Train one head and write its run folder; returns the resolved config, metrics and history.
 
     ``data``: features already loaded by :func:`fuse.data.load_data` (moved to the run's device in
@@ -353,9 +387,13 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     Files in ``runs/<name>/`` (``name`` default ``<dataset>-<head>-<features>-s<seed>-<timestamp>``,
     suffixed ``-2``, ``-3`` ... if taken): ``config.json`` (resolved), ``provenance.json`` (caches,
     index fingerprint, library versions), ``history.json`` (per epoch), ``model.safetensors``
-    (best-validation weights), ``predictions.csv`` (test samples: id, true, predicted, p_<class>...) and,
-    written last so that its presence means the run finished, ``metrics.json`` (val at the best epoch,
-    test, train).
+    (best-validation weights), ``predictions.csv`` (test samples: id, true, predicted, p_<class>...),
+    ``split.json`` (the split's source, fingerprint and ids) and, written last so that its presence
+    means the run finished, ``metrics.json`` (val at the best epoch, test, train).
+
+    An empty validation split is a :class:`BadInputError` unless ``allow_no_val`` (then every epoch
+    runs and the last one's weights are kept). ``expected_split``: a ``split.json`` record the run is
+    meant to reproduce; a different cache split is warned about.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -365,9 +403,8 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     if train_rows.numel() == 0:
         raise PipelineError(f"{data.dataset}: no training samples (after dropping {data.dropped['total']} with a "
                             "missing modality)")
-    if val_rows.numel() == 0:
-        logger.warning("%s has no validation samples: no early stopping, the last epoch's weights are kept",
-                       data.dataset)
+    _check_val(data, val_rows, allow_no_val)
+    _check_expected_split(data, expected_split)
 
     name = config.run_name or (f"{data.dataset}-{config.head}-{config.features}-s{config.seed}-"
                                f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -375,6 +412,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     config = dataclasses.replace(config, run_name=run_dir.name)
     write_json(run_dir / "config.json", config.to_dict())
     write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
+    write_split(run_dir, data.split, data.split_ids)
     labels_np = data.labels.cpu().numpy()
     classes = data.classes
 
@@ -479,6 +517,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
         "test": _score(split_probs["test"], labels_np[test_np], classes) if test_rows.numel() else None,
         "train": _score(split_probs["train"], labels_np[train_rows.cpu().numpy()], classes),
         "samples": {s: int(r.numel()) for s, r in data.split_rows.items()},
+        "split": {"source": data.split.get("source"), "fingerprint": data.split.get("fingerprint")},
         "dropped": data.dropped,
         "model": {"head": config.head, "classes": classes, "num_parameters": n_params, **data.dims()},
         "seconds": time.perf_counter() - t_start,
@@ -513,16 +552,26 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[
     return model.to(device).eval(), config, meta
 
 
+SPLIT_CHOICES = ("original", "current")
+
+
 def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test", *,
              cache_dir: str | Path | None = None, text_cache: str | Path | None = None,
              image_cache: str | Path | None = None, device: str | None = None, data: FusionData | None = None,
-             write: bool = True) -> EvalResult:
+             write: bool = True, split_choice: str | None = None) -> EvalResult:
     """Score a finished run again on ``split`` of its own dataset, or of ``dataset`` (cross-dataset).
 
     The other dataset's caches must come from the same encoders (model ids and hidden sizes as in the
     run's provenance) and have the same classes, in the same order; otherwise :class:`BadInputError`.
     With ``write``, the metrics and predictions go to ``<run>/evaluations/<dataset>-<split>.json|.csv``.
+
+    On its own dataset the run's split (``split.json``) must still be the cache's: after a re-split
+    the run is stale and this raises :class:`BadInputError`, unless ``split_choice`` is ``"original"``
+    (score the run's own ``split`` ids) or ``"current"`` (the cache's current split, labelled as a
+    different split in the metrics and the file name: ``<dataset>-<split>-current-<fingerprint>``).
     """
+    if split_choice not in (None, *SPLIT_CHOICES):
+        raise BadInputError(f"split_choice must be one of {', '.join(SPLIT_CHOICES)}, got {split_choice!r}")
     run_dir = Path(run_dir)
     if split not in ("train", "val", "test"):
         raise BadInputError(f"unknown split {split!r}; expected train, val or test")
@@ -549,23 +598,66 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     else:
         data.to(dev)
     _check_compatible(data, config, meta, prov)
-    rows = data.split_rows[split]
+    rows, scored = _eval_rows(run_dir, data, split, same, split_choice, prov)
     with _deterministic(dev, config.threads):
         probs = predict(model, data, rows, config.eval_batch_size, config.amp)
     rows_np = rows.cpu().numpy()
     labels = data.labels.cpu().numpy()[rows_np]
     metrics = _score(probs, labels, data.classes)
     metrics.update(dataset=data.dataset, split=split, run=run_dir.name, trained_on=config.dataset,
-                   dropped=data.dropped)
+                   dropped=data.dropped, split_scored=scored)
     mpath = ppath = None
     if write:
         out = run_dir / "evaluations"
         out.mkdir(exist_ok=True)
-        ppath, mpath = out / f"{data.dataset}-{split}.csv", out / f"{data.dataset}-{split}.json"
+        stem = f"{data.dataset}-{split}" + (f"-current-{scored['fingerprint']}" if scored["which"] == "current" else "")
+        ppath, mpath = out / f"{stem}.csv", out / f"{stem}.json"
         atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
         write_json(mpath, metrics)
     return EvalResult(run_dir=run_dir, dataset=data.dataset, split=split, metrics=metrics, dropped=data.dropped,
                       predictions_path=ppath, metrics_path=mpath)
+
+
+def _eval_rows(run_dir: Path, data: FusionData, split: str, same: bool, choice: str | None,
+               prov: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """The rows to score and what they are (``split_scored`` in the metrics): ``which`` = ``run`` (the
+    run's split, unchanged in the cache), ``original`` (the run's recorded ids; the cache was re-split),
+    ``current`` (the cache's split, which is not the run's) or ``dataset`` (another dataset's split)."""
+    cur = {"source": data.split.get("source"), "fingerprint": data.split.get("fingerprint")}
+    if not same:
+        return data.split_rows[split], {"which": "dataset", **cur}
+    rec = read_split(run_dir)
+    if rec is None:  # a run made before runs recorded their split: trust only an unchanged index
+        then = (prov.get("index") or {}).get("attrs", {}).get("content_fingerprint")
+        if then is not None and then == data.index_attrs.get("content_fingerprint"):
+            return data.split_rows[split], {"which": "run", **cur}
+        if choice != "current":
+            raise BadInputError(f"run {run_dir.name} has no split record (made before runs recorded theirs) and "
+                                f"the index of {data.dataset} changed since, so its {split} split may hold samples the "
+                                "run trained on; pass --current-split to score the cache's current split anyway")
+        return data.split_rows[split], {"which": "current", **cur, "note": "the run's own split is unknown"}
+    if rec["fingerprint"] == cur["fingerprint"]:
+        return data.split_rows[split], {"which": "run", **cur}
+    others = set().union(*(rec["ids"].get(s, []) for s in ("train", "val", "test") if s != split))
+    leak = sum(i in others for i in data.split_ids[split])  # e.g. now in test, but trained or validated on
+    if choice is None:
+        raise BadInputError(
+            f"the split of {data.dataset} changed since run {run_dir.name} was trained (run: {rec.get('source')}, "
+            f"fingerprint {rec['fingerprint']}; cache now: {cur['source']}, fingerprint {cur['fingerprint']}): "
+            f"{leak} of the {len(data.split_ids[split])} samples now in {split} were in another of the run's splits "
+            f"(trained or validated on). Pass "
+            f"--original-split to score the run's own {split} samples (from its split.json), or --current-split to "
+            f"score the cache's current {split} split anyway (labelled as a different split)")
+    if choice == "current":
+        return data.split_rows[split], {"which": "current", **cur, "run_split": rec["fingerprint"],
+                                        "seen_in_training": leak,
+                                        "note": f"not the run's split: {leak} of these samples were in another of its splits"}
+    rows, missing = data.rows_of_ids(rec["ids"].get(split, []))
+    if missing:
+        raise BadInputError(f"{len(missing)} of run {run_dir.name}'s {split} samples are no longer in the cache of "
+                            f"{data.dataset} (e.g. {', '.join(missing[:3])}): its original split cannot be scored")
+    return rows, {"which": "original", "source": rec.get("source"), "fingerprint": rec["fingerprint"],
+                  "note": f"the run's own {split} samples; the cache's split is now {cur['fingerprint']}"}
 
 
 def _check_compatible(data: FusionData, config: TrainConfig, meta: dict[str, Any], prov: dict[str, Any]) -> None:

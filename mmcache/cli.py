@@ -107,6 +107,7 @@ def train_fusion(
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default cache)"),
     runs_dir: str | None = typer.Option(None, "--runs-dir", help="where run folders go (default runs)"),
     run_name: str | None = typer.Option(None, "--run-name", help="run folder name (default <dataset>-<head>-<features>-s<seed>-<time>)"),
+    allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train without a validation split (no early stopping; the last epoch is kept)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     as_json: bool = typer.Option(False, "--json", help="print metrics.json instead of the summary"),
 ) -> None:
@@ -131,7 +132,11 @@ def train_fusion(
         from mmcache.fuse.heads import list_heads
 
         raise BadInputError(f"--head is required (or --config); heads: {', '.join(list_heads())}")
-    result = train(TrainConfig.from_dict(merged), progress=not quiet and sys.stderr.isatty())
+    from mmcache.fuse.runs import read_split
+
+    expected = read_split(config.parent) if config is not None and merged.get("dataset") == base.get("dataset") else None
+    result = train(TrainConfig.from_dict(merged), progress=not quiet and sys.stderr.isatty(), allow_no_val=allow_no_val,
+                   expected_split=expected)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
 
 
@@ -144,14 +149,19 @@ def evaluate(
     image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file of that dataset"),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default: the run's)"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default: the run's, else auto)"),
+    original_split: bool = typer.Option(False, "--original-split", help="after a re-split: score the run's own split (its split.json ids)"),
+    current_split: bool = typer.Option(False, "--current-split", help="after a re-split: score the cache's current split anyway, labelled as not the run's"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
 ) -> None:
     """Score a saved run again (its own test split, or another dataset's: cross-dataset evaluation)."""
     from mmcache.fuse.report import format_eval
     from mmcache.fuse.train import evaluate as evaluate_run
 
+    if original_split and current_split:
+        raise BadInputError("--original-split and --current-split exclude each other")
+    choice = "original" if original_split else "current" if current_split else None
     result = evaluate_run(run, dataset, split, cache_dir=cache_dir, text_cache=text_cache, image_cache=image_cache,
-                          device=device)
+                          device=device, split_choice=choice)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
 
 
@@ -311,6 +321,7 @@ def ablate(
     runs_dir: str = typer.Option("runs/ablate", "--runs-dir", help="run folders go to RUNS_DIR/<dataset>/"),
     results_dir: str = typer.Option("results", "--results-dir", help="where ablation_<dataset>.md|csv|json go"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
+    allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train datasets without a validation split (no early stopping)"),
     as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
@@ -325,7 +336,7 @@ def ablate(
                          seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
-                         plots=plots)
+                         plots=plots, allow_no_val=allow_no_val)
     result = run_ablation(cfg)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:

@@ -57,7 +57,8 @@ def _metrics(run_dir: Path) -> dict:
 def test_every_head_trains_for_every_features_mode(cache, tmp_path, head, features):
     r = train(_cfg(cache, tmp_path, head=head, features=features, label_smoothing=0.1, class_balanced=True))
     assert sorted(p.name for p in r.run_dir.iterdir()) == sorted(
-        ["config.json", "provenance.json", "history.json", "model.safetensors", "predictions.csv", "metrics.json"])
+        ["config.json", "provenance.json", "split.json", "history.json", "model.safetensors", "predictions.csv",
+         "metrics.json"])
     assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
     assert r.history[0]["lr"] > 0 and r.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0
     assert r.config.modalities == sorted(head_uses(head), key=["text", "image"].index)
@@ -73,11 +74,11 @@ def test_every_head_trains_for_every_features_mode(cache, tmp_path, head, featur
 @pytest.mark.parametrize("head", HEADS)
 def test_each_head_overfits_tiny_cache(tmp_path, head):
     # weak class signal: the training set must be memorised, not just read off a centroid
-    # and with no val split the trainer keeps the last epoch's weights
+    # and with no val split (allowed explicitly) the trainer keeps the last epoch's weights
     make_cache(tmp_path / "c", "tiny", n=32, signal=0.3, seed=3, all_train=True)
     r = train(TrainConfig(head=head, features="tokens", dataset="tiny", cache_dir=str(tmp_path / "c"),
                           runs_dir=str(tmp_path / "runs"), dim=32, heads=2, dropout=0.0, epochs=60, lr=3e-3,
-                          batch_size=8, weight_decay=0.0, patience=0, warmup_frac=0.05, threads=1))
+                          batch_size=8, weight_decay=0.0, patience=0, warmup_frac=0.05, threads=1), allow_no_val=True)
     assert r.metrics["train"]["accuracy"] >= 0.95, r.metrics["train"]
     assert r.metrics["val"] is None and r.metrics["test"] is None and r.metrics["best_epoch"] == 60
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
@@ -225,3 +226,159 @@ def test_clmlf_split_survives_adding_the_images(tmp_path, capsys):
     assert after == before and idx.split_spec["kind"] == "file"
     test_ids = {i for i, s in after.items() if s == "test"}
     assert test_ids and test_ids == {i for i, s in before.items() if s == "test"}
+
+
+# --------------------------------------------------------------------------------------------- stage two
+
+TINY = dict(dim=8, heads=2, epochs=2, batch_size=16, lr=3e-3, patience=0, device="cpu", threads=1)
+
+
+def _resplit_index(cache: Path, dataset: str, seed: int) -> cf.SampleIndex:
+    """What `extract --resplit` does to the index: the same samples (features stay valid), another split."""
+    path = cache / dataset / cf.INDEX_NAME
+    idx = cf.read_index(path)
+    new = np.random.default_rng(seed).permutation(np.asarray(idx.splits, dtype=object)).tolist()
+    cf.write_index(path, dataset=idx.dataset, classes=idx.classes, ids=list(idx.ids), labels=idx.labels.tolist(),
+                   splits=new, texts=list(idx.texts), image_paths=list(idx.image_paths),
+                   split_spec={"kind": "seeded", "seed": seed, "ratios": [0.6, 0.2, 0.2]},
+                   split_history=[{"from": idx.split_spec, "to": {"kind": "seeded", "seed": seed}}])
+    out = cf.read_index(path)
+    assert out.fingerprint == idx.fingerprint and out.split_fingerprint != idx.split_fingerprint
+    return out
+
+
+@pytest.fixture
+def synth(tmp_path):
+    from mmcache.fuse.synthetic import make_cache
+
+    make_cache(tmp_path / "cache", "synth", n=40, dt=8, di=8, lt=4, li=3)
+    return tmp_path / "cache"
+
+
+def _train(cache, tmp_path, **kw):
+    from mmcache.fuse.train import TrainConfig, train
+
+    return train(TrainConfig(**{**TINY, "head": "basic", "dataset": "synth", "cache_dir": str(cache),
+                                "runs_dir": str(tmp_path / "runs"), **kw}))
+
+
+def test_run_records_its_split_and_evaluate_refuses_after_a_resplit(synth, tmp_path, capsys):
+    from mmcache.fuse.train import evaluate
+
+    r = _train(synth, tmp_path)
+    idx = cf.read_index(synth / "synth" / cf.INDEX_NAME)
+    rec = json.loads((r.run_dir / "split.json").read_text())
+    assert rec["fingerprint"] == idx.split_fingerprint == r.metrics["split"]["fingerprint"]
+    assert rec["ids"] == idx.split_ids() and rec["counts"] == {"train": 24, "val": 8, "test": 8}
+    same = evaluate(r.run_dir, write=False)
+    assert same.metrics["split_scored"]["which"] == "run"
+    assert same.metrics["accuracy"] == r.metrics["test"]["accuracy"] and same.metrics["n"] == r.metrics["test"]["n"]
+
+    _resplit_index(synth, "synth", seed=5)
+    with pytest.raises(BadInputError, match="split of synth changed since run") as e:
+        evaluate(r.run_dir, write=False)
+    assert "--original-split" in str(e.value) and "--current-split" in str(e.value)
+    code, out, err = _run(capsys, "evaluate", "--run", r.run_dir)
+    assert code == 2 and "changed since run" in err and len(err.strip().splitlines()) == 1
+    assert not (r.run_dir / "evaluations").exists()  # nothing written on a refusal
+
+    # --original-split: the run's own test ids, hence its own numbers
+    orig = evaluate(r.run_dir, split_choice="original")
+    assert orig.metrics["split_scored"]["which"] == "original"
+    assert orig.metrics["n"] == r.metrics["test"]["n"] and orig.metrics["macro_f1"] == r.metrics["test"]["macro_f1"]
+    assert sorted(ln.split(",")[0] for ln in orig.predictions_path.read_text().splitlines()[1:]) == \
+        sorted(rec["ids"]["test"])
+    # --current-split: the cache's test split, labelled as not the run's, in a file of its own
+    code, out, err = _run(capsys, "evaluate", "--run", r.run_dir, "--current-split", "--json")
+    assert code == 0, err
+    cur = json.loads(out)["split_scored"]
+    assert cur["which"] == "current" and cur["run_split"] == rec["fingerprint"] and cur["seen_in_training"] > 0
+    assert any("-current-" in p.name for p in (r.run_dir / "evaluations").iterdir())
+    code, out, err = _run(capsys, "evaluate", "--run", r.run_dir, "--current-split")
+    assert "NOT the run's" in out
+    assert _run(capsys, "evaluate", "--run", r.run_dir, "--current-split", "--original-split")[0] == 2
+
+
+def test_run_without_a_split_record_is_not_trusted_after_the_index_changed(synth, tmp_path):
+    from mmcache.fuse.train import evaluate
+
+    r = _train(synth, tmp_path)
+    (r.run_dir / "split.json").unlink()  # a run made before runs recorded their split
+    with pytest.raises(BadInputError, match="no split record"):
+        evaluate(r.run_dir, write=False)
+    assert evaluate(r.run_dir, write=False, split_choice="current").metrics["split_scored"]["which"] == "current"
+
+
+def test_reproducing_a_run_on_another_split_warns(synth, tmp_path, capsys, caplog):
+    r = _train(synth, tmp_path)
+    _resplit_index(synth, "synth", seed=6)
+    with caplog.at_level("WARNING"):
+        code, out, err = _run(capsys, "train-fusion", "--config", r.run_dir / "config.json", "--quiet")
+    assert code == 0, err
+    assert any("does not reproduce it" in rec.getMessage() for rec in caplog.records)
+
+
+def test_no_validation_split_is_refused_unless_allowed(tmp_path, capsys):
+    from mmcache.fuse.synthetic import make_cache
+
+    make_cache(tmp_path / "cache", "allt", n=20, dt=8, di=8, lt=4, li=3, all_train=True)
+    args = ["train-fusion", "--head", "text_only", "--dataset", "allt", "--cache-dir", tmp_path / "cache",
+            "--runs-dir", tmp_path / "runs", "--epochs", "2", "--dim", "8", "--device", "cpu", "--quiet"]
+    code, out, err = _run(capsys, *args)
+    assert code == 2 and "no validation samples" in err and "--allow-no-val" in err
+    assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+    code, out, err = _run(capsys, *args, "--allow-no-val", "--json")
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["val"] is None and m["best_epoch"] == 2
+
+
+def test_ablate_marks_runs_of_an_old_split_stale(synth, tmp_path):
+    import dataclasses
+
+    import mmcache.fuse.ablate as ab
+    from mmcache.fuse.train import TrainConfig
+
+    base = TrainConfig(**TINY)
+    cfg = ab.AblationConfig(datasets=["synth"], heads=["text_only"], features=["cls"], seeds=1, base=base,
+                            cache_dir=str(synth), runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"),
+                            plots=False)
+    first = ab.run_ablation(cfg)
+    [old] = first.runs
+    assert first.tables["synth"]["split"]["fingerprint"] == old.split_fingerprint
+    new_idx = _resplit_index(synth, "synth", seed=7)
+    # the same folder found again under the new split: stale, and rerun
+    moved = dataclasses.replace(old, split_fingerprint=new_idx.split_fingerprint)
+    assert ab.run_status(moved) == "stale"
+    done = ab.run_grid([moved])
+    assert done["stale"] == [old.name] and done["trained"] == [old.name] and ab.run_status(moved) == "finished"
+    # a fresh ablation: the old split's runs are named in the table as left out, the split in its header
+    old_dir = tmp_path / "runs" / "synth" / old.name
+    assert old_dir.is_dir()
+    (old_dir / "split.json").write_text(json.dumps({"fingerprint": old.split_fingerprint, "ids": {}}))
+    second = ab.run_ablation(cfg)
+    [new] = second.runs
+    assert new.name != old.name  # the key hashes the split: the old split's results are kept, not overwritten
+    table = second.tables["synth"]
+    assert table["split"]["fingerprint"] == new_idx.split_fingerprint
+    assert table["stale_runs"] == [old.name]
+    md = (tmp_path / "res" / "ablation_synth.md").read_text()
+    assert f"fingerprint {new_idx.split_fingerprint}" in md and "made on another split" in md
+    assert "seeded (seed 7" in ab.format_tables(second.tables)
+
+
+def test_ablate_on_a_text_only_cache_runs_the_text_heads(synth, tmp_path, capsys):
+    for p in (synth / "synth").glob("image--*.h5"):
+        p.unlink()
+    code, out, err = _run(capsys, "ablate", "-d", "synth", "--features", "cls", "--seeds", "1", "--jobs", "1",
+                          "--cache-dir", synth, "--runs-dir", tmp_path / "runs", "--results-dir", tmp_path / "res",
+                          "--no-plots", "--dim", "8", "--epochs", "1", "--device", "cpu", "--json")
+    assert code == 0, err
+    table = json.loads(out)["synth"]
+    assert [r["head"] for r in table["rows"]] == ["text_only"]
+    assert table["rows"][0]["seeds_finished"] == 1
+    skipped = {x["head"]: x["reason"] for x in table["skipped"]}
+    assert set(skipped) == {"image_only", "basic", "self_attention", "dual_attention"}
+    assert all("needs image features" in why for why in skipped.values())
+    md = (tmp_path / "res" / "ablation_synth.md").read_text()
+    assert "Skipped image_only: needs image features" in md
