@@ -143,3 +143,22 @@ def _resplit(stored: cf.SampleIndex, requested: SplitResult, kept: dict[str, str
                 "them"]
     return SplitDecision(requested.assignment, requested.spec, "resplit", history=[*stored.split_history, entry],
                          moves=moves, warnings=warnings)
+
+
+def preview_split(samples: list[Sample], stored: cf.SampleIndex | None, *, split_file: str | Path | None = None,
+                  seed: int | None = None, index_path: str | Path = "index.h5") -> tuple[SplitResult, str | None]:
+    """What ``inspect`` shows: the split an ``extract`` with these flags would write (the cache's, when
+    it keeps it), and a note on the cache's split (None without a cache). Never raises for a request
+    that differs from the cache's: the note says extract would refuse it without ``--resplit``."""
+    if stored is None:
+        return resolve_splits(samples, split_file=split_file, seed=seed), None
+    have = (f"the cache {index_path} has the split {cf.split_spec_text(stored.split_spec)} "
+            f"(fingerprint {stored.split_fingerprint})")
+    try:
+        d = decide_split(samples, stored, split_file=split_file, seed=seed, index_path=index_path)
+    except BadInputError:
+        return (resolve_splits(samples, split_file=split_file, seed=seed),
+                f"{have}; extract with this split would be refused without --resplit")
+    result = SplitResult(d.assignment, d.source, spec=d.spec,
+                         unassigned_ids=sorted(i for i, s in d.assignment.items() if s == UNASSIGNED))
+    return result, f"{have}; extract keeps it" + ("" if d.status == "kept" else " (the same split as asked for)")

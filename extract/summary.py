@@ -26,6 +26,7 @@ def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
         "samples": len(result.samples),
         "class_counts": result.class_counts(),
         "split_source": splits.source,
+        "split_spec": splits.spec,
         "split_counts": per_split,
         "split_file_unknown_ids": len(splits.unknown_ids),
         "split_file_unassigned_ids": len(splits.unassigned_ids),
@@ -64,7 +65,10 @@ def format_summary(s: dict[str, Any]) -> str:
     classes = s["classes"]
     rows = [[split] + [row[c] for c in classes] + [sum(row.values())] for split, row in s["split_counts"].items()]
     rows.append(["all"] + [s["class_counts"][c] for c in classes] + [s["samples"]])
-    out += ["", f"split: {s['split_source']}", format_table(["split", *classes, "total"], rows)]
+    out += ["", f"split: {s['split_source']}"]
+    if s.get("cache_split"):
+        out.append(s["cache_split"])
+    out.append(format_table(["split", *classes, "total"], rows))
     if s["split_file_unknown_ids"] or s["split_file_unassigned_ids"]:
         out.append(f"split file: {s['split_file_unknown_ids']} ids not in the data, "
                    f"{s['split_file_unassigned_ids']} samples not in the file (split 'none')")

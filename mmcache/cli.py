@@ -53,15 +53,24 @@ def inspect(
     split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json"),
     seed: int | None = typer.Option(None, help="seed of the stratified split (default 0)"),
     option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="also compare with the split this cache root holds for the dataset (what extract would keep)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Counts per class and split, dropped samples by reason, decode fallbacks."""
+    from mmcache.extract import cache_format as cf
     from mmcache.extract.datasets import load_dataset
-    from mmcache.extract.splits import resolve_splits
+    from mmcache.extract.extraction import ExtractConfig, _cache_name
+    from mmcache.extract.split_policy import preview_split
     from mmcache.extract.summary import format_summary, summarize
 
     result = load_dataset(dataset, data_dir, **_options(option))
-    summary = summarize(result, resolve_splits(result.samples, split_file=split_file, seed=seed))
+    index_path = stored = None
+    if cache_dir is not None:
+        index_path = cache_dir / _cache_name(ExtractConfig(dataset=dataset), Path(result.root)) / cf.INDEX_NAME
+        stored = cf.read_index(index_path) if index_path.is_file() else None
+    split, note = preview_split(result.samples, stored, split_file=split_file, seed=seed, index_path=index_path)
+    summary = summarize(result, split)
+    summary["cache_split"] = note
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 

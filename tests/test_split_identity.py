@@ -81,6 +81,16 @@ def test_second_modality_and_encoder_keep_the_split_resplit_needs_the_flag(demo_
         assert now == chosen and idx.split_fingerprint == fp and idx.split_spec["kind"] == "file"
     assert len(cf.list_feature_files(cache / "demo")) == 3
 
+    # inspect shows the split the cache holds and what extract would do with it
+    inspect = ["inspect", "-d", "demo", "--data-dir", demo_env["data"], "-o", "n=30", "--cache-dir", cache]
+    code, out, err = _run(capsys, *inspect, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["split_spec"]["kind"] == "file" and "extract keeps it" in s["cache_split"]
+    assert {k: sum(v.values()) for k, v in s["split_counts"].items()} == {"train": 18, "val": 6, "test": 6}
+    code, out, err = _run(capsys, *inspect, "--seed", "1")
+    assert code == 0 and "refused without --resplit" in out and "split: stratified(seed=1" in out
+
     # asking for another split without --resplit: exit 2 naming both, nothing written
     before = (cache / "demo" / cf.INDEX_NAME).read_bytes()
     code, out, err = _run(capsys, *_extract_args(demo_env, cache, "--modality", "image", "--seed", "1"))
