@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from mmcache.extract.datasets import LoadResult
-from mmcache.extract.splits import SPLITS, UNASSIGNED, SplitResult
+from mmcache.extract.splits import SPLITS, UNASSIGNED, SplitResult, empty_split_warnings
 
 
 def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
@@ -30,6 +30,7 @@ def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
         "split_counts": per_split,
         "split_file_unknown_ids": len(splits.unknown_ids),
         "split_file_unassigned_ids": len(splits.unassigned_ids),
+        "split_warnings": empty_split_warnings(Counter(splits.assignment.values())),
         "report": rep.to_dict(),
         "dropped_total": sum(rep.dropped.values()),
         "fallback_decodes": rep.fallback_decodes,
@@ -69,6 +70,7 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("cache_split"):
         out.append(s["cache_split"])
     out.append(format_table(["split", *classes, "total"], rows))
+    out += [f"warning: {w}" for w in s.get("split_warnings", [])]
     if s["split_file_unknown_ids"] or s["split_file_unassigned_ids"]:
         out.append(f"split file: {s['split_file_unknown_ids']} ids not in the data, "
                    f"{s['split_file_unassigned_ids']} samples not in the file (split 'none')")

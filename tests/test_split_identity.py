@@ -176,6 +176,16 @@ def test_new_samples_go_to_none_and_empty_splits_warn(tmp_path):
     assert any("test split is empty" in w for w in d.warnings)
 
 
+def test_inspect_warns_about_an_empty_val_split(tmp_path, capsys):
+    data = tmp_path / "demo"
+    ids = sorted(s.id for s in load_dataset("demo", data, n="12").samples)
+    f = tmp_path / "no_val.csv"
+    f.write_text("id,split\n" + "".join(f"{i},{'train' if k < 9 else 'test'}\n" for k, i in enumerate(ids)))
+    code, out, err = _run(capsys, "inspect", "-d", "demo", "--data-dir", data, "-o", "n=12", "--split-file", f)
+    assert code == 0, err
+    assert "warning: the val split is empty" in out and "test split is empty" not in out
+
+
 def test_manifest_column_is_kept_and_an_edited_one_needs_resplit(tmp_path):
     ids = [f"m{i:02d}" for i in range(9)]
     samples = _samples(ids)
