@@ -165,8 +165,7 @@ def run_key(config: TrainConfig, data_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
 
 
-def _index_fingerprint(path: Path) -> str:
-    index = cf.read_index(path)
+def _index_fingerprint(index: cf.SampleIndex) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([index.fingerprint, list(index.classes)]).encode("utf-8"))
     h.update(np.asarray(index.labels, dtype=np.int64).tobytes())
@@ -254,8 +253,8 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     runs: list[GridRun] = []
     skips: list[dict[str, Any]] = []
     for dataset in names:
-        index_fp = _index_fingerprint(cache_dir / dataset / cf.INDEX_NAME)
-        split_fp = cf.read_index(cache_dir / dataset / cf.INDEX_NAME).split_fingerprint
+        index = cf.read_index(cache_dir / dataset / cf.INDEX_NAME)
+        index_fp, split_fp = _index_fingerprint(index), index.split_fingerprint
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
         for enc in encoders:
             for head in heads:
