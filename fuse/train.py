@@ -651,7 +651,7 @@ def _eval_rows(run_dir: Path, data: FusionData, split: str, same: bool, choice: 
     if choice == "current":
         return data.split_rows[split], {"which": "current", **cur, "run_split": rec["fingerprint"],
                                         "seen_in_training": leak,
-                                        "note": f"not the run's split: {leak} of these samples were in another of its splits"}
+                                        "note": f"{leak} of these samples were in another of the run's splits"}
     rows, missing = data.rows_of_ids(rec["ids"].get(split, []))
     if missing:
         raise BadInputError(f"{len(missing)} of run {run_dir.name}'s {split} samples are no longer in the cache of "
