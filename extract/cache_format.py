@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -34,8 +35,22 @@ from typing import Any
 
 import h5py
 import numpy as np
+from mmcache.extract.cache_integrity import (  # noqa: F401 -- part of this module's API
+    CHECKSUM,
+    CHECKSUM_FIELDS,
+    Damage,
+    _nonfinite_rows,
+    check_free_space,
+    disk_full_error,
+    is_disk_full,
+    planned_bytes,
+    row_crc32,
+    scan_file,
+)
 
 from mmcache.errors import BadInputError, CacheError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.h5"
@@ -301,6 +316,7 @@ class FeatureWriter:
 
     def __init__(self, path: Path, f: h5py.File, up_to_date: bool) -> None:
         self.path, self._f, self.up_to_date = path, f, up_to_date
+        self.has_checksums = CHECKSUM in f
 
     @classmethod
     def open(cls, path: str | Path, *, ids: list[str], rows: np.ndarray | None = None, index_fp: str,
@@ -334,11 +350,17 @@ class FeatureWriter:
                 raise CacheMismatchError(f"{path} was {problems[0]}; refusing to touch it (pass --force to rebuild)")
             return cls(path, f, up_to_date=bool(attrs.get("complete")))
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            path.unlink()
         n = len(ids)
-        f = h5py.File(path, "w")
+        check_free_space(path, planned_bytes(n, hidden_size, num_tokens, dtype))
+        path.unlink(missing_ok=True)  # --force: rebuilt from scratch
+        # Created under a temporary name and renamed once allocated: a creation that fails (disk
+        # full, kill -9) never leaves a half-made file that would block the next run.
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        f = None
         try:
+            f = h5py.File(tmp, "w")
             cls._create(f, n, ids, rows, hidden_size, num_tokens, dtype)
             f.attrs.update({
                 "format": "mmcache-features", "format_version": FORMAT_VERSION, "modality": modality,
@@ -350,14 +372,17 @@ class FeatureWriter:
                 "complete": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             })
             f.flush()
-        except BaseException:
-            f.close()
-            path.unlink(missing_ok=True)
+            os.replace(tmp, path)  # the open handle follows the file
+        except BaseException as e:
+            _close_quietly(f)
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and is_disk_full(e):
+                raise disk_full_error(path, planned_bytes(n, hidden_size, num_tokens, dtype), e) from None
             raise
         return cls(path, f, up_to_date=False)
 
     @staticmethod
-    def _create(f, n, ids, rows, d, length, dtype) -> None:
+    def _create(f, n, ids, rows, d, length, dtype, checksums: bool = True) -> None:
         item = np.dtype(dtype).itemsize
         f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
         f.create_dataset("row", data=np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64))
@@ -371,6 +396,11 @@ class FeatureWriter:
                          chunks=(_chunk_rows(length * d * item, n), length, d), dcpl=dcpl())
         f.create_dataset("mask", shape=(n, length), dtype=bool, chunks=(_chunk_rows(length, n), length),
                          fillvalue=False, dcpl=dcpl())
+        if checksums:
+            k = len(CHECKSUM_FIELDS)
+            f.create_dataset(CHECKSUM, shape=(n, k), dtype=np.uint32, chunks=(_chunk_rows(4 * k, n), k), dcpl=dcpl())
+            f[CHECKSUM].attrs["fields"] = json.dumps(list(CHECKSUM_FIELDS))
+            f[CHECKSUM].attrs["algorithm"] = "crc32 (zlib) of each row's stored bytes"
 
     # -- state
     def pending_rows(self) -> np.ndarray:
@@ -405,17 +435,28 @@ class FeatureWriter:
                              f"{rows.size} rows of (L={length}, D={d})")
         if t > length:
             raise ValueError(f"{t} tokens do not fit the file's {length}")
+        if any(_nonfinite_rows(np.asarray(x)).any() for x in (cls, mean, tokens)):
+            raise ValueError("non-finite features: record such rows with write_failures, never as values")
         tok = np.zeros((b, length, d), dtype=dtype)
         tok[:, :t] = tokens
         msk = np.zeros((b, length), dtype=bool)
         msk[:, :t] = mask
         sel = _selection(rows)
-        for name, arr in (("cls", cls.astype(dtype)), ("mean", mean.astype(dtype)), ("tokens", tok), ("mask", msk)):
+        values = {"cls": np.ascontiguousarray(cls, dtype=dtype), "mean": np.ascontiguousarray(mean, dtype=dtype),
+                  "tokens": tok, "mask": msk, "valid": np.ones(b, dtype=bool)}
+        self._write_values(rows, sel, values, np.zeros(b, dtype=REASON))
+
+    def _write_values(self, rows: np.ndarray, sel, values: dict[str, np.ndarray], reasons: np.ndarray) -> None:
+        """Values and their checksums, flush, then the done bits (a crash in between: recomputed)."""
+        f = self._f
+        for name, arr in values.items():
             _write_rows(f[name], rows, sel, arr)
-        _write_rows(f["valid"], rows, sel, np.ones(b, dtype=bool))
-        _write_rows(f["failure"], rows, sel, np.zeros(b, dtype=REASON))
+        _write_rows(f["failure"], rows, sel, reasons)
+        if self.has_checksums:
+            crcs = np.stack([row_crc32(values[name]) for name in CHECKSUM_FIELDS], axis=1)
+            _write_rows(f[CHECKSUM], rows, sel, crcs)
         f.flush()
-        _write_rows(f["done"], rows, sel, np.ones(b, dtype=bool))
+        _write_rows(f["done"], rows, sel, np.ones(rows.size, dtype=bool))
         f.flush()
 
     def write_failures(self, rows: np.ndarray, reasons: list[str]) -> None:
@@ -428,11 +469,23 @@ class FeatureWriter:
         reasons = [reasons[i] for i in order]
         f = self._f
         sel = _selection(rows)
-        _write_rows(f["valid"], rows, sel, np.zeros(rows.size, dtype=bool))
-        _write_rows(f["failure"], rows, sel, np.asarray([_reason_bytes(r) for r in reasons], dtype=REASON))
-        f.flush()
-        _write_rows(f["done"], rows, sel, np.ones(rows.size, dtype=bool))
-        f.flush()
+        # feature rows are zeroed: a row recomputed after damage holds no stale bytes
+        values = {name: np.zeros((rows.size, *f[name].shape[1:]), dtype=f[name].dtype)
+                  for name in CHECKSUM_FIELDS}
+        self._write_values(rows, sel, values, np.asarray([_reason_bytes(r) for r in reasons], dtype=REASON))
+
+    def verify(self) -> Damage:
+        """Check every done row of every array (see :func:`scan_file`)."""
+        return scan_file(self._f, self.path, CHECKSUM_FIELDS)[1]
+
+    def mark_not_done(self, rows: np.ndarray) -> None:
+        """Clear the done bits of ``rows`` (damaged rows): the next write recomputes them."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if rows.size:
+            _write_rows(self._f["done"], rows, _selection(rows), np.zeros(rows.size, dtype=bool))
+            self._f.attrs["complete"] = False
+            self._f.flush()
+            self.up_to_date = False
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> bool:
         """Mark the file complete if every row is done; returns whether it is."""
@@ -456,8 +509,21 @@ class FeatureWriter:
     def __enter__(self) -> FeatureWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            _close_quietly(self._f)  # e.g. disk full: HDF5's own close error must not hide the cause
+
+
+def _close_quietly(f) -> None:
+    if f is None:
+        return
+    try:
+        if f.id.valid:
+            f.close()
+    except (OSError, RuntimeError) as e:
+        log.debug("closing %s after an error: %s", getattr(f, "filename", "?"), e)
 
 
 def _selection(rows: np.ndarray) -> slice | np.ndarray:
@@ -499,7 +565,41 @@ def _open_h5(path: Path, mode: str, locking: bool | None = None) -> h5py.File:
     try:
         return h5py.File(path, mode) if locking is None else h5py.File(path, mode, locking=locking)
     except OSError as e:
+        from mmcache.extract.cache_lock import CacheBusyError, describe_holder, writer_of
+
+        holder = writer_of(Path(path).parent)
+        if holder is not None:
+            who = describe_holder(holder) if holder else "another process"
+            raise CacheBusyError(f"{path} is being written by {who}; wait for that run to finish (files of "
+                                 "other modalities that are complete can be read meanwhile)") from None
+        if "lock" in str(e).lower():
+            raise CacheBusyError(f"{path} is open for writing in another process (HDF5 file lock: {e}); wait for "
+                                 "it to finish. No extract holds this cache folder's lock, so it is another "
+                                 "program; --force would not help") from None
         raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun with --force") from None
+
+
+def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None) -> str:
+    """The extract call that recomputes a feature file's damaged rows (best effort from its provenance)."""
+    path = Path(path)
+    prov = provenance or {}
+    folder = path.parent
+    parts = ["python cli.py extract"]
+    dataset = prov.get("dataset") or folder.name
+    parts.append(f"--dataset {dataset}")
+    try:
+        root = read_index(folder / INDEX_NAME).attrs.get("root") if (folder / INDEX_NAME).exists() else None
+    except CacheError:
+        root = None
+    if root and dataset != "demo":
+        parts.append(f"--data-dir {root}")
+    parts.append(f"--cache-dir {folder.parent}")
+    if folder.name != dataset:
+        parts.append(f"--name {folder.name}")
+    if modality:
+        model = prov.get("model_id") or prov.get("resolved_path")
+        parts.append(f"--modality {modality}" + (f" --{modality}-model {model}" if model else ""))
+    return " ".join(parts) + " --repair"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -559,20 +659,47 @@ class FeatureFile:
         done, valid = self.done, self.valid
         return [(i, r) for i, r, d, v in zip(self.ids, reasons, done, valid, strict=True) if d and not v]
 
-    def load(self, fields=("cls",), dtype: str | None = "float32") -> dict[str, np.ndarray]:
+    @property
+    def has_checksums(self) -> bool:
+        """False for files written before per-row checksums existed (they cannot be verified)."""
+        return CHECKSUM in self._f
+
+    def load(self, fields=("cls",), dtype: str | None = "float32", verify: bool = True) -> dict[str, np.ndarray]:
         """Read whole arrays: ``cls``/``mean`` (N, D), ``tokens`` (N, L, D), ``mask`` (N, L) bool.
-        Float arrays are cast to ``dtype`` (None keeps the stored float16/float32)."""
-        out = {}
+        Float arrays are cast to ``dtype`` (None keeps the stored float16/float32).
+
+        ``verify`` (default): every done row of the arrays read (and ``valid``) is checked against its
+        checksum and for NaN/Inf while it is read; damage raises :class:`CacheError` naming the rows and
+        the command that recomputes them. A file without checksums (older version) is checked for
+        NaN/Inf only, with a warning."""
         for name in fields:
             if name not in FEATURE_FIELDS:
                 raise BadInputError(f"unknown cache field {name!r}; expected one of {', '.join(FEATURE_FIELDS)}")
             if name not in self._f:  # a file written by another tool may lack an array
                 raise CacheError(f"{self.path} has no {name!r} array; re-extract it with this project")
-            ds = self._f[name]
-            arr = np.empty(ds.shape, dtype=ds.dtype)
-            ds.read_direct(arr)
-            out[name] = arr if (dtype is None or name == "mask") else arr.astype(dtype, copy=False)
-        return out
+        names = tuple(dict.fromkeys(fields))
+        if verify:
+            arrays, damage = scan_file(self._f, self.path, (*names, "valid"), keep=names)
+            if not damage.verifiable:
+                log.warning("%s has no checksums (written by an older version): only NaN/Inf can be detected; "
+                            "rebuild it with `extract --force` to make it verifiable", self.path)
+            if damage:
+                raise CacheError(f"{self.path}: {damage.describe()}. They are never used for training: recompute "
+                                 f"them with `{repair_command(self.path, self.provenance, self.modality)}` (or "
+                                 "rerun the extract command that made the file); `python cli.py cache verify "
+                                 f"{self.path.parent}` lists every damaged row")
+        else:
+            arrays = {}
+            for name in names:
+                ds = self._f[name]
+                arrays[name] = np.empty(ds.shape, dtype=ds.dtype)
+                ds.read_direct(arrays[name])
+        return {name: arrays[name] if (dtype is None or name == "mask") else arrays[name].astype(dtype, copy=False)
+                for name in fields}
+
+    def verify(self, fields=CHECKSUM_FIELDS) -> Damage:
+        """Check every done row of ``fields`` (default: all arrays) without keeping them."""
+        return scan_file(self._f, self.path, tuple(fields))[1]
 
     def nbytes_on_disk(self) -> int:
         return self.path.stat().st_size
@@ -600,8 +727,9 @@ def list_shard_files(dataset_dir: str | Path) -> list[Path]:
     return sorted(p for p in d.glob("*--*.shard-*-of-*.h5") if p.name.split("--")[0] in MODALITIES)
 
 
-def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]:
-    """Everything `cache info` shows about one file (index or features)."""
+def describe(path: str | Path, *, locking: bool | None = None, verify: bool = True) -> dict[str, Any]:
+    """Everything `cache info` shows about one file (index or features). ``verify``: check the
+    small arrays (cls, mean, mask, valid; not tokens) against their checksums: ``damaged_rows``."""
     path = Path(path)
     if path.name == INDEX_NAME:
         idx = read_index(path)
@@ -614,6 +742,7 @@ def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]
     with FeatureFile(path, locking=locking) as ff:
         f = ff._f
         done, valid, attrs = ff.done, ff.valid, ff.attrs  # each read once (cache info lists many files)
+        damage = ff.verify(("cls", "mean", "mask", "valid")) if verify else None
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
             "model": ff.provenance.get("model_id") or ff.config.get("model"),
@@ -626,7 +755,8 @@ def describe(path: str | Path, *, locking: bool | None = None) -> dict[str, Any]
             "config_fingerprint": attrs.get("config_fingerprint"),
             "created": attrs.get("created"), "updated": attrs.get("updated"),
             "last_run": _json_attr(f.attrs, "last_run"),
-            "config": ff.config, "provenance": ff.provenance,
+            "config": ff.config, "provenance": ff.provenance, "checksums": ff.has_checksums,
+            "damaged_rows": None if damage is None else int(damage.rows.size),
         }
 
 
@@ -635,13 +765,17 @@ def write_failures_csv(dataset_dir: str | Path) -> Path:
     d = Path(dataset_dir)
     out = d / FAILURES_NAME
     tmp = out.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["modality", "file", "id", "reason"])
-        for p in list_feature_files(d):
-            with FeatureFile(p) as ff:
-                for sid, reason in ff.failures():
-                    w.writerow([ff.modality, p.name, sid, reason])
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["modality", "file", "id", "reason"])
+            for p in list_feature_files(d):
+                with FeatureFile(p) as ff:
+                    for sid, reason in ff.failures():
+                        w.writerow([ff.modality, p.name, sid, reason])
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return out
 
@@ -767,6 +901,21 @@ def _remove(paths: list[Path]) -> None:
 
 def merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = False, force: bool = False,
                  skip_if_merged: bool = False) -> MergeResult:
+    """See :func:`_merge_shards`; holds the folder's write lock (:mod:`extract.cache_lock`) throughout."""
+    from mmcache.extract.cache_lock import folder_lock
+
+    try:
+        with folder_lock(Path(target).parent):
+            return _merge_shards(target, num_shards, keep_shards=keep_shards, force=force,
+                                 skip_if_merged=skip_if_merged)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(Path(target), None, e) from None
+        raise
+
+
+def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = False, force: bool = False,
+                  skip_if_merged: bool = False) -> MergeResult:
     """Combine the ``num_shards`` shard files of ``target`` into ``target``, the normal single-process
     feature file (a plain copy: no links to the shards, so the folder can be moved).
 
@@ -867,6 +1016,7 @@ def merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fal
     for stale in target.parent.glob(f".{target.name}.merging-*"):
         stale.unlink(missing_ok=True)  # left by a merge that was killed
     try:
+        check_free_space(tmp, sum(m.path.stat().st_size for m in metas))
         sums = _copy_shards(tmp, metas, ids, n_total)
         _verify_copy(tmp, metas, sums)
         with h5py.File(tmp, "r+") as f:
@@ -915,11 +1065,12 @@ def _copy_shards(tmp: Path, metas: list[_ShardMeta], ids: np.ndarray, n_total: i
     with h5py.File(tmp, "w") as out:
         with h5py.File(metas[0].path, "r") as f0:
             d, length = f0["tokens"].shape[2], f0["tokens"].shape[1]
-        FeatureWriter._create(out, n_total, list(ids), None, d, length, str(ref["dtype"]))
+        with_crc = all(_has_checksums(m.path) for m in metas)
+        FeatureWriter._create(out, n_total, list(ids), None, d, length, str(ref["dtype"]), checksums=with_crc)
         runs = []
         for m in metas:
             with h5py.File(m.path, "r") as src:
-                for name in (*_MERGE_FIELDS, "done"):
+                for name in (*_MERGE_FIELDS, *([CHECKSUM] if with_crc else []), "done"):
                     h = hashlib.sha256()
                     for sl, trows, order in _blocks(m, _block_rows(src[name])):
                         values = src[name][sl][order]
@@ -948,7 +1099,7 @@ def _verify_copy(tmp: Path, metas: list[_ShardMeta], sums: dict[tuple[int, str],
     """Re-read the written file and compare every copied array with the shards' checksums."""
     with h5py.File(tmp, "r") as f:
         for m in metas:
-            for name in (*_MERGE_FIELDS, "done"):
+            for name in (*_MERGE_FIELDS, *([CHECKSUM] if CHECKSUM in f else []), "done"):
                 h = hashlib.sha256()
                 for _sl, trows, _order in _blocks(m, _block_rows(f[name])):
                     h.update(np.ascontiguousarray(_read_target(f[name], trows)).tobytes())
@@ -957,6 +1108,11 @@ def _verify_copy(tmp: Path, metas: list[_ShardMeta], sums: dict[tuple[int, str],
                                      f"copy {tmp}; the shards are kept, try the merge again")
         if not f["done"][...].all():
             raise CacheError(f"merge verification failed: {tmp} has rows not done")
+
+
+def _has_checksums(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return CHECKSUM in f
 
 
 def _fsync(path: Path) -> None:

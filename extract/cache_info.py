@@ -23,7 +23,7 @@ def _describe(path: Path) -> dict[str, Any]:
     except CacheError as first:
         # A file another process is writing is locked; show its progress from an unlocked read.
         try:
-            d = cf.describe(path, locking=False)
+            d = cf.describe(path, locking=False, verify=False)
             d["in_use"] = True
             return d
         except (CacheError, OSError, KeyError):
@@ -67,6 +67,8 @@ def collect(path: str | Path = "cache") -> list[dict[str, Any]]:
 def _state(e: dict) -> str:
     if e.get("in_use"):
         return "being written"
+    if e.get("damaged_rows"):
+        return f"DAMAGED ({e['damaged_rows']} rows; cache verify)"
     if not e["complete"]:
         return "INCOMPLETE"
     if e.get("matches_index") is False:
@@ -116,7 +118,80 @@ def format_info(entries: list[dict[str, Any]]) -> str:
                    + (f", shard {e['shard'][0]}/{e['shard'][1]}" if e.get("shard") else ""))
         if e["failed"]:
             out.append(f"  {e['failed']} failed samples" + (f" (see {e['failures_csv']})" if e.get("failures_csv") else ""))
+    if feats:
+        unverifiable = sum(1 for e in feats if e.get("checksums") is False)
+        out += ["", "checked against their checksums here: cls, mean, mask, valid; `cache verify` checks the "
+                "token arrays too" + (f". {unverifiable} file(s) have no checksums (older version)" if unverifiable
+                                     else "")]
     bad = [e for e in entries if e["kind"] == "unreadable"]
     if bad:
         out += ["", format_table(["unreadable file", "error"], [[e["path"], e["error"]] for e in bad])]
     return "\n".join(out).lstrip("\n")
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+def _feature_files(p: Path) -> list[Path]:
+    if p.is_file():
+        return [p]
+    return [f for d in _dataset_dirs(p) for f in cf.list_feature_files(d) + cf.list_shard_files(d)]
+
+
+def verify(path: str | Path = "cache") -> list[dict[str, Any]]:
+    """What ``cache verify`` does: every feature file under ``path`` (a file, a dataset folder or the
+    cache root) read whole and every done row checked against its checksum and for NaN/Inf.
+
+    One dict per file: ``status`` ok | damaged | unverifiable (no checksums: older version; NaN/Inf
+    still checked) | unreadable | in_use; ``damaged`` [{row, id, fields}]; ``repair`` (the command)."""
+    import time
+
+    from mmcache.extract.cache_lock import CacheBusyError
+
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"no cache at {str(p)!r}")
+    out = []
+    for f in _feature_files(p):
+        t0 = time.perf_counter()
+        e: dict[str, Any] = {"path": str(f), "size_bytes": f.stat().st_size}
+        try:
+            with cf.FeatureFile(f) as ff:
+                damage = ff.verify()
+                e["done"], e["samples"] = int(ff.done.sum()), len(ff.done)
+                e["repair"] = cf.repair_command(f, ff.provenance, ff.modality) if damage else None
+        except CacheBusyError as err:
+            out.append({**e, "status": "in_use", "error": str(err)})
+            continue
+        except (CacheError, OSError, KeyError) as err:
+            out.append({**e, "status": "unreadable", "error": str(err),
+                        "repair": "python cli.py extract ... --repair (same options as the run that made it)"})
+            continue
+        fields = {int(r): [k for k, v in damage.rows_by_field.items() if r in v] for r in damage.rows}
+        e["damaged"] = [{"row": r, "id": str(damage.ids[r]), "fields": fs} for r, fs in fields.items()]
+        e["status"] = "damaged" if damage else ("ok" if damage.verifiable else "unverifiable")
+        e["seconds"] = round(time.perf_counter() - t0, 3)
+        out.append(e)
+    return out
+
+
+def format_verify(entries: list[dict[str, Any]], limit: int = 20) -> str:
+    """A table of files and states, then the damaged rows of each damaged file and its repair command."""
+    from mmcache.extract.summary import format_table, human_bytes
+
+    if not entries:
+        return "no feature files found"
+    rows = [[e["path"], e["status"], len(e.get("damaged") or []), f"{e.get('done', '-')}/{e.get('samples', '-')}",
+             human_bytes(e["size_bytes"]), e.get("seconds", "-")] for e in entries]
+    out = [format_table(["file", "state", "damaged rows", "done/rows", "size", "seconds"], rows)]
+    for e in entries:
+        if e["status"] == "damaged":
+            bad = e["damaged"]
+            shown = ", ".join(f"{d['id']} (row {d['row']}: {'+'.join(d['fields'])})" for d in bad[:limit])
+            out += ["", f"{e['path']}: {len(bad)} damaged rows: {shown}{' ...' if len(bad) > limit else ''}",
+                    f"  repair: {e['repair']}  (or rerun the extract command that made it)"]
+        elif e["status"] in ("unreadable", "in_use"):
+            out += ["", f"{e['path']}: {e['error']}"]
+    if any(e["status"] == "unverifiable" for e in entries):
+        out += ["", "unverifiable: written before per-row checksums existed (only NaN/Inf checked); "
+                "`extract --force` rebuilds such a file with them"]
+    return "\n".join(out)

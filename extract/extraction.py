@@ -32,14 +32,21 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mmcache.extract import cache_format as cf
-from mmcache.extract.images import DEFAULT_MAX_PIXELS, ImageFailure, load_image
+from mmcache.extract.cache_lock import folder_lock
+from mmcache.extract.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_RESIZED_PIXELS,
+    ImageFailure,
+    load_image,
+    resize_plan,
+)
 
 from mmcache.errors import BadInputError, PipelineError
 
@@ -94,10 +101,12 @@ class ExtractConfig:
     patch_pool: int = 1
     force: bool = False
     retry_failed: bool = False  # recompute rows recorded as failures (e.g. after fixing the files)
+    repair: bool = False  # also rebuild a feature file HDF5 cannot open (damaged rows: every run repairs)
     split_file: str | Path | None = None
     seed: int | None = None  # None: not asked (the cache's split is kept; a new cache gets seed 0)
     resplit: bool = False  # replace the cache's split by the one asked for (--seed / --split-file)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS  # cap on what the processor's resize makes of an image
     image_timeout_s: float = 60.0  # per image, inside a worker process
     loader_timeout_s: float = 600.0  # DataLoader: longest wait for one batch before giving up
     length_grouping: bool = True
@@ -124,6 +133,8 @@ class ExtractConfig:
             raise BadInputError(f"--text-max-length must be >= 2, got {self.text_max_length}")
         if self.max_image_pixels < 1:
             raise BadInputError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
+        if self.max_resized_pixels < 1:
+            raise BadInputError(f"--max-resized-pixels must be >= 1, got {self.max_resized_pixels}")
         i, n = self.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise BadInputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
@@ -195,6 +206,7 @@ class ModalitySummary:
     complete: bool = False
     up_to_date: bool = False  # nothing to do: the file was already complete
     forced: bool = False
+    repaired: int = 0  # rows found damaged (checksum mismatch, NaN/Inf) and recomputed this run
 
 
 @dataclass
@@ -264,6 +276,9 @@ def format_extract_summary(s: ExtractSummary) -> str:
     if fail_rows:
         out += ["", format_table(["modality", "failure", "count"], fail_rows)]
     out += s.notes
+    repaired = [f"{m.modality}: {m.repaired}" for m in s.modalities if m.repaired]
+    if repaired:
+        out.append(f"repaired (damaged rows found by checksum and recomputed): {', '.join(repaired)}")
     if s.failures_csv:
         out.append(f"failures: {s.failures_csv}")
     out.append(f"total time {s.seconds:.1f} s")
@@ -295,17 +310,20 @@ def _read_old_index(path: Path) -> cf.SampleIndex | None:
         return None
 
 
-def prepare_index(cfg: ExtractConfig) -> IndexInfo:
+def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInfo:
     """Read the dataset, decide the split (:func:`extract.split_policy.decide_split`: the stored split
     is kept unless another is asked for with ``resplit``) and (re)write ``<cache>/<name>/index.h5``
     when its content changed. Image paths are stored relative to the dataset folder (absolute if
-    outside it)."""
+    outside it). ``lock``: take the cache folder's write lock (:func:`_lock`) into it before anything
+    is read or written there."""
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.split_policy import decide_split
 
     result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
     root = Path(result.root)
     dataset_dir = Path(cfg.cache_dir) / _cache_name(cfg, root)
+    if lock is not None:
+        lock.enter_context(_lock(dataset_dir, *cfg.shard))
     path = dataset_dir / cf.INDEX_NAME
     old = _read_old_index(path)
     splits = decide_split(result.samples, old, split_file=cfg.split_file, seed=cfg.seed, resplit=cfg.resplit,
@@ -359,6 +377,23 @@ def _split_summary(splits) -> str:
     text = "/".join(str(counts[s]) for s in cf.SPLIT_NAMES) + (f" (+{counts['none']} none)" if "none" in counts else "")
     how = {"new": "new", "kept": "kept from the cache", "same": "as stored", "resplit": "RE-SPLIT"}[splits.status]
     return f"split: {splits.source}; train/val/test {text} ({how})"
+
+
+def _lock(dataset_dir: Path, shard_index: int, num_shards: int):
+    """The cache folder's write lock: exclusive, or shared with the other shards of a sharded run
+    (each shard exclusively holds its own); see :mod:`extract.cache_lock`."""
+    return folder_lock(dataset_dir, shard_file=f"shard-{shard_index}-of-{num_shards}" if num_shards > 1 else None)
+
+
+@contextmanager
+def _disk_full_as_error(path: Path, needed: int | None = None):
+    """ENOSPC anywhere inside (HDF5 words it its own way) -> one :class:`DiskFullError`."""
+    try:
+        yield
+    except OSError as e:
+        if cf.is_disk_full(e):
+            raise cf.disk_full_error(path, needed, e) from None
+        raise
 
 
 def load_index_info(path: str | Path) -> IndexInfo:
@@ -435,7 +470,7 @@ def _provenance(enc, cfg: ExtractConfig, index: IndexInfo) -> dict[str, Any]:
     return {**enc.provenance(), "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
             "numpy_version": np.__version__, "pillow_version": PIL.__version__, "dataset": cfg.dataset,
             "dataset_root": str(index.dataset_dir), "written_by": "mmcache extract",
-            "max_image_pixels": cfg.max_image_pixels}
+            "max_image_pixels": cfg.max_image_pixels, "max_resized_pixels": cfg.max_resized_pixels}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -539,16 +574,19 @@ class ImageRows:
     ``__getitem__(row)`` -> ``(row, pixels (3, H, W) float32 or None, failure reason or None)``.
     Runs in DataLoader worker processes; holds only paths and the (picklable) preprocessor."""
 
-    def __init__(self, files: list[str | None], preprocessor, max_pixels: int, timeout_s: float | None) -> None:
+    def __init__(self, files: list[str | None], preprocessor, max_pixels: int, timeout_s: float | None,
+                 max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> None:
         self.files, self.preprocessor = files, preprocessor
         self.max_pixels, self.timeout_s = max_pixels, timeout_s
+        self.resize, self.max_resized_pixels = resize_plan(preprocessor.settings()), max_resized_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, row: int):
         try:
-            img = load_image(self.files[row], max_pixels=self.max_pixels, timeout_s=self.timeout_s)
+            img = load_image(self.files[row], max_pixels=self.max_pixels, timeout_s=self.timeout_s,
+                             resize=self.resize, max_resized_pixels=self.max_resized_pixels)
         except ImageFailure as e:
             return row, None, str(e)
         except Exception as e:  # noqa: BLE001 -- a worker must never die on one sample
@@ -581,7 +619,7 @@ def _run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extr
         return 0, 0
     workers = min(cfg.num_workers, len(plan))
     loader = DataLoader(
-        ImageRows(files, enc.preprocessor, cfg.max_image_pixels, cfg.image_timeout_s),
+        ImageRows(files, enc.preprocessor, cfg.max_image_pixels, cfg.image_timeout_s, cfg.max_resized_pixels),
         batch_sampler=plan, num_workers=workers, collate_fn=collate_image_rows,
         pin_memory=enc.device.type == "cuda", timeout=cfg.loader_timeout_s if workers else 0,
         prefetch_factor=4 if workers else None, persistent_workers=False,
@@ -654,7 +692,6 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     Resumes a matching unfinished file, is a no-op for a complete one, and raises
     :class:`~extract.cache_format.CacheMismatchError` for a file made with other settings (unless
     ``cfg.force``). ``encoder`` reuses an already loaded encoder of the right modality."""
-    import torch
 
     cfg.validate()
     if modality not in cf.MODALITIES:
@@ -676,10 +713,65 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     num_tokens = enc.max_length if modality == "text" else enc.num_tokens
     grid = None if modality == "text" else tuple(enc.grid)
     summary = ModalitySummary(modality=modality, model=model, path=str(path), total=len(rows), forced=cfg.force)
+    needed = cf.planned_bytes(len(rows), enc.hidden_size, num_tokens, cfg.dtype)
+    with _lock(index.dataset_dir, shard_index, num_shards), _disk_full_as_error(path, needed):
+        if cfg.repair:
+            _set_aside_unreadable(path)
+        _write_shard(cfg, modality, path, rows, ids, index, enc, conf, num_tokens, grid, summary,
+                     (shard_index, num_shards) if num_shards > 1 else None)
+    with cf.FeatureFile(path) as ff:
+        summary.complete = ff.complete
+        summary.valid = int(ff.valid.sum())
+        summary.failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
+    summary.size_bytes = path.stat().st_size
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _set_aside_unreadable(path: Path) -> None:
+    """``--repair``: a feature file HDF5 cannot open at all is renamed ``<name>.damaged-<time>`` (kept
+    for inspection) so that it is rebuilt; damaged rows of a readable file are repaired in place."""
+    if not path.exists():
+        return
+    try:
+        cf.FeatureFile(path).close()
+    except cf.CacheError as e:
+        from mmcache.extract.cache_lock import CacheBusyError
+
+        if isinstance(e, CacheBusyError):
+            raise
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        log.warning("%s cannot be opened (%s); moved it to %s and rebuilding it", path, e, aside.name)
+
+
+def _verify_for_resume(writer: cf.FeatureWriter, summary: ModalitySummary) -> None:
+    """Check every done row; damaged ones (checksum mismatch, NaN/Inf) lose their done bit, so the
+    run recomputes them like rows a crash left unfinished."""
+    if not writer.done_mask().any():
+        return
+    t = time.perf_counter()
+    damage = writer.verify()
+    if not damage.verifiable:
+        log.warning("%s has no checksums (written by an older version): only NaN/Inf can be detected; "
+                    "`extract --force` rebuilds it with them", writer.path)
+    if damage:
+        log.warning("%s: %s; recomputing them", writer.path, damage.describe())
+        writer.mark_not_done(damage.rows)
+        summary.repaired = int(damage.rows.size)
+    log.info("verified %s in %.2f s", writer.path, time.perf_counter() - t)
+
+
+def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index: IndexInfo, enc, conf: dict,
+                 num_tokens: int, grid, summary: ModalitySummary, shard) -> None:
+    """Open (create / resume / verify) ``path`` and compute every row that is not done."""
+    import torch
+
     with cf.FeatureWriter.open(path, ids=ids, rows=rows, index_fp=index.fingerprint, modality=modality,
                                hidden_size=enc.hidden_size, num_tokens=num_tokens, dtype=cfg.dtype, config=conf,
                                provenance=_provenance(enc, cfg, index), grid=grid, force=cfg.force,
-                               shard=(shard_index, num_shards) if num_shards > 1 else None) as writer:
+                               shard=shard) as writer:
+        _verify_for_resume(writer, summary)
         done = writer.done_mask()
         redo = ~done
         if cfg.retry_failed:
@@ -707,13 +799,6 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
                 "samples_per_s": round(summary.samples_per_s, 2), "device": str(enc.device),
                 "batch_size": cfg.text_bs if modality == "text" else cfg.image_bs,
                 "num_workers": cfg.num_workers, "threads": threads, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
-    with cf.FeatureFile(path) as ff:
-        summary.complete = ff.complete
-        summary.valid = int(ff.valid.sum())
-        summary.failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
-    summary.size_bytes = path.stat().st_size
-    summary.seconds = time.perf_counter() - t0
-    return summary
 
 
 def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndarray, conf: dict,
@@ -750,16 +835,17 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     :class:`BadInputError` / :class:`PipelineError` (incl. :class:`CacheError`)."""
     cfg.validate()
     t0 = time.perf_counter()
-    index = prepare_index(cfg)
-    log.info("sample index %s: %d samples (%s)", index.path, index.num_samples, index.status)
-    i, n = cfg.shard
-    results = {}
-    for modality in ("image", "text"):
-        if modality in cfg.modalities:
-            results[modality] = extract_shard(cfg, modality, i, n, index=index)
-    failures_csv = None
-    if n == 1:
-        failures_csv = str(cf.write_failures_csv(index.dataset_dir))
+    with ExitStack() as lock, _disk_full_as_error(Path(cfg.cache_dir)):
+        index = prepare_index(cfg, lock=lock)
+        log.info("sample index %s: %d samples (%s)", index.path, index.num_samples, index.status)
+        i, n = cfg.shard
+        results = {}
+        for modality in ("image", "text"):
+            if modality in cfg.modalities:
+                results[modality] = extract_shard(cfg, modality, i, n, index=index)
+        failures_csv = None
+        if n == 1:
+            failures_csv = str(cf.write_failures_csv(index.dataset_dir))
     return ExtractSummary(
         dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
         index_status=index.status, num_samples=index.num_samples, shard=(i, n),

@@ -5,6 +5,9 @@ Dataset images are untrusted input. :func:`load_image` never returns a half-deco
 * a file whose header claims more than ``max_pixels`` pixels is refused *before* any pixel is decoded
   ("decompression bomb: ..."); PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``) is turned into the
   same failure, so the effective cap is ``min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)``;
+* a small image of extreme shape is refused before decoding too when the image processor's
+  aspect-keeping resize would blow it up past ``max_resized_pixels`` ("image_too_large: ..."): a
+  60000 x 1 PNG resized to a shortest edge of 256 would be 15,360,000 x 256 pixels (~47 GB as float32);
 * truncated files fail ("truncated image: ..."): ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set;
 * anything PIL cannot identify fails ("cannot identify image"), as does any other decode error
   ("unreadable image: ...").
@@ -26,6 +29,9 @@ from PIL import Image, UnidentifiedImageError
 
 #: Default pixel cap: PIL's own warning threshold (~89.5 MP, e.g. 9459 x 9459).
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+#: Default cap on the processor's resized image (~48 MB as float32 RGB): at a shortest edge of 256 it
+#: admits aspect ratios up to ~61:1, at 224 up to ~80:1.
+DEFAULT_MAX_RESIZED_PIXELS = 4_000_000
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -74,13 +80,57 @@ def _short(exc: BaseException, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def resize_plan(settings: dict) -> tuple[int, int | None] | None:
+    """``(shortest_edge, longest_edge or None)`` of an image processor's aspect-keeping resize, from its
+    settings (``ImagePreprocessor.settings()``); None when it resizes to a fixed size or not at all
+    (then the output size does not depend on the input's shape). ``crop_pct`` (ConvNeXt / ResNet
+    processors) resizes to ``shortest_edge / crop_pct`` before cropping."""
+    if not settings.get("do_resize", True):
+        return None
+    size = settings.get("size")
+    if isinstance(size, int):
+        short, longest = size, None
+    elif isinstance(size, dict) and size.get("shortest_edge"):
+        short, longest = int(size["shortest_edge"]), size.get("longest_edge")
+    else:
+        return None
+    crop_pct = settings.get("crop_pct")
+    if crop_pct and short < 384:
+        short = int(short / float(crop_pct))
+    return short, int(longest) if longest else None
+
+
+def resized_size(w: int, h: int, plan: tuple[int, int | None]) -> tuple[int, int]:
+    """(W, H) an image of ``w`` x ``h`` becomes under :func:`resize_plan`'s ``plan``."""
+    short, longest = plan
+    scale = short / min(w, h)
+    if longest:
+        scale = min(scale, longest / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def check_resized(w: int, h: int, plan: tuple[int, int | None] | None, max_resized_pixels: int) -> None:
+    """Raise ``image_too_large`` when the processor would resize ``w`` x ``h`` past the cap."""
+    if plan is None or w < 1 or h < 1:
+        return
+    rw, rh = resized_size(w, h, plan)
+    if rw * rh > max_resized_pixels:
+        raise ImageFailure(f"image_too_large: {w}x{h} would be resized to {rw}x{rh} = {rw * rh} pixels > limit "
+                           f"{max_resized_pixels} (aspect ratio {max(w, h) / min(w, h):.0f}:1)")
+
+
 def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               timeout_s: float | None = None) -> Image.Image:
+               timeout_s: float | None = None, resize: tuple[int, int | None] | None = None,
+               max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> Image.Image:
     """Decode ``path`` fully into an RGB :class:`PIL.Image.Image`.
+
+    ``resize``: the processor's :func:`resize_plan`; an image it would blow up past
+    ``max_resized_pixels`` is refused from its header, before decoding.
 
     Raises:
         ImageFailure: with the reason: "no image path", "missing image file", "decompression bomb: ...",
-            "truncated image: ...", "cannot identify image", "decode timeout: ...", "unreadable image: ...".
+            "image_too_large: ...", "truncated image: ...", "cannot identify image", "decode timeout: ...",
+            "unreadable image: ...".
     """
     if path is None or str(path) == "":
         raise ImageFailure("no image path")
@@ -96,6 +146,7 @@ def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                     raise ImageFailure(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
                 if w < 1 or h < 1:
                     raise ImageFailure(f"unreadable image: empty {w}x{h} image")
+                check_resized(w, h, resize, max_resized_pixels)
                 im.load()  # decodes every pixel now; truncated data raises here
                 out = _to_rgb(im)
                 out.load()

@@ -197,6 +197,7 @@ def extract(
     patch_pool: int = typer.Option(1, "--patch-pool", help="average-pool the patch grid K x K before storing"),
     force: bool = typer.Option(False, "--force", help="rebuild feature files made with other settings"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="recompute samples recorded as failures"),
+    repair: bool = typer.Option(False, "--repair", help="recompute damaged rows (every run does) and rebuild a feature file HDF5 cannot open"),
     split_file: Path | None = typer.Option(None, "--split-file", help="CSV id,split or folder of train/dev/test.json (a new cache; an existing one keeps its split unless --resplit)"),
     seed: int | None = typer.Option(None, "--seed", help="seed of the stratified split (a new cache: default 0; an existing one keeps its split unless --resplit)"),
     resplit: bool = typer.Option(False, "--resplit", help="replace the cache's split by the one --seed / --split-file asks for (recorded in the index)"),
@@ -204,6 +205,7 @@ def extract(
     cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root"),
     name: str | None = typer.Option(None, "--name", help="cache folder name (default: the dataset name)"),
     max_image_pixels: int | None = typer.Option(None, "--max-image-pixels", help="refuse larger images (decompression bombs)"),
+    max_resized_pixels: int | None = typer.Option(None, "--max-resized-pixels", help="refuse images the processor's resize would make larger (extreme aspect ratios; default 4000000)"),
     shard: str | None = typer.Option(None, "--shard", help="i/n (or i with --num-shards n): extract only shard i of n into its own .shard file; combine with `cache merge`"),
     num_shards: int | None = typer.Option(None, "--num-shards", help="n, with --shard i (job arrays: --shard $TASK_ID --num-shards n)"),
     keep_shards: bool = typer.Option(False, "--keep-shards", help="torchrun: keep the per-rank shard files after the verified merge"),
@@ -222,10 +224,13 @@ def extract(
         image_revision=image_revision, text_max_length=text_max_length, dtype=dtype, precision=precision,
         device=device, batch_size=batch_size, text_batch_size=text_batch_size, image_batch_size=image_batch_size,
         num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
+        repair=repair,
         split_file=split_file, seed=seed, resplit=resplit, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
     )
     if max_image_pixels is not None:
         cfg.max_image_pixels = max_image_pixels
+    if max_resized_pixels is not None:
+        cfg.max_resized_pixels = max_resized_pixels
     env = launch_env()  # None unless started by torchrun
     summary = run_distributed_extract(cfg, env, keep_shards=keep_shards, backend=dist_backend,
                                       timeout_s=dist_timeout_hours * 3600)
@@ -247,6 +252,22 @@ def cache_info(
 
     entries = collect(path)
     typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    path: Path = typer.Argument(Path("cache"), help="a feature file, a dataset folder, or the cache root"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="only this dataset's folder under --cache-dir"),
+    cache_dir: Path = typer.Option(Path("cache"), "--cache-dir", help="cache root (with --dataset)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Read every feature file whole and check each row's checksum and for NaN/Inf; exit 1 on damage."""
+    from mmcache.extract.cache_info import format_verify, verify
+
+    entries = verify(cache_dir / dataset if dataset else path)
+    typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_verify(entries))
+    if any(e["status"] in ("damaged", "unreadable") for e in entries):
+        raise typer.Exit(1)
 
 
 @cache_app.command("merge")

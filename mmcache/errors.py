@@ -20,3 +20,7 @@ class ModelLoadError(BadInputError):
 
 class CacheError(PipelineError):
     """A cache file that is missing, unfinished, mismatched or corrupt."""
+
+
+class DiskFullError(PipelineError):
+    """Not enough disk space for a cache file (checked before allocating, or ENOSPC while writing)."""
