@@ -565,17 +565,17 @@ def _open_h5(path: Path, mode: str, locking: bool | None = None) -> h5py.File:
     try:
         return h5py.File(path, mode) if locking is None else h5py.File(path, mode, locking=locking)
     except OSError as e:
-        from mmcache.extract.cache_lock import CacheBusyError, describe_holder, writer_of
+        if "unable to lock file" in str(e).lower():  # HDF5's own lock: another process has it open
+            from mmcache.extract.cache_lock import CacheBusyError, describe_holder, writer_of
 
-        holder = writer_of(Path(path).parent)
-        if holder is not None:
-            who = describe_holder(holder) if holder else "another process"
-            raise CacheBusyError(f"{path} is being written by {who}; wait for that run to finish (files of "
-                                 "other modalities that are complete can be read meanwhile)") from None
-        if "lock" in str(e).lower():
-            raise CacheBusyError(f"{path} is open for writing in another process (HDF5 file lock: {e}); wait for "
-                                 "it to finish. No extract holds this cache folder's lock, so it is another "
-                                 "program; --force would not help") from None
+            holder = writer_of(Path(path).parent)
+            if holder is not None:
+                who = describe_holder(holder) if holder else "another process"
+                raise CacheBusyError(f"{path} is being written by {who}; wait for that run to finish (files of "
+                                     "other modalities that are complete can be read meanwhile)") from None
+            raise CacheBusyError(f"{path} is open in another process (HDF5 file lock: {' '.join(str(e).split())}); "
+                                 "wait for it to finish. No extract holds this cache folder's lock, so it is "
+                                 "another program; --force would not help") from None
         raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun with --force") from None
 
 
