@@ -65,12 +65,14 @@ def _crc_async(block: np.ndarray) -> list:
     """Futures of :func:`row_crc32` over parts of ``block``: zlib releases the GIL, so the checksums
     run on other cores while the next block is read."""
     global _POOL
-    if _POOL is None:
+    if _POOL is None or _POOL[0] != os.getpid():  # a forked child (ablate workers) makes its own threads
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2))), thread_name_prefix="crc")
-    parts = max(1, min(_POOL._max_workers, block.shape[0]))
-    return [_POOL.submit(row_crc32, part) for part in np.array_split(block, parts)]
+        workers = max(1, min(8, os.cpu_count() or 2))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crc"), workers)
+    _pid, pool, workers = _POOL
+    parts = max(1, min(workers, block.shape[0]))
+    return [pool.submit(row_crc32, part) for part in np.array_split(block, parts)]
 
 
 def _collect(a: int, done: np.ndarray, want: np.ndarray, futures: list) -> np.ndarray:
