@@ -569,14 +569,17 @@ def _open_h5(path: Path, mode: str, locking: bool | None = None) -> h5py.File:
             from mmcache.extract.cache_lock import CacheBusyError, describe_holder, writer_of
 
             holder = writer_of(Path(path).parent)
+            if holder is not None and holder.get("pid") == os.getpid():
+                holder = None  # we are the writer: the other process is a reader
             if holder is not None:
                 who = describe_holder(holder) if holder else "another process"
                 raise CacheBusyError(f"{path} is being written by {who}; wait for that run to finish (files of "
                                      "other modalities that are complete can be read meanwhile)") from None
             raise CacheBusyError(f"{path} is open in another process (HDF5 file lock: {' '.join(str(e).split())}); "
-                                 "wait for it to finish. No extract holds this cache folder's lock, so it is "
-                                 "another program; --force would not help") from None
-        raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun with --force") from None
+                                 "wait for it to finish (no other extract writes this cache folder: it is a "
+                                 "reader or another program); --force would not help") from None
+        raise CacheError(f"cannot open cache file {path}: {e}. If it is damaged, rerun the extract command with "
+                         "--repair (rebuilds only this file; --force rebuilds every modality)") from None
 
 
 def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None) -> str:

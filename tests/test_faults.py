@@ -207,7 +207,7 @@ def test_repair_rebuilds_a_file_hdf5_cannot_open(cache, reference, data, models,
     raw[:512] = b"\0" * 512  # the superblock: HDF5 cannot open the file at all
     image.write_bytes(bytes(raw))
     code, _out, err = _run(capsys, *_argv(data, cache, models))
-    assert code == 1 and "--force" in _one_error_line(err), err
+    assert code == 1 and "--repair" in _one_error_line(err), err
     code, _out, _err = _run(capsys, *_argv(data, cache, models, "--repair"))
     assert code == 0 and len(list((cache / "posts").glob("image--*.damaged-*"))) == 1  # kept for inspection
     _assert_equal_to(cache, reference)
