@@ -18,6 +18,9 @@ Crash safety: feature datasets are created up front with their storage allocated
 changes the file's metadata. A process killed mid-run (``kill -9`` included) leaves a file that opens
 cleanly; rows are marked in ``done`` only after their values were written and flushed, so a resumed run
 recomputes exactly the rows that might be torn.
+
+Integrity: each row's CRC-32 per array goes into ``checksum`` with its values, before ``done``; reads
+verify it (:mod:`extract.cache_integrity`). Writers hold the folder's lock (:mod:`extract.cache_lock`).
 """
 
 from __future__ import annotations
