@@ -166,7 +166,10 @@ def verify(path: str | Path = "cache") -> list[dict[str, Any]]:
             out.append({**e, "status": "unreadable", "error": str(err),
                         "repair": "python cli.py extract ... --repair (same options as the run that made it)"})
             continue
-        fields = {int(r): [k for k, v in damage.rows_by_field.items() if r in v] for r in damage.rows}
+        fields: dict[int, list[str]] = {int(r): [] for r in damage.rows}
+        for name, rows in damage.rows_by_field.items():
+            for r in rows:
+                fields[int(r)].append(name)
         e["damaged"] = [{"row": r, "id": str(damage.ids[r]), "fields": fs} for r, fs in fields.items()]
         e["status"] = "damaged" if damage else ("ok" if damage.verifiable else "unverifiable")
         e["seconds"] = round(time.perf_counter() - t0, 3)

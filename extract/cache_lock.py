@@ -81,8 +81,11 @@ def describe_holder(h: dict[str, Any]) -> str:
 
 def _busy(folder: Path, holders: list[dict[str, Any]]) -> CacheBusyError:
     who = "; ".join(describe_holder(h) for h in holders) or "another process (holder unknown)"
+    remote = any(h.get("host") != socket.gethostname() for h in holders)
+    gone = (f"if that process is gone, delete {folder / LOCK_NAME}" if remote
+            else "a lock left by a dead process is recovered automatically")
     return CacheBusyError(f"cache {folder} in use by {who}. Wait for it to finish or stop it; --force does not "
-                          "override a live lock (a lock left by a dead process is recovered automatically)")
+                          f"override a live lock ({gone})")
 
 
 def _flock(fd: int, shared: bool) -> bool | None:
