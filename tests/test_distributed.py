@@ -95,6 +95,8 @@ def _assert_same_cache(got_dir: Path, reference: dict[str, Path]) -> None:
             for key in ("config_fingerprint", "index_fingerprint", "num_samples", "num_valid", "modality", "dtype"):
                 assert a.attrs[key] == b.attrs[key], key
             assert bool(b.attrs["complete"]) and json.loads(b.attrs["shard"]) is None
+        with cf.FeatureFile(path) as ff:  # the shards' per-row checksums came along and match the merged rows
+            assert ff.has_checksums and not ff.verify()
     assert (got_dir / cf.FAILURES_NAME).read_text() == (ref_path.parent / cf.FAILURES_NAME).read_text()
 
 
