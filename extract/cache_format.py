@@ -268,6 +268,7 @@ def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list
             else:
                 g.create_dataset(key, data=np.asarray(["" if v is None else str(v) for v in values], dtype=object), dtype=STR)
         tg = f.create_group("targets")
+        tg.attrs["order"] = json.dumps(list(targets or {}))  # HDF5 lists members by name; keep the declared order
         for key, (target_classes, codes) in (targets or {}).items():
             if len(codes) != n:
                 raise CacheError(f"target {key!r} has {len(codes)} labels for {n} samples")
@@ -298,11 +299,18 @@ def read_index(path: str | Path) -> SampleIndex:
                 image_paths=_strs(f["image_path"]),
                 extra={k: (_strs(d) if d.dtype.kind == "O" else d[...]) for k, d in f["extra"].items()},
                 attrs=_attrs(f.attrs),
-                targets={k: d[...] for k, d in f["targets"].items()} if "targets" in f else {},
-                target_classes={k: json.loads(d.attrs["classes"]) for k, d in f["targets"].items()} if "targets" in f else {},
+                targets={k: f["targets"][k][...] for k in _target_order(f)},
+                target_classes={k: json.loads(f["targets"][k].attrs["classes"]) for k in _target_order(f)},
             )
     except OSError as e:
         raise CacheError(f"cannot read sample index {path}: {e}") from None
+
+
+def _target_order(f: h5py.File) -> list[str]:
+    if "targets" not in f:
+        return []
+    order = json.loads(f["targets"].attrs.get("order", "[]"))
+    return [k for k in order if k in f["targets"]] + sorted(k for k in f["targets"] if k not in order)
 
 
 # --------------------------------------------------------------------------------------------- features

@@ -16,6 +16,7 @@ with the ``targets`` option (``col1,col2``, or ``col:a|b|c`` to fix a column's c
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -52,7 +53,7 @@ def find_manifest(path: Path) -> Path:
 
 REQUIRED = ("id", "text", "image", "label")
 DELIMITERS = (",", ";", "\t")
-RARE_SHARE = 0.01  # a derived class with fewer samples than this share (and < 5) looks like a typo
+RARE_FACTOR = 20  # a derived class 20x smaller than the largest one, or spelled like a larger one, looks like a typo
 
 
 def _header_error(manifest: Path, found: list[str]) -> BadInputError:
@@ -122,7 +123,8 @@ def _read_rows(manifest: Path) -> tuple[list[tuple[int, dict | None]], list[str]
 def _derive_classes(values: list[str], what: str, report: LoadReport, *, sentiment_first: bool) -> tuple[str, ...]:
     """Class names from the labels themselves: the sentiment triple (in its order) when they are those
     names, ``0..max`` for integer ids, else sorted names (the triple first when all three occur, so a stray
-    name never moves their ids). Rare classes are reported as warnings: a typo becomes a class only loudly."""
+    name never moves their ids). Rare or near-duplicate classes are reported as warnings: a typo becomes a
+    class only loudly."""
     counts = Counter(v for v in values if v)
     if sentiment_first and set(counts) <= set(SENTIMENT3):
         return SENTIMENT3
@@ -131,10 +133,12 @@ def _derive_classes(values: list[str], what: str, report: LoadReport, *, sentime
     names = sorted(counts)
     if sentiment_first and set(SENTIMENT3) <= set(counts):
         names = [*SENTIMENT3, *(n for n in names if n not in SENTIMENT3)]
-    rare = [n for n in names if counts[n] < 5 and counts[n] < RARE_SHARE * sum(counts.values())]
-    if rare:
-        msg = (f"{what}: classes derived from the data as {', '.join(names)}; rare: "
-               f"{', '.join(f'{n} ({counts[n]})' for n in rare)}. A typo? Fix the manifest, or declare the classes "
+    top = max(counts.values(), default=0)
+    odd = [n for n in names if counts[n] * RARE_FACTOR < top
+           or difflib.get_close_matches(n, [m for m in names if m != n and counts[m] > counts[n]], n=1, cutoff=0.8)]
+    if odd:
+        msg = (f"{what}: classes derived from the data as {', '.join(names)}; rare or near-duplicate: "
+               f"{', '.join(f'{n} ({counts[n]})' for n in odd)}. A typo? Fix the manifest, or declare the classes "
                f"(-o classes=... / -o targets=col:a|b) so undeclared values are dropped / masked")
         report.warnings.append(msg)
         log.warning("%s", msg)
