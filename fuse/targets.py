@@ -31,7 +31,7 @@ from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MISSING", "OUTSIDE", "TargetSet", "available_targets", "check_trainable", "resolve_target",
+__all__ = ["MISSING", "OUTSIDE", "TargetSet", "available_targets", "check_trainable", "class_weights", "resolve_target",
            "score_targets", "split_logits", "target_loss", "target_probs", "target_report"]
 
 MISSING, OUTSIDE = -1, -2  # codes in the index's target arrays (see extract.datasets)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
-from mmcache.fuse.metrics import compute_metrics
 from mmcache.fuse.runs import (
     FINISHED_MARKER,
     make_run_dir,
@@ -297,14 +296,6 @@ def predict(model: FusionHead, data: FusionData, rows: Tensor, batch_size: int =
     if not out:
         return np.zeros((0, sum(sizes)), dtype=np.float32)
     return torch.cat(out).numpy()
-
-
-def _score(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Single-target scores of (n, C) probabilities against (n,) labels."""
-    m = compute_metrics(labels, probs.argmax(-1) if len(probs) else np.zeros(0, np.int64), classes)
-    if len(probs):
-        m["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return m
 
 
 def _predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, target: TargetSet) -> str:
