@@ -81,6 +81,9 @@ def format_eval(result) -> str:
     m = result.metrics
     where = m["dataset"] if m["dataset"] == m["trained_on"] else f"{m['dataset']} (trained on {m['trained_on']})"
     lines = [f"run {result.run_dir} on {where}, split {result.split}"]
+    if m.get("target"):
+        trained = m.get("trained_target")
+        lines[0] += f", target {m['target']}" + (f" (trained on {trained})" if trained and trained != m["target"] else "")
     scored = m.get("split_scored") or {}
     what = {"run": "the run's own split (unchanged in the cache)", "original": "the run's ORIGINAL split (its split.json ids)",
             "current": "the cache's CURRENT split, NOT the run's", "dataset": "that dataset's split"}.get(scored.get("which"))

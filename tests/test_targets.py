@@ -16,7 +16,6 @@ from mmcache.extract.datasets import (
     MISSING,
     OUTSIDE,
     Sample,
-    Target,
     get_dataset,
     list_datasets,
     load_dataset,
@@ -41,7 +40,8 @@ def _codes(n: int = N) -> dict[str, tuple[list[str], list[int]]]:
     binary[np.arange(n) % 10 == 3] = MISSING
     binary[np.arange(n) % 10 == 7] = OUTSIDE
     return {"binary": (["other", "first"], binary.tolist()),
-            "single": (["only", "never"], [0] * n)}
+            "single": (["only", "never"], [0] * n),
+            "shuffled": (list(CLASSES), np.random.default_rng(0).permutation(labels).tolist())}
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,18 @@ def test_evaluate_against_another_target(cache, tmp_path):
     r = train(_cfg(cache, tmp_path, target="binary", epochs=1))
     with pytest.raises(BadInputError, match="classes"):
         evaluate(r.run_dir, target="sentiment")
+    # same classes (as MVSA sentiment vs image_label): scored against the other labels, filed apart
+    s = train(_cfg(cache, tmp_path, epochs=2))
+    own, other = evaluate(s.run_dir), evaluate(s.run_dir, target="shuffled")
+    assert own.metrics_path.name == "synth-test.json" and other.metrics_path.name == "synth-test-shuffled.json"
+    assert other.metrics["target"] == "shuffled" and other.metrics["trained_target"] == "sentiment"
+    assert own.metrics["macro_f1"] == pytest.approx(s.metrics["test"]["macro_f1"])
+    preds = [r["predicted"] for r in csv.DictReader(other.predictions_path.open())]
+    assert preds == [r["predicted"] for r in csv.DictReader(own.predictions_path.open())]  # same model outputs
+    idx = cf.read_index(cache / "synth" / cf.INDEX_NAME)
+    rows = np.flatnonzero(idx.splits == "test")
+    assert [r["true"] for r in csv.DictReader(other.predictions_path.open())] == [
+        CLASSES[int(idx.targets["shuffled"][i])] for i in rows]
     d = load_data("synth", modalities=["text", "image"], cache_dir=cache, target="both")
     assert d.target.members == ("sentiment", "binary") and d.with_target("binary").target_labels.shape == (N, 1)
 
@@ -252,7 +264,7 @@ def _train_cli(cache, tmp_path, *extra) -> int:
 def test_unknown_target_exits_2_listing_targets(cache, tmp_path, capsys):
     assert _train_cli(cache, tmp_path, "--target", "sarcasm") == 2
     err = capsys.readouterr().err
-    assert "no target 'sarcasm'" in err and "sentiment (default), binary, single" in err and "both" in err
+    assert "no target 'sarcasm'" in err and "sentiment (default), binary, single, shuffled" in err and "both" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -326,4 +338,3 @@ def test_memotion_target_counts_match_labels_csv():
         assert counts[col] == want, col
     assert counts["sarcasm"] == {"not_sarcastic": 1544, "general": 3507, "twisted_meaning": 1547, "very_twisted": 394}
     assert counts["sarcasm_b"] == {"not_sarcastic": 1544, "sarcastic": 3507 + 1547 + 394}
-    assert Target("x", ("a",)).field is None
