@@ -8,6 +8,8 @@ TEXT_MODEL ?= bert-base-uncased
 IMAGE_MODEL ?= facebook/dinov2-base
 EXTRACT_ARGS ?=
 ABLATE_ARGS ?=
+TARGET ?=
+TARGETS ?=
 BENCH_ARGS ?= --preset small
 STAMP := .make/installed
 
@@ -43,11 +45,11 @@ extract: $(STAMP) ## extract features: make extract DATASET=memotion [DATA_DIR=.
 cache-info: $(STAMP) ## every cache file: shapes, dtypes, sizes, provenance, completeness
 	$(PYTHON) cli.py cache info
 
-train: $(STAMP) ## train one head: make train HEAD=dual_attention DATASET=memotion FEATURES=tokens
-	$(PYTHON) cli.py train-fusion --head $(HEAD) --dataset $(DATASET) --features $(FEATURES)
+train: $(STAMP) ## train one head: make train HEAD=dual_attention DATASET=memotion FEATURES=tokens [TARGET=task_b]
+	$(PYTHON) cli.py train-fusion --head $(HEAD) --dataset $(DATASET) --features $(FEATURES) $(if $(TARGET),--target $(TARGET))
 
-ablate: $(STAMP) ## ablation tables for every dataset that has caches
-	$(PYTHON) cli.py ablate $(ABLATE_ARGS)
+ablate: $(STAMP) ## ablation tables for every dataset that has caches [TARGETS=sentiment,task_b,task_c]
+	$(PYTHON) cli.py ablate $(if $(TARGETS),--targets $(TARGETS)) $(ABLATE_ARGS)
 
 bench: $(STAMP) ## benchmark both stages; prints a table, writes bench/results.json
 	$(PYTHON) cli.py bench $(BENCH_ARGS)

@@ -198,6 +198,10 @@ class SampleIndex:
     image_paths: np.ndarray  # (N,) object str
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 or object str each
     attrs: dict[str, Any] = field(default_factory=dict)
+    # Label fields a run can be trained on: name -> (N,) int64 class ids, -1 missing, -2 outside the classes;
+    # empty for an index written before targets existed (then only ``label`` is available).
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    target_classes: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -235,6 +239,16 @@ class SampleIndex:
         return {"spec": spec, "source": split_spec_text(spec), "fingerprint": self.split_fingerprint,
                 "counts": split_counts(self.splits)}
 
+    @property
+    def default_target(self) -> str | None:
+        """The target ``label`` holds (None for an index without targets)."""
+        return self.attrs.get("default_target")
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Named multi-target tasks: name -> member targets."""
+        return json.loads(self.attrs.get("tasks") or "{}")
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -242,11 +256,14 @@ class SampleIndex:
 def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list[str], labels: list[int],
                 splits: list[str], texts: list[str], image_paths: list[str],
                 extra: dict[str, list] | None = None, attrs: dict[str, Any] | None = None,
-                split_spec: dict[str, Any] | None = None, split_history: list[dict[str, Any]] | None = None) -> str:
+                split_spec: dict[str, Any] | None = None, split_history: list[dict[str, Any]] | None = None,
+                targets: dict[str, tuple[list[str], list[int]]] | None = None) -> str:
     """Write (atomically: temp file + rename) the sample index; returns its fingerprint.
 
     ``split_spec``: what made ``splits`` (see :func:`split_spec_text`; None: unrecorded), stored with
-    the split's :func:`split_fingerprint`; ``split_history``: the re-splits so far."""
+    the split's :func:`split_fingerprint`; ``split_history``: the re-splits so far.
+    ``targets``: name -> (classes, (N,) class ids with -1 = missing, -2 = outside the classes), stored as
+    ``targets/<name>`` int64 with a ``classes`` attribute (JSON list). Not part of the fingerprint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(ids)
@@ -268,6 +285,12 @@ def write_index(path: str | Path, *, dataset: str, classes: list[str], ids: list
                 g.create_dataset(key, data=np.asarray(values, dtype=np.int64))
             else:
                 g.create_dataset(key, data=np.asarray(["" if v is None else str(v) for v in values], dtype=object), dtype=STR)
+        tg = f.create_group("targets")
+        tg.attrs["order"] = json.dumps(list(targets or {}))  # HDF5 lists members by name; keep the declared order
+        for key, (target_classes, codes) in (targets or {}).items():
+            if len(codes) != n:
+                raise CacheError(f"target {key!r} has {len(codes)} labels for {n} samples")
+            tg.create_dataset(key, data=np.asarray(codes, dtype=np.int64)).attrs["classes"] = json.dumps(list(target_classes))
         f.attrs.update({"format": "mmcache-index", "format_version": FORMAT_VERSION, "dataset": dataset,
                         "classes": json.dumps(list(classes)), "fingerprint": fp, "num_samples": n,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -294,9 +317,18 @@ def read_index(path: str | Path) -> SampleIndex:
                 image_paths=_strs(f["image_path"]),
                 extra={k: (_strs(d) if d.dtype.kind == "O" else d[...]) for k, d in f["extra"].items()},
                 attrs=_attrs(f.attrs),
+                targets={k: f["targets"][k][...] for k in _target_order(f)},
+                target_classes={k: json.loads(f["targets"][k].attrs["classes"]) for k in _target_order(f)},
             )
     except OSError as e:
         raise CacheError(f"cannot read sample index {path}: {e}") from None
+
+
+def _target_order(f: h5py.File) -> list[str]:
+    if "targets" not in f:
+        return []
+    order = json.loads(f["targets"].attrs.get("order", "[]"))
+    return [k for k in order if k in f["targets"]] + sorted(k for k in f["targets"] if k not in order)
 
 
 # --------------------------------------------------------------------------------------------- features

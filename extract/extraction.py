@@ -350,11 +350,14 @@ def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInf
     for s in samples:
         keys += [k for k in s.extra if k not in keys]
     extra = {k: [s.extra.get(k) for s in samples] for k in keys}
+    codes = result.target_codes()
+    targets = {t.name: (list(t.classes), codes[t.name]) for t in result.targets}
     attrs = {"root": str(base), "reader": cfg.dataset, "reader_options": result.options,
-             "split_source": splits.source, "load_report": result.report.to_dict()}
+             "split_source": splits.source, "load_report": result.report.to_dict(),
+             "default_target": result.targets[0].name, "tasks": {k: list(v) for k, v in result.tasks.items()}}
     content = cf.fingerprint({"ids": ids, "texts": texts, "images": rel, "labels": labels, "splits": split_list,
                               "classes": list(result.classes), "extra": extra, "attrs": attrs,
-                              "split_spec": splits.spec})
+                              "split_spec": splits.spec, "targets": targets})
     old_fp = old.fingerprint if old is not None else None
     if old is not None and old.attrs.get("content_fingerprint") == content:
         status, fp = "unchanged", old_fp
@@ -362,7 +365,7 @@ def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInf
         fp = cf.write_index(path, dataset=result.dataset, classes=list(result.classes), ids=ids, labels=labels,
                             splits=split_list, texts=texts, image_paths=rel, extra=extra,
                             attrs={**attrs, "content_fingerprint": content}, split_spec=splits.spec,
-                            split_history=splits.history)
+                            split_history=splits.history, targets=targets)
         status = "written" if old_fp is None else ("updated" if old_fp == fp else "replaced")
         if status == "replaced":
             log.warning("sample index %s changed (ids, texts or image paths): existing feature files will be "

@@ -136,6 +136,8 @@ def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageFailure("no image path")
     p = Path(path)
     if not p.is_file():
+        if p.is_symlink():  # a dangling link or a symlink loop (is_file says False for both)
+            raise ImageFailure("unreadable image: broken symlink or symlink loop")
         raise ImageFailure("missing image file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

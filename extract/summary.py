@@ -34,6 +34,9 @@ def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
         "report": rep.to_dict(),
         "dropped_total": sum(rep.dropped.values()),
         "fallback_decodes": rep.fallback_decodes,
+        "targets": result.target_counts(),
+        "default_target": result.targets[0].name if result.targets else None,
+        "tasks": {k: list(v) for k, v in result.tasks.items()},
     }
 
 
@@ -83,4 +86,22 @@ def format_summary(s: dict[str, Any]) -> str:
     if rep["decoded_with"]:
         enc = ", ".join(f"{e}: {n}" for e, n in sorted(rep["decoded_with"].items()))
         out += ["", f"text decoding: {enc} ({s['fallback_decodes']} via fallback)"]
+    out += _format_targets(s)
+    for w in rep.get("warnings", []):
+        out += ["", f"WARNING: {w}"]
     return "\n".join(out)
+
+
+def _format_targets(s: dict[str, Any]) -> list[str]:
+    """Targets (``--target`` of stage two): samples per class in the scale's order, missing / outside."""
+    if not s.get("targets"):
+        return []
+    rows = []
+    for name, counts in s["targets"].items():
+        classes = [f"{c} {n}" for c, n in counts.items() if c not in ("missing", "outside_classes")]
+        bad = [f"{k} {counts[k]}" for k in ("missing", "outside_classes") if counts.get(k)]
+        mark = " (default)" if name == s.get("default_target") else ""
+        rows.append([name + mark, ", ".join(classes), ", ".join(bad) or "-"])
+    out = ["", "targets (stage two --target)", format_table(["target", "classes (samples)", "masked"], rows)]
+    out += [f"task {k}: {', '.join(v)}" for k, v in s.get("tasks", {}).items()]
+    return out

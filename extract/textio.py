@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import html
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,8 +21,14 @@ _SKIP_TAGS = {"style", "script", "head", "title"}
 def decode_bytes(raw: bytes) -> tuple[str, str]:
     """Decode ``raw`` with the first encoding of :data:`FALLBACK_ENCODINGS` that works.
 
-    Returns ``(text, encoding_used)``; a UTF-8 BOM is removed.
+    Returns ``(text, encoding_used)``; a UTF-8 BOM is removed. Bytes starting with a UTF-16 byte-order
+    mark are UTF-16 (a spreadsheet's "Unicode text" export), never a guess down the chain.
     """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16").lstrip("\ufeff"), "utf-16"
+        except UnicodeDecodeError:
+            pass  # not really UTF-16 after all: the chain below decides
     for enc in FALLBACK_ENCODINGS:
         try:
             text = raw.decode(enc)
@@ -71,7 +79,12 @@ def safe_child(root: Path, relative: str | Path) -> Path | None:
     """Resolve ``relative`` under ``root``; ``None`` if it escapes the root (``..``, absolute paths,
     symlinks pointing outside). Datasets are untrusted input: never follow a path out of them."""
     root = Path(root).resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+        # Cannot be resolved, so cannot be opened either: keep the lexical path when it stays inside the
+        # root, and the reader flags it / extraction records it as an unreadable image, not a traceback.
+        candidate = Path(os.path.normpath(root / relative))
     try:
         candidate.relative_to(root)
     except ValueError:

@@ -60,6 +60,7 @@ from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
 from mmcache.fuse.heads import head_uses, list_heads
 from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
+from mmcache.fuse.targets import available_targets, resolve_target
 from mmcache.fuse.train import TrainConfig, train
 
 from mmcache.common import atomic_write
@@ -78,11 +79,19 @@ METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "
 KEY_EXCLUDED = ("runs_dir", "run_name", "device", "threads", "cache_dir")
 MODALITIES = ("text", "image")
 REPORTED_LABEL = "reported (paper), not measured"
+SEMEVAL = "SemEval-2020 Task 8 overview (Sharma et al. 2020), best system"
 
-# The paper's own figures (arXiv 2503.07943), shown as a reference row, never marked best.
-REPORTED: dict[str, dict[str, Any]] = {
-    "memotion": {"head": "dual_attention", "macro_f1": 0.3552, "note": "Memotion 7k Task A, dual attention"},
-    "mvsa_single": {"head": None, "accuracy": 0.73, "note": "MVSA-Single, accuracy about 0.73"},
+# Published figures, shown as reference rows, never marked best: dataset -> target (None = the dataset's
+# default target) -> rows. The paper's own (arXiv 2503.07943) and the SemEval-2020 Task 8 best systems
+# (macro-F1; Task B and C: mean of the per-target macro-F1, as our task score).
+REPORTED: dict[str, dict[str | None, list[dict[str, Any]]]] = {
+    "memotion": {
+        None: [{"head": "dual_attention", "macro_f1": 0.3552, "note": "Memotion 7k Task A, dual attention"},
+               {"head": None, "macro_f1": 0.35, "note": "Memotion 7k Task A", "source": SEMEVAL}],
+        "task_b": [{"head": None, "macro_f1": 0.51, "note": "Memotion 7k Task B", "source": SEMEVAL}],
+        "task_c": [{"head": None, "macro_f1": 0.32, "note": "Memotion 7k Task C", "source": SEMEVAL}],
+    },
+    "mvsa_single": {None: [{"head": None, "accuracy": 0.73, "note": "MVSA-Single, accuracy about 0.73"}]},
 }
 
 
@@ -128,6 +137,8 @@ class GridRun:
     key: str
     run_dir: Path
     split_fingerprint: str | None = None  # the cache's split: a finished run made on another one is stale
+    target: str | None = None  # the target / task (resolved name); its table is per (dataset, target)
+    default_target: str | None = None  # the dataset's default target (runs on it keep their old keys)
 
     @property
     def name(self) -> str:
@@ -142,15 +153,23 @@ class GridRun:
     def row_key(self) -> tuple[str, str, str]:
         return (self.head, self.features, self.encoder.label)
 
+    @property
+    def table(self) -> str:
+        """Name of the table this run belongs to: the dataset, or ``<dataset>-<target>`` off the default."""
+        return self.dataset if self.target in (None, self.default_target) else f"{self.dataset}-{self.target}"
+
     def sort_key(self) -> tuple:
-        return (self.dataset, self.encoder.label, self.features, self.head, self.seed)
+        return (self.dataset, self.target or "", self.encoder.label, self.features, self.head, self.seed)
 
 
-def _comparable(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """The config fields that determine a run's numbers, feature files by name."""
+def _comparable(config: TrainConfig | dict[str, Any], default_target: str | None = None) -> dict[str, Any]:
+    """The config fields that determine a run's numbers, feature files by name. The target is left out
+    when it is the dataset's default (so runs from before targets existed keep their keys)."""
     d = dict(config.to_dict() if isinstance(config, TrainConfig) else config)
     for k in KEY_EXCLUDED:
         d.pop(k, None)
+    if d.get("target") in (None, default_target):
+        d.pop("target", None)
     for m in MODALITIES:
         if d.get(f"{m}_cache"):
             d[f"{m}_cache"] = Path(d[f"{m}_cache"]).name
@@ -159,9 +178,10 @@ def _comparable(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def run_key(config: TrainConfig, data_fingerprint: str) -> str:
+def run_key(config: TrainConfig, data_fingerprint: str, default_target: str | None = None) -> str:
     """10 hex of SHA-256 over the comparable config and the data fingerprint."""
-    payload = json.dumps({"config": _comparable(config), "data": data_fingerprint}, sort_keys=True, default=str)
+    payload = json.dumps({"config": _comparable(config, default_target), "data": data_fingerprint}, sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
 
 
@@ -171,6 +191,18 @@ def _index_fingerprint(index: cf.SampleIndex) -> str:
     h.update(np.asarray(index.labels, dtype=np.int64).tobytes())
     h.update("\n".join(map(str, index.splits)).encode("utf-8"))
     return h.hexdigest()[:16]
+
+
+def _grid_targets(index: cf.SampleIndex, names: list[str] | None) -> tuple[dict[str, str], str]:
+    """({target: label fingerprint}, default target) of ``index``. The default target's labels are
+    ``label`` (already in the index fingerprint): fingerprint ""; unknown names: BadInputError."""
+    default = available_targets(index)[2]
+    out = {}
+    for name in dict.fromkeys(names or [default]):
+        target, labels = resolve_target(index, name)
+        out[target.name] = "" if target.name == default else hashlib.sha256(
+            json.dumps(target.to_dict()).encode("utf-8") + labels.tobytes()).hexdigest()[:16]
+    return out, default
 
 
 def _encoders(cache_dir: Path, dataset: str, explicit: bool) -> tuple[list[Encoder], dict[str, str]]:
@@ -212,7 +244,7 @@ def _skip_reason(head: str, enc: Encoder, dataset: str) -> str | None:
 def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None = None, heads: list[str] | None = None,
                 features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, seeds: list[int] | int = DEFAULT_SEEDS,
                 cache_dir: str | Path = "cache", runs_dir: str | Path = "runs/ablate",
-                skipped: list[dict[str, Any]] | None = None) -> list[GridRun]:
+                skipped: list[dict[str, Any]] | None = None, targets: list[str] | None = None) -> list[GridRun]:
     """Every run of the grid, sorted by (dataset, encoder, features, head, seed).
 
     A dataset with features of one modality only gets the heads that need only that modality; each
@@ -220,8 +252,9 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
 
     ``base``: the training config every run starts from (default: train-fusion's defaults); its
     dataset, head, features, seed, modalities, cache files, cache/runs dirs and run name are replaced
-    by the grid's. ``seeds``: a count n (seeds 0..n-1) or a list. Unknown heads / features are
-    :class:`BadInputError`; a named dataset without a complete cache is :class:`CacheError`.
+    by the grid's. ``seeds``: a count n (seeds 0..n-1) or a list. ``targets``: targets / tasks of each
+    dataset's index (None: its default). Unknown heads / features / targets are :class:`BadInputError`; a
+    named dataset without a complete cache is :class:`CacheError`.
     """
     base = base or TrainConfig()
     cache_dir = Path(cache_dir)
@@ -255,26 +288,30 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     for dataset in names:
         index = cf.read_index(cache_dir / dataset / cf.INDEX_NAME)
         index_fp, split_fp = _index_fingerprint(index), index.split_fingerprint
+        target_fps, default = _grid_targets(index, targets)
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
         for enc in encoders:
             for head in heads:
                 reason = _skip_reason(head, enc, dataset)
                 if reason and not any(x["dataset"] == dataset and x["head"] == head for x in skips):
                     skips.append({"dataset": dataset, "head": head, "reason": reason})
-        for enc, feat, head, seed in product(encoders, features, heads, seed_list):
+        for target, enc, feat, head, seed in product(target_fps, encoders, features, heads, seed_list):
             if _skip_reason(head, enc, dataset):
                 continue
             cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
                                       modalities=enc.modalities, text_cache=enc.text, image_cache=enc.image,
-                                      cache_dir=str(cache_dir), run_name=None)
+                                      cache_dir=str(cache_dir), run_name=None, target=target)
             cfg.validate()
-            data_fp = "|".join([index_fp, *(file_fps[getattr(enc, m)] for m in enc.modalities)])
-            key = run_key(cfg, data_fp)
-            name = f"{head}-{feat}-{enc.tag}-s{seed}-{key}"
+            data_fp = "|".join([index_fp, *(file_fps[getattr(enc, m)] for m in enc.modalities)]) + (
+                f"|{target_fps[target]}" if target_fps[target] else "")
+            key = run_key(cfg, data_fp, default)
+            tag = "" if target == default else f"{target}-"
+            name = f"{head}-{feat}-{tag}{enc.tag}-s{seed}-{key}"
             run_dir = Path(runs_dir) / dataset / name
             cfg = dataclasses.replace(cfg, runs_dir=str(run_dir.parent), run_name=name)
             runs.append(GridRun(dataset=dataset, head=head, features=feat, encoder=enc, seed=seed, config=cfg,
-                                key=key, run_dir=run_dir, split_fingerprint=split_fp))
+                                key=key, run_dir=run_dir, split_fingerprint=split_fp, target=target,
+                                default_target=default))
     if skipped is not None:
         skipped.extend(skips)
     if not runs:
@@ -305,7 +342,8 @@ def run_status(run: GridRun) -> str:
         return "missing"
     if (d / FINISHED_MARKER).is_file():
         saved = read_json(d / "config.json")
-        if not (isinstance(saved, dict) and _comparable(saved) == _comparable(run.config)):
+        if not (isinstance(saved, dict) and (_comparable(saved, run.default_target)
+                                             == _comparable(run.config, run.default_target))):
             return "unfinished"
         rec = read_split(d)  # None: made before runs recorded their split; the key (it hashes the split) vouches
         if run.split_fingerprint and rec is not None and rec["fingerprint"] != run.split_fingerprint:
@@ -539,15 +577,18 @@ def _stale_elsewhere(druns: list[GridRun], split_fp: str) -> list[str]:
 
 
 def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """Per dataset: the table (rows, reference row, per-run records, MVSA agreement split, the split it
-    was computed on, heads skipped for a missing modality, runs made on another split)."""
+    """Per (dataset, target): the table (rows, reference rows, per-run records, MVSA agreement split, the
+    split it was computed on, heads skipped for a missing modality, runs made on another split), keyed
+    ``<dataset>`` for the default target, else ``<dataset>-<target>``."""
     tables: dict[str, dict[str, Any]] = {}
-    by_dataset: dict[str, list[GridRun]] = {}
+    by_table: dict[str, list[GridRun]] = {}
     for r in runs:
-        by_dataset.setdefault(r.dataset, []).append(r)
-    for dataset, druns in by_dataset.items():
+        by_table.setdefault(r.table, []).append(r)
+    for table_name, druns in by_table.items():
+        dataset = druns[0].dataset
         index_path = Path(druns[0].config.cache_dir) / dataset / cf.INDEX_NAME
         index = cf.read_index(index_path)
+        target, _labels = resolve_target(index, druns[0].target)
         agree = None
         if "labels_agree" in index.extra:
             agree = {str(i): bool(int(a)) for i, a in zip(index.ids, index.extra["labels_agree"], strict=True)}
@@ -562,7 +603,10 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                 test = m.get("test") or {}
                 rec.update({k: test.get(k) for k in METRICS}, n_test=test.get("n"), seconds=m.get("seconds"),
                            num_parameters=(m.get("model") or {}).get("num_parameters"), best_epoch=m.get("best_epoch"),
-                           epochs_run=m.get("epochs_run"), confusion_matrix=test.get("confusion_matrix"))
+                           epochs_run=m.get("epochs_run"), confusion_matrix=test.get("confusion_matrix"),
+                           per_class_recall={c: v.get("recall") for c, v in (test.get("per_class") or {}).items()})
+                if test.get("targets"):
+                    rec["targets"] = {t: v.get("macro_f1") for t, v in test["targets"].items()}
                 if agree is not None:
                     rec["agreement"] = _agreement_scores(r.run_dir, agree)
             elif status == "failed":
@@ -581,6 +625,12 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
             }
             for k in METRICS:
                 row[k] = _summary([x.get(k) for x in done])
+            if target.multi:
+                row["targets"] = {t: _summary([(x.get("targets") or {}).get(t) for x in done]) for t in target.members}
+            else:  # the lowest per-class recall (mean over seeds): near 0 = a class the head never predicts
+                recalls = [min(v for v in x["per_class_recall"].values() if v is not None)
+                           for x in done if x.get("per_class_recall")]
+                row["min_recall"] = _summary(recalls)
             if agree is not None:
                 for part in ("agree", "disagree"):
                     parts = [x["agreement"][part] for x in done if x.get("agreement")]
@@ -592,11 +642,10 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
             if agree is not None:
                 for part in ("agree", "disagree"):
                     _mark_best(rows, (part, k, "mean"), f"best_{part}_{k}")
-        reference = None
-        if dataset in REPORTED:
-            rep = REPORTED[dataset]
-            reference = {"kind": "reported", "label": REPORTED_LABEL, "head": rep.get("head"), "note": rep["note"],
-                         **{k: rep.get(k) for k in METRICS}}
+        default = druns[0].target in (None, druns[0].default_target)
+        references = [{"kind": "reported", "label": REPORTED_LABEL, "head": rep.get("head"), "note": rep["note"],
+                       "source": rep.get("source", "paper (arXiv 2503.07943)"), **{k: rep.get(k) for k in METRICS}}
+                      for rep in REPORTED.get(dataset, {}).get(None if default else target.name, [])]
         best = max((row for row in rows if row["macro_f1"]["mean"] is not None),
                    key=lambda row: row["macro_f1"]["mean"], default=None)
         confusion = None
@@ -609,17 +658,19 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                              "matrix": np.sum(mats, axis=0).tolist()}
         encoders = sorted({r.encoder.label for r in druns})
         split = index.split_info()
-        tables[dataset] = {
+        tables[table_name] = {
             "split": {"source": split["source"], "fingerprint": split["fingerprint"], "counts": split["counts"]},
             "skipped": [x for x in skipped or [] if x["dataset"] == dataset],
             "stale_runs": _stale_elsewhere(druns, split["fingerprint"]),
-            "dataset": dataset, "classes": list(index.classes), "encoders": encoders,
+            "name": table_name, "dataset": dataset, "target": target.name, "targets": target.to_dict(),
+            "classes": list(target.classes[0]), "encoders": encoders,
             "heads": list(dict.fromkeys(r.head for r in druns)),
             "features": list(dict.fromkeys(r.features for r in druns)),
             "seeds": sorted({r.seed for r in druns}),
             "counts": {s: sum(x["status"] == s for x in records)
                        for s in ("finished", "failed", "unfinished", "missing", "stale")},
-            "rows": rows, "reference": reference, "confusion": confusion, "runs": records,
+            "rows": rows, "reference": references[0] if references else None, "references": references,
+            "confusion": confusion, "runs": records,
             "mvsa_agreement": agree is not None,
             "notes": {"metrics": "test split; mean and sample standard deviation (ddof=1) over finished seeds; "
                                  "std null when only one seed finished",
@@ -652,18 +703,26 @@ def _table_rows(table: dict[str, Any], style: str) -> tuple[list[str], list[list
     """Headers and rows of the main table and (MVSA) of the agreement table."""
     show_enc = len(table["encoders"]) > 1
     lead = ["head", "features"] + (["encoder"] if show_enc else [])
-    headers = lead + ["seeds", *(METRIC_NAMES[k] for k in METRICS), "parameters", "train s"]
+    members = list(table.get("targets") or {}) if len(table.get("targets") or {}) > 1 else []
+    names = [METRIC_NAMES[k] for k in METRICS]
+    if members:  # a task: macro-F1 is the task score; each target's macro-F1 follows
+        names[METRICS.index("macro_f1")] = "task score (mean macro-F1)"
+    extra_heads = [f"{m} macro-F1" for m in members] or (["min class recall"] if table["rows"] and
+                                                        "min_recall" in table["rows"][0] else [])
+    headers = lead + ["seeds", *names, *extra_heads, "parameters", "train s"]
     rows = []
     for r in table["rows"]:
+        extra = ([_cell(r["targets"][m], False, style) for m in members] if members else
+                 [_cell(r["min_recall"], False, style)] if extra_heads else [])
         rows.append([r["head"], r["features"]] + ([r["encoder"]] if show_enc else []) + [
-            _seeds_cell(r), *(_cell(r[k], r[f"best_{k}"], style) for k in METRICS),
+            _seeds_cell(r), *(_cell(r[k], r[f"best_{k}"], style) for k in METRICS), *extra,
             "-" if r["num_parameters"] is None else f"{r['num_parameters']:,}",
             "-" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}"])
-    ref = table.get("reference")
-    if ref:
-        name = f"{ref['head'] or 'best model'}: {REPORTED_LABEL}"
+    for ref in table.get("references") or ([table["reference"]] if table.get("reference") else []):
+        source = "" if ref.get("source", "").startswith("paper") or not ref.get("source") else f" ({ref['source']})"
+        name = f"{ref['head'] or 'best model'}{source}: {REPORTED_LABEL}"
         rows.append([name, "-"] + (["-"] if show_enc else []) + ["-", *(
-            "-" if ref.get(k) is None else f"{ref[k]:.4f}" for k in METRICS), "-", "-"])
+            "-" if ref.get(k) is None else f"{ref[k]:.4f}" for k in METRICS), *("-" for _ in extra_heads), "-", "-"])
     a_headers: list[str] = []
     a_rows: list[list[str]] = []
     if table.get("mvsa_agreement"):
@@ -696,7 +755,12 @@ def _failures(table: dict[str, Any], limit: int = 10) -> list[str]:
 def _heading(table: dict[str, Any]) -> str:
     c = table["counts"]
     enc = table["encoders"][0] if len(table["encoders"]) == 1 else f"{len(table['encoders'])} encoder pairs"
-    text = (f"{table['dataset']}: {len(table['rows'])} configs x {len(table['seeds'])} seeds, encoders {enc}; "
+    target = table.get("target")
+    what = table["dataset"] + (f", target {target}" if target else "")
+    members = table.get("targets") or {}
+    if len(members) > 1:
+        what += f" ({', '.join(members)})"
+    text = (f"{what}: {len(table['rows'])} configs x {len(table['seeds'])} seeds, encoders {enc}; "
             f"{c['finished']} runs finished")
     if c["failed"]:
         text += f", {c['failed']} failed"
@@ -745,12 +809,16 @@ def format_tables(tables: dict[str, dict[str, Any]]) -> str:
 
 def _markdown(table: dict[str, Any]) -> str:
     headers, rows, a_headers, a_rows = _table_rows(table, "md")
-    out = [f"# Ablation: {table['dataset']}", "", _heading(table) + ".", "",
+    title = table["dataset"] + (f", target {table['target']}" if table.get("target") else "")
+    out = [f"# Ablation: {title}", "", _heading(table) + ".", "",
            *(f"- {line[0].upper()}{line[1:]}." for line in _split_lines(table)), "",
            f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
            f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
-           f"**bold**. The reference row holds figures the paper reports, not measured here.", "",
+           f"**bold**. Reference rows hold published figures, not measured here.", "",
            _md_table(headers, rows)]
+    if len(table.get("targets") or {}) > 1:
+        out += ["", "Task score = mean of the per-target macro-F1 (the SemEval-2020 Task 8 measure); accuracy and "
+                    "weighted-F1 are per-target means."]
     if a_rows:
         out += ["", "## Text and image labels agree vs disagree", "",
                 "The same metrics on the test posts whose text and image labels agree (`labels_agree`) and on "
@@ -771,10 +839,15 @@ def _markdown(table: dict[str, Any]) -> str:
 def _csv(table: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["dataset", "kind", "head", "features", "encoder", "seeds_finished", "seeds_failed", "seeds_total"]
+    head = ["dataset", "target", "kind", "head", "features", "encoder", "seeds_finished", "seeds_failed", "seeds_total"]
     for k in METRICS:
         head += [f"{k}_mean", f"{k}_std", f"best_{k}"]
     head += ["num_parameters", "train_seconds_mean"]
+    members = list(table.get("targets") or {}) if len(table.get("targets") or {}) > 1 else []
+    per = [(m, ("targets", m)) for m in members] or ([("min_recall", ("min_recall",))]
+                                                     if table["rows"] and "min_recall" in table["rows"][0] else [])
+    for name, _path in per:
+        head += [f"{name}{'_macro_f1' if members else ''}_mean", f"{name}{'_macro_f1' if members else ''}_std"]
     parts = ("agree", "disagree") if table.get("mvsa_agreement") else ()
     for part in parts:
         head.append(f"{part}_n")
@@ -786,22 +859,26 @@ def _csv(table: dict[str, Any]) -> str:
         return "" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)
 
     for r in table["rows"]:
-        line = [table["dataset"], "measured", r["head"], r["features"], r["encoder"], r["seeds_finished"],
+        line = [table["dataset"], table.get("target") or "", "measured", r["head"], r["features"], r["encoder"],
+                r["seeds_finished"],
                 r["seeds_failed"], r["seeds_total"]]
         for k in METRICS:
             line += [num(r[k]["mean"]), num(r[k]["std"]), r[f"best_{k}"]]
         line += [num(r["num_parameters"]), num(r["train_seconds_mean"])]
+        for _name, path in per:
+            cell = r[path[0]] if len(path) == 1 else r[path[0]][path[1]]
+            line += [num(cell["mean"]), num(cell["std"])]
         for part in parts:
             line.append(r[part]["n"])
             for k in METRICS:
                 line += [num(r[part][k]["mean"]), num(r[part][k]["std"]), r[f"best_{part}_{k}"]]
         w.writerow(line)
-    ref = table.get("reference")
-    if ref:
-        line = [table["dataset"], "reported", ref["head"] or "", "", REPORTED_LABEL, "", "", ""]
+    for ref in table.get("references") or ([table["reference"]] if table.get("reference") else []):
+        line = [table["dataset"], table.get("target") or "", "reported", ref["head"] or "", "",
+                f"{REPORTED_LABEL}: {ref.get('source') or 'paper'}", "", "", ""]
         for k in METRICS:
             line += [num(ref.get(k)), "", False]
-        line += ["", ""]
+        line += ["", ""] + ["", ""] * len(per)
         for _ in parts:
             line += [""] + ["", "", False] * len(METRICS)
         w.writerow(line)
@@ -814,7 +891,7 @@ def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *,
     results_dir = Path(results_dir)
     written: dict[str, list[Path]] = {}
     for dataset, table in tables.items():
-        stem = results_dir / f"ablation_{dataset}"
+        stem = results_dir / f"ablation_{table.get('name', dataset)}"
         paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
         atomic_write(paths[0], _markdown(table))
         atomic_write(paths[1], _csv(table))
@@ -838,6 +915,7 @@ class AblationConfig:
     heads: list[str] | None = None
     features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     seeds: list[int] | int = DEFAULT_SEEDS
+    targets: list[str] | None = None  # targets / tasks (None: each dataset's default); one table each
     base: TrainConfig = field(default_factory=TrainConfig)
     cache_dir: str = "cache"
     runs_dir: str = "runs/ablate"
@@ -870,7 +948,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     t0 = time.perf_counter()
     skipped: list[dict[str, Any]] = []
     runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
-                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped)
+                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,
+                       targets=config.targets)
     selected = shard_runs(runs, config.shard)
     if config.aggregate_only:
         done = {"trained": [], "reused": [], "failed": {}, "stale": []}

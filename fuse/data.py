@@ -16,6 +16,7 @@ text, ...) are dropped from every split and counted in :attr:`FusionData.dropped
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from mmcache.extract import cache_format as cf
+from mmcache.fuse.targets import TargetSet, resolve_target, target_report
 from torch import Tensor
 
 from mmcache.errors import BadInputError, CacheError
@@ -129,8 +131,12 @@ class FusionData:
     """Everything a run reads, in memory. Rows are positions in the sample index.
 
     ``split_rows[s]``: (n_s,) int64 rows of split ``s`` whose modalities in :attr:`modalities` are all
-    valid. ``labels``: (N,) int64. ``ids``: (N,) object str. ``dropped``: counts of samples removed
-    for a missing modality, by split and modality.
+    valid and that have a label for at least one target of :attr:`target`. ``target_labels``: (N, T)
+    int64, class ids per member target, < 0 = masked (missing / outside the classes). ``labels`` (N,) and
+    ``classes`` are the first member's (the only one for a single target). ``ids``: (N,) object str.
+    ``dropped``: counts of samples removed for a missing modality, by split and modality, and under
+    ``"target"`` the masked labels per target and reason and the rows left without any label.
+    :meth:`with_target` gives the same features with another target's labels (no re-read).
     """
 
     dataset: str
@@ -150,10 +156,22 @@ class FusionData:
     # and the sample ids of train / val / test in index order (before dropping samples missing a modality).
     split: dict[str, Any] = field(default_factory=dict)
     split_ids: dict[str, list[str]] = field(default_factory=dict)
+    target: TargetSet | None = None
+    target_labels: Tensor | None = None
+    index: cf.SampleIndex | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.labels.device
+
+    def with_target(self, name: str | None) -> FusionData:
+        """The same loaded features labelled with target (or task) ``name`` (None = the default): a new
+        :class:`FusionData` sharing the feature tensors. Unknown name: :class:`BadInputError`."""
+        if self.index is None:
+            raise BadInputError("this data was not loaded from a cache index; cannot change its target")
+        if self.target is not None and name == self.target.name:
+            return self
+        return _attach_target(dataclasses.replace(self), name)
 
     @property
     def num_classes(self) -> int:
@@ -172,6 +190,8 @@ class FusionData:
         if device == self.device:
             return self
         self.labels = self.labels.to(device)
+        if self.target_labels is not None:
+            self.target_labels = self.target_labels.to(device)
         self.split_rows = {k: v.to(device) for k, v in self.split_rows.items()}
         for md in (self.text, self.image):
             if md is not None:
@@ -197,11 +217,13 @@ class FusionData:
         return out[0], out[1], out[2], out[3]
 
     def usable(self) -> Tensor:
-        """(N,) bool on :attr:`device`: every loaded modality present."""
+        """(N,) bool on :attr:`device`: every loaded modality present and a label for at least one target."""
         ok = torch.ones(len(self.ids), dtype=torch.bool, device=self.device)
         for md in (self.text, self.image):
             if md is not None:
                 ok &= md.valid
+        if self.target_labels is not None:
+            ok &= (self.target_labels >= 0).any(1)
         return ok
 
     def rows_of_ids(self, ids: list[str]) -> tuple[Tensor, list[str]]:
@@ -217,7 +239,8 @@ class FusionData:
         """JSON-ready: what was loaded and how many samples each split keeps."""
         return {
             "dataset": self.dataset, "features": self.features, "modalities": list(self.modalities),
-            "classes": self.classes, "samples": {s: int(r.numel()) for s, r in self.split_rows.items()},
+            "target": self.target.name if self.target else None,
+            "targets": self.target.to_dict() if self.target else None, "classes": self.classes, "samples": {s: int(r.numel()) for s, r in self.split_rows.items()},
             "dropped": self.dropped,
             "caches": {m: str(md.path) for m in MODALITY_ORDER if (md := self.modality(m))},
         }
@@ -261,8 +284,10 @@ def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: s
 
 def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, ...] | list[str],
               features: str = "cls", cache_dir: str | Path = "cache", text_cache: str | Path | None = None,
-              image_cache: str | Path | None = None, device: str | torch.device = "cpu") -> FusionData:
-    """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``.
+              image_cache: str | Path | None = None, device: str | torch.device = "cpu",
+              target: str | None = None) -> FusionData:
+    """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``,
+    labelled with ``target`` (a target or task name of the index; None = its default).
 
     Features stay in the stored dtype (float16 usually: half the memory of float32); batches are cast
     to float32 on the fly, which is exact, so the numbers are the same as with float32 arrays. Samples of train/val/test missing any of ``modalities`` are dropped
@@ -288,32 +313,58 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     if not index_path.is_file():
         resolve_dataset(cache_dir, dataset)  # raises with the list of cached datasets
     index = cf.read_index(index_path)
+    resolve_target(index, target)  # an unknown target fails before any feature is read
     loaded = {m: _load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset)
               for m in mods}
 
     labels = torch.from_numpy(np.asarray(index.labels, dtype=np.int64))
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(index.classes)):
         raise CacheError(f"{index_path}: labels outside 0..{len(index.classes) - 1}")
+    data = FusionData(dataset=dataset, classes=list(index.classes), features=features, modalities=mods,
+                      ids=index.ids, labels=labels, split_rows={}, text=loaded.get("text"),
+                      image=loaded.get("image"), index_path=index_path, index_fingerprint=index.fingerprint,
+                      index_attrs=dict(index.attrs), split=index.split_info(), split_ids=index.split_ids(),
+                      index=index)
+    data = _attach_target(data, target)
+    return data.to(device)
+
+
+def _attach_target(data: FusionData, name: str | None) -> FusionData:
+    """Set ``data``'s target, labels, split rows and drop counts for target ``name`` (in place; returns it).
+
+    A row is kept when its modalities are valid and at least one member target has a label; labels that
+    are missing or outside the classes are masked (< 0), counted per target and reason, never a class."""
+    index = data.index
+    target, labels2d = resolve_target(index, name)
+    device = data.labels.device
     ok = torch.ones(len(index), dtype=torch.bool)
-    for md in loaded.values():
-        ok &= md.valid
-    split_rows, dropped = {}, {"total": 0, "by_split": {}, "by_modality": {m: 0 for m in mods}}
+    for md in (data.text, data.image):
+        if md is not None:
+            ok &= md.valid.cpu()
+    has_label = torch.from_numpy((labels2d >= 0).any(axis=1))
     splits = np.asarray(index.splits, dtype=object)
+    split_rows, dropped = {}, {"total": 0, "by_split": {}, "by_modality": {m: 0 for m in data.modalities}}
+    no_label = {}
     for s in SPLITS:
         in_split = torch.from_numpy(splits == s)
-        split_rows[s] = torch.nonzero(in_split & ok).flatten()
+        split_rows[s] = torch.nonzero(in_split & ok & has_label).flatten().to(device)
         n_drop = int((in_split & ~ok).sum())
         dropped["by_split"][s] = n_drop
         dropped["total"] += n_drop
-        for m, md in loaded.items():
-            dropped["by_modality"][m] += int((in_split & ~md.valid).sum())
+        no_label[s] = int((in_split & ok & ~has_label).sum())
+        for m in data.modalities:
+            dropped["by_modality"][m] += int((in_split & ~data.modality(m).valid.cpu()).sum())
     dropped["unassigned"] = int((~np.isin(splits, SPLITS)).sum())
+    dropped["target"] = {"name": target.name, "masked": target_report(target, labels2d, splits),
+                         "rows_without_label": no_label}
     if dropped["total"]:
-        logger.info("%s: dropped %d samples with a missing modality (%s)", dataset, dropped["total"],
+        logger.info("%s: dropped %d samples with a missing modality (%s)", data.dataset, dropped["total"],
                     ", ".join(f"{m}: {n}" for m, n in dropped["by_modality"].items() if n))
-    data = FusionData(dataset=dataset, classes=list(index.classes), features=features, modalities=mods,
-                      ids=index.ids, labels=labels, split_rows=split_rows, text=loaded.get("text"),
-                      image=loaded.get("image"), index_path=index_path, index_fingerprint=index.fingerprint,
-                      index_attrs=dict(index.attrs), dropped=dropped, split=index.split_info(),
-                      split_ids=index.split_ids())
-    return data.to(device)
+    for m, per in dropped["target"]["masked"].items():
+        logger.warning("%s target %s: labels masked (not a class): %s", data.dataset, m,
+                       "; ".join(f"{why} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items() if v)})"
+                                 for why, c in per.items()))
+    target_labels = torch.from_numpy(labels2d).to(device)
+    data.target, data.target_labels, data.labels = target, target_labels, target_labels[:, 0]
+    data.classes, data.split_rows, data.dropped = list(target.classes[0]), split_rows, dropped
+    return data

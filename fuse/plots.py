@@ -76,9 +76,9 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
             ax.set_ylim(0, 1)
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{table['dataset']}: test, mean ± std over seeds")
+        fig.suptitle(f"{table.get('name', table['dataset'])}: test, mean ± std over seeds")
         fig.tight_layout()
-        path = out_dir / f"ablation_{table['dataset']}.png"
+        path = out_dir / f"ablation_{table.get('name', table['dataset'])}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -100,7 +100,7 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.set_title(f"{conf['head']}, {conf['features']}\nsummed over {conf['seeds']} seed(s), test", fontsize=9)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        path = out_dir / f"ablation_{table['dataset']}_confusion.png"
+        path = out_dir / f"ablation_{table.get('name', table['dataset'])}_confusion.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

@@ -19,12 +19,16 @@ def make_cache(cache_dir: Path, dataset: str = "synth", *, n: int = 60, dt: int 
                li: int = 5, seed: int = 0, classes: list[str] | None = None, text_invalid=(), image_invalid=(),
                text_model: str = "tiny/text-enc", image_model: str = "tiny/image-enc", complete: bool = True,
                extra_text_files: int = 0, signal: float = 2.0,
-               all_train: bool = False) -> dict[str, Path]:
+               all_train: bool = False, targets: dict[str, tuple[list[str], list[int]]] | None = None,
+               tasks: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """Write ``cache_dir/<dataset>/{index.h5, text--*.h5, image--*.h5}``; returns their paths.
 
     Splits: 60% train, 20% val, 20% test by position; ``text_invalid`` / ``image_invalid`` are rows
     written as failures (valid False). ``complete=False`` leaves the image file unfinished;
     ``all_train`` puts every sample in train (no val / test: training needs ``allow_no_val``).
+    ``targets`` (name -> (classes, (n,) ids, -1 missing, -2 outside)) and ``tasks`` go into the index as
+    stage one writes them, with ``sentiment`` = the labels added as the default target; without them the
+    index has no targets (as one written before targets existed).
     """
     classes = classes or CLASSES
     rng = np.random.default_rng(seed)
@@ -34,8 +38,10 @@ def make_cache(cache_dir: Path, dataset: str = "synth", *, n: int = 60, dt: int 
     texts = [f"text {i}" for i in range(n)]
     images = [f"img/{i}.png" for i in range(n)]
     folder = Path(cache_dir) / dataset
+    tg = None if targets is None else {"sentiment": (classes, labels.tolist()), **targets}
+    attrs = None if targets is None else {"default_target": "sentiment", "tasks": tasks or {}}
     fp = cf.write_index(folder / cf.INDEX_NAME, dataset=dataset, classes=classes, ids=ids, labels=labels.tolist(),
-                        splits=splits, texts=texts, image_paths=images,
+                        splits=splits, texts=texts, image_paths=images, targets=tg, attrs=attrs,
                         split_spec={"kind": "synthetic", "rule": "all train" if all_train else "by position 60/20/20"})
     out = {"index": folder / cf.INDEX_NAME}
     centroid_rng = np.random.default_rng(1234)  # same centroids for every dataset: cross-dataset works

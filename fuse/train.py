@@ -33,10 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
-from mmcache.fuse.metrics import compute_metrics
 from mmcache.fuse.runs import (
     FINISHED_MARKER,
     make_run_dir,
@@ -48,6 +46,14 @@ from mmcache.fuse.runs import (
 )
 from mmcache.fuse.runs import git_commit as _git_commit
 from mmcache.fuse.runs import library_versions as _library_versions
+from mmcache.fuse.targets import (
+    TargetSet,
+    check_trainable,
+    class_weights,
+    score_targets,
+    target_loss,
+    target_probs,
+)
 from torch import Tensor
 
 from mmcache.common import atomic_write, resolve_device
@@ -96,6 +102,7 @@ class TrainConfig:
     amp: bool = True
     threads: int | None = None
     modalities: list[str] | None = None
+    target: str | None = None  # a target or task of the dataset's index (None = its default); resolved in config.json
     text_cache: str | None = None
     image_cache: str | None = None
     cache_dir: str = "cache"
@@ -156,7 +163,7 @@ class TrainConfig:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check one config value's type against the field default (JSON has no int/float distinction)."""
     if value is None:
-        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads"):
+        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads", "target"):
             return None
         raise BadInputError(f"config key {key!r} may not be null")
     ok = True
@@ -266,6 +273,8 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def _build_head(config: TrainConfig, dims: dict[str, int | None], num_classes: int) -> FusionHead:
+    """A registry head; for a multi-target run ``num_classes`` is the sum of the targets' class counts and the
+    classifier's last linear layer is one linear classifier per target, stacked (see fuse.targets)."""
     uses = head_uses(config.head)
     return create_head(config.head, text_dim=dims["text_dim"] if "text" in uses else None,
                        image_dim=dims["image_dim"] if "image" in uses else None, num_classes=num_classes,
@@ -275,32 +284,40 @@ def _build_head(config: TrainConfig, dims: dict[str, int | None], num_classes: i
 
 @torch.inference_mode()
 def predict(model: FusionHead, data: FusionData, rows: Tensor, batch_size: int = 256, amp: bool = True) -> np.ndarray:
-    """Class probabilities of ``rows`` ((n,) int64 on the data's device): (n, C) float32 numpy."""
+    """Class probabilities of ``rows`` ((n,) int64 on the data's device): (n, C) float32 numpy; for a
+    multi-target run (n, sum C), a softmax per target block (see fuse.targets)."""
     model.eval()
+    sizes = data.target.sizes if data.target is not None else [data.num_classes]
     out = []
     for start in range(0, rows.numel(), batch_size):
         with _autocast(data.device, amp):
             logits = model(*data.batch(rows[start:start + batch_size]))
-        out.append(logits.float().softmax(-1).cpu())
+        out.append(target_probs(logits.float(), sizes).cpu())
     if not out:
-        return np.zeros((0, data.num_classes), dtype=np.float32)
+        return np.zeros((0, sum(sizes)), dtype=np.float32)
     return torch.cat(out).numpy()
 
 
-def _score(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    m = compute_metrics(labels, probs.argmax(-1) if len(probs) else np.zeros(0, np.int64), classes)
-    if len(probs):
-        m["loss"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return m
-
-
-def _predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> str:
+def _predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, target: TargetSet) -> str:
+    """One target: ``id, true, predicted, p_<class>...``. A task: ``id`` then per target, in task order,
+    ``<target>:true, <target>:predicted, <target>:p_<class>...`` (``true`` empty where the label is masked).
+    labels (n, T) int64; probs (n, sum C)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "true", "predicted", *(f"p_{c}" for c in classes)])
-    pred = probs.argmax(-1) if len(probs) else []
-    for sid, y, p, row in zip(ids, labels, pred, probs, strict=True):
-        w.writerow([sid, classes[int(y)], classes[int(p)], *(f"{v:.6f}" for v in row)])
+    multi = target.multi
+    head = ["id"]
+    for m, classes in zip(target.members, target.classes, strict=True):
+        pre = f"{m}:" if multi else ""
+        head += [f"{pre}true", f"{pre}predicted", *(f"{pre}p_{c}" for c in classes)]
+    w.writerow(head)
+    offsets = np.cumsum([0, *target.sizes])
+    for i, sid in enumerate(ids):
+        row = [sid]
+        for j, classes in enumerate(target.classes):
+            block = probs[i, offsets[j]:offsets[j + 1]]
+            y = int(labels[i, j])
+            row += [classes[y] if y >= 0 else "", classes[int(block.argmax())], *(f"{v:.6f}" for v in block)]
+        w.writerow(row)
     return buf.getvalue()
 
 
@@ -309,7 +326,8 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
     if data is None:
         mods = config.modalities or [m for m in MODALITY_ORDER if m in needed]
         data = load_data(config.dataset, modalities=mods, features=config.features, cache_dir=config.cache_dir,
-                         text_cache=config.text_cache, image_cache=config.image_cache, device=device)
+                         text_cache=config.text_cache, image_cache=config.image_cache, device=device,
+                         target=config.target)
     else:
         if data.features != config.features:
             raise BadInputError(f"preloaded data holds {data.features!r} features, config asks for {config.features!r}")
@@ -322,9 +340,10 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
             raise BadInputError(f"config modalities {config.modalities} differ from the preloaded data's "
                                 f"{list(data.modalities)}")
         data.to(device)
+        data = data.with_target(config.target)
     paths = {m: (str(md.path) if (md := data.modality(m)) else None) for m in MODALITY_ORDER}
     resolved = dataclasses.replace(config, dataset=data.dataset, device=str(device), modalities=list(data.modalities),
-                                   text_cache=paths["text"], image_cache=paths["image"])
+                                   text_cache=paths["text"], image_cache=paths["image"], target=data.target.name)
     return resolved, data
 
 
@@ -400,9 +419,12 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     t_start = time.perf_counter()
     config, data = _resolve_with_data(config, data, device)
     train_rows, val_rows, test_rows = (data.split_rows[s] for s in ("train", "val", "test"))
+    target = data.target
+    labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
     if train_rows.numel() == 0:
         raise PipelineError(f"{data.dataset}: no training samples (after dropping {data.dropped['total']} with a "
                             "missing modality)")
+    check_trainable(target, labels_np[train_rows.cpu().numpy()])
     _check_val(data, val_rows, allow_no_val)
     _check_expected_split(data, expected_split)
 
@@ -413,25 +435,20 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     write_json(run_dir / "config.json", config.to_dict())
     write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
     write_split(run_dir, data.split, data.split_ids)
-    labels_np = data.labels.cpu().numpy()
-    classes = data.classes
 
     with _deterministic(device, config.threads):
         _seed_everything(config.seed)
-        model = _build_head(config, data.dims(), data.num_classes).to(device)
+        model = _build_head(config, data.dims(), target.num_outputs).to(device)
         n_params = count_parameters(model)
         optimizer = _adamw(model, config)
         steps_per_epoch = math.ceil(train_rows.numel() / config.batch_size)
         total = steps_per_epoch * config.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(total, round(config.warmup_frac * total)))
-        weight = None
-        if config.class_balanced:
-            counts = torch.bincount(data.labels[train_rows], minlength=data.num_classes).float()
-            weight = (counts.sum() / (data.num_classes * counts.clamp(min=1))).to(device)
+        weights = class_weights(data.target_labels[train_rows], target.sizes) if config.class_balanced else None
         shuffle = torch.Generator().manual_seed(config.seed)
-        logger.info("training %s on %s (%s features): %d train / %d val / %d test samples, %d parameters, %s",
-                    config.head, data.dataset, config.features, train_rows.numel(), val_rows.numel(),
+        logger.info("training %s on %s, target %s (%s features): %d train / %d val / %d test samples, %d parameters, %s",
+                    config.head, data.dataset, target.name, config.features, train_rows.numel(), val_rows.numel(),
                     test_rows.numel(), n_params, device)
 
         history: list[dict[str, Any]] = []
@@ -452,8 +469,8 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                 rows = order[start:start + config.batch_size]
                 with _autocast(device, config.amp):
                     logits = model(*data.batch(rows))
-                loss = F.cross_entropy(logits.float(), data.labels[rows], weight=weight,
-                                       label_smoothing=config.label_smoothing)
+                loss = target_loss(logits.float(), data.target_labels[rows], target.sizes, weights,
+                                   config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip > 0:
@@ -466,9 +483,12 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                 raise PipelineError(f"training loss became {train_loss} in epoch {epoch}; try a lower --lr")
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
             if val_rows.numel():
-                vm = _score(predict(model, data, val_rows, config.eval_batch_size, config.amp), val_labels, classes)
+                vm = score_targets(predict(model, data, val_rows, config.eval_batch_size, config.amp), val_labels,
+                                   target)
                 row.update(val_loss=vm["loss"], val_accuracy=vm["accuracy"], val_macro_f1=vm["macro_f1"],
                            val_weighted_f1=vm["weighted_f1"])
+                if target.multi:
+                    row["val_target_macro_f1"] = {m: v["macro_f1"] for m, v in vm["targets"].items()}
                 improved = vm["macro_f1"] > best_f1
             else:
                 improved = True
@@ -503,23 +523,25 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     os.replace(tmp, run_dir / "model.safetensors")
     test_np = test_rows.cpu().numpy()
     atomic_write(run_dir / "predictions.csv",
-                  _predictions_csv(data.ids[test_np], labels_np[test_np], split_probs["test"], classes))
+                  _predictions_csv(data.ids[test_np], labels_np[test_np], split_probs["test"], target))
     metrics = {
         "run": run_dir.name,
         "dataset": data.dataset,
         "head": config.head,
         "features": config.features,
         "seed": config.seed,
+        "target": target.name,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped_early": len(history) < config.epochs,
-        "val": _score(split_probs["val"], val_labels, classes) if val_rows.numel() else None,
-        "test": _score(split_probs["test"], labels_np[test_np], classes) if test_rows.numel() else None,
-        "train": _score(split_probs["train"], labels_np[train_rows.cpu().numpy()], classes),
+        "val": score_targets(split_probs["val"], val_labels, target) if val_rows.numel() else None,
+        "test": score_targets(split_probs["test"], labels_np[test_np], target) if test_rows.numel() else None,
+        "train": score_targets(split_probs["train"], labels_np[train_rows.cpu().numpy()], target),
         "samples": {s: int(r.numel()) for s, r in data.split_rows.items()},
         "split": {"source": data.split.get("source"), "fingerprint": data.split.get("fingerprint")},
         "dropped": data.dropped,
-        "model": {"head": config.head, "classes": classes, "num_parameters": n_params, **data.dims()},
+        "model": {"head": config.head, "classes": data.classes, "target": target.name, "targets": target.to_dict(),
+                  "num_parameters": n_params, **data.dims()},
         "seconds": time.perf_counter() - t_start,
     }
     write_json(run_dir / FINISHED_MARKER, metrics)
@@ -540,8 +562,8 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[
     config = load_run_config(run_dir)
     meta = json.loads((run_dir / FINISHED_MARKER).read_text(encoding="utf-8"))
     info = meta["model"]
-    model = _build_head(config, {"text_dim": info.get("text_dim"), "image_dim": info.get("image_dim")},
-                        len(info["classes"]))
+    outputs = sum(len(c) for c in info["targets"].values()) if info.get("targets") else len(info["classes"])
+    model = _build_head(config, {"text_dim": info.get("text_dim"), "image_dim": info.get("image_dim")}, outputs)
     from safetensors.torch import load_file
 
     try:
@@ -558,12 +580,14 @@ SPLIT_CHOICES = ("original", "current")
 def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test", *,
              cache_dir: str | Path | None = None, text_cache: str | Path | None = None,
              image_cache: str | Path | None = None, device: str | None = None, data: FusionData | None = None,
-             write: bool = True, split_choice: str | None = None) -> EvalResult:
+             write: bool = True, split_choice: str | None = None, target: str | None = None) -> EvalResult:
     """Score a finished run again on ``split`` of its own dataset, or of ``dataset`` (cross-dataset).
 
     The other dataset's caches must come from the same encoders (model ids and hidden sizes as in the
     run's provenance) and have the same classes, in the same order; otherwise :class:`BadInputError`.
-    With ``write``, the metrics and predictions go to ``<run>/evaluations/<dataset>-<split>.json|.csv``.
+    ``target``: score against another target (or task) than the run's own (None), e.g. MVSA ``image_label``
+    for a ``sentiment`` run; its classes must equal the run's. With ``write``, the metrics and predictions
+    go to ``<run>/evaluations/<dataset>-<split>[-<target>].json|.csv`` (the target named when not the run's).
 
     On its own dataset the run's split (``split.json``) must still be the cache's: after a re-split
     the run is stale and this raises :class:`BadInputError`, unless ``split_choice`` is ``"original"``
@@ -579,8 +603,10 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     dev = resolve_device(device or ("auto" if config.device.startswith("cuda") else config.device))
     model.to(dev)
     prov = read_json(run_dir / "provenance.json") or {}
+    run_target = meta.get("target") or config.target  # None: a run from before targets (the default label)
+    wanted = target or run_target
     same = dataset is None or dataset == config.dataset
-    target = config.dataset if same else dataset
+    other = config.dataset if same else dataset
     if data is None:
         caches = {"text": text_cache, "image": image_cache}
         for m in MODALITY_ORDER:
@@ -590,29 +616,31 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
             if same and Path(own).is_file():  # the run's own files, if still there
                 caches[m] = own
             elif not same:  # same encoder, same file name in the other dataset's folder, if there
-                twin = Path(cache_dir or config.cache_dir) / target / Path(own).name
+                twin = Path(cache_dir or config.cache_dir) / other / Path(own).name
                 caches[m] = twin if twin.is_file() else None
-        data = load_data(target, modalities=config.modalities or sorted(head_uses(config.head)),
+        data = load_data(other, modalities=config.modalities or sorted(head_uses(config.head)),
                          features=config.features, cache_dir=cache_dir or config.cache_dir,
-                         text_cache=caches["text"], image_cache=caches["image"], device=dev)
+                         text_cache=caches["text"], image_cache=caches["image"], device=dev, target=wanted)
     else:
         data.to(dev)
+    data = data.with_target(wanted) if wanted else data
     _check_compatible(data, config, meta, prov)
     rows, scored = _eval_rows(run_dir, data, split, same, split_choice, prov)
     with _deterministic(dev, config.threads):
         probs = predict(model, data, rows, config.eval_batch_size, config.amp)
     rows_np = rows.cpu().numpy()
-    labels = data.labels.cpu().numpy()[rows_np]
-    metrics = _score(probs, labels, data.classes)
+    labels = data.target_labels.cpu().numpy()[rows_np]
+    metrics = score_targets(probs, labels, data.target)
     metrics.update(dataset=data.dataset, split=split, run=run_dir.name, trained_on=config.dataset,
-                   dropped=data.dropped, split_scored=scored)
+                   trained_target=run_target, dropped=data.dropped, split_scored=scored)
     mpath = ppath = None
     if write:
         out = run_dir / "evaluations"
         out.mkdir(exist_ok=True)
         stem = f"{data.dataset}-{split}" + (f"-current-{scored['fingerprint']}" if scored["which"] == "current" else "")
+        stem += f"-{data.target.name}" if target and data.target.name != run_target else ""
         ppath, mpath = out / f"{stem}.csv", out / f"{stem}.json"
-        atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.classes))
+        atomic_write(ppath, _predictions_csv(data.ids[rows_np], labels, probs, data.target))
         write_json(mpath, metrics)
     return EvalResult(run_dir=run_dir, dataset=data.dataset, split=split, metrics=metrics, dropped=data.dropped,
                       predictions_path=ppath, metrics_path=mpath)
@@ -664,8 +692,12 @@ def _check_compatible(data: FusionData, config: TrainConfig, meta: dict[str, Any
     info = meta["model"]
     if data.features != config.features:
         raise BadInputError(f"data holds {data.features!r} features; the run was trained on {config.features!r}")
-    if list(data.classes) != list(info["classes"]):
-        raise BadInputError(f"{data.dataset} has classes {data.classes}; the run was trained on {info['classes']}")
+    want = list(info["targets"].values()) if info.get("targets") else [info["classes"]]
+    have = [list(c) for c in data.target.classes]
+    if have != [list(c) for c in want]:
+        trained = info.get("target") or "its label"
+        raise BadInputError(f"{data.dataset} target {data.target.name!r} has classes {have if len(have) > 1 else have[0]}; "
+                            f"the run was trained on {trained!r} with {want if len(want) > 1 else want[0]}")
     for m in sorted(head_uses(config.head)):
         md = data.modality(m)
         if md is None:

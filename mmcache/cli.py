@@ -92,6 +92,7 @@ def train_fusion(
     head: str | None = typer.Option(None, "--head", help="fusion head (text_only, image_only, basic, self_attention, dual_attention)"),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="cached dataset (default: the only one in --cache-dir)"),
     features: str | None = typer.Option(None, "--features", help="cls | mean | tokens (default cls)"),
+    target: str | None = typer.Option(None, "--target", help="label to learn: a target or task of the dataset (default: its main label; `inspect` lists them)"),
     text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file (when the dataset has several)"),
     image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file (when the dataset has several)"),
     config: Path | None = typer.Option(None, "--config", help="JSON training config (e.g. a run's config.json); flags override it"),
@@ -127,7 +128,7 @@ def train_fusion(
     base = {}
     if config is not None:
         base = TrainConfig.from_json(config).to_dict()
-    flags = dict(head=head, dataset=dataset, features=features, text_cache=text_cache, image_cache=image_cache,
+    flags = dict(head=head, dataset=dataset, features=features, target=target, text_cache=text_cache, image_cache=image_cache,
                  dim=dim, layers=layers, heads=heads, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, warmup_frac=warmup_frac, grad_clip=grad_clip,
                  label_smoothing=label_smoothing, class_balanced=class_balanced, patience=patience, seed=seed,
@@ -154,6 +155,7 @@ def evaluate(
     run: Path = typer.Option(..., "--run", help="run folder written by train-fusion"),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="score on another cached dataset (same encoders, same classes)"),
     split: str = typer.Option("test", "--split", help="train | val | test"),
+    target: str | None = typer.Option(None, "--target", help="score against this target instead of the run's own (same classes)"),
     text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file of that dataset"),
     image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file of that dataset"),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default: the run's)"),
@@ -170,7 +172,7 @@ def evaluate(
         raise BadInputError("--original-split and --current-split exclude each other")
     choice = "original" if original_split else "current" if current_split else None
     result = evaluate_run(run, dataset, split, cache_dir=cache_dir, text_cache=text_cache, image_cache=image_cache,
-                          device=device, split_choice=choice)
+                          device=device, split_choice=choice, target=target)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
 
 
@@ -334,6 +336,7 @@ def ablate(
     dataset: OptionList = typer.Option(None, "--dataset", "-d", help="cached dataset(s), repeatable or a,b (default: every dataset in --cache-dir)"),
     heads: OptionList = typer.Option(None, "--heads", help="heads, repeatable or a,b (default: all five)"),
     features: OptionList = typer.Option(None, "--features", help="cls | mean | tokens, repeatable or a,b (default cls,tokens)"),
+    targets: OptionList = typer.Option(None, "--targets", help="targets / tasks, repeatable or a,b (default: each dataset's main label); one table each"),
     seeds: int = typer.Option(5, "--seeds", help="seeds 0..N-1 per config"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="worker processes (0 = auto: 1 on CUDA, else min(cores, 4)); 1 = in this process"),
     threads: int | None = typer.Option(None, "--threads", help="torch threads per run (default cores // jobs)"),
@@ -363,7 +366,7 @@ def ablate(
     flags = dict(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
     base.update({k: v for k, v in flags.items() if v is not None})
     cfg = AblationConfig(datasets=_names(dataset), heads=_names(heads), features=_names(features) or list(DEFAULT_FEATURES),
-                         seeds=seeds, base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
+                         seeds=seeds, targets=_names(targets), base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
                          plots=plots, allow_no_val=allow_no_val)

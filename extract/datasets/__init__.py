@@ -21,6 +21,10 @@ from mmcache.errors import BadInputError
 
 SENTIMENT3 = ("positive", "neutral", "negative")  # index = label id; matches the MVSA split files (0=pos)
 MAX_EXAMPLES = 5  # ids kept per reason in a report, enough to go and look without flooding it
+# Codes of a target label that is not a class (stored in the index's ``targets/<name>`` arrays).
+MISSING = -1  # the sample has no value for the target (empty cell)
+OUTSIDE = -2  # the value is not one of the target's declared classes
+TARGET_REASONS = {MISSING: "missing", OUTSIDE: "outside_classes"}
 
 
 @dataclass
@@ -36,6 +40,41 @@ class Sample:
     split: str | None = None  # only when the source itself assigns one (folder manifests)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A label field a reader declares, with its classes in the order of the field's own scale.
+
+    ``field`` None = the sample's main label (:attr:`Sample.label`, ``classes`` = the dataset's);
+    otherwise the :attr:`Sample.extra` key holding the raw value, which ``mapping`` (pairs raw value ->
+    class name; None = the value itself) turns into a class. Values are compared stripped and lowercased.
+    A value that is empty codes as :data:`MISSING`, one that is no class as :data:`OUTSIDE`: never a class.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    field: str | None = None
+    mapping: tuple[tuple[str, str], ...] | None = None
+    description: str = ""
+
+    def code(self, sample: Sample) -> int:
+        """The class id of ``sample`` for this target, or MISSING / OUTSIDE."""
+        if self.field is None:
+            return int(sample.label)
+        raw = sample.extra.get(self.field)
+        value = "" if raw is None else str(raw).strip().lower()
+        if not value:
+            return MISSING
+        if self.mapping is not None:
+            value = dict(self.mapping).get(value, "")
+        lowered = [c.lower() for c in self.classes]
+        return lowered.index(value) if value in lowered else OUTSIDE
+
+
+def degree_mapping(scale: tuple[str, ...], binary: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    """``scale[0]`` -> ``binary[0]``, every other degree -> ``binary[1]`` (Memotion Task B: not vs any)."""
+    return tuple((v, binary[0] if i == 0 else binary[1]) for i, v in enumerate(scale))
+
+
 @dataclass
 class LoadReport:
     rows_seen: int = 0
@@ -43,6 +82,7 @@ class LoadReport:
     flagged: Counter = field(default_factory=Counter)
     decoded_with: Counter = field(default_factory=Counter)  # encoding -> number of text files
     examples: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # shown by inspect / extract (e.g. a class that looks like a typo)
 
     def drop(self, reason: str, sample_id: str) -> None:
         self.dropped[reason] += 1
@@ -68,6 +108,7 @@ class LoadReport:
             "flagged": dict(self.flagged),
             "decoded_with": dict(self.decoded_with),
             "examples": self.examples,
+            "warnings": list(self.warnings),
         }
 
 
@@ -79,10 +120,26 @@ class LoadResult:
     samples: list[Sample]
     report: LoadReport
     options: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()  # the first is the default (the main label); set by load_dataset if empty
+    tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named multi-target tasks -> members
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(s.label for s in self.samples)
         return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def target_codes(self) -> dict[str, list[int]]:
+        """Per target, each sample's class id (or MISSING / OUTSIDE), in sample order."""
+        return {t.name: [t.code(s) for s in self.samples] for t in self.targets}
+
+    def target_counts(self) -> dict[str, dict[str, int]]:
+        """Per target: samples per class, plus ``missing`` / ``outside_classes`` when any."""
+        out = {}
+        for t in self.targets:
+            counts = Counter(t.code(s) for s in self.samples)
+            row = {c: counts.get(i, 0) for i, c in enumerate(t.classes)}
+            row.update({why: counts[code] for code, why in TARGET_REASONS.items() if counts.get(code)})
+            out[t.name] = row
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +151,10 @@ class DatasetSpec:
     options: dict[str, tuple[type, Any, str]] = field(default_factory=dict)  # name -> (type, default, help)
     default_dirs: tuple[str, ...] = ()  # tried in order when no --data-dir is given
     download: str = ""
+    # Label fields a run can be trained on (``--target``); the first is the default (the main label).
+    # A target with classes () takes the dataset's own (folder manifests: known only once read).
+    targets: tuple[Target, ...] = ()
+    tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named multi-target tasks -> members
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -102,6 +163,12 @@ _REGISTRY: dict[str, DatasetSpec] = {}
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"dataset {spec.name!r} registered twice")
+    names = [t.name for t in spec.targets]
+    if not names or spec.targets[0].field is not None or len(set(names)) != len(names):
+        raise ValueError(f"dataset {spec.name!r}: needs unique targets, the first one the main label")
+    for task, members in spec.tasks.items():
+        if task in names or not set(members) <= set(names) or len(members) < 2:
+            raise ValueError(f"dataset {spec.name!r}: task {task!r} must name >= 2 declared targets")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -160,6 +227,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
         raise BadInputError(f"data folder {str(root)!r} for dataset {name!r} does not exist")
     result = spec.loader(root, **resolved)
     result.options = resolved
+    if not result.targets:
+        result.targets = tuple(dataclasses.replace(t, classes=t.classes or tuple(result.classes)) for t in spec.targets)
+    result.tasks = dict(result.tasks or spec.tasks)
     if not result.samples:
         raise BadInputError(f"dataset {name!r} at {str(root)!r}: no usable samples ({dict(result.report.dropped)})")
     return result

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadResult, register_dataset
+from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadResult, Target, register_dataset
 from mmcache.extract.datasets.folder import load_folder
 from PIL import Image, ImageDraw
 
@@ -135,6 +135,7 @@ def load_demo(root: Path, *, n: int = 600, seed: int = 0) -> LoadResult:
     generate_demo(root, n=n, seed=seed)
     result = load_folder(root, classes=",".join(SENTIMENT3))
     result.dataset = "demo"
+    result.targets = ()  # the registry's (below), not the folder reader's
     return result
 
 
@@ -145,4 +146,5 @@ register_dataset(DatasetSpec(
     loader=load_demo,
     options={"n": (int, 600, "number of posts"), "seed": (int, 0, "generator seed")},
     default_dirs=("cache/demo/data",),
+    targets=(Target("sentiment", SENTIMENT3, description="the post's sentiment"),),
 ))

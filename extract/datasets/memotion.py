@@ -9,7 +9,16 @@ import csv
 import io
 from pathlib import Path
 
-from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
+from mmcache.extract.datasets import (
+    SENTIMENT3,
+    DatasetSpec,
+    LoadReport,
+    LoadResult,
+    Sample,
+    Target,
+    degree_mapping,
+    register_dataset,
+)
 from mmcache.extract.textio import clean_text, decode_bytes, looks_like_html, safe_child
 
 from mmcache.errors import BadInputError
@@ -18,6 +27,24 @@ SENTIMENT5 = ("very_positive", "positive", "neutral", "negative", "very_negative
 TO_TASK_A = {"very_positive": "positive", "positive": "positive", "neutral": "neutral",
              "negative": "negative", "very_negative": "negative"}
 EXTRA_COLUMNS = ("humour", "sarcasm", "offensive", "motivational")
+# The scales of the four Task C labels, in their own order (not inferred from the data).
+SCALES = {
+    "humour": ("not_funny", "funny", "very_funny", "hilarious"),
+    "sarcasm": ("not_sarcastic", "general", "twisted_meaning", "very_twisted"),
+    "offensive": ("not_offensive", "slight", "very_offensive", "hateful_offensive"),
+    "motivational": ("not_motivational", "motivational"),
+}
+# Task B: each label as "not" vs any degree of it.
+BINARY = {"humour": ("not_funny", "funny"), "sarcasm": ("not_sarcastic", "sarcastic"),
+          "offensive": ("not_offensive", "offensive"), "motivational": ("not_motivational", "motivational")}
+TARGETS = (
+    Target("sentiment", SENTIMENT3, description="Task A: overall_sentiment merged to positive / neutral / negative"),
+    Target("sentiment5", SENTIMENT5, field="sentiment5", description="overall_sentiment, five levels"),
+    *(Target(c, SCALES[c], field=c, description=f"Task C: {c} scale") for c in EXTRA_COLUMNS),
+    *(Target(f"{c}_b", BINARY[c], field=c, mapping=degree_mapping(SCALES[c], BINARY[c]),
+             description=f"Task B: {BINARY[c][0]} vs any degree") for c in EXTRA_COLUMNS),
+)
+TASKS = {"task_b": tuple(f"{c}_b" for c in EXTRA_COLUMNS), "task_c": EXTRA_COLUMNS}
 REQUIRED = ("image_name", "text_ocr", "text_corrected", "overall_sentiment")
 
 
@@ -80,4 +107,5 @@ register_dataset(DatasetSpec(
     loader=load_memotion,
     default_dirs=("data/memotion7k", "../shared/data/memotion7k"),
     download="https://www.kaggle.com/datasets/williamscott701/memotion-dataset-7k",
+    targets=TARGETS, tasks=TASKS,
 ))

@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from mmcache.extract.datasets import SENTIMENT3, DatasetSpec, LoadReport, LoadResult, Sample, register_dataset
+from mmcache.extract.datasets import (
+    SENTIMENT3,
+    DatasetSpec,
+    LoadReport,
+    LoadResult,
+    Sample,
+    Target,
+    register_dataset,
+)
 from mmcache.extract.textio import clean_text, decode_bytes, safe_child
 
 from mmcache.errors import BadInputError
@@ -119,17 +127,20 @@ def load_mvsa_multiple(root: Path, *, strict_agree: bool = False) -> LoadResult:
 
 _OPTS = {"strict_agree": (bool, False, "keep only posts whose text and image labels agree (stricter protocol)")}
 _DL = "https://mcrlab.net/research/mvsa-sentiment-analysis-on-multi-view-social-data/"
+_TARGETS = (Target("sentiment", SENTIMENT3, description="text and image labels merged by the standard rule"),
+            Target("text_label", SENTIMENT3, field="text_label", description="the text's own label"),
+            Target("image_label", SENTIMENT3, field="image_label", description="the image's own label"))
 register_dataset(DatasetSpec(
     name="mvsa_single",
     description="MVSA-Single: 4,869 tweets, one annotator; 4,511 after the standard cleaning rule",
     layout=f"{LABEL_FILE} (ID<TAB>text,image) + data/<ID>.txt + data/<ID>.jpg",
     loader=load_mvsa_single, options=_OPTS,
-    default_dirs=("data/mvsa_single", "../shared/data/mvsa_single_sample"), download=_DL,
+    default_dirs=("data/mvsa_single", "../shared/data/mvsa_single_sample"), download=_DL, targets=_TARGETS,
 ))
 register_dataset(DatasetSpec(
     name="mvsa_multiple",
     description="MVSA-Multiple: 19,600 tweets, three annotators (majority per modality, then the same rule)",
     layout=f"{LABEL_FILE} (ID<TAB>text,image x3) + data/<ID>.txt + data/<ID>.jpg",
     loader=load_mvsa_multiple, options=_OPTS,
-    default_dirs=("data/mvsa_multiple",), download=_DL,
+    default_dirs=("data/mvsa_multiple",), download=_DL, targets=_TARGETS,
 ))
