@@ -60,6 +60,7 @@ INDEX_NAME = "index.h5"
 FAILURES_NAME = "failures.csv"
 MODALITIES = ("text", "image")
 FEATURE_FIELDS = ("cls", "mean", "tokens", "mask")
+OPTIONAL_FIELDS = ("proj",)  # (N, P) joint-space embedding, only from checkpoints with a projection (CLIP)
 DTYPES = ("float16", "float32")  # storage dtypes of cls / mean / tokens
 STR = h5py.string_dtype("utf-8")
 # Failure reasons are fixed-length so that writing one touches only preallocated raw bytes (variable-
@@ -82,27 +83,34 @@ class CacheMismatchError(CacheError, BadInputError):
 
 def model_slug(model: str) -> str:
     """File-name form of a model id: ``facebook/dinov2-base`` -> ``facebook--dinov2-base``; a local
-    folder -> its last component (provenance keeps the full path)."""
+    folder -> its last component (provenance keeps the full path). Files written since encoders have
+    readable names use :func:`name_slug` of that name instead; this one still finds older files."""
     p = Path(model)
     name = p.name if (p.is_absolute() or model.startswith(".") or p.exists()) else model
+    return name_slug(name)
+
+
+def name_slug(name: str) -> str:
+    """File-name form of an encoder's readable name: ``owner/name`` -> ``owner--name``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-") or "model"
 
 
-def feature_path(cache_dir: str | Path, dataset: str, modality: str, model: str) -> Path:
+def feature_path(cache_dir: str | Path, dataset: str, modality: str, model: str, *, slug: str | None = None) -> Path:
+    """``<cache_dir>/<dataset>/<modality>--<slug>.h5``; ``slug`` defaults to :func:`model_slug` of ``model``."""
     if modality not in MODALITIES:
         raise BadInputError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-    return Path(cache_dir) / dataset / f"{modality}--{model_slug(model)}.h5"
+    return Path(cache_dir) / dataset / f"{modality}--{slug or model_slug(model)}.h5"
 
 
 def shard_path(cache_dir: str | Path, dataset: str, modality: str, model: str, shard_index: int,
-               num_shards: int) -> Path:
+               num_shards: int, *, slug: str | None = None) -> Path:
     """``<modality>--<slug>.shard-<i>-of-<n>.h5``: the file shard ``i`` of ``n`` writes (one shard of
     one is the normal :func:`feature_path` file, not a shard file)."""
     if not (0 <= shard_index < num_shards):
         raise BadInputError(f"shard {shard_index} of {num_shards} does not exist (0 <= shard < num_shards)")
     if num_shards == 1:
-        return feature_path(cache_dir, dataset, modality, model)
-    base = feature_path(cache_dir, dataset, modality, model)
+        return feature_path(cache_dir, dataset, modality, model, slug=slug)
+    base = feature_path(cache_dir, dataset, modality, model, slug=slug)
     return base.with_name(f"{base.stem}.shard-{shard_index}-of-{num_shards}.h5")
 
 
@@ -176,6 +184,42 @@ def _attrs(h5attrs) -> dict[str, Any]:
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The config keys whose values differ, for "made with different settings (...)" messages."""
     return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))) or "config"
+
+
+# ------------------------------------------------------------------------------------- encoder identity
+
+#: How values are stored / computed numerically, not which encoder: compared only when resuming a file.
+STORAGE_KEYS = ("dtype", "precision", "format_version")
+#: Config keys added after files were first written, with the value a file without them means.
+CONFIG_DEFAULTS: dict[str, Any] = {"layer": "last", "proj_size": None}
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def encoder_difference(old: dict[str, Any], new: dict[str, Any], *, storage: bool = True) -> str:
+    """What makes two feature-file configs (``FeatureFile.config``) describe different encoder outputs,
+    as ``"key old vs new; ..."``; ``""`` when they are the same encoder.
+
+    The identity rule (both stages): an encoder is what determines its outputs -- the weights
+    (``weights_sha256`` of a local folder; hub id ``model`` + resolved ``commit_hash`` of a hub model),
+    tokenizer / processor settings, pooling, layer, max length, patch grid. Paths are hints: two local
+    folders with byte-identical weights are the same encoder (a symlink, a copy), and one folder whose
+    weights were replaced is not. ``storage=False`` also ignores :data:`STORAGE_KEYS` (stage two: a
+    float32 cache of the same encoder is the same encoder)."""
+    skip = set() if storage else set(STORAGE_KEYS)
+    if old.get("weights_sha256") and new.get("weights_sha256"):
+        skip.add("model")  # local folders: the weights decide; the path is a hint
+    if old.get("commit_hash") and new.get("commit_hash"):
+        skip.add("revision")  # hub: the resolved commit decides; a branch or tag name is a hint
+    diffs = []
+    for k in sorted((set(old) | set(new)) - skip):
+        a, b = old.get(k, CONFIG_DEFAULTS.get(k)), new.get(k, CONFIG_DEFAULTS.get(k))
+        if a != b:
+            diffs.append(f"{k} {_short(a)} vs {_short(b)}")
+    return "; ".join(diffs)
 
 
 def _json_attr(attrs, key, default=None):
@@ -352,19 +396,21 @@ class FeatureWriter:
     def __init__(self, path: Path, f: h5py.File, up_to_date: bool) -> None:
         self.path, self._f, self.up_to_date = path, f, up_to_date
         self.has_checksums = CHECKSUM in f
+        self.fields = CHECKSUM_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in f)  # checksummed arrays
 
     @classmethod
     def open(cls, path: str | Path, *, ids: list[str], rows: np.ndarray | None = None, index_fp: str,
              modality: str, hidden_size: int, num_tokens: int, dtype: str = "float16",
              config: dict[str, Any], provenance: dict[str, Any] | None = None,
              grid: tuple[int, int] | None = None, force: bool = False,
-             shard: tuple[int, int] | None = None) -> FeatureWriter:
+             shard: tuple[int, int] | None = None, proj_size: int | None = None) -> FeatureWriter:
         """Open ``path`` for writing, resuming when it holds the same ids and config.
 
         ``config`` is what determines the values (model, revision, max length, dtype, pooling, ...);
         its fingerprint must match an existing file's or :class:`CacheError` is raised, unless
         ``force``, which starts the file over. ``rows`` are the ids' positions in the sample index
-        (default ``arange(n)``; a shard holds a subset).
+        (default ``arange(n)``; a shard holds a subset). ``proj_size`` adds the optional ``proj``
+        (N, P) array (joint-space embeddings of checkpoints with a projection).
         """
         path = Path(path)
         if dtype not in DTYPES:
@@ -376,8 +422,9 @@ class FeatureWriter:
             problems = []
             if attrs.get("format") != "mmcache-features":
                 problems.append("not an mmcache feature file")
-            elif attrs.get("config_fingerprint") != cfg_fp:
-                problems.append(f"made with different settings ({_config_diff(_json_attr(attrs, 'config', {}), config)})")
+            elif attrs.get("config_fingerprint") != cfg_fp and (
+                    diff := encoder_difference(_json_attr(attrs, "config", {}), config)):
+                problems.append(f"made with different settings ({diff})")
             elif attrs.get("index_fingerprint") != index_fp or list(_strs(f["id"])) != list(ids):
                 problems.append("made for a different sample index (ids, texts or image paths changed)")
             if problems:
@@ -396,7 +443,7 @@ class FeatureWriter:
         f = None
         try:
             f = h5py.File(tmp, "w")
-            cls._create(f, n, ids, rows, hidden_size, num_tokens, dtype)
+            cls._create(f, n, ids, rows, hidden_size, num_tokens, dtype, proj_size=proj_size)
             f.attrs.update({
                 "format": "mmcache-features", "format_version": FORMAT_VERSION, "modality": modality,
                 "hidden_size": hidden_size, "num_tokens": num_tokens, "dtype": dtype,
@@ -417,7 +464,7 @@ class FeatureWriter:
         return cls(path, f, up_to_date=False)
 
     @staticmethod
-    def _create(f, n, ids, rows, d, length, dtype, checksums: bool = True) -> None:
+    def _create(f, n, ids, rows, d, length, dtype, checksums: bool = True, proj_size: int | None = None) -> None:
         item = np.dtype(dtype).itemsize
         f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
         f.create_dataset("row", data=np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64))
@@ -431,10 +478,14 @@ class FeatureWriter:
                          chunks=(_chunk_rows(length * d * item, n), length, d), dcpl=dcpl())
         f.create_dataset("mask", shape=(n, length), dtype=bool, chunks=(_chunk_rows(length, n), length),
                          fillvalue=False, dcpl=dcpl())
+        if proj_size:
+            f.create_dataset("proj", shape=(n, proj_size), dtype=dtype,
+                             chunks=(_chunk_rows(proj_size * item, n), proj_size), dcpl=dcpl())
         if checksums:
-            k = len(CHECKSUM_FIELDS)
+            fields = CHECKSUM_FIELDS + (("proj",) if proj_size else ())
+            k = len(fields)
             f.create_dataset(CHECKSUM, shape=(n, k), dtype=np.uint32, chunks=(_chunk_rows(4 * k, n), k), dcpl=dcpl())
-            f[CHECKSUM].attrs["fields"] = json.dumps(list(CHECKSUM_FIELDS))
+            f[CHECKSUM].attrs["fields"] = json.dumps(list(fields))
             f[CHECKSUM].attrs["algorithm"] = "crc32 (zlib) of each row's stored bytes"
 
     # -- state
@@ -452,9 +503,10 @@ class FeatureWriter:
 
     # -- writes
     def write(self, rows: np.ndarray, *, cls: np.ndarray, mean: np.ndarray, tokens: np.ndarray,
-              mask: np.ndarray) -> None:
+              mask: np.ndarray, proj: np.ndarray | None = None) -> None:
         """Write one batch. ``rows`` (B,) ascending file rows; ``cls``/``mean`` (B, D); ``tokens``
-        (B, T, D) with T <= num_tokens (right-padded with zeros here); ``mask`` (B, T) bool, True = real.
+        (B, T, D) with T <= num_tokens (right-padded with zeros here); ``mask`` (B, T) bool, True = real;
+        ``proj`` (B, P), required exactly when the file has a ``proj`` array.
         Values first, flush, then the done bits: a crash in between only costs a recompute."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
@@ -470,15 +522,19 @@ class FeatureWriter:
                              f"{rows.size} rows of (L={length}, D={d})")
         if t > length:
             raise ValueError(f"{t} tokens do not fit the file's {length}")
-        if any(_nonfinite_rows(np.asarray(x)).any() for x in (cls, mean, tokens)):
+        if any(_nonfinite_rows(np.asarray(x)).any() for x in (cls, mean, tokens, *([] if proj is None else [proj]))):
             raise ValueError("non-finite features: record such rows with write_failures, never as values")
         tok = np.zeros((b, length, d), dtype=dtype)
         tok[:, :t] = tokens
         msk = np.zeros((b, length), dtype=bool)
         msk[:, :t] = mask
         sel = _selection(rows)
+        if ("proj" in f) != (proj is not None):
+            raise ValueError(f"{self.path}: proj given {proj is not None}, but the file has a proj array: {'proj' in f}")
         values = {"cls": np.ascontiguousarray(cls, dtype=dtype), "mean": np.ascontiguousarray(mean, dtype=dtype),
                   "tokens": tok, "mask": msk, "valid": np.ones(b, dtype=bool)}
+        if proj is not None:
+            values["proj"] = np.ascontiguousarray(proj, dtype=dtype)
         self._write_values(rows, sel, values, np.zeros(b, dtype=REASON))
 
     def _write_values(self, rows: np.ndarray, sel, values: dict[str, np.ndarray], reasons: np.ndarray) -> None:
@@ -488,7 +544,7 @@ class FeatureWriter:
             _write_rows(f[name], rows, sel, arr)
         _write_rows(f["failure"], rows, sel, reasons)
         if self.has_checksums:
-            crcs = np.stack([row_crc32(values[name]) for name in CHECKSUM_FIELDS], axis=1)
+            crcs = np.stack([row_crc32(values[name]) for name in self.fields], axis=1)
             _write_rows(f[CHECKSUM], rows, sel, crcs)
         f.flush()
         _write_rows(f["done"], rows, sel, np.ones(rows.size, dtype=bool))
@@ -506,12 +562,12 @@ class FeatureWriter:
         sel = _selection(rows)
         # feature rows are zeroed: a row recomputed after damage holds no stale bytes
         values = {name: np.zeros((rows.size, *f[name].shape[1:]), dtype=f[name].dtype)
-                  for name in CHECKSUM_FIELDS}
+                  for name in self.fields}
         self._write_values(rows, sel, values, np.asarray([_reason_bytes(r) for r in reasons], dtype=REASON))
 
     def verify(self) -> Damage:
         """Check every done row of every array (see :func:`scan_file`)."""
-        return scan_file(self._f, self.path, CHECKSUM_FIELDS)[1]
+        return scan_file(self._f, self.path, self.fields)[1]
 
     def mark_not_done(self, rows: np.ndarray) -> None:
         """Clear the done bits of ``rows`` (damaged rows): the next write recomputes them."""
@@ -637,6 +693,10 @@ def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, m
     if modality:
         model = prov.get("model_id") or prov.get("resolved_path")
         parts.append(f"--modality {modality}" + (f" --{modality}-model {model}" if model else ""))
+        if prov.get("layer") not in (None, "last"):
+            parts.append(f"--{modality}-layer {prov['layer']}")
+        if prov.get("name"):  # the file's name comes from it: the same file is found again
+            parts.append(f"--{modality}-name {prov['name']}")
     return " ".join(parts) + " --repair"
 
 
@@ -703,16 +763,18 @@ class FeatureFile:
         return CHECKSUM in self._f
 
     def load(self, fields=("cls",), dtype: str | None = "float32", verify: bool = True) -> dict[str, np.ndarray]:
-        """Read whole arrays: ``cls``/``mean`` (N, D), ``tokens`` (N, L, D), ``mask`` (N, L) bool.
-        Float arrays are cast to ``dtype`` (None keeps the stored float16/float32).
+        """Read whole arrays: ``cls``/``mean`` (N, D), ``tokens`` (N, L, D), ``mask`` (N, L) bool, and
+        ``proj`` (N, P) where the file has it. Float arrays are cast to ``dtype`` (None keeps the stored
+        float16/float32).
 
         ``verify`` (default): every done row of the arrays read (and ``valid``) is checked against its
         checksum and for NaN/Inf while it is read; damage raises :class:`CacheError` naming the rows and
         the command that recomputes them. A file without checksums (older version) is checked for
         NaN/Inf only, with a warning."""
         for name in fields:
-            if name not in FEATURE_FIELDS:
-                raise BadInputError(f"unknown cache field {name!r}; expected one of {', '.join(FEATURE_FIELDS)}")
+            if name not in FEATURE_FIELDS + OPTIONAL_FIELDS:
+                raise BadInputError(f"unknown cache field {name!r}; expected one of "
+                                    f"{', '.join(FEATURE_FIELDS + OPTIONAL_FIELDS)}")
             if name not in self._f:  # a file written by another tool may lack an array
                 raise CacheError(f"{self.path} has no {name!r} array; re-extract it with this project")
         names = tuple(dict.fromkeys(fields))
@@ -735,8 +797,10 @@ class FeatureFile:
         return {name: arrays[name] if (dtype is None or name == "mask") else arrays[name].astype(dtype, copy=False)
                 for name in fields}
 
-    def verify(self, fields=CHECKSUM_FIELDS) -> Damage:
+    def verify(self, fields=None) -> Damage:
         """Check every done row of ``fields`` (default: all arrays) without keeping them."""
+        if fields is None:
+            fields = CHECKSUM_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in self._f)
         return scan_file(self._f, self.path, tuple(fields))[1]
 
     def nbytes_on_disk(self) -> int:
@@ -783,10 +847,11 @@ def describe(path: str | Path, *, locking: bool | None = None, verify: bool = Tr
         damage = ff.verify(("cls", "mean", "mask", "valid")) if verify else None
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
-            "model": ff.provenance.get("model_id") or ff.config.get("model"),
+            "model": ff.provenance.get("model_id") or ff.config.get("model"), "name": ff.provenance.get("name"),
             "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(done.sum()),
             "valid": int(valid.sum()), "failed": int((done & ~valid).sum()),
-            "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in FEATURE_FIELDS},
+            "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)}
+                       for k in FEATURE_FIELDS + OPTIONAL_FIELDS if k in f},
             "hidden_size": ff.hidden_size, "num_tokens": ff.num_tokens, "dtype": ff.dtype,
             "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
             "index_fingerprint": ff.index_fingerprint,
@@ -1076,6 +1141,10 @@ def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fa
                        removed_shards=not keep_shards, failures_csv=failures_csv, seconds=time.perf_counter() - t0)
 
 
+def _merge_fields(f) -> tuple[str, ...]:
+    return _MERGE_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in f)
+
+
 def _block_rows(ds) -> int:
     row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
     return max(1, _MERGE_BLOCK_BYTES // max(row_bytes, 1))
@@ -1103,12 +1172,14 @@ def _copy_shards(tmp: Path, metas: list[_ShardMeta], ids: np.ndarray, n_total: i
     with h5py.File(tmp, "w") as out:
         with h5py.File(metas[0].path, "r") as f0:
             d, length = f0["tokens"].shape[2], f0["tokens"].shape[1]
+            proj_size = f0["proj"].shape[1] if "proj" in f0 else None
         with_crc = all(_has_checksums(m.path) for m in metas)
-        FeatureWriter._create(out, n_total, list(ids), None, d, length, str(ref["dtype"]), checksums=with_crc)
+        FeatureWriter._create(out, n_total, list(ids), None, d, length, str(ref["dtype"]), checksums=with_crc,
+                              proj_size=proj_size)
         runs = []
         for m in metas:
             with h5py.File(m.path, "r") as src:
-                for name in (*_MERGE_FIELDS, *([CHECKSUM] if with_crc else []), "done"):
+                for name in (*_merge_fields(src), *([CHECKSUM] if with_crc else []), "done"):
                     h = hashlib.sha256()
                     for sl, trows, order in _blocks(m, _block_rows(src[name])):
                         values = src[name][sl][order]
@@ -1137,7 +1208,7 @@ def _verify_copy(tmp: Path, metas: list[_ShardMeta], sums: dict[tuple[int, str],
     """Re-read the written file and compare every copied array with the shards' checksums."""
     with h5py.File(tmp, "r") as f:
         for m in metas:
-            for name in (*_MERGE_FIELDS, *([CHECKSUM] if CHECKSUM in f else []), "done"):
+            for name in (*_merge_fields(f), *([CHECKSUM] if CHECKSUM in f else []), "done"):
                 h = hashlib.sha256()
                 for _sl, trows, _order in _blocks(m, _block_rows(f[name])):
                     h.update(np.ascontiguousarray(_read_target(f[name], trows)).tobytes())

@@ -30,6 +30,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from mmcache.extract import cache_format as cf
@@ -218,7 +219,8 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
             continue
         parts = [ModalitySummary(**s["summaries"][modality]) for s in statuses]
         model = parts[0].model
-        target = cf.feature_path(cfg.cache_dir, index.dataset_dir.name, modality, model)
+        target = Path(parts[0].path)  # a shard file (or the merged file, when already merged)
+        target = cf.parse_shard_name(target)[0] if cf.parse_shard_name(target) else target
         all_done = all(p.up_to_date for p in parts)
         res = cf.merge_shards(target, world, keep_shards=keep_shards, force=cfg.force, skip_if_merged=all_done)
         if res.failures_csv is not None:

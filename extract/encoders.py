@@ -1,27 +1,37 @@
-"""Frozen encoders for stage one: a BERT-family text encoder and a vision backbone.
+"""Frozen encoders for stage one: a text encoder and an image encoder of any registered family.
 
 Both wrap Hugging Face checkpoints (a hub id or a local folder written by ``save_pretrained``), loaded
 with ``trust_remote_code=False``, in eval mode, float32 weights, and return CPU float32 features:
 
 * text  -> ``cls`` (B, D), ``mean`` (B, D), ``tokens`` (B, L, D), ``mask`` (B, L) bool
 * image -> ``cls`` (B, D), ``mean`` (B, D), ``tokens`` (B, T, D), ``mask`` (B, T) bool
+* both, when the checkpoint has a joint-space projection (CLIP) -> ``proj`` (B, P)
 
 Mask convention everywhere: boolean, True = real token.
+
+What differs between families (which class loads the checkpoint, what ``cls`` is, leading non-patch
+tokens, padding) lives in the adapters of :mod:`extract.adapters`, recognised by ``config.model_type``;
+this module holds what is common: devices, precision, padding, layer choice, the patch grid.
 
 This module imports torch and transformers; :mod:`extract` itself stays import-light.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+from mmcache.extract.adapters import find_adapter, get_adapter, parse_layer, select_layer
+from mmcache.extract.adapters.base import one_line as _one_line
 
 from mmcache.common import resolve_device
 from mmcache.errors import BadInputError, ModelLoadError
@@ -32,35 +42,17 @@ __all__ = [
     "ImageEncoder",
     "ImagePreprocessor",
     "TextEncoder",
+    "load_encoder_from_provenance",
     "load_image_encoder",
     "load_text_encoder",
+    "readable_name",
     "resolve_device",
     "resolve_precision",
+    "validate_encoder",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: ViT-style backbones: model_type -> number of leading non-patch tokens *besides* registers.
-_VIT_PREFIX_TOKENS = {"dinov2": 1, "dinov2_with_registers": 1, "vit": 1, "deit": 2}
-#: CNN backbones whose last_hidden_state is a (B, C, h, w) map and pooler_output a global average.
-_CNN_TYPES = {"resnet", "convnext", "convnextv2", "regnet", "bit"}
-
-TEXT_POOLING = {
-    "cls": "last_hidden_state[:, 0] -- the raw first ([CLS]) token, not the pooler head",
-    "mean": "mean of last_hidden_state over positions with attention_mask True (incl. [CLS]/[SEP])",
-    "tokens": "last_hidden_state, padded to the longest text in the batch; mask True = real token",
-}
-VIT_POOLING = {
-    "cls": "last_hidden_state[:, 0] -- the CLS token (final layernorm applied by the model)",
-    "mean": "mean of the patch tokens (CLS, distillation and register tokens excluded), before patch_pool",
-    "tokens": "patch tokens in row-major (gh, gw) grid order, avg-pooled kernel=stride=patch_pool, ceil_mode",
-}
-CNN_POOLING = {
-    "cls": "global average pool of the final feature map (pooler_output flattened); same as mean",
-    "mean": "global average pool of the final feature map (pooler_output flattened)",
-    "tokens": "final (C, h, w) feature map avg-pooled kernel=stride=patch_pool (ceil_mode), flattened row-major to (h*w, C)",
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,17 +86,42 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants as hub
+
+    flag = os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(hub.HF_HUB_OFFLINE) or flag
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """False when offline mode is set (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) or the hub's host cannot
+    be connected to within ``timeout_s`` (checked once per process; behind a proxy assumed reachable).
+    Loading a hub id then uses the local Hugging Face cache only, instead of ~40 s of retries."""
+    if _hub_offline():
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+            log.info("%s is unreachable: loading hub ids from the local cache only", host)
+    return _REACHABLE[host]
 
 
 def _load_config(model: str, what: str, revision: str | None):
-    """AutoConfig for ``model``; every way this can fail becomes one :class:`ModelLoadError` line."""
+    """(AutoConfig, local_files_only) for ``model``; every way this can fail is one :class:`ModelLoadError`."""
     from transformers import AutoConfig
 
     hint = "Download it elsewhere and pass its folder path."
-    if os.path.isdir(model):
+    local_dir = os.path.isdir(model)
+    if local_dir:
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise ModelLoadError(
                 f"could not load {what} model {model!r}: the folder has no config.json "
@@ -115,45 +132,53 @@ def _load_config(model: str, what: str, revision: str | None):
             f"could not load {what} model {model!r}: no such folder. "
             "Pass a Hugging Face hub id or the path of a folder written by save_pretrained."
         )
+    local_only = local_dir or not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=False,
+                                            local_files_only=local_only)
+        return config, local_only
     except (OSError, ValueError, KeyError, ImportError) as e:
         reason = _one_line(e)
-        if os.path.isdir(model):
+        if local_dir:
             raise ModelLoadError(f"could not load {what} model {model!r}: {reason}") from e
         if "trust_remote_code" in str(e):
             raise ModelLoadError(
                 f"could not load {what} model {model!r}: it needs custom code (trust_remote_code), "
                 "which this tool never enables; pick a model with a built-in transformers architecture."
             ) from e
-        if "connect" in str(e).lower() or "offline" in str(e).lower():
-            raise ModelLoadError(
-                f"could not load {what} model {model!r}: not a local folder and the Hugging Face hub is "
-                f"unreachable (offline?). {hint}"
-            ) from e
+        if local_only:
+            raise ModelLoadError(f"could not load {what} model {model!r}: not found locally; set --{what}-model "
+                                 "to a folder or enable network") from e
         raise ModelLoadError(
             f"could not load {what} model {model!r}: not a local folder and not loadable from the "
             f"Hugging Face hub ({reason}). {hint}"
         ) from e
 
 
-def _load_model(model: str, config, what: str, revision: str | None):
-    """AutoModel with sdpa attention where the architecture supports it, float32, eval mode."""
-    from transformers import AutoModel
+_MEANINGFUL = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
 
-    kwargs: dict[str, Any] = dict(config=config, revision=revision, trust_remote_code=False)
+
+def readable_name(model: str, name: str | None = None) -> str:
+    """What files and tables call an encoder: ``name`` when given; a hub id itself; a local folder by its
+    config's ``_name_or_path`` when that is a hub-style id (``owner/name``, not a path), else by
+    ``parent/folder`` (never just ``model``)."""
+    import re
+
+    if name:
+        return name
+    if not os.path.isdir(model):
+        return model
     try:
-        try:
-            net = AutoModel.from_pretrained(model, attn_implementation="sdpa", **kwargs)
-        except (ValueError, ImportError, TypeError) as e:
-            log.info("sdpa attention unavailable for %s (%s); using the default", model, _one_line(e, 120))
-            net = AutoModel.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
-        raise ModelLoadError(f"could not load {what} model {model!r}: {_one_line(e)}") from e
-    return net.float().eval()
+        raw = json.loads(Path(model, "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        raw = None
+    if isinstance(raw, str) and re.match(_MEANINGFUL, raw) and not os.path.isdir(raw):
+        return raw
+    p = Path(model).resolve()
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def _source_info(model: str, config) -> dict:
+def _source_info(model: str, config, local_only: bool) -> dict:
     local = os.path.isdir(model)
     return {
         "model_id": model,
@@ -181,13 +206,24 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, enabled=False)
 
 
+def _cpu(res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (_to_cpu_f32(v) if k != "mask" else v.detach().cpu().clone()) for k, v in res.items()}
+
+
+def _check_layer(adapter, layer: str, model: str) -> str:
+    layer = parse_layer(layer)
+    if layer != "last" and not adapter.supports_layers:
+        raise BadInputError(f"{model!r} ({adapter.name}) offers only its last layer; drop the layer option")
+    return layer
+
+
 # --------------------------------------------------------------------------------------------------
 # text
 
 
 @dataclass(eq=False)
 class TextEncoder:
-    """A frozen BERT-family encoder. Build with :func:`load_text_encoder`."""
+    """A frozen text encoder of one registered family. Build with :func:`load_text_encoder`."""
 
     model_id: str
     tokenizer: Any
@@ -198,22 +234,38 @@ class TextEncoder:
     max_length: int
     hidden_size: int
     _source: dict = field(default_factory=dict, repr=False)
+    adapter: Any = None
+    layer: str = "last"
+    name: str = ""
+    proj_size: int | None = None
+
+    @property
+    def family(self) -> str:
+        return self.adapter.name
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenize on CPU, padded to the longest text in the batch, truncated at ``max_length``.
+        """Tokenize on CPU, padded to the longest text in the batch (to ``max_length`` for fixed-length
+        families), truncated at ``max_length``.
 
         Returns ``input_ids`` (B, L) int64 and ``attention_mask`` (B, L) int64 (1 = real token).
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise BadInputError("tokenize() takes a list of strings")
-        enc = self.tokenizer(
-            list(texts),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return self.collate(ids)
+
+    def collate(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right-pad token id lists: ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) int64.
+        L = the longest list, or ``max_length`` for fixed-length families (SigLIP)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = self.max_length if self.adapter.fixed_length else max((len(x) for x in ids), default=1)
+        input_ids = torch.full((len(ids), max(longest, 1)), pad, dtype=torch.long)
+        attn = torch.zeros((len(ids), max(longest, 1)), dtype=torch.long)
+        for j, x in enumerate(ids):
+            input_ids[j, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+            attn[j, :len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": attn}
 
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the encoder on a :meth:`tokenize` batch.
@@ -221,22 +273,27 @@ class TextEncoder:
         Args:
             batch: ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) int64 or bool (True/1 = real).
 
-        Returns CPU tensors:
-            ``cls`` (B, D) float32 -- last_hidden_state[:, 0] (raw [CLS], not the pooler);
-            ``mean`` (B, D) float32 -- masked mean over real tokens ([CLS]/[SEP] included);
-            ``tokens`` (B, L, D) float32 -- last_hidden_state;
-            ``mask`` (B, L) bool -- True = real token.
+        Returns CPU tensors (see the family's ``pooling`` for what ``cls`` is):
+            ``cls`` (B, D) float32; ``mean`` (B, D) float32 -- masked mean over real tokens of the
+            chosen layer; ``tokens`` (B, L, D) float32 -- the chosen layer's states; ``mask`` (B, L)
+            bool -- True = real token; ``proj`` (B, P) float32 when the checkpoint has a projection.
         """
+        ad = self.adapter
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            out = self.model(input_ids=ids, attention_mask=mask.long())
-        hidden = out.last_hidden_state.float()  # (B, L, D)
+            out = ad.run(self.model, ids, mask.long() if ad.pass_mask else None, self.layer != "last")
+            pooled = out.pooler_output if (ad.cls_is_pooled or self.proj_size) else None
+            proj = ad.project(self.model, pooled) if self.proj_size else None
         with torch.inference_mode():
+            hidden = select_layer(out, self.layer)  # (B, L, D)
             m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
             mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-            res = {"cls": hidden[:, 0], "mean": mean, "tokens": hidden, "mask": mask}
-        return {k: (_to_cpu_f32(v) if k != "mask" else v.detach().cpu().clone()) for k, v in res.items()}
+            cls = pooled.float() if ad.cls_is_pooled else hidden[:, 0]
+            res = {"cls": cls, "mean": mean, "tokens": hidden, "mask": mask}
+            if proj is not None:
+                res["proj"] = proj.float()
+        return _cpu(res)
 
     def encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """:meth:`tokenize` then :meth:`encode`."""
@@ -253,8 +310,28 @@ class TextEncoder:
             "hidden_size": self.hidden_size,
             "max_length": self.max_length,
             "precision": self.precision,
-            "pooling": dict(TEXT_POOLING),
+            "pooling": dict(self.adapter.pooling),
+            "family": self.adapter.name, "layer": self.layer, "name": self.name, "proj_size": self.proj_size,
         }
+
+
+def _text_limit(tok, config) -> int | None:
+    model_max = getattr(tok, "model_max_length", None)
+    if not isinstance(model_max, int) or model_max > 100_000:  # "unset" is a huge sentinel
+        sub = getattr(config, "text_config", None) or config
+        model_max = getattr(sub, "max_position_embeddings", None)
+    return model_max
+
+
+def _text_parts(model: str, revision: str | None):
+    """(config, adapter, tokenizer, local_only): everything checked before the weights are read."""
+    config, local_only = _load_config(model, "text", revision)
+    adapter = find_adapter("text", config, model)
+    tok = adapter.load_tokenizer(model, revision=revision, local_files_only=local_only)
+    if not getattr(tok, "is_fast", False):
+        raise BadInputError(f"text model {model!r} has no fast (Rust) tokenizer; a tokenizer.json is needed")
+    adapter.check_tokenizer(tok, model)
+    return config, adapter, tok, local_only
 
 
 def load_text_encoder(
@@ -264,58 +341,43 @@ def load_text_encoder(
     max_length: int = 128,
     precision: str = "fp32",
     revision: str | None = None,
+    layer: str | int = "last",
+    name: str | None = None,
 ) -> TextEncoder:
-    """Load a BERT-family text encoder (hub id or local ``save_pretrained`` folder).
+    """Load a text encoder of any registered family (hub id or local ``save_pretrained`` folder).
+
+    ``layer``: which hidden states ``mean``/``tokens`` (and a first-token ``cls``) come from (see
+    :func:`extract.adapters.parse_layer`). ``name``: what files and tables call it (default
+    :func:`readable_name`).
 
     Raises:
         ModelLoadError: the model cannot be found / loaded (one line naming what was tried).
-        BadInputError: bad arguments, or the checkpoint is not a text encoder with a leading [CLS].
+        BadInputError: bad arguments, an image model, or a family no adapter knows.
     """
-    from transformers import AutoTokenizer
-
     model = str(model)
     if not isinstance(max_length, int) or max_length < 2:
         raise BadInputError(f"max_length must be an integer >= 2, got {max_length!r}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    config = _load_config(model, "text", revision)
-    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "vocab_size"):
-        raise BadInputError(
-            f"{model!r} is a {config.model_type!r} model, not a text encoder; pass a BERT-family model"
-        )
-    try:
-        tok = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
-        raise ModelLoadError(f"could not load the tokenizer of text model {model!r}: {_one_line(e)}") from e
-    if not getattr(tok, "is_fast", False):
-        raise BadInputError(f"text model {model!r} has no fast (Rust) tokenizer; a tokenizer.json is needed")
-    probe = tok(["good"], return_tensors=None)["input_ids"][0]
-    if tok.cls_token_id is None or not probe or probe[0] != tok.cls_token_id:
-        raise BadInputError(
-            f"text model {model!r} does not start sequences with a [CLS]-style token; "
-            "pass a BERT-family encoder"
-        )
-    net = _load_model(model, config, "text", revision)
-    if getattr(net, "main_input_name", "input_ids") != "input_ids":
-        raise BadInputError(f"{model!r} ({type(net).__name__}) is not a text encoder")
-    model_max = getattr(tok, "model_max_length", None)
-    if not isinstance(model_max, int) or model_max > 100_000:  # "unset" is a huge sentinel
-        model_max = getattr(config, "max_position_embeddings", None)
+    config, adapter, tok, local_only = _text_parts(model, revision)
+    layer = _check_layer(adapter, layer, model)
+    net = adapter.load_model(model, config, revision=revision, local_files_only=local_only)
+    model_max = _text_limit(tok, config)
     if model_max is not None and max_length > model_max:
         log.warning("max_length %d > model limit %d; using %d", max_length, model_max, model_max)
         max_length = int(model_max)
     net.to(dev)
-    return TextEncoder(
-        model_id=model,
-        tokenizer=tok,
-        model=net,
-        config=config,
-        device=dev,
-        precision=prec,
-        max_length=max_length,
-        hidden_size=int(config.hidden_size),
-        _source=_source_info(model, config),
-    )
+    enc = TextEncoder(model_id=model, tokenizer=tok, model=net, config=config, device=dev, precision=prec,
+                      max_length=max_length, hidden_size=0, _source=_source_info(model, config, local_only),
+                      adapter=adapter, layer=layer, name=readable_name(model, name))
+    enc.proj_size = -1 if adapter.has_proj else None  # probe: is there a projection in this checkpoint?
+    out = enc.encode(enc.tokenize(["good"]))
+    enc.hidden_size = int(out["tokens"].shape[-1])
+    enc.proj_size = int(out["proj"].shape[-1]) if "proj" in out else None
+    if int(out["cls"].shape[-1]) != enc.hidden_size:
+        raise BadInputError(f"text model {model!r}: pooled width {out['cls'].shape[-1]} != hidden width "
+                            f"{enc.hidden_size}; unsupported checkpoint")
+    return enc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,10 +457,11 @@ class ImagePreprocessor:
 
 @dataclass(eq=False)
 class ImageEncoder:
-    """A frozen vision backbone. Build with :func:`load_image_encoder`.
+    """A frozen vision backbone of one registered family. Build with :func:`load_image_encoder`.
 
-    ``kind`` is "vit" (token sequence with leading CLS) or "cnn" (a (B, C, h, w) feature map).
-    ``grid`` (gh, gw) and ``num_tokens`` = gh * gw describe ``tokens`` *after* ``patch_pool``.
+    ``kind`` is "vit" (token sequence: ``num_prefix_tokens`` leading tokens, then the patch grid) or
+    "cnn" (a (B, C, h, w) feature map). ``grid`` (gh, gw) and ``num_tokens`` = gh * gw describe
+    ``tokens`` *after* ``patch_pool``.
     """
 
     model_id: str
@@ -413,8 +476,16 @@ class ImageEncoder:
     input_hw: tuple[int, int]
     raw_grid: tuple[int, int]
     grid: tuple[int, int]
-    num_prefix_tokens: int  # CLS (+ distillation) + registers, ViT only; 0 for CNNs
+    num_prefix_tokens: int  # CLS (+ distillation) + registers, ViT only; 0 for CNNs and SigLIP
     _source: dict = field(default_factory=dict, repr=False)
+    adapter: Any = None
+    layer: str = "last"
+    name: str = ""
+    proj_size: int | None = None
+
+    @property
+    def family(self) -> str:
+        return self.adapter.name
 
     @property
     def num_tokens(self) -> int:
@@ -431,36 +502,42 @@ class ImageEncoder:
     def encode(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the backbone on (B, 3, H, W) float32 pixels (from :meth:`preprocess`).
 
-        Returns CPU tensors:
-            ``cls`` (B, D) float32 -- ViT: token 0; CNN: global average pool of the final map;
-            ``mean`` (B, D) float32 -- ViT: mean of patch tokens (registers excluded); CNN: = cls;
-            ``tokens`` (B, T, D) float32 -- patch tokens / feature-map cells, row-major over
-            ``grid`` after ``patch_pool`` (T = ``num_tokens``);
-            ``mask`` (B, T) bool -- all True.
+        Returns CPU tensors (see the family's ``pooling`` for what ``cls`` is):
+            ``cls`` (B, D) float32; ``mean`` (B, D) float32 -- mean of the patch tokens (CNN: = cls);
+            ``tokens`` (B, T, D) float32 -- patch tokens / feature-map cells, row-major over ``grid``
+            after ``patch_pool`` (T = ``num_tokens``); ``mask`` (B, T) bool -- all True; ``proj``
+            (B, P) float32 when the checkpoint has a projection.
         """
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.input_hw:
             raise BadInputError(
                 f"expected pixel_values (B, 3, {self.input_hw[0]}, {self.input_hw[1]}), "
                 f"got {tuple(pixel_values.shape)}; use preprocess()"
             )
-        pv = pixel_values.to(self.device, torch.float32)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
-            out = self.model(pixel_values=pv)
-        with torch.inference_mode():
-            res = self._pool(out)
-        return {k: (_to_cpu_f32(v) if k != "mask" else v.cpu().clone()) for k, v in res.items()}
+        return _cpu(self._forward(pixel_values.to(self.device, torch.float32)))
 
-    def _pool(self, out) -> dict[str, torch.Tensor]:
+    def _forward(self, pv: torch.Tensor) -> dict[str, torch.Tensor]:
+        ad = self.adapter
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            out = ad.run(self.model, pv, self.layer != "last")
+            pooled = getattr(out, "pooler_output", None)
+            proj = ad.project(self.model, pooled) if (self.proj_size and pooled is not None) else None
+        with torch.inference_mode():
+            res = self._pool(out, pooled)
+            if proj is not None:
+                res["proj"] = proj.float()
+        return res
+
+    def _pool(self, out, pooled) -> dict[str, torch.Tensor]:
         gh, gw = self.raw_grid
         if self.kind == "vit":
-            hidden = out.last_hidden_state.float()  # (B, P + gh*gw, D)
-            cls = hidden[:, 0]
+            hidden = select_layer(out, self.layer)  # (B, P + gh*gw, D)
             patches = hidden[:, self.num_prefix_tokens:]  # (B, gh*gw, D)
             mean = patches.mean(1)
+            cls = pooled.float() if (self.adapter.cls_is_pooled and pooled is not None) else (
+                hidden[:, 0] if self.num_prefix_tokens else mean)
             fmap = patches.transpose(1, 2).reshape(hidden.shape[0], -1, gh, gw)  # (B, D, gh, gw)
         else:
             fmap = out.last_hidden_state.float()  # (B, C, h, w)
-            pooled = getattr(out, "pooler_output", None)
             cls = pooled.float().flatten(1) if pooled is not None else fmap.mean((2, 3))
             mean = cls
         if self.patch_pool > 1:
@@ -488,17 +565,54 @@ class ImageEncoder:
             "patch_pool": self.patch_pool,
             "precision": self.precision,
             "processor": self.preprocessor.settings(),
-            "pooling": dict(VIT_POOLING if self.kind == "vit" else CNN_POOLING),
+            "pooling": dict(self.adapter.pooling),
+            "family": self.adapter.name, "layer": self.layer, "name": self.name, "proj_size": self.proj_size,
         }
 
 
 def _patch_size(config) -> tuple[int, int] | None:
+    config = getattr(config, "vision_config", None) or config
     p = getattr(config, "patch_size", None)
     if isinstance(p, int):
         return p, p
     if isinstance(p, (list, tuple)) and len(p) == 2:
         return int(p[0]), int(p[1])
     return None
+
+
+def _image_parts(model: str, revision: str | None):
+    """(config, adapter, processor, local_only): everything checked before the weights are read."""
+    config, local_only = _load_config(model, "image", revision)
+    adapter = find_adapter("image", config, model)
+    processor = adapter.load_processor(model, revision=revision, local_files_only=local_only)
+    return config, adapter, processor, local_only
+
+
+def _layout(adapter, config, hidden: torch.Tensor, input_hw, model: str) -> tuple[int, tuple[int, int], int]:
+    """(hidden size, raw grid, prefix tokens) of a dummy forward's ``last_hidden_state``."""
+    mtype = getattr(config, "model_type", "")
+    if adapter.kind == "cnn":
+        if hidden.ndim != 4:
+            raise BadInputError(f"image model {model!r} ({mtype}): expected a (B, C, h, w) feature map, "
+                                f"got {tuple(hidden.shape)}")
+        return int(hidden.shape[1]), (int(hidden.shape[2]), int(hidden.shape[3])), 0
+    if hidden.ndim != 3:
+        raise BadInputError(f"image model {model!r} ({mtype}): expected a (B, T, D) token sequence, "
+                            f"got {tuple(hidden.shape)}")
+    prefix = adapter.prefix_tokens(getattr(config, "vision_config", None) or config)
+    n_patches = int(hidden.shape[1]) - prefix
+    ps = _patch_size(config)
+    if ps is not None:
+        raw_grid = (input_hw[0] // ps[0], input_hw[1] // ps[1])
+    else:
+        side = math.isqrt(max(n_patches, 0))
+        raw_grid = (side, side)
+    if raw_grid[0] * raw_grid[1] != n_patches:
+        raise BadInputError(
+            f"image model {model!r} ({mtype}) returned {hidden.shape[1]} tokens, which do not form "
+            f"{prefix} leading token(s) + a {raw_grid[0]}x{raw_grid[1]} patch grid; unsupported backbone"
+        )
+    return int(hidden.shape[2]), raw_grid, prefix
 
 
 def load_image_encoder(
@@ -508,93 +622,111 @@ def load_image_encoder(
     precision: str = "fp32",
     patch_pool: int = 1,
     revision: str | None = None,
+    layer: str | int = "last",
+    name: str | None = None,
 ) -> ImageEncoder:
-    """Load a vision backbone (hub id or local ``save_pretrained`` folder) and its image processor.
+    """Load a vision backbone of any registered family (hub id or local ``save_pretrained`` folder) and
+    its image processor (a two-tower checkpoint needs no tokenizer for this).
 
-    The token layout (kind, grid, hidden size) is read from the config and checked against one dummy
-    forward pass on a blank image of the processor's output size.
+    The token layout (kind, grid, hidden size) comes from the family's adapter and one dummy forward
+    pass on a blank image of the processor's output size. ``layer`` / ``name`` as in
+    :func:`load_text_encoder`.
 
     Raises:
         ModelLoadError: the model or its image processor cannot be found / loaded.
-        BadInputError: bad arguments, or the checkpoint is not a supported vision backbone.
+        BadInputError: bad arguments, a text model, or a family no adapter knows.
     """
-    from transformers import AutoImageProcessor
-
     model = str(model)
     if not isinstance(patch_pool, int) or patch_pool < 1:
         raise BadInputError(f"patch_pool must be an integer >= 1, got {patch_pool!r}")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    config = _load_config(model, "image", revision)
-    mtype = getattr(config, "model_type", "")
-    if hasattr(config, "vocab_size") and not hasattr(config, "num_channels"):
-        raise BadInputError(f"{model!r} is a {mtype!r} text model, not a vision backbone")
-    try:
-        processor = AutoImageProcessor.from_pretrained(model, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
-        raise ModelLoadError(
-            f"could not load the image processor of image model {model!r}: {_one_line(e)}"
-        ) from e
-    net = _load_model(model, config, "image", revision)
-    if getattr(net, "main_input_name", None) != "pixel_values":
-        raise BadInputError(f"{model!r} ({type(net).__name__}) is not a vision backbone")
+    config, adapter, processor, local_only = _image_parts(model, revision)
+    layer = _check_layer(adapter, layer, model)
+    net = adapter.load_model(model, config, revision=revision, local_files_only=local_only)
     net.to(dev)
     pre = ImagePreprocessor(processor)
 
     # one dummy forward pass fixes the layout (robust to processor crop sizes and config quirks)
     input_hw = pre.output_hw()
     with torch.inference_mode():
-        out = net(pixel_values=torch.zeros(1, 3, *input_hw, device=dev))
-    hidden = out.last_hidden_state
-    registers = int(getattr(config, "num_register_tokens", 0) or 0)
-    if hidden.ndim == 4 and (mtype in _CNN_TYPES or mtype not in _VIT_PREFIX_TOKENS):
-        kind = "cnn"
-        hidden_size = int(hidden.shape[1])
-        raw_grid = (int(hidden.shape[2]), int(hidden.shape[3]))
-        prefix = 0
-    elif hidden.ndim == 3 and mtype not in _CNN_TYPES:
-        kind = "vit"
-        hidden_size = int(hidden.shape[2])
-        prefix = _VIT_PREFIX_TOKENS.get(mtype, 1) + registers
-        n_patches = int(hidden.shape[1]) - prefix
-        ps = _patch_size(config)
-        if ps is not None:
-            raw_grid = (input_hw[0] // ps[0], input_hw[1] // ps[1])
-        else:
-            side = math.isqrt(max(n_patches, 0))
-            raw_grid = (side, side)
-        if raw_grid[0] * raw_grid[1] != n_patches:
-            raise BadInputError(
-                f"image model {model!r} ({mtype}) returned {hidden.shape[1]} tokens, which do not form "
-                f"{prefix} leading token(s) + a {raw_grid[0]}x{raw_grid[1]} patch grid; unsupported backbone"
-            )
-    else:
-        raise BadInputError(
-            f"image model {model!r} ({mtype}) has an unsupported output layout {tuple(hidden.shape)}; "
-            f"supported: ViT-style {sorted(_VIT_PREFIX_TOKENS)} and CNNs {sorted(_CNN_TYPES)}"
-        )
-    cfg_hidden = getattr(config, "hidden_size", None)
-    if kind == "vit" and cfg_hidden is not None and int(cfg_hidden) != hidden_size:
-        raise BadInputError(f"image model {model!r}: config hidden_size {cfg_hidden} != output width {hidden_size}")
+        out = adapter.run(net, torch.zeros(1, 3, *input_hw, device=dev), False)
+        pooled = getattr(out, "pooler_output", None)
+        proj = adapter.project(net, pooled) if (adapter.has_proj and pooled is not None) else None
+    hidden_size, raw_grid, prefix = _layout(adapter, config, out.last_hidden_state, input_hw, model)
     grid = (
         (math.ceil(raw_grid[0] / patch_pool), math.ceil(raw_grid[1] / patch_pool))
         if patch_pool > 1
         else raw_grid
     )
-    log.info("image encoder %s: kind=%s grid=%s hidden=%d", model, kind, grid, hidden_size)
+    log.info("image encoder %s (%s): kind=%s grid=%s hidden=%d", model, adapter.name, adapter.kind, grid, hidden_size)
     return ImageEncoder(
-        model_id=model,
-        preprocessor=pre,
-        model=net,
-        config=config,
-        device=dev,
-        precision=prec,
-        kind=kind,
-        hidden_size=hidden_size,
-        patch_pool=patch_pool,
-        input_hw=input_hw,
-        raw_grid=raw_grid,
-        grid=grid,
-        num_prefix_tokens=prefix,
-        _source=_source_info(model, config),
+        model_id=model, preprocessor=pre, model=net, config=config, device=dev, precision=prec,
+        kind=adapter.kind, hidden_size=hidden_size, patch_pool=patch_pool, input_hw=input_hw,
+        raw_grid=raw_grid, grid=grid, num_prefix_tokens=prefix, _source=_source_info(model, config, local_only),
+        adapter=adapter, layer=layer, name=readable_name(model, name),
+        proj_size=int(proj.shape[-1]) if proj is not None else None,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# before any work; rebuilding from a cache
+
+
+def validate_encoder(modality: str, model: str, revision: str | None = None) -> str:
+    """Check that ``model`` is found, of a known family of ``modality``, and its tokenizer / image
+    processor loads, without reading the weights (seconds, not the model's load time). Returns the
+    family name; raises as :func:`load_text_encoder` / :func:`load_image_encoder` would."""
+    parts = _text_parts(str(model), revision) if modality == "text" else _image_parts(str(model), revision)
+    return parts[1].name
+
+
+def load_encoder_from_provenance(modality: str, provenance: dict, *, config: dict | None = None,
+                                 device: str = "cpu", precision: str | None = None):
+    """Rebuild the exact encoder a feature file was made with, from its recorded ``provenance`` (and
+    ``config``, to verify: :func:`extract.cache_format.encoder_difference`).
+
+    The model is loaded from the recorded folder (``resolved_path``, else ``model_id``) at the recorded
+    hub commit, with the recorded max length / patch pool / layer / name. With ``config`` (the
+    file's ``config`` attribute), the rebuilt encoder's identity must match it: weights hash (local
+    folders), hub id + commit, tokenizer / processor settings, pooling, layer; otherwise
+    :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on CUDA
+    (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
+    """
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.identity import encoder_config
+
+    src = provenance.get("resolved_path")
+    src = src if src and os.path.isdir(src) else provenance.get("model_id")
+    if not src:
+        raise BadInputError(f"the {modality} provenance names no model (model_id / resolved_path)")
+    revision = provenance.get("commit_hash") if not os.path.isdir(src) else None
+    kw: dict[str, Any] = dict(device=device, precision=precision or provenance.get("precision") or "fp32",
+                              revision=revision, layer=provenance.get("layer") or "last",
+                              name=provenance.get("name") or None)
+    if modality == "text":
+        enc = load_text_encoder(src, max_length=int(provenance.get("max_length") or 128), **kw)
+    elif modality == "image":
+        enc = load_image_encoder(src, patch_pool=int(provenance.get("patch_pool") or 1), **kw)
+    else:
+        raise BadInputError(f"modality must be text or image, got {modality!r}")
+    fam = provenance.get("family")
+    if fam and fam != enc.family:
+        get_adapter(fam)  # an unknown recorded family is its own error
+        raise BadInputError(f"{src!r} now loads as family {enc.family!r}; the cache was made with {fam!r}")
+    if config is not None:
+        mine = encoder_config(enc, modality, dtype=config.get("dtype", "float16"), revision=config.get("revision"))
+        diff = cf.encoder_difference(config, mine, storage=False)
+        if diff:
+            raise BadInputError(f"{src!r} is not the {modality} encoder the cache was made with: {diff}")
+    return enc
+
+
+def load_encoder_for_cache(path: str | os.PathLike, *, device: str = "cpu", precision: str | None = None):
+    """:func:`load_encoder_from_provenance` for the feature file at ``path`` (its modality, provenance
+    and config)."""
+    from mmcache.extract import cache_format as cf
+
+    with cf.FeatureFile(path) as ff:
+        modality, prov, conf = ff.modality, ff.provenance, ff.config
+    return load_encoder_from_provenance(modality, prov, config=conf, device=device, precision=precision)

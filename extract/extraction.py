@@ -28,7 +28,6 @@ only :mod:`extract.cache_format`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.extract.cache_lock import folder_lock
+from mmcache.extract.identity import DECODE_POLICY, image_config, text_config  # noqa: F401 -- public here too
 from mmcache.extract.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_RESIZED_PIXELS,
@@ -68,8 +68,6 @@ __all__ = [
 
 MODALITY_CHOICES = ("text", "image", "both")
 EMPTY_TEXT = "empty text"
-DECODE_POLICY = "PIL full decode; RGB; alpha composited on white; first frame; no EXIF transpose"
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "tokenizer.json", "vocab.txt", "*.model")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -89,6 +87,10 @@ class ExtractConfig:
     image_model: str = "facebook/dinov2-base"
     text_revision: str | None = None
     image_revision: str | None = None
+    text_layer: str = "last"  # hidden states stored: last | k | -k | mean-last-k (see extract.adapters.parse_layer)
+    image_layer: str = "last"
+    text_name: str | None = None  # what files and tables call the encoder (default: encoders.readable_name)
+    image_name: str | None = None
     text_max_length: int = 128
     dtype: str = "float16"  # storage dtype of cls / mean / tokens
     precision: str = "auto"  # compute precision: auto | fp32 | bf16 | fp16
@@ -135,6 +137,12 @@ class ExtractConfig:
             raise BadInputError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if self.max_resized_pixels < 1:
             raise BadInputError(f"--max-resized-pixels must be >= 1, got {self.max_resized_pixels}")
+        from mmcache.extract.adapters.base import parse_layer
+
+        self.text_layer, self.image_layer = parse_layer(self.text_layer), parse_layer(self.image_layer)
+        for key in ("text_name", "image_name"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                raise BadInputError(f"--{key.replace('_', '-')} must not be empty")
         i, n = self.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise BadInputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
@@ -410,62 +418,6 @@ def load_index_info(path: str | Path) -> IndexInfo:
                      num_samples=len(idx), ids=list(idx.ids), texts=list(idx.texts), image_files=files)
 
 
-# ---------------------------------------------------------------------------------------------- model identity
-
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def _model_identity(model: str) -> tuple[str, str | None]:
-    """(identity, weights sha256): a local folder is identified by its resolved path and the hash of
-    its weight and vocabulary files (so a rebuilt folder is never mistaken for the old one); a hub id
-    by itself (its commit hash goes into the config separately)."""
-    p = Path(model)
-    if not p.is_dir():
-        return model, None
-    files = sorted({f for pat in _WEIGHT_FILES for f in p.glob(pat) if f.is_file()})
-    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()[:32]
-    return str(p.resolve()), _HASH_CACHE[key]
-
-
-def _model_config(enc, modality: str, dtype: str, revision: str | None) -> dict[str, Any]:
-    """The part of a file's config both modalities share: which weights, stored how."""
-    ident, weights = _model_identity(enc.model_id)
-    prov = enc.provenance()
-    return {
-        "format_version": cf.FORMAT_VERSION, "modality": modality, "model": ident, "revision": revision,
-        "commit_hash": prov.get("commit_hash"), "weights_sha256": weights, "class_name": prov["class_name"],
-        "model_type": prov["model_type"], "hidden_size": enc.hidden_size, "dtype": dtype,
-        "precision": enc.precision, "pooling": prov["pooling"],
-    }
-
-
-def text_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    """What determines a text file's values: its fingerprint must match to resume."""
-    return {
-        **_model_config(enc, "text", dtype, revision), "tokenizer_class": type(enc.tokenizer).__name__,
-        "max_length": enc.max_length, "truncation": True,
-        "padding": "right; token states at mask False positions stored as 0",
-    }
-
-
-def image_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    """What determines an image file's values: its fingerprint must match to resume."""
-    return {
-        **_model_config(enc, "image", dtype, revision), "kind": enc.kind,
-        "input_hw": list(enc.input_hw), "raw_grid": list(enc.raw_grid), "grid": list(enc.grid),
-        "num_prefix_tokens": enc.num_prefix_tokens, "patch_pool": enc.patch_pool,
-        "processor": enc.preprocessor.settings(), "decode": DECODE_POLICY,
-    }
-
-
 def _provenance(enc, cfg: ExtractConfig, index: IndexInfo) -> dict[str, Any]:
     import h5py
     import PIL
@@ -487,16 +439,20 @@ def _write_batch(writer: cf.FeatureWriter, rows: np.ndarray, out: dict, dtype: s
     cls = out["cls"].numpy().astype(dtype)
     mean = out["mean"].numpy().astype(dtype)
     tokens = out["tokens"].numpy().astype(dtype)
+    proj = out["proj"].numpy().astype(dtype) if "proj" in out else None
     tokens[~mask] = 0
     finite = (np.isfinite(cls).all(1) & np.isfinite(mean).all(1)
               & np.isfinite(tokens.reshape(len(rows), -1)).all(1))
+    if proj is not None:
+        finite &= np.isfinite(proj).all(1)
     failures: list[tuple[int, str]] = []
     if not finite.all():
         reason = f"non-finite features (overflow in {dtype} storage or reduced precision)"
         failures = [(int(r), reason) for r in rows[~finite]]
         rows, cls, mean, tokens, mask = rows[finite], cls[finite], mean[finite], tokens[finite], mask[finite]
+        proj = proj[finite] if proj is not None else None
     if rows.size:
-        writer.write(rows, cls=cls, mean=mean, tokens=tokens, mask=mask)
+        writer.write(rows, cls=cls, mean=mean, tokens=tokens, mask=mask, proj=proj)
     return int(rows.size), failures
 
 
@@ -530,8 +486,6 @@ def text_batches(lengths: np.ndarray, batch_size: int, window: int, grouping: bo
 
 
 def _run_text(writer, enc, texts: list[str], redo: np.ndarray, cfg: ExtractConfig, bar) -> tuple[int, int]:
-    import torch
-
     nonempty = np.asarray([i for i, t in enumerate(texts) if t.strip()], dtype=np.int64)
     empty = np.asarray([i for i, t in enumerate(texts) if not t.strip()], dtype=np.int64)
     todo_empty = empty[redo[empty]] if empty.size else empty
@@ -541,7 +495,6 @@ def _run_text(writer, enc, texts: list[str], redo: np.ndarray, cfg: ExtractConfi
     bs = cfg.text_bs
     window = cfg.length_window or 64 * bs
     tok = enc.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     for w0 in range(0, len(nonempty), window):
         wrows = nonempty[w0:w0 + window]
         if not redo[wrows].any():
@@ -553,13 +506,7 @@ def _run_text(writer, enc, texts: list[str], redo: np.ndarray, cfg: ExtractConfi
             rows = wrows[pos]
             if not redo[rows].any():
                 continue
-            longest = int(lengths[pos].max())
-            input_ids = torch.full((len(pos), longest), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(pos), longest), dtype=torch.long)
-            for j, p in enumerate(pos):
-                input_ids[j, :lengths[p]] = torch.as_tensor(ids[p])
-                attn[j, :lengths[p]] = 1
-            out = enc.encode({"input_ids": input_ids, "attention_mask": attn})
+            out = enc.encode(enc.collate([ids[p] for p in pos]))  # right-padded, as TextEncoder.tokenize
             n_ok, fails = _write_batch(writer, rows, out, cfg.dtype)
             _record_failures(writer, fails)
             pending = int(redo[rows].sum())
@@ -682,9 +629,36 @@ def _load_encoder(modality: str, cfg: ExtractConfig):
 
     if modality == "text":
         return load_text_encoder(cfg.text_model, device=cfg.device, max_length=cfg.text_max_length,
-                                 precision=cfg.precision, revision=cfg.text_revision)
+                                 precision=cfg.precision, revision=cfg.text_revision, layer=cfg.text_layer,
+                                 name=cfg.text_name)
     return load_image_encoder(cfg.image_model, device=cfg.device, precision=cfg.precision,
-                              patch_pool=cfg.patch_pool, revision=cfg.image_revision)
+                              patch_pool=cfg.patch_pool, revision=cfg.image_revision, layer=cfg.image_layer,
+                              name=cfg.image_name)
+
+
+def file_slug(enc, cfg: ExtractConfig, modality: str) -> str:
+    """The ``<slug>`` of ``<modality>--<slug>.h5``: the encoder's readable name (``--text-name`` /
+    ``--image-name``, else :func:`extract.encoders.readable_name`), plus ``.<layer>`` when not the last."""
+    slug = cf.name_slug(enc.name)
+    layer = cfg.text_layer if modality == "text" else cfg.image_layer
+    if layer == "last":
+        return slug
+    return f"{slug}.{layer}" if layer.startswith("mean") else f"{slug}.layer{layer}"
+
+
+def _feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_index: int, num_shards: int) -> Path:
+    """Where this modality's file goes: the readable name's file, or a file of the same encoder under
+    its older name (the model folder's last component) when only that exists."""
+    model = cfg.text_model if modality == "text" else cfg.image_model
+    path = cf.shard_path(cfg.cache_dir, dataset, modality, model, shard_index, num_shards,
+                         slug=file_slug(enc, cfg, modality))
+    legacy = cf.shard_path(cfg.cache_dir, dataset, modality, model, shard_index, num_shards)
+    layer = cfg.text_layer if modality == "text" else cfg.image_layer
+    named = cfg.text_name if modality == "text" else cfg.image_name
+    if legacy != path and legacy.exists() and not path.exists() and layer == "last" and not named:
+        log.info("using %s (named before encoders had readable names)", legacy.name)
+        return legacy
+    return path
 
 
 def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_shards: int = 1,
@@ -706,9 +680,9 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     enc = encoder or _load_encoder(modality, cfg)
     revision = cfg.text_revision if modality == "text" else cfg.image_revision
     conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=revision)
-    path = cf.shard_path(cfg.cache_dir, index.dataset_dir.name, modality, model, shard_index, num_shards)
+    path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
     if num_shards > 1 and not path.exists() and not cfg.force:
-        merged = _merged_summary(cfg, modality, model, rows, conf, index)
+        merged = _merged_summary(cfg, modality, model, rows, conf, index, cf.parse_shard_name(path)[0])
         if merged is not None:
             merged.seconds = time.perf_counter() - t0
             return merged
@@ -773,7 +747,7 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
     with cf.FeatureWriter.open(path, ids=ids, rows=rows, index_fp=index.fingerprint, modality=modality,
                                hidden_size=enc.hidden_size, num_tokens=num_tokens, dtype=cfg.dtype, config=conf,
                                provenance=_provenance(enc, cfg, index), grid=grid, force=cfg.force,
-                               shard=shard) as writer:
+                               shard=shard, proj_size=enc.proj_size) as writer:
         _verify_for_resume(writer, summary)
         done = writer.done_mask()
         redo = ~done
@@ -805,17 +779,16 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
 
 
 def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndarray, conf: dict,
-                    index: IndexInfo) -> ModalitySummary | None:
+                    index: IndexInfo, full: Path) -> ModalitySummary | None:
     """A shard whose file is gone because it was merged already: when the merged file is complete,
     made with the same settings for the same index (and ``--retry-failed`` has nothing to redo in
     these rows), the shard is up to date; returns its summary, else None (extract the shard)."""
-    full = cf.feature_path(cfg.cache_dir, index.dataset_dir.name, modality, model)
     if not full.exists():
         return None
     try:
         with cf.FeatureFile(full) as ff:
             a = ff.attrs
-            if not (ff.complete and a.get("config_fingerprint") == cf.fingerprint(conf)
+            if not (ff.complete and not cf.encoder_difference(ff.config, conf)
                     and a.get("index_fingerprint") == index.fingerprint and len(ff.ids) == index.num_samples):
                 return None
             valid, done = ff.valid[rows], ff.done[rows]
@@ -832,12 +805,25 @@ def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndar
                            size_bytes=full.stat().st_size, complete=True, up_to_date=True)
 
 
+def validate_models(cfg: ExtractConfig) -> None:
+    """Before any work: each requested model is found, of a known family of its modality, and its
+    tokenizer / image processor loads (a bad ``--text-model`` is reported before the image pass)."""
+    from mmcache.extract.encoders import validate_encoder
+
+    for modality in ("image", "text"):
+        if modality in cfg.modalities:
+            model = cfg.text_model if modality == "text" else cfg.image_model
+            revision = cfg.text_revision if modality == "text" else cfg.image_revision
+            log.debug("%s model %s: %s family", modality, model, validate_encoder(modality, model, revision))
+
+
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """Index, then each requested modality (image before text), then ``failures.csv`` (unsharded
     runs only: a sharded run leaves that to the merge). Returns the summary; raises
     :class:`BadInputError` / :class:`PipelineError` (incl. :class:`CacheError`)."""
     cfg.validate()
     t0 = time.perf_counter()
+    validate_models(cfg)
     with ExitStack() as lock, _disk_full_as_error(Path(cfg.cache_dir)):
         index = prepare_index(cfg, lock=lock)
         log.info("sample index %s: %d samples (%s)", index.path, index.num_samples, index.status)

@@ -50,14 +50,15 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     from mmcache.extract.cache_format import CacheMismatchError
-    from mmcache.extract.demo_models import ensure_demo_models
+    from mmcache.extract.demo_models import IMAGE_NAME, TEXT_NAME, ensure_demo_models
     from mmcache.extract.extraction import ExtractConfig, run_extract
 
     cache = Path(cfg.cache_dir)
     text_dir, image_dir = ensure_demo_models(cache / "models")
     ecfg = ExtractConfig(
         dataset="demo", data_dir=cache / "demo" / "data", options={"n": cfg.n}, cache_dir=cache,
-        text_model=str(text_dir), image_model=str(image_dir), device="cpu", precision="fp32",
+        text_model=str(text_dir), image_model=str(image_dir), text_name=TEXT_NAME, image_name=IMAGE_NAME,
+        device="cpu", precision="fp32",
         num_workers=1, progress=cfg.progress)
     try:
         summary = run_extract(ecfg)

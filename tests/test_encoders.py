@@ -207,7 +207,8 @@ def test_missing_model_is_one_line_model_load_error(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError) as e:
         load_text_encoder("nobody-owns-this/tiny-bert-xyz")
     msg = str(e.value)
-    assert "\n" not in msg and "nobody-owns-this/tiny-bert-xyz" in msg and "folder path" in msg
+    assert "\n" not in msg and "nobody-owns-this/tiny-bert-xyz" in msg
+    assert "not found locally; set --text-model to a folder or enable network" in msg
 
 
 # ---------------------------------------------------------------- images

@@ -270,11 +270,13 @@ def test_mismatched_rerun_refused_and_force_rebuilds(bad_run, models, tmp_path):
     with pytest.raises(CacheError, match="max_length.*--force") as e:
         run_extract(ExtractConfig(**{**cfg.__dict__, "modality": "text", "text_max_length": MAX_LEN + 8}))
     assert isinstance(e.value, BadInputError)  # the CLI exits 2: the user must choose --force
-    # same folder name, other weights: a different model behind the same file name is refused too
+    # other weights behind the same file name (named alike with --image-name) are refused too
     other = tm.build_dinov2(tmp_path / "elsewhere" / models["dinov2"].name, hidden_size=16, num_heads=2,
                             patch_size=8, image_size=32, seed=99)
-    with pytest.raises(CacheError, match="different settings"):
-        run_extract(ExtractConfig(**{**cfg.__dict__, "modality": "image", "image_model": str(other)}))
+    same_name = f"{models['dinov2'].parent.name}/{models['dinov2'].name}"
+    with pytest.raises(CacheError, match="different settings.*weights_sha256"):
+        run_extract(ExtractConfig(**{**cfg.__dict__, "modality": "image", "image_model": str(other),
+                                     "image_name": same_name}))
     s = run_extract(ExtractConfig(**{**cfg.__dict__, "modality": "text", "text_max_length": MAX_LEN + 8, "force": True}))
     assert s.modalities[0].forced and s.modalities[0].complete and s.modalities[0].encoded == N_GOOD + 5
     with cf.FeatureFile(path) as ff:
@@ -306,7 +308,7 @@ def test_shards_partition_rows_and_match_single_run(good_run, good_data, models,
     for i in range(2):
         s = run_extract(_cfg(good_data, tmp_path, models, modality="text", shard=(i, 2)))
         path = _file(s, "text")
-        assert path.name == f"text--{models['bert'].name}.shard-{i}-of-2.h5" and s.failures_csv is None
+        assert path.name == f"text--models0--{models['bert'].name}.shard-{i}-of-2.h5" and s.failures_csv is None
         parts.append(path)
     assert cf.list_feature_files(parts[0].parent) == []  # shard files are not mistaken for the full file
     assert cf.list_shard_files(parts[0].parent) == parts
@@ -400,16 +402,17 @@ def test_cli_extract_demo_end_to_end(tmp_path, capsys):
             "--num-workers", "1", "--batch-size", "8", "--no-progress"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "text--bert-demo.h5" in out and "image--dinov2-demo.h5" in out and "up to date" not in out
+    # a local folder without a hub-style _name_or_path is named parent/folder
+    assert "text--models--bert-demo.h5" in out and "image--models--dinov2-demo.h5" in out and "up to date" not in out
     assert cli.main(args) == 0
     assert capsys.readouterr().out.startswith("up to date")
     assert cli.main([*args, "--text-max-length", "16", "--modality", "text"]) == 2
     assert "--force" in capsys.readouterr().err
     assert cli.main(["cache", "info", str(cache)]) == 0
     out = capsys.readouterr().out
-    for name in ("index.h5", "text--bert-demo.h5", "image--dinov2-demo.h5", "complete", "(40, 128, 32)"):
+    for name in ("index.h5", "text--models--bert-demo.h5", "image--models--dinov2-demo.h5", "complete", "(40, 128, 32)"):
         assert name in out
-    assert cli.main(["cache", "info", str(cache / "demo" / "text--bert-demo.h5"), "--json"]) == 0
+    assert cli.main(["cache", "info", str(cache / "demo" / "text--models--bert-demo.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info[0]["arrays"]["tokens"] == {"shape": [40, 128, 32], "dtype": "float16"} and info[0]["failed"] == 0
     assert cli.main(["cache", "info", str(tmp_path / "nowhere")]) == 2

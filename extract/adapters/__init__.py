@@ -1,0 +1,39 @@
+"""The encoder family registry (timm-style): ``register_encoder`` / ``list_encoders`` /
+``create_encoder``. One module per family; importing this package registers them all.
+
+>>> from mmcache.extract.adapters import list_encoders, create_encoder
+>>> list_encoders("image")
+['clip-vision', 'cnn', 'dinov2', 'siglip-vision', 'vit']
+>>> enc = create_encoder("image", "openai/clip-vit-base-patch32")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from mmcache.extract.adapters import clip, cnn, siglip, text, vit  # noqa: F401 -- registers the families
+from mmcache.extract.adapters.base import (
+    EncoderAdapter,
+    ImageAdapter,
+    TextAdapter,
+    UnknownFamilyError,
+    find_adapter,
+    get_adapter,
+    list_encoders,
+    parse_layer,
+    register_encoder,
+    select_layer,
+)
+
+__all__ = ["EncoderAdapter", "ImageAdapter", "TextAdapter", "UnknownFamilyError", "create_encoder", "find_adapter",
+           "get_adapter", "list_encoders", "parse_layer", "register_encoder", "select_layer"]
+
+
+def create_encoder(modality: str, model: str, **kwargs):
+    """Load ``model`` (hub id or local folder) as a ``modality`` encoder through the adapter that
+    recognises its config: :func:`extract.encoders.load_text_encoder` / ``load_image_encoder``."""
+    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
+
+    if modality == "text":
+        return load_text_encoder(model, **kwargs)
+    if modality == "image":
+        return load_image_encoder(model, **kwargs)
+    raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
