@@ -315,6 +315,10 @@ class TextEncoder:
         }
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
 def _text_limit(tok, config) -> int | None:
     model_max = getattr(tok, "model_max_length", None)
     if not isinstance(model_max, int) or model_max > 100_000:  # "unset" is a huge sentinel
@@ -327,7 +331,13 @@ def _text_parts(model: str, revision: str | None):
     """(config, adapter, tokenizer, local_only): everything checked before the weights are read."""
     config, local_only = _load_config(model, "text", revision)
     adapter = find_adapter("text", config, model)
+    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, f)) for f in _TOKENIZER_FILES):
+        raise ModelLoadError(f"could not load the tokenizer of text model {model!r}: the folder has no tokenizer "
+                             f"files ({', '.join(_TOKENIZER_FILES[:3])} ...); an image-only checkpoint works as "
+                             "--image-model only")
     tok = adapter.load_tokenizer(model, revision=revision, local_files_only=local_only)
+    if len(tok) < 16:  # transformers 5 builds an empty tokenizer rather than fail for some classes
+        raise ModelLoadError(f"could not load the tokenizer of text model {model!r}: it has only {len(tok)} tokens")
     if not getattr(tok, "is_fast", False):
         raise BadInputError(f"text model {model!r} has no fast (Rust) tokenizer; a tokenizer.json is needed")
     adapter.check_tokenizer(tok, model)

@@ -29,9 +29,12 @@ __all__ = [
     "DEFAULT_WORDS",
     "PRESETS",
     "build_bert",
+    "build_clip",
     "build_dinov2",
     "build_preset",
     "build_resnet",
+    "build_roberta",
+    "build_siglip",
     "build_vit",
     "make_vocab",
 ]
@@ -321,6 +324,125 @@ def build_resnet(
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)
     _write_marker(out, "resnet", kwargs)
+    return out
+
+
+def _bpe(words: Iterable[str], style: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A tiny byte-level BPE (vocab, merges): every byte as a token plus whole-word merges.
+
+    ``style="clip"``: word-final pieces end in ``</w>`` (CLIP); ``"roberta"``: words start with ``Ġ``
+    (GPT-2 / RoBERTa). Special tokens are added by the callers."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for t in chars + ([c + "</w>" for c in chars] if style == "clip" else []):
+        vocab.setdefault(t, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for w in dict.fromkeys(w.strip().lower() for w in words if w.strip() and w.isascii()):
+        pieces = list(w[:-1]) + [w[-1] + "</w>"] if style == "clip" else ["\u0120"] + list(w)
+        cur = pieces[0]
+        for piece in pieces[1:]:
+            if cur + piece not in vocab:
+                merges.append((cur, piece))
+                vocab[cur + piece] = len(vocab)
+            cur += piece
+    return vocab, merges
+
+
+def build_roberta(out_dir: str | Path, *, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
+                  vocab_words: Iterable[str] | None = None, seed: int = 0) -> Path:
+    """A random ``RobertaModel`` + byte-level BPE ``RobertaTokenizer``: ``<s> ... </s>``, no token type ids."""
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    kwargs = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                  vocab_words=list(vocab_words or ()), seed=seed)
+    out = _prepare_dir(out_dir)
+    bpe, merges = _bpe([*DEFAULT_WORDS, *kwargs["vocab_words"]], "roberta")
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+    for t in bpe:
+        vocab.setdefault(t, len(vocab))
+    vocab["<mask>"] = len(vocab)
+    tok = RobertaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True)
+    config = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                           num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
+                           max_position_embeddings=514, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, type_vocab_size=1)
+    with _seeded(seed):
+        model = RobertaModel(config).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    _write_marker(out, "roberta", kwargs)
+    return out
+
+
+def _clip_tokenizer(words: Iterable[str]):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _bpe(words, "clip")
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def build_clip(out_dir: str | Path, *, text_hidden: int = 32, vision_hidden: int = 24, projection_dim: int = 16,
+               num_layers: int = 2, num_heads: int = 2, patch_size: int = 8, image_size: int = 32,
+               max_position: int = 77, tokenizer: bool = True, seed: int = 0) -> Path:
+    """A whole random two-tower ``CLIPModel`` + ``CLIPImageProcessor`` (+ a byte-level BPE
+    ``CLIPTokenizer`` unless ``tokenizer=False``: an image-only folder, as some users save)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    kwargs = dict(text_hidden=text_hidden, vision_hidden=vision_hidden, projection_dim=projection_dim,
+                  num_layers=num_layers, num_heads=num_heads, patch_size=patch_size, image_size=image_size,
+                  max_position=max_position, tokenizer=tokenizer, seed=seed)
+    out = _prepare_dir(out_dir)
+    tok = _clip_tokenizer(DEFAULT_WORDS)
+    tower = dict(num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=text_hidden, intermediate_size=4 * text_hidden, vocab_size=len(tok),
+                         max_position_embeddings=max_position, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **tower),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, image_size=image_size,
+                           patch_size=patch_size, **tower),
+        projection_dim=projection_dim)
+    with _seeded(seed):
+        model = CLIPModel(config).eval()
+    model.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276]).save_pretrained(out)
+    if tokenizer:
+        tok.save_pretrained(out)
+    _write_marker(out, "clip", kwargs)
+    return out
+
+
+def build_siglip(out_dir: str | Path, *, text_hidden: int = 32, vision_hidden: int = 24, num_layers: int = 2,
+                 num_heads: int = 2, patch_size: int = 8, image_size: int = 32, max_position: int = 16,
+                 seed: int = 0) -> Path:
+    """A whole random two-tower ``SiglipModel`` + ``SiglipImageProcessor`` (resize to ``image_size``
+    square, mean/std 0.5). Its tokenizer is the tiny WordPiece one: SigLIP's own needs sentencepiece,
+    and the text adapter does not depend on the tokenizer's kind."""
+    from transformers import BertTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    kwargs = dict(text_hidden=text_hidden, vision_hidden=vision_hidden, num_layers=num_layers, num_heads=num_heads,
+                  patch_size=patch_size, image_size=image_size, max_position=max_position, seed=seed)
+    out = _prepare_dir(out_dir)
+    vocab_path = out / "vocab.txt"
+    vocab_path.write_text("\n".join(make_vocab()) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab=str(vocab_path), do_lower_case=True, model_max_length=max_position)
+    tower = dict(num_hidden_layers=num_layers, num_attention_heads=num_heads)
+    config = SiglipConfig(
+        text_config=dict(hidden_size=text_hidden, intermediate_size=4 * text_hidden, vocab_size=len(tok),
+                         max_position_embeddings=max_position, pad_token_id=tok.pad_token_id, **tower),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, image_size=image_size,
+                           patch_size=patch_size, **tower))
+    with _seeded(seed):
+        model = SiglipModel(config).eval()
+    model.save_pretrained(out)
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(out)
+    tok.save_pretrained(out)
+    _write_marker(out, "siglip", kwargs)
     return out
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
 from mmcache.fuse.runs import (
@@ -702,10 +703,17 @@ def _check_compatible(data: FusionData, config: TrainConfig, meta: dict[str, Any
         md = data.modality(m)
         if md is None:
             raise BadInputError(f"head {config.head!r} needs {m} features; none loaded")
-        want_dim, want_model = info.get(f"{m}_dim"), prov.get("caches", {}).get(m, {}).get("model")
+        trained = prov.get("caches", {}).get(m, {})
+        want_dim, want_model, want_cfg = info.get(f"{m}_dim"), trained.get("model"), trained.get("config")
         if md.hidden_size != want_dim:
             raise BadInputError(f"{md.path}: {m} features are {md.hidden_size}-d; the run was trained on "
                                 f"{want_dim}-d (a different encoder)")
-        if want_model and md.model and md.model != want_model:
+        have_cfg = md.info.get("config")
+        if want_cfg and have_cfg:  # the identity rule: weights / hub commit, tokenizer, pooling, layer ...
+            diff = cf.encoder_difference(want_cfg, have_cfg, storage=False)
+            if diff:
+                raise BadInputError(f"{md.path} was made with another {m} encoder than the run "
+                                    f"was trained on ({diff}); extract it with the run's encoder")
+        elif want_model and md.model and md.model != want_model:
             raise BadInputError(f"{md.path} was made with {m} encoder {md.model!r}; the run was trained on "
                                 f"{want_model!r}")
