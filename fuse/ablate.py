@@ -117,7 +117,9 @@ class Encoder:
 
     @property
     def label(self) -> str:
-        return f"{self.slug(self.text)} + {self.slug(self.image)}"
+        """Readable: the encoders' names as extraction wrote them into the file names
+        (``text--owner--name.h5`` -> ``owner/name``), any family mixed with any other."""
+        return f"{self.slug(self.text).replace('--', '/')} + {self.slug(self.image).replace('--', '/')}"
 
     @property
     def tag(self) -> str:

@@ -8,6 +8,8 @@ What is loaded depends on ``features``:
 
 * ``cls`` / ``mean``: only that (N, D) array per modality, seen by the heads as a sequence of one
   token, (N, 1, D) with an all-True (N, 1) mask. The ``tokens`` array is never touched.
+* ``proj``: the same with the (N, P) joint-space embedding of checkpoints that have a projection
+  (CLIP); the width seen by the heads is then P.
 * ``tokens``: ``tokens`` (N, L, D) and ``mask`` (N, L) bool, True = real token.
 
 Samples whose required modality is missing in the cache (``valid`` False: unreadable image, empty
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FEATURES", "SPLITS", "FusionData", "ModalityData", "extract_command", "find_cache",
            "list_cached_datasets", "load_data", "resolve_dataset"]
 
-FEATURES = ("cls", "mean", "tokens")
+FEATURES = ("cls", "mean", "tokens", "proj")  # proj: joint-space embeddings, only in CLIP-style caches
 SPLITS = ("train", "val", "test")
 MODALITY_ORDER = ("text", "image")
 
@@ -271,6 +273,9 @@ def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: s
                              f"{extract_command(dataset)}")
         valid = ff.valid
         fields = ("tokens", "mask") if features == "tokens" else (features,)
+        if features == "proj" and not ff.config.get("proj_size"):
+            raise BadInputError(f"{path} has no proj array: its {modality} encoder has no joint-space projection "
+                                "(only CLIP-style checkpoints do); use --features cls, mean or tokens")
         arrays = ff.load(fields, dtype=None)  # stored dtype; batches are cast to float32
         if features == "tokens":
             x, mask = torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["mask"])
@@ -279,7 +284,7 @@ def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: s
             mask = torch.ones(x.shape[:2], dtype=torch.bool)
         logger.debug("loaded %s %s %s from %s", modality, features, tuple(x.shape), path)
         return ModalityData(modality=modality, path=path, x=x, mask=mask, valid=torch.from_numpy(valid),
-                            hidden_size=ff.hidden_size, model=_model_of(ff), info=_file_info(ff))
+                            hidden_size=int(x.shape[-1]), model=_model_of(ff), info=_file_info(ff))
 
 
 def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, ...] | list[str],

@@ -91,7 +91,7 @@ def _head_options(pairs: OptionList) -> dict:
 def train_fusion(
     head: str | None = typer.Option(None, "--head", help="fusion head (text_only, image_only, basic, self_attention, dual_attention)"),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="cached dataset (default: the only one in --cache-dir)"),
-    features: str | None = typer.Option(None, "--features", help="cls | mean | tokens (default cls)"),
+    features: str | None = typer.Option(None, "--features", help="cls | mean | tokens | proj (CLIP caches) (default cls)"),
     target: str | None = typer.Option(None, "--target", help="label to learn: a target or task of the dataset (default: its main label; `inspect` lists them)"),
     text_cache: str | None = typer.Option(None, "--text-cache", help="text feature file (when the dataset has several)"),
     image_cache: str | None = typer.Option(None, "--image-cache", help="image feature file (when the dataset has several)"),
@@ -340,7 +340,7 @@ def _names(values: OptionList) -> list[str] | None:
 def ablate(
     dataset: OptionList = typer.Option(None, "--dataset", "-d", help="cached dataset(s), repeatable or a,b (default: every dataset in --cache-dir)"),
     heads: OptionList = typer.Option(None, "--heads", help="heads, repeatable or a,b (default: all five)"),
-    features: OptionList = typer.Option(None, "--features", help="cls | mean | tokens, repeatable or a,b (default cls,tokens)"),
+    features: OptionList = typer.Option(None, "--features", help="cls | mean | tokens | proj, repeatable or a,b (default cls,tokens)"),
     targets: OptionList = typer.Option(None, "--targets", help="targets / tasks, repeatable or a,b (default: each dataset's main label); one table each"),
     seeds: int = typer.Option(5, "--seeds", help="seeds 0..N-1 per config"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="worker processes (0 = auto: 1 on CUDA, else min(cores, 4)); 1 = in this process"),

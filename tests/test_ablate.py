@@ -63,7 +63,7 @@ def test_grid_expansion_counts_and_encoder_axis(caches, tmp_path):
     assert len(runs) == (1 + 2) * heads * 2 * 5
     assert {r.dataset for r in runs} == {"synth", "multi"}
     assert {r.encoder.label for r in runs if r.dataset == "multi"} == {
-        "tiny--text-enc + tiny--image-enc", "tiny--text-enc-v2 + tiny--image-enc"}
+        "tiny/text-enc + tiny/image-enc", "tiny/text-enc-v2 + tiny/image-enc"}
     assert {r.seed for r in runs} == set(range(5)) and {r.features for r in runs} == {"cls", "tokens"}
     names = [r.name for r in runs]
     assert len(set(names)) == len(names) and len({r.key for r in runs}) == len(runs)
