@@ -95,7 +95,7 @@ def format_info(entries: list[dict[str, Any]]) -> str:
     if feats:
         out += ["", format_table(
             ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
-            [[e["path"], e["modality"], e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
+            [[e["path"], e["modality"], e.get("name") or e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
               "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], human_bytes(e["size_bytes"])]
              for e in feats])]
     for e in feats:
@@ -105,7 +105,8 @@ def format_info(entries: list[dict[str, Any]]) -> str:
             out.append(f"  {name:<7} {tuple(a['shape'])} {a['dtype']}")
         out.append("  valid   (N,) bool   done (N,) bool   failure (N,) utf-8[160]   id (N,) str   row (N,) int64")
         rev = prov.get("commit_hash") or prov.get("resolved_path") or "-"
-        out.append(f"  model {prov.get('model_id') or conf.get('model')} ({prov.get('class_name')}, "
+        fam = f", family {prov['family']}, layer {prov.get('layer', 'last')}" if prov.get("family") else ""
+        out.append(f"  model {prov.get('model_id') or conf.get('model')} ({prov.get('class_name')}{fam}, "
                    f"revision/path {rev})")
         extra = f", grid {e['grid']}, patch_pool {conf.get('patch_pool')}" if e["modality"] == "image" else \
             f", max_length {conf.get('max_length')}"

@@ -43,6 +43,7 @@ from mmcache.extract.extraction import (
     load_index_info,
     prepare_index,
     run_extract,
+    validate_models,
 )
 
 from mmcache.errors import BadInputError, PipelineError
@@ -156,6 +157,7 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
         raise BadInputError("--shard cannot be combined with torchrun: each rank extracts the shard of its RANK")
     if timeout_s <= 0:
         raise BadInputError(f"the process group timeout must be positive, got {timeout_s}")
+    validate_models(cfg)  # every rank, before the process group: a bad model fails fast everywhere
     rank, world = env.rank, env.world_size
     if not env.is_main and cfg.progress is None:
         cfg.progress = False  # one set of progress bars (rank 0's) on a shared terminal

@@ -386,24 +386,25 @@ def _clip_tokenizer(words: Iterable[str]):
 
 
 def build_clip(out_dir: str | Path, *, text_hidden: int = 32, vision_hidden: int = 24, projection_dim: int = 16,
-               num_layers: int = 2, num_heads: int = 2, patch_size: int = 8, image_size: int = 32,
-               max_position: int = 77, tokenizer: bool = True, seed: int = 0) -> Path:
+               num_layers: int = 2, num_heads: int = 2, text_heads: int | None = None, patch_size: int = 8,
+               image_size: int = 32, max_position: int = 77, tokenizer: bool = True, seed: int = 0) -> Path:
     """A whole random two-tower ``CLIPModel`` + ``CLIPImageProcessor`` (+ a byte-level BPE
-    ``CLIPTokenizer`` unless ``tokenizer=False``: an image-only folder, as some users save)."""
+    ``CLIPTokenizer`` unless ``tokenizer=False``: an image-only folder, as some users save).
+    ``text_heads`` defaults to ``num_heads`` (the vision tower's)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     kwargs = dict(text_hidden=text_hidden, vision_hidden=vision_hidden, projection_dim=projection_dim,
-                  num_layers=num_layers, num_heads=num_heads, patch_size=patch_size, image_size=image_size,
-                  max_position=max_position, tokenizer=tokenizer, seed=seed)
+                  num_layers=num_layers, num_heads=num_heads, text_heads=text_heads, patch_size=patch_size,
+                  image_size=image_size, max_position=max_position, tokenizer=tokenizer, seed=seed)
     out = _prepare_dir(out_dir)
     tok = _clip_tokenizer(DEFAULT_WORDS)
-    tower = dict(num_hidden_layers=num_layers, num_attention_heads=num_heads)
     config = CLIPConfig(
         text_config=dict(hidden_size=text_hidden, intermediate_size=4 * text_hidden, vocab_size=len(tok),
                          max_position_embeddings=max_position, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **tower),
+                         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, num_hidden_layers=num_layers,
+                         num_attention_heads=text_heads or num_heads),
         vision_config=dict(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, image_size=image_size,
-                           patch_size=patch_size, **tower),
+                           patch_size=patch_size, num_hidden_layers=num_layers, num_attention_heads=num_heads),
         projection_dim=projection_dim)
     with _seeded(seed):
         model = CLIPModel(config).eval()
@@ -448,6 +449,8 @@ def build_siglip(out_dir: str | Path, *, text_hidden: int = 32, vision_hidden: i
 
 #: Keyword arguments for :func:`build_bert` / :func:`build_dinov2` per preset size. "base" has the
 #: shapes of bert-base-uncased and dinov2-base (random weights: ~110M + ~86M parameters, ~800 MB).
+#: "clip-base" / "siglip-base" are one two-tower checkpoint used as both text and image model, with
+#: the shapes of openai/clip-vit-base-patch32 and google/siglip-base-patch16-224 (random weights).
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "bert": dict(hidden_size=32, num_layers=2, num_heads=2),
@@ -462,6 +465,14 @@ PRESETS: dict[str, dict[str, dict]] = {
         "bert": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
         "dinov2": dict(hidden_size=768, num_layers=12, num_heads=12, patch_size=14, image_size=224,
                        resize_shortest_edge=256),
+    },
+    "clip-base": {
+        "clip": dict(text_hidden=512, vision_hidden=768, projection_dim=512, num_layers=12, num_heads=12,
+                     text_heads=8, patch_size=32, image_size=224, max_position=77),
+    },
+    "siglip-base": {
+        "siglip": dict(text_hidden=768, vision_hidden=768, num_layers=12, num_heads=12, patch_size=16,
+                       image_size=224, max_position=64),
     },
 }
 
@@ -481,7 +492,8 @@ def _is_complete(folder: Path, kind: str, kwargs: dict) -> bool:
 def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
     """Build (or reuse) the text and image checkpoints of preset ``name`` under ``root``.
 
-    Returns ``(root / "bert-<name>", root / "dinov2-<name>")``. Idempotent: a folder whose completion
+    Returns ``(root / "bert-<name>", root / "dinov2-<name>")``, or twice the one two-tower folder
+    (``root / "clip-base"``) of a two-tower preset. Idempotent: a folder whose completion
     marker (written last) matches the preset's arguments is reused; a folder without one (an
     interrupted build) or with other arguments is wiped and rebuilt.
     """
@@ -489,9 +501,11 @@ def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
         raise BadInputError(f"unknown tiny-model preset {name!r}; choose one of {sorted(PRESETS)}")
     root = Path(root)
     dirs = []
-    for kind, builder in (("bert", build_bert), ("dinov2", build_dinov2)):
+    builders = {"bert": build_bert, "dinov2": build_dinov2, "clip": build_clip, "siglip": build_siglip}
+    for kind in PRESETS[name]:
+        builder = builders[kind]
         kwargs = dict(PRESETS[name][kind])
-        folder = root / f"{kind}-{name}"
+        folder = root / (name if kind in ("clip", "siglip") else f"{kind}-{name}")
         full = _full_kwargs(builder, kwargs)
         if _is_complete(folder, kind, full):
             log.info("reusing %s", folder)
@@ -501,7 +515,7 @@ def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
                 shutil.rmtree(folder)
             builder(folder, **kwargs)
         dirs.append(folder)
-    return dirs[0], dirs[1]
+    return dirs[0], dirs[-1]
 
 
 def _full_kwargs(builder, kwargs: dict) -> dict:

@@ -304,7 +304,7 @@ def cache_merge(
 
 @app.command()
 def bench(
-    preset: str = typer.Option("small", help="model sizes: tiny | small | base (random-init, built locally)"),
+    preset: str = typer.Option("small", help="model sizes: tiny | small | base (BERT + DINOv2) | clip-base | siglip-base (random-init, built locally)"),
     samples: int = typer.Option(256, help="generated posts (JPEG + text) to extract"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (GPU autocast)"),

@@ -156,3 +156,38 @@ def test_ablation_grid_mixes_families_with_readable_labels(env, tmp_path):
                        runs_dir=tmp_path / "runs")
     assert {r.encoder.label for r in runs} == {"tiny/bert + tiny/clip", "tiny/bert + tiny/dinov2",
                                                "tiny/clip + tiny/clip", "tiny/clip + tiny/dinov2"}
+
+
+def test_files_named_before_readable_names_are_still_found(env, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ("--text-model", env["bert"], "--modality", "text")
+    assert _extract(env, cache, *args) == 0
+    (cache / "demo" / "text--tiny--bert.h5").rename(cache / "demo" / "text--bert.h5")  # the old name
+    capsys.readouterr()
+    assert _extract(env, cache, *args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("up to date") and "text--bert.h5" in out
+    assert not (cache / "demo" / "text--tiny--bert.h5").exists()
+
+
+def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+    from mmcache.extract import encoders
+
+    from mmcache.errors import ModelLoadError
+
+    def refuse(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(encoders, "_REACHABLE", {})
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert not encoders.hub_reachable()
+    with pytest.raises(ModelLoadError) as e:
+        encoders.load_image_encoder("nobody-owns-this/tiny-vit-xyz")
+    assert str(e.value) == ("could not load image model 'nobody-owns-this/tiny-vit-xyz': not found locally; "
+                            "set --image-model to a folder or enable network")
