@@ -160,8 +160,11 @@ _MEANINGFUL = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
 
 def readable_name(model: str, name: str | None = None) -> str:
     """What files and tables call an encoder: ``name`` when given; a hub id itself; a local folder by its
-    config's ``_name_or_path`` when that is a hub-style id (``owner/name``, not a path), else by
-    ``parent/folder`` (never just ``model``)."""
+    config's ``_name_or_path`` when that is meaningful, else by ``parent/folder`` (never just ``model``).
+
+    ``_name_or_path`` is meaningful when it is a hub-style id (``name`` or ``owner/name``, not a path,
+    not the folder's own name) and the folder is not a sentence-transformers export (whose config
+    names the model it was fine-tuned *from*)."""
     import re
 
     if name:
@@ -172,7 +175,9 @@ def readable_name(model: str, name: str | None = None) -> str:
         raw = json.loads(Path(model, "config.json").read_text(encoding="utf-8")).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
         raw = None
-    if isinstance(raw, str) and re.match(_MEANINGFUL, raw) and not os.path.isdir(raw):
+    fine_tuned = os.path.isfile(os.path.join(model, "config_sentence_transformers.json"))
+    if (isinstance(raw, str) and re.match(_MEANINGFUL, raw) and not os.path.isdir(raw) and not fine_tuned
+            and raw != Path(model).resolve().name):
         return raw
     p = Path(model).resolve()
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
@@ -683,11 +688,18 @@ def load_image_encoder(
 # before any work; rebuilding from a cache
 
 
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
+
+
 def validate_encoder(modality: str, model: str, revision: str | None = None) -> str:
     """Check that ``model`` is found, of a known family of ``modality``, and its tokenizer / image
     processor loads, without reading the weights (seconds, not the model's load time). Returns the
     family name; raises as :func:`load_text_encoder` / :func:`load_image_encoder` would."""
-    parts = _text_parts(str(model), revision) if modality == "text" else _image_parts(str(model), revision)
+    model = str(model)
+    parts = _text_parts(model, revision) if modality == "text" else _image_parts(model, revision)
+    if os.path.isdir(model) and not any(next(Path(model).glob(p), None) for p in _WEIGHTS):
+        raise ModelLoadError(f"could not load {modality} model {model!r}: the folder has no weights "
+                             "(model.safetensors or pytorch_model.bin)")
     return parts[1].name
 
 

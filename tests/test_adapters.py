@@ -233,6 +233,12 @@ def test_readable_names(tmp_path, ckpt):
     assert readable_name(str(named)) == "someone/tiny-bert"
     (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "/home/me/ckpt/tiny"}))
     assert readable_name(str(named)) == "x/model"
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "model"}))  # just the folder's name
+    assert readable_name(str(named)) == "x/model"
+    # a sentence-transformers export names the model it was fine-tuned from: not its own name
+    (named / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "someone/base-model"}))
+    (named / "config_sentence_transformers.json").write_text("{}")
+    assert readable_name(str(named)) == "x/model"
 
 
 def test_identity_rule():

@@ -144,6 +144,11 @@ def test_models_validated_before_any_work(env, tmp_path, capsys):
     code, out, err = _run(capsys, "extract", "--dataset", "demo", "--data-dir", env["data"], "--option", f"n={N}",
                           "--cache-dir", cache, "--text-model", tmp_path / "gpt2", "--image-model", env["dinov2"], *COMMON)
     assert code == 2 and "Known text families" in err and "extract/adapters/" in err
+    no_weights = tmp_path / "bert-no-weights"
+    shutil.copytree(env["bert"], no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    code, out, err = _run(capsys, "extract", "--dataset", "demo", "--data-dir", env["data"], "--option", f"n={N}",
+                          "--cache-dir", cache, "--text-model", no_weights, "--image-model", env["dinov2"], *COMMON)
+    assert code == 2 and "no weights" in err and not list(cache.glob("demo/*.h5"))
 
 
 def test_ablation_grid_mixes_families_with_readable_labels(env, tmp_path):
