@@ -308,7 +308,7 @@ def test_shards_partition_rows_and_match_single_run(good_run, good_data, models,
     for i in range(2):
         s = run_extract(_cfg(good_data, tmp_path, models, modality="text", shard=(i, 2)))
         path = _file(s, "text")
-        assert path.name == f"text--models0--{models['bert'].name}.shard-{i}-of-2.h5" and s.failures_csv is None
+        assert path.name == f"text--{models['bert'].parent.name}--bert.shard-{i}-of-2.h5" and s.failures_csv is None
         parts.append(path)
     assert cf.list_feature_files(parts[0].parent) == []  # shard files are not mistaken for the full file
     assert cf.list_shard_files(parts[0].parent) == parts
