@@ -219,6 +219,14 @@ def test_layers(ckpt, images):
         load_text_encoder(str(folder), layer=9).encode(b)
     with pytest.raises(BadInputError, match="last layer"):
         load_image_encoder(str(ckpt("cnn")), layer=-2)
+    folder = ckpt("dinov2")  # image layers: registers and CLS stay out of tokens / mean
+    ie = load_image_encoder(str(folder), layer=-1)
+    pv = ie.preprocess(images)
+    with torch.no_grad():
+        hs = AutoModel.from_pretrained(folder).eval()(pixel_values=pv, output_hidden_states=True).hidden_states
+    got = ie.encode(pv)
+    _close(got["tokens"], hs[-1][:, ie.num_prefix_tokens:])
+    _close(got["cls"], hs[-1][:, 0])
 
 
 def test_readable_names(tmp_path, ckpt):
