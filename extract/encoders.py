@@ -104,10 +104,11 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
     if host not in _REACHABLE:
         try:
-            socket.create_connection((host, 443), timeout=timeout_s).close()
+            socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout_s).close()
             _REACHABLE[host] = True
         except OSError:
             _REACHABLE[host] = False

@@ -434,7 +434,8 @@ def build_siglip(out_dir: str | Path, *, text_hidden: int = 32, vision_hidden: i
     tower = dict(num_hidden_layers=num_layers, num_attention_heads=num_heads)
     config = SiglipConfig(
         text_config=dict(hidden_size=text_hidden, intermediate_size=4 * text_hidden, vocab_size=len(tok),
-                         max_position_embeddings=max_position, pad_token_id=tok.pad_token_id, **tower),
+                         max_position_embeddings=max_position, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, **tower),
         vision_config=dict(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, image_size=image_size,
                            patch_size=patch_size, **tower))
     with _seeded(seed):
