@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from mmcache.errors import BadInputError, ModelLoadError
 
@@ -112,10 +112,6 @@ class EncoderAdapter:
     def project(self, net, pooled):
         """(B, P) joint-space embedding from ``pooled`` (B, D), when :attr:`has_proj`."""
         return None
-
-    def identity(self, net, config) -> dict[str, Any]:
-        """Extra config entries that determine this family's outputs (beyond the shared ones)."""
-        return {}
 
 
 class TextAdapter(EncoderAdapter):
