@@ -3,6 +3,8 @@ completeness and failure count. Imports only the format module (h5py + numpy): f
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -76,28 +78,70 @@ def _state(e: dict) -> str:
     return "complete"
 
 
-def format_info(entries: list[dict[str, Any]]) -> str:
-    """Tables: the index files, the feature files, then per feature file its arrays and provenance."""
-    from mmcache.extract.summary import format_table, human_bytes
+def terminal_width(default: int = 120) -> int:
+    """Columns of the terminal (``COLUMNS`` when set; ``default`` when output goes to a file or pipe)."""
+    return max(40, shutil.get_terminal_size((default, 24)).columns)
+
+
+def fit_table(headers: list[str], rows: list[list[Any]], width: int) -> str:
+    """``format_table`` when it fits in ``width`` columns; otherwise one record per row: the first
+    cell, then ``header value`` pairs wrapped to ``width`` (long paths stay whole on their own line)."""
+    from mmcache.extract.summary import format_table
+
+    table = format_table(headers, rows)
+    if max(map(len, table.splitlines())) <= width:
+        return table
+    out = []
+    for r in rows:
+        out.append(str(r[0]))
+        line = " "
+        for h, c in zip(headers[1:], r[1:], strict=True):
+            pair = f" {h} {c},"
+            if len(line) + len(pair) > width and line.strip():
+                out.append(line)
+                line = "   "
+            line += pair
+        out.append(line.rstrip(","))
+    return "\n".join(out)
+
+
+def fit_line(line: str, width: int) -> str:
+    """``line`` wrapped to ``width`` columns, continuation lines indented under its first word."""
+    if len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.fill(line, width=width, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def format_info(entries: list[dict[str, Any]], width: int | None = None) -> str:
+    """Tables: the index files, the feature files, then per feature file its arrays and provenance;
+    everything fits in ``width`` columns (default: the terminal's)."""
+    width = width or terminal_width()
+    return "\n".join(fit_line(line, width) for line in _format_info(entries, width).split("\n"))
+
+
+def _format_info(entries: list[dict[str, Any]], width: int) -> str:
+    from mmcache.extract.summary import human_bytes
 
     if not entries:
         return "no cache files found"
     out = []
     idx = [e for e in entries if e["kind"] == "index"]
     if idx:
-        out.append(format_table(["index", "dataset", "samples", "splits", "fingerprint", "size"], [
+        out.append(fit_table(["index", "dataset", "samples", "splits", "fingerprint", "size"], [
             [e["path"], e["dataset"], e["samples"], " ".join(f"{k}={v}" for k, v in e["splits"].items()),
-             e["fingerprint"], human_bytes(e["size_bytes"])] for e in idx]))
+             e["fingerprint"], human_bytes(e["size_bytes"])] for e in idx], width))
         for e in idx:
             resplits = f", re-split {len(e['split_history'])}x" if e.get("split_history") else ""
             out.append(f"  {e['dataset']} split: {e['split_source']} (fingerprint {e['split_fingerprint']}{resplits})")
     feats = [e for e in entries if e["kind"] == "features"]
     if feats:
-        out += ["", format_table(
+        out += ["", fit_table(
             ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
             [[e["path"], e["modality"], e.get("name") or e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
               "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], human_bytes(e["size_bytes"])]
-             for e in feats])]
+             for e in feats], width)]
     for e in feats:
         prov, conf = e["provenance"], e["config"]
         out += ["", f"{e['path']}:"]
@@ -126,7 +170,7 @@ def format_info(entries: list[dict[str, Any]]) -> str:
                                      else "")]
     bad = [e for e in entries if e["kind"] == "unreadable"]
     if bad:
-        out += ["", format_table(["unreadable file", "error"], [[e["path"], e["error"]] for e in bad])]
+        out += ["", fit_table(["unreadable file", "error"], [[e["path"], e["error"]] for e in bad], width)]
     return "\n".join(out).lstrip("\n")
 
 

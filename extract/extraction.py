@@ -48,7 +48,7 @@ from mmcache.extract.images import (
     resize_plan,
 )
 
-from mmcache.errors import BadInputError, PipelineError
+from mmcache.errors import BadInputError, Interrupted, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class ExtractConfig:
     length_window: int | None = None  # rows per length-sorting window; default 64 * text_batch_size
     progress: bool | None = None  # tqdm bars: None = only on a terminal
     shard: tuple[int, int] = (0, 1)  # (shard_index, num_shards)
+    command: str | None = None  # the command line of this run: stored in provenance, quoted by resume hints
 
     def validate(self) -> None:
         if self.modality not in MODALITY_CHOICES:
@@ -287,7 +288,7 @@ def format_extract_summary(s: ExtractSummary) -> str:
     repaired = [f"{m.modality}: {m.repaired}" for m in s.modalities if m.repaired]
     if repaired:
         out.append(f"repaired (damaged rows found by checksum and recomputed): {', '.join(repaired)}")
-    if s.failures_csv:
+    if s.failures_csv and fail_rows:  # the file always exists; point at it only when it lists something
         out.append(f"failures: {s.failures_csv}")
     out.append(f"total time {s.seconds:.1f} s")
     return "\n".join(out)
@@ -425,7 +426,8 @@ def _provenance(enc, cfg: ExtractConfig, index: IndexInfo) -> dict[str, Any]:
     return {**enc.provenance(), "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
             "numpy_version": np.__version__, "pillow_version": PIL.__version__, "dataset": cfg.dataset,
             "dataset_root": str(index.dataset_dir), "written_by": "mmcache extract",
-            "max_image_pixels": cfg.max_image_pixels, "max_resized_pixels": cfg.max_resized_pixels}
+            "max_image_pixels": cfg.max_image_pixels, "max_resized_pixels": cfg.max_resized_pixels,
+            "command": cfg.command}
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -463,10 +465,10 @@ def _record_failures(writer: cf.FeatureWriter, failures: list[tuple[int, str]]) 
 
 
 def _bar(total: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
+    """A tqdm bar on a terminal, a progress line every 10 s in a log file (None), nothing (False)."""
+    from mmcache.progress import progress as reporter
 
-    disable = None if progress is None else not progress
-    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, disable=disable, leave=False)
+    return reporter(total, f"extract {desc}", "sample", enabled=progress)
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -815,6 +817,19 @@ def validate_models(cfg: ExtractConfig) -> None:
             model = cfg.text_model if modality == "text" else cfg.image_model
             revision = cfg.text_revision if modality == "text" else cfg.image_revision
             log.debug("%s model %s: %s family", modality, model, validate_encoder(modality, model, revision))
+def _kept(cfg: ExtractConfig, index: IndexInfo, stopped: str) -> str:
+    """What an interrupted run leaves: rows saved per modality file (every finished batch is kept)."""
+    i, n = cfg.shard
+    parts = []
+    for modality in cfg.modalities:
+        model = cfg.text_model if modality == "text" else cfg.image_model
+        path = cf.shard_path(cfg.cache_dir, index.dataset_dir.name, modality, model, i, n)
+        try:  # unlocked read: image workers forked while the file was open may still hold its lock
+            with cf.FeatureFile(path, locking=False) as ff:
+                parts.append(f"{modality} {int(ff.done.sum())}/{len(ff.ids)} rows in {path}")
+        except (cf.CacheError, OSError):
+            parts.append(f"{modality} not started" if modality != stopped else f"{modality} 0 rows")
+    return "extraction stopped; kept " + ", ".join(parts)
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -831,7 +846,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         results = {}
         for modality in ("image", "text"):
             if modality in cfg.modalities:
-                results[modality] = extract_shard(cfg, modality, i, n, index=index)
+                try:
+                    results[modality] = extract_shard(cfg, modality, i, n, index=index)
+                except KeyboardInterrupt:
+                    raise Interrupted(_kept(cfg, index, modality)) from None
         failures_csv = None
         if n == 1:
             failures_csv = str(cf.write_failures_csv(index.dataset_dir))

@@ -39,6 +39,7 @@ where they disagree. A reference row holds the paper's reported figures where it
 from __future__ import annotations
 
 import concurrent.futures as cfut
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -47,8 +48,8 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from itertools import product
@@ -59,17 +60,18 @@ import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import FEATURES, FusionData, extract_command, list_cached_datasets, load_data
 from mmcache.fuse.heads import head_uses, list_heads
-from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
+from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, is_finished, read_json, read_split
 from mmcache.fuse.targets import available_targets, resolve_target
 from mmcache.fuse.train import TrainConfig, train
 
-from mmcache.common import atomic_write
-from mmcache.errors import BadInputError, CacheError, PipelineError
+from mmcache.common import atomic_write, cpu_cores
+from mmcache.errors import BadInputError, CacheError, Interrupted, MissingCacheError, PipelineError
+from mmcache.progress import progress as reporter
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AblationConfig", "AblationResult", "GridRun", "METRICS", "REPORTED", "aggregate", "expand_grid",
-           "format_ablation", "format_tables", "mean_std", "run_ablation", "run_grid", "run_status",
+           "default_results_dir", "format_ablation", "format_tables", "mean_std", "run_ablation", "run_grid", "run_status",
            "write_results"]
 
 DEFAULT_FEATURES = ("cls", "tokens")
@@ -215,19 +217,20 @@ def _encoders(cache_dir: Path, dataset: str, explicit: bool) -> tuple[list[Encod
     for p in cf.list_feature_files(folder):
         try:
             with cf.FeatureFile(p) as ff:
-                complete, modality = ff.complete, ff.modality
+                complete, modality, provenance = ff.complete, ff.modality, ff.provenance
                 fps[str(p)] = f"{ff.attrs.get('config_fingerprint')}/{ff.index_fingerprint}"
         except CacheError as e:
             logger.warning("%s: skipped (%s)", p, e)
             continue
         if not complete:
-            logger.warning("%s is unfinished: left out of the ablation; resume it with %s", p, extract_command(dataset))
+            logger.warning("%s is unfinished: left out of the ablation; resume it with %s", p,
+                           extract_command(dataset, provenance))
             continue
         files.setdefault(modality, []).append(str(p))
     if not any(files.get(m) for m in MODALITIES):
         msg = (f"{dataset}: no complete feature file in {folder}/; create them with {extract_command(dataset)}")
         if explicit:
-            raise CacheError(msg)
+            raise MissingCacheError(msg)
         logger.warning("%s; skipped", msg)
         return [], fps
     # a dataset with one modality only: the heads that need only that one run (the others are skipped)
@@ -260,6 +263,11 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     """
     base = base or TrainConfig()
     cache_dir = Path(cache_dir)
+    if base.head not in list_heads():  # a --config naming a head that does not exist is a typo, not a default
+        raise BadInputError(f"the base config names unknown head {base.head!r}; known heads: {', '.join(list_heads())}")
+    if base.features not in FEATURES:
+        raise BadInputError(f"the base config names unknown features {base.features!r}; expected one of "
+                            f"{', '.join(FEATURES)}")
     heads = list(dict.fromkeys(heads)) if heads else list_heads()
     unknown = [h for h in heads if h not in list_heads()]
     if unknown:
@@ -278,12 +286,12 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         missing = [d for d in names if d not in cached]
         if missing:
             have = f" (cached: {', '.join(cached)})" if cached else ""
-            raise CacheError(f"no cache for dataset(s) {', '.join(missing)} in {cache_dir}/{have}; create it with "
+            raise MissingCacheError(f"no cache for dataset(s) {', '.join(missing)} in {cache_dir}/{have}; create it with "
                              f"{extract_command(missing[0])}")
     else:
         names = cached
         if not names:
-            raise CacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
+            raise MissingCacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
 
     runs: list[GridRun] = []
     skips: list[dict[str, Any]] = []
@@ -318,7 +326,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         skipped.extend(skips)
     if not runs:
         why = "; ".join(f"{x['dataset']}: {x['head']} {x['reason']}" for x in skips[:3])
-        raise CacheError(f"nothing to run in {cache_dir}/" + (f" ({why})" if why else ": no complete feature files"))
+        raise MissingCacheError(f"nothing to run in {cache_dir}/" + (f" ({why})" if why else ": no complete feature files"))
     runs.sort(key=GridRun.sort_key)
     return runs
 
@@ -338,11 +346,12 @@ def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridR
 def run_status(run: GridRun) -> str:
     """``finished`` (metrics.json and a matching config.json), ``stale`` (finished, but its split.json
     is not the cache's split: rerun), ``failed`` (error.json, no metrics), ``unfinished`` (a folder
-    without either, or a finished run whose config differs) or ``missing``."""
+    without either, e.g. marked UNFINISHED by Ctrl-C, or a finished run whose config differs) or
+    ``missing``."""
     d = run.run_dir
     if not d.is_dir():
         return "missing"
-    if (d / FINISHED_MARKER).is_file():
+    if is_finished(d):
         saved = read_json(d / "config.json")
         if not (isinstance(saved, dict) and (_comparable(saved, run.default_target)
                                              == _comparable(run.config, run.default_target))):
@@ -409,13 +418,6 @@ def _worker_init(threads: int, level: int) -> None:
 _SLOW_FIRST = {"self_attention": 0, "dual_attention": 1, "basic": 2}  # measured order of cost per run
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def resolve_jobs(jobs: int, device: str = "auto") -> int:
     """``jobs`` 0 = auto: one in-process worker on a GPU (runs share it one after the other), else one
     process per core up to 4 (small heads scale across processes far better than across threads)."""
@@ -429,12 +431,29 @@ def resolve_jobs(jobs: int, device: str = "auto") -> int:
     return 1 if on_gpu else min(cpu_cores(), 4)
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Block SIGINT in this thread while worker processes are started: they inherit the mask (through
+    spawn's exec too), so Ctrl-C on the process group reaches only the parent, which terminates them.
+    A Ctrl-C meanwhile is delivered when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False,
-             allow_no_val: bool = False) -> dict[str, Any]:
+             allow_no_val: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """Train every run of ``runs`` that is not finished (all of them with ``force``).
 
     Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "stale": [...], "seconds"}``.
-    Unfinished and stale folders (and finished ones with ``force``) are removed first.
+    Unfinished and stale folders (and finished ones with ``force``) are removed first. ``progress``: None = a
+    bar on a terminal, else a line every 10 s (runs done / total, failed, rate, ETA); False = none.
+    On Ctrl-C, raises :class:`~mmcache.errors.Interrupted` saying how many finished runs are kept.
     """
     if jobs < 1:
         raise BadInputError(f"--jobs must be >= 1, got {jobs}")
@@ -464,13 +483,33 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
     else:
         logger.info("ablation: all %d runs already finished", len(reused))
     outcomes: list[dict[str, Any]] = []
+    bar = reporter(len(todo), "ablate", "run", enabled=progress if todo else False, heartbeat=True)
 
     def report(out: dict[str, Any]) -> None:
         outcomes.append(out)
         what = (f"test macro-F1 {out['macro_f1']:.4f}" if out["status"] == "finished" and out["macro_f1"] is not None
                 else out["status"] if out["status"] == "finished" else f"FAILED: {out['error']}")
         logger.info("[%d/%d] %s: %s (%.1fs)", len(outcomes), len(todo), out["name"], what, out["seconds"])
+        bar.update(1, failed=sum(o["status"] == "failed" for o in outcomes))
 
+    try:
+        _train_all(todo, jobs, threads, allow_no_val, report)
+    except KeyboardInterrupt:
+        bar.close(finished=False)
+        done = sum(run_status(r) == "finished" for r in runs)  # on disk: a worker may finish as we stop
+        where = sorted({str(r.run_dir.parent) for r in runs})
+        raise Interrupted(f"ablation stopped; kept {done} of {len(runs)} finished runs in {', '.join(where)} "
+                          f"(the other {len(runs) - done}: not started, or marked unfinished)") from None
+    bar.close()
+    failed = {o["name"]: o["error"] for o in outcomes if o["status"] == "failed"}
+    return {"trained": [o["name"] for o in outcomes if o["status"] == "finished"], "reused": reused,
+            "failed": failed, "stale": stale, "seconds": time.perf_counter() - t0}
+
+
+def _train_all(todo: list[GridRun], jobs: int, threads: int, allow_no_val: bool, report) -> None:
+    """Train ``todo`` in this process (``jobs`` 1) or in ``jobs`` spawned workers; ``report`` gets each
+    outcome. On Ctrl-C the workers are terminated at once (they never see SIGINT themselves: a worker
+    would otherwise finish, or start, runs after it) and KeyboardInterrupt propagates."""
     if jobs == 1:
         quiet = [logging.getLogger(n) for n in ("mmcache.fuse.train", "mmcache.fuse.data")]
         levels = [lg.level for lg in quiet]
@@ -488,7 +527,8 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         level = logging.getLogger().getEffectiveLevel()
         with cfut.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                       initargs=(threads, level)) as pool:
-            futures = {pool.submit(_execute, r, allow_no_val): r for r in todo}
+            with _sigint_blocked():  # the workers start (and stay) with SIGINT blocked; the parent stops them
+                futures = {pool.submit(_execute, r, allow_no_val): r for r in todo}
             try:
                 for fut in cfut.as_completed(futures):
                     r = futures[fut]
@@ -498,11 +538,10 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
                         report({"name": r.name, "status": "failed", "seconds": 0.0, "macro_f1": None,
                                 "error": _record_failure(r, f"worker process failed: {type(e).__name__}: {e}")})
             except KeyboardInterrupt:
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()  # SIGTERM: a run in progress stops now; its folder stays UNFINISHED
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
-    failed = {o["name"]: o["error"] for o in outcomes if o["status"] == "failed"}
-    return {"trained": [o["name"] for o in outcomes if o["status"] == "finished"], "reused": reused,
-            "failed": failed, "stale": stale, "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------------------- aggregation
@@ -766,8 +805,10 @@ def _heading(table: dict[str, Any]) -> str:
             f"{c['finished']} runs finished")
     if c["failed"]:
         text += f", {c['failed']} failed"
-    if c["unfinished"] or c["missing"]:
-        text += f", {c['unfinished'] + c['missing']} not run yet"
+    if c["unfinished"]:
+        text += f", {c['unfinished']} unfinished (interrupted or running)"
+    if c["missing"]:
+        text += f", {c['missing']} not run yet"
     if c.get("stale"):
         text += f", {c['stale']} stale (made on another split)"
     return text
@@ -911,7 +952,8 @@ def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *,
 @dataclass
 class AblationConfig:
     """What :func:`run_ablation` runs. ``base``: the TrainConfig every run starts from (default:
-    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: cores // jobs."""
+    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: cores // jobs.
+    ``results_dir`` None: :func:`default_results_dir` of ``runs_dir``."""
 
     datasets: list[str] | None = None
     heads: list[str] | None = None
@@ -921,7 +963,7 @@ class AblationConfig:
     base: TrainConfig = field(default_factory=TrainConfig)
     cache_dir: str = "cache"
     runs_dir: str = "runs/ablate"
-    results_dir: str = "results"
+    results_dir: str | None = None  # None: default_results_dir(runs_dir)
     jobs: int = 1
     threads: int | None = None
     shard: tuple[int, int] | None = None
@@ -929,6 +971,12 @@ class AblationConfig:
     aggregate_only: bool = False
     plots: bool = True
     allow_no_val: bool = False  # train datasets without a validation split (else those runs fail)
+
+
+def default_results_dir(runs_dir: str | Path) -> Path:
+    """``results/<name of the runs folder>``: tables of different runs folders never overwrite each other
+    (``runs/ablate`` -> ``results/ablate``, the demo's ``runs/demo`` -> ``results/demo``)."""
+    return Path("results") / (Path(runs_dir).resolve().name or "runs")
 
 
 @dataclass
@@ -959,7 +1007,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
         done = run_grid(selected, jobs=resolve_jobs(config.jobs, config.base.device), threads=config.threads,
                         force=config.force, allow_no_val=config.allow_no_val)
     tables = aggregate(runs, skipped)
-    files = write_results(tables, config.results_dir, plots=config.plots)
+    files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
                           stale=done["stale"])

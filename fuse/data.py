@@ -30,7 +30,7 @@ from mmcache.extract import cache_format as cf
 from mmcache.fuse.targets import TargetSet, resolve_target, target_report
 from torch import Tensor
 
-from mmcache.errors import BadInputError, CacheError
+from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ SPLITS = ("train", "val", "test")
 MODALITY_ORDER = ("text", "image")
 
 
-def extract_command(dataset: str) -> str:
-    """The command that creates a dataset's cache, for error messages."""
+def extract_command(dataset: str, provenance: dict[str, Any] | None = None) -> str:
+    """The command that creates a dataset's cache, for error messages; given a feature file's
+    provenance, the exact command line that wrote it (models, cache folder and all), which resumes it."""
+    command = (provenance or {}).get("command")
+    if command:
+        return f"`{command}`"
     return f"`make extract DATASET={dataset}` (or `python cli.py extract --dataset {dataset}`)"
 
 
@@ -67,11 +71,11 @@ def resolve_dataset(cache_dir: str | Path, dataset: str | None) -> str:
     if dataset is not None:
         if dataset not in found:
             have = f" (cached: {', '.join(found)})" if found else ""
-            raise CacheError(f"no cache for dataset {dataset!r} in {cache_dir}/{have}; create it with "
+            raise MissingCacheError(f"no cache for dataset {dataset!r} in {cache_dir}/{have}; create it with "
                              f"{extract_command(dataset)}")
         return dataset
     if not found:
-        raise CacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
+        raise MissingCacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
     if len(found) > 1:
         raise BadInputError(f"several datasets are cached in {cache_dir}/: {', '.join(found)}; pick one with --dataset")
     return found[0]
@@ -95,7 +99,7 @@ def find_cache(cache_dir: str | Path, dataset: str, modality: str, given: str | 
         return p
     files = [p for p in cf.list_feature_files(folder) if p.name.split("--")[0] == modality]
     if not files:
-        raise CacheError(f"no {modality} feature cache in {folder}/; create it with {extract_command(dataset)}")
+        raise MissingCacheError(f"no {modality} feature cache in {folder}/; create it with {extract_command(dataset)}")
     if len(files) > 1:
         names = ", ".join(p.name for p in files)
         raise BadInputError(f"several {modality} caches in {folder}/: {names}; pick one with {flag}")
@@ -266,7 +270,7 @@ def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: s
         if not ff.complete:
             done = int(ff.done.sum())
             raise CacheError(f"{path} is unfinished ({done} of {len(index)} samples done); rerun "
-                             f"{extract_command(dataset)} to resume it")
+                             f"{extract_command(dataset, ff.provenance)} to resume it")
         if ff.index_fingerprint != index.fingerprint or not np.array_equal(ff.ids, index.ids):
             raise CacheError(f"{path} was made for a different sample index than {dataset}/{cf.INDEX_NAME} "
                              f"(fingerprint {ff.index_fingerprint} vs {index.fingerprint}); rerun "

@@ -31,7 +31,7 @@ DEMO_TRAINING = dict(dim=64, lr=1e-3, epochs=40, patience=10, batch_size=32)
 class DemoConfig:
     cache_dir: str = "cache"
     runs_dir: str = "runs/demo"
-    results_dir: str = "results"
+    results_dir: str | None = None  # None: results/<runs folder name>, i.e. results/demo
     n: int = 600  # demo posts; 8:1:1 split
     seeds: int = 3
     features: list[str] = field(default_factory=lambda: ["mean", "tokens"])

@@ -10,10 +10,13 @@ A run folder ``runs/<name>/`` holds, in the order they are written:
 * ``history.json``: one row per epoch (rewritten each epoch, so a crashed run shows how far it got);
 * ``model.safetensors``: the best-validation weights;
 * ``predictions.csv``: test samples, ``id, true, predicted, p_<class>...``;
-* ``metrics.json``: written last; its presence means the run finished (:data:`FINISHED_MARKER`).
+* ``metrics.json``: written last; its presence means the run finished (:data:`FINISHED_MARKER`);
+* ``train.log``: the log and progress lines of the run (train-fusion; informational).
 
-``error.json`` marks a run an ablation recorded as failed. Everything here reads and writes those
-files; other modules do not open them by name.
+``UNFINISHED`` is created with the folder and removed after ``metrics.json`` is written: a folder
+that holds it was interrupted (Ctrl-C, kill) or is still being trained, and never counts as a run
+(:func:`is_finished`, :func:`run_state`). ``error.json`` marks a run an ablation recorded as failed.
+Everything here reads and writes those files; other modules do not open them by name.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +37,11 @@ from mmcache.errors import BadInputError, PipelineError
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("config.json", "provenance.json", "split.json", "history.json", "model.safetensors",
-             "predictions.csv", "metrics.json")
+             "predictions.csv", "metrics.json", "train.log")
 SPLIT_FILE = "split.json"  # the run's split: source, fingerprint, ids per split
 FINISHED_MARKER = "metrics.json"  # written last: a run folder without it did not finish
 ERROR_FILE = "error.json"  # an ablation's record of a run that raised
+UNFINISHED_MARKER = "UNFINISHED"  # present from the folder's creation until metrics.json is written
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -62,12 +68,63 @@ def make_run_dir(runs_dir: Path, name: str) -> Path:
             continue
         if k > 1:
             logger.info("run folder %s exists; writing to %s", runs_dir / name, d)
+        mark_unfinished(d, "training (or interrupted: the process is gone)")
         return d
     raise PipelineError(f"too many runs named {name} in {runs_dir}")
 
 
+def check_run_name(name: str) -> str:
+    """``name`` if it is a plain folder name; :class:`BadInputError` for path separators or ``..``
+    (a run name never places its folder outside the runs folder)."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or (os.altsep and os.altsep in name):
+        raise BadInputError(f"run name {name!r} must be a plain folder name (no path separators, not '.' or "
+                            "'..'); choose the parent folder with --runs-dir")
+    return name
+
+
+def mark_unfinished(run_dir: str | Path, why: str) -> None:
+    """Write (or rewrite) the ``UNFINISHED`` marker with a line saying why, when and which process."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write(Path(run_dir) / UNFINISHED_MARKER, f"{why}\n{stamp} pid {os.getpid()} host {platform.node()}\n")
+
+
+def mark_finished(run_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` (the run finished), then drop the ``UNFINISHED`` marker."""
+    write_json(Path(run_dir) / FINISHED_MARKER, metrics)
+    (Path(run_dir) / UNFINISHED_MARKER).unlink(missing_ok=True)
+
+
+def attach_run_log(run_dir: str | Path) -> logging.Handler:
+    """Append this process's mmcache log records (progress lines included) to ``<run>/train.log``
+    until :func:`detach_run_log`."""
+    handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("mmcache").addHandler(handler)
+    return handler
+
+
+def detach_run_log(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("mmcache").removeHandler(handler)
+        handler.close()
+
+
 def is_finished(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / FINISHED_MARKER).is_file()
+    d = Path(run_dir)
+    return (d / FINISHED_MARKER).is_file() and not (d / UNFINISHED_MARKER).exists()
+
+
+def run_state(run_dir: str | Path) -> str:
+    """``finished``, ``failed`` (an ablation recorded an error), ``unfinished`` (interrupted or still
+    training) or ``missing``."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return "missing"
+    if is_finished(d):
+        return "finished"
+    if (d / ERROR_FILE).is_file():
+        return "failed"
+    return "unfinished"
 
 
 def require_finished(run_dir: str | Path) -> Path:
@@ -76,7 +133,10 @@ def require_finished(run_dir: str | Path) -> Path:
     if not (run_dir / "config.json").is_file():
         raise BadInputError(f"{run_dir} is not a run folder (no config.json)")
     if not is_finished(run_dir):
-        raise BadInputError(f"run {run_dir} did not finish (no {FINISHED_MARKER}); train it again")
+        why = ""
+        if (run_dir / UNFINISHED_MARKER).is_file():
+            why = f": {(run_dir / UNFINISHED_MARKER).read_text(encoding='utf-8', errors='replace').splitlines()[0]}"
+        raise BadInputError(f"run {run_dir} did not finish (marked {UNFINISHED_MARKER}{why}); train it again")
     return run_dir
 
 

@@ -38,7 +38,12 @@ from mmcache.fuse.data import FEATURES, MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, count_parameters, create_head, head_uses, list_heads
 from mmcache.fuse.runs import (
     FINISHED_MARKER,
+    attach_run_log,
+    check_run_name,
+    detach_run_log,
     make_run_dir,
+    mark_finished,
+    mark_unfinished,
     read_json,
     read_split,
     require_finished,
@@ -57,8 +62,9 @@ from mmcache.fuse.targets import (
 )
 from torch import Tensor
 
-from mmcache.common import atomic_write, resolve_device
-from mmcache.errors import BadInputError, PipelineError
+from mmcache.common import atomic_write, resolve_device, small_model_threads
+from mmcache.errors import BadInputError, Interrupted, PipelineError
+from mmcache.progress import progress as reporter
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +82,9 @@ class TrainConfig:
     dropped); None = the head's own. An ablation sets both so every head sees the same samples.
     ``text_cache`` / ``image_cache``: feature files (None = the only one of that modality in
     ``cache_dir/<dataset>/``). ``patience`` 0 and ``grad_clip`` 0 switch those off. ``threads``: CPU
-    threads for the run (None = torch's default; 1 is often fastest for small heads on a busy machine,
-    and float results can depend on it, so it is part of the config).
+    threads for the run (1 is often fastest for small heads on a busy machine, and float results can
+    depend on it, so it is part of the config; None on a CPU =
+    :func:`~mmcache.common.small_model_threads`, recorded in provenance.json).
     """
 
     head: str = "basic"
@@ -130,6 +137,9 @@ class TrainConfig:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise BadInputError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                "expected a JSON training config") from None
         except (OSError, json.JSONDecodeError) as e:
             raise BadInputError(f"cannot read config file {path}: {e}") from None
         return cls.from_dict(d)
@@ -151,6 +161,8 @@ class TrainConfig:
         for name, ok in checks:
             if not ok:
                 raise BadInputError(f"invalid {name}: {getattr(self, name)!r}")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
         if self.modalities is not None:
             bad = set(self.modalities) - set(MODALITY_ORDER)
             if bad or not self.modalities:
@@ -396,7 +408,8 @@ def _check_expected_split(data: FusionData, expected: dict[str, Any] | None) -> 
                        data.split.get("fingerprint"))
 
 
-def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool = False, allow_no_val: bool = False,
+def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool | None = False,
+          allow_no_val: bool = False,
           expected_split: dict[str, Any] | None = None) -> TrainResult:
     """Train one head and write its run folder; returns the resolved config, metrics and history.
 
@@ -409,12 +422,34 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
     index fingerprint, library versions), ``history.json`` (per epoch), ``model.safetensors``
     (best-validation weights), ``predictions.csv`` (test samples: id, true, predicted, p_<class>...),
     ``split.json`` (the split's source, fingerprint and ids) and, written last so that its presence
-    means the run finished, ``metrics.json`` (val at the best epoch, test, train).
+    means the run finished, ``metrics.json`` (val at the best epoch, test, train). The folder holds an
+    ``UNFINISHED`` marker until then; on Ctrl-C it is kept, marked, and
+    :class:`~mmcache.errors.Interrupted` says so.
 
     An empty validation split is a :class:`BadInputError` unless ``allow_no_val`` (then every epoch
     runs and the last one's weights are kept). ``expected_split``: a ``split.json`` record the run is
-    meant to reproduce; a different cache split is warned about.
+    meant to reproduce; a different cache split is warned about. ``progress``: False = silent; None =
+    a tqdm bar on a terminal, a line every 10 s otherwise (steps done / total, rate, ETA, epoch,
+    losses, val macro-F1).
     """
+    state: dict[str, Any] = {}
+    try:
+        return _train(config, data, progress, allow_no_val, expected_split, state)
+    except KeyboardInterrupt:
+        run_dir, history = state.get("run_dir"), state.get("history") or []
+        if run_dir is None:
+            raise Interrupted("training stopped before its run folder was created; nothing to keep") from None
+        if "bar" in state:
+            state["bar"].close(finished=False)  # the closing progress line: where the run stood
+        mark_unfinished(run_dir, f"interrupted after {len(history)} of {state['epochs']} epochs")
+        raise Interrupted(f"run folder {run_dir} kept and marked unfinished after {len(history)} of "
+                          f"{state['epochs']} epochs (a rerun trains it anew)") from None
+    finally:
+        detach_run_log(state.get("log"))
+
+
+def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, allow_no_val: bool,
+           expected_split: dict[str, Any] | None, state: dict[str, Any]) -> TrainResult:
     config.validate()
     device = resolve_device(config.device)
     t_start = time.perf_counter()
@@ -433,11 +468,13 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                                f"{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = make_run_dir(Path(config.runs_dir), name)
     config = dataclasses.replace(config, run_name=run_dir.name)
+    state.update(run_dir=run_dir, epochs=config.epochs, log=attach_run_log(run_dir))
     write_json(run_dir / "config.json", config.to_dict())
-    write_json(run_dir / "provenance.json", _provenance(data, device, config.threads))
+    threads = config.threads or (small_model_threads() if device.type == "cpu" else None)
+    write_json(run_dir / "provenance.json", _provenance(data, device, threads))
     write_split(run_dir, data.split, data.split_ids)
 
-    with _deterministic(device, config.threads):
+    with _deterministic(device, threads):
         _seed_everything(config.seed)
         model = _build_head(config, data.dims(), target.num_outputs).to(device)
         n_params = count_parameters(model)
@@ -453,15 +490,12 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                     test_rows.numel(), n_params, device)
 
         history: list[dict[str, Any]] = []
+        state["history"] = history
         best_f1, best_epoch, best_state, since_best = -1.0, 0, None, 0
         val_labels = labels_np[val_rows.cpu().numpy()]
-        epochs = range(1, config.epochs + 1)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(epochs, desc=f"{config.head}", unit="epoch", leave=False)
-        for epoch in bar if bar is not None else epochs:
+        bar = reporter(total, f"train {config.head} on {data.dataset}", "step", enabled=progress)
+        state["bar"] = bar
+        for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
             order = train_rows[torch.randperm(train_rows.numel(), generator=shuffle).to(device)]
@@ -479,6 +513,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                 optimizer.step()
                 scheduler.step()
                 loss_sum += loss.detach() * rows.numel()
+                bar.update(1, epoch=f"{epoch}/{config.epochs}")
             train_loss = float(loss_sum) / train_rows.numel()
             if not math.isfinite(train_loss):
                 raise PipelineError(f"training loss became {train_loss} in epoch {epoch}; try a lower --lr")
@@ -502,13 +537,12 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
             else:
                 since_best += 1
             logger.debug("epoch %d: %s", epoch, row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{row.get('val_macro_f1', float('nan')):.3f}")
+            bar.set_postfix(loss=train_loss, val_loss=row.get("val_loss", float("nan")),
+                            val_macro_f1=row.get("val_macro_f1", float("nan")))
             if config.patience and since_best >= config.patience:
                 logger.info("early stop after epoch %d (best val macro-F1 %.4f at epoch %d)", epoch, best_f1, best_epoch)
                 break
-        if bar is not None:
-            bar.close()
+        bar.close()
 
         model.load_state_dict(best_state)
         split_probs = {s: predict(model, data, data.split_rows[s], config.eval_batch_size, config.amp)
@@ -545,7 +579,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
                   "num_parameters": n_params, **data.dims()},
         "seconds": time.perf_counter() - t_start,
     }
-    write_json(run_dir / FINISHED_MARKER, metrics)
+    mark_finished(run_dir, metrics)
     logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
                 _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
     return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)

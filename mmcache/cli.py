@@ -7,17 +7,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import typer
 
-from mmcache.errors import BadInputError, PipelineError
+from mmcache.errors import BadInputError, Interrupted, PipelineError
+
+# click's exception classes, wherever this typer takes click from (typer >= 0.2x vendors its own copy)
+_clickx = sys.modules[typer.BadParameter.__module__]
+_NoArgsIsHelp = getattr(_clickx, "NoArgsIsHelpError", ())
+_Exit = tuple({typer.Exit, getattr(_clickx, "Exit", typer.Exit)})
+_Abort = tuple({typer.Abort, getattr(_clickx, "Abort", typer.Abort)})
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract BERT/DINOv2 features once into an HDF5 cache; train fusion heads on it.")
 
 OptionList = list[str] | None
+
+
+@app.callback()
+def _everywhere(
+    log_file: Path | None = typer.Option(None, "--log-file", help="also append log and progress lines to this file (before the command: cli.py --log-file x.log extract ...)"),
+) -> None:
+    """Extract BERT/DINOv2 features once into an HDF5 cache; train fusion heads on it."""
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+_CALL: list[list[str] | None] = [None]  # this call's argv (None: sys.argv), for resume hints
 
 
 def _options(pairs: OptionList) -> dict[str, str]:
@@ -112,13 +133,13 @@ def train_fusion(
     seed: int | None = typer.Option(None, "--seed", help="seed (default 0)"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)"),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on CUDA (default on; CPU never)"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's; 1 is often fastest for small heads)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default 1-2: 2 only with 4+ cores and 2 free; more threads make small heads much slower on a busy machine)"),
     head_option: OptionList = typer.Option(None, "--head-option", help="head-specific KEY=VALUE (repeatable)"),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="cache root (default cache)"),
     runs_dir: str | None = typer.Option(None, "--runs-dir", help="where run folders go (default runs)"),
     run_name: str | None = typer.Option(None, "--run-name", help="run folder name (default <dataset>-<head>-<features>-s<seed>-<time>)"),
     allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train without a validation split (no early stopping; the last epoch is kept)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar / progress lines"),
     as_json: bool = typer.Option(False, "--json", help="print metrics.json instead of the summary"),
 ) -> None:
     """Train a fusion head on cached features; writes runs/<name>/ and prints a summary table."""
@@ -145,7 +166,7 @@ def train_fusion(
     from mmcache.fuse.runs import read_split
 
     expected = read_split(config.parent) if config is not None and merged.get("dataset") == base.get("dataset") else None
-    result = train(TrainConfig.from_dict(merged), progress=not quiet and sys.stderr.isatty(), allow_no_val=allow_no_val,
+    result = train(TrainConfig.from_dict(merged), progress=False if quiet else None, allow_no_val=allow_no_val,
                    expected_split=expected)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
 
@@ -233,6 +254,7 @@ def extract(
         num_workers=num_workers, threads=threads, patch_pool=patch_pool, force=force, retry_failed=retry_failed,
         repair=repair,
         split_file=split_file, seed=seed, resplit=resplit, shard=parse_shard(shard, num_shards), progress=False if no_progress else None,
+        command=resume_command(_CALL[0]),
     )
     if max_image_pixels is not None:
         cfg.max_image_pixels = max_image_pixels
@@ -297,7 +319,7 @@ def cache_merge(
         left = "shard files removed" if r.removed_shards else ("shard files kept" if r.shards else "")
         typer.echo(f"{r.status} {r.num_shards} shards -> {r.path} ({r.num_samples} samples, {r.num_valid} valid, "
                    f"{r.num_failed} failed{', ' + left if left else ''})")
-    csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv})
+    csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv and r.num_failed})
     if csvs:
         typer.echo(f"failures: {', '.join(csvs)}")
 
@@ -357,14 +379,20 @@ def ablate(
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default auto)"),
     cache_dir: str = typer.Option("cache", "--cache-dir", help="cache root"),
     runs_dir: str = typer.Option("runs/ablate", "--runs-dir", help="run folders go to RUNS_DIR/<dataset>/"),
-    results_dir: str = typer.Option("results", "--results-dir", help="where ablation_<dataset>.md|csv|json go"),
+    results_dir: str | None = typer.Option(None, "--results-dir", help="where ablation_<dataset>.md|csv|json go (default results/<name of --runs-dir>, e.g. results/ablate)"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
     allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train datasets without a validation split (no early stopping)"),
     as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
 ) -> None:
-    """Train every head x features x encoder x seed on the cached datasets; write results/ablation_<dataset>.*"""
+    """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
     from mmcache.extract.extraction import parse_shard
-    from mmcache.fuse.ablate import DEFAULT_FEATURES, AblationConfig, format_ablation, run_ablation
+    from mmcache.fuse.ablate import (
+        DEFAULT_FEATURES,
+        AblationConfig,
+        default_results_dir,
+        format_ablation,
+        run_ablation,
+    )
     from mmcache.fuse.train import TrainConfig
 
     base = TrainConfig.from_json(config).to_dict() if config is not None else {}
@@ -379,14 +407,14 @@ def ablate(
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
         raise PipelineError(f"{len(result.failed)} of {len(result.selected)} runs failed (listed in the tables and "
-                            f"{cfg.results_dir}/ablation_<dataset>.json); rerun to retry them")
+                            f"{cfg.results_dir or default_results_dir(cfg.runs_dir)}/ablation_<dataset>.json); retry them with: {resume_command(_CALL[0])}")
 
 
 @app.command()
 def demo(
     cache_dir: Path = typer.Option(Path("cache"), help="cache root (demo data, tiny models and features go here)"),
     runs_dir: Path = typer.Option(Path("runs/demo"), help="run folders of the demo grid"),
-    results_dir: Path = typer.Option(Path("results"), help="where the ablation tables go"),
+    results_dir: Path | None = typer.Option(None, help="where the ablation tables go (default results/<name of --runs-dir>, i.e. results/demo)"),
     seeds: int = typer.Option(3, help="seeds per configuration"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="parallel training processes (0 = auto)"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib)"),
@@ -398,7 +426,8 @@ def demo(
     from mmcache.fuse.ablate import format_ablation
     from mmcache.fuse.demo import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(cache_dir=str(cache_dir), runs_dir=str(runs_dir), results_dir=str(results_dir),
+    result = run_demo(DemoConfig(cache_dir=str(cache_dir), runs_dir=str(runs_dir),
+                                 results_dir=None if results_dir is None else str(results_dir),
                                  seeds=seeds, jobs=jobs, plots=plots, n=n, epochs=epochs))
     typer.echo(format_extract_summary(result.extract))
     typer.echo("")
@@ -407,31 +436,91 @@ def demo(
         raise PipelineError(f"{len(result.ablation.failed)} demo run(s) failed; see the table above")
 
 
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that repeats this call (``python cli.py ...``, ``python -m mmcache ...`` or
+    ``mmcache ...``, as it was started), shell-quoted: what resume hints print."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    prog = sys.argv[0] if sys.argv else ""
+    py = shutil.which("python")
+    python = "python" if py and os.path.realpath(py) == os.path.realpath(sys.executable) else sys.executable
+    if Path(prog).name == "cli.py":
+        lead = [python, prog]
+    elif Path(prog).name == "__main__.py":
+        lead = [python, "-m", "mmcache"]
+    else:
+        lead = ["mmcache"]
+    return shlex.join(lead + args)
+
+
+def _quiet_libraries() -> None:
+    """Keep the output to what the user needs: transformers / huggingface_hub warnings (``X requires
+    torchvision; falling back ...``, download notices) are hidden, their errors kept. Set before they
+    are first imported (commands import them lazily); a user's own setting wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars would interleave
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usage_error(e) -> str:
+    """A click usage error as one line, with the valid choices where there are some."""
+    msg = _one_line(e.format_message())
+    ctx = e.ctx
+    if "No such command" in msg and ctx is not None and hasattr(ctx.command, "list_commands"):
+        msg += f" Commands: {', '.join(ctx.command.list_commands(ctx))}"
+    elif ctx is not None:
+        msg += f" (see `{ctx.command_path} --help`)"
+    return msg
+
+
+def _invoke(argv: list[str] | None) -> int:
+    """Run the click command without click's own error printing (boxes, "Aborted!"): exceptions
+    reach :func:`main` unchanged."""
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with command.make_context(Path(sys.argv[0]).name or "cli.py", args) as ctx:
+            command.invoke(ctx)
+    except _Exit as e:  # --help
+        return e.exit_code
+    except _NoArgsIsHelp as e:  # `cli.py` / `cli.py cache` alone: the help
+        typer.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (callable from tests with an argv list)."""
-    # transformers' own "Loading weights" bars would interleave with ours on every model load; set
-    # before transformers is first imported (commands import it lazily). Users can set it to 0.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Entry point; returns the exit code (callable from tests with an argv list).
+
+    Exit codes: 0 ok, 2 bad input (one ``error:`` line: unknown name, malformed value, missing
+    option, unknown command), 1 runtime failure, 130 interrupted (Ctrl-C: one line saying what was
+    kept and the command that resumes)."""
+    _quiet_libraries()
+    _CALL[0] = argv
     rank = os.environ.get("RANK")  # set by torchrun: only rank 0 logs below warnings
     logging.basicConfig(level=logging.INFO if rank in (None, "0") else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s" if rank is None else
                         f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        # standalone mode lets click report its own usage errors (exit 2) and --help (exit 0) via
-        # SystemExit; our library errors pass through it untouched and are mapped here.
-        app(args=argv, standalone_mode=True, prog_name=Path(sys.argv[0]).name or "cli.py")
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return _invoke(argv)
+    except _clickx.UsageError as e:
+        typer.echo(f"error: {_usage_error(e)}", err=True)
+        return 2
     except BadInputError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         return 2
     except PipelineError as e:
-        typer.echo(f"error: {e}", err=True)
+        msg = _one_line(e).replace("rerun the same command", f"rerun `{resume_command(argv)}`")
+        typer.echo(f"error: {msg}", err=True)
         return 1
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except (KeyboardInterrupt, *_Abort) as e:
+        kept = str(e) if isinstance(e, Interrupted) else "stopped before anything new was saved"
+        typer.echo(f"interrupted: {_one_line(kept)}; resume with: {resume_command(argv)}", err=True)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

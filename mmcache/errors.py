@@ -24,3 +24,15 @@ class CacheError(PipelineError):
 
 class DiskFullError(PipelineError):
     """Not enough disk space for a cache file (checked before allocating, or ENOSPC while writing)."""
+
+
+class MissingCacheError(CacheError, BadInputError):
+    """The dataset or modality the call names has no cache (yet): the user must extract it first
+    (exit code 2, like any other unknown name)."""
+
+
+class Interrupted(KeyboardInterrupt):  # noqa: N818 -- reads as what happened, like KeyboardInterrupt
+    """Ctrl-C, re-raised by the library with one line saying what was kept (``str(e)``).
+
+    A KeyboardInterrupt on purpose: ``except Exception`` (an ablation recording a failed run) must
+    never swallow it. The CLI adds the command that resumes and exits 130."""

@@ -376,3 +376,36 @@ def test_jobs_2_gives_the_same_numbers_as_jobs_1(caches, tmp_path):
         mb = json.loads((b.run_dir / "metrics.json").read_text())
         assert ma["test"] == mb["test"] and ma["val"] == mb["val"]
         assert (a.run_dir / "predictions.csv").read_text() == (b.run_dir / "predictions.csv").read_text()
+
+
+# --------------------------------------------------------------------------------------------- issue 11
+
+def test_results_of_different_runs_dirs_stay_apart(caches, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for runs_dir, seeds in (("runs/demo", 2), ("runs/ablate", 1)):
+        ab.run_ablation(ab.AblationConfig(datasets=["synth"], heads=["text_only"], features=["cls"], seeds=seeds,
+                                          base=TINY, cache_dir=str(caches), runs_dir=runs_dir, jobs=1, plots=False))
+    demo = json.loads((tmp_path / "results" / "demo" / "ablation_synth.json").read_text())
+    one = json.loads((tmp_path / "results" / "ablate" / "ablation_synth.json").read_text())
+    assert demo["seeds"] == [0, 1] and one["seeds"] == [0]  # the one-seed ablation left the other table alone
+    assert not (tmp_path / "results" / "ablation_synth.json").exists()
+
+
+def test_base_config_with_unknown_head_is_refused(caches, tmp_path):
+    with pytest.raises(BadInputError, match="unknown head 'transformer_xl'.*dual_attention"):
+        ab.expand_grid(TrainConfig(head="transformer_xl"), datasets=["synth"], cache_dir=caches,
+                       runs_dir=tmp_path / "runs")
+
+
+def test_interrupted_run_folder_is_listed_unfinished(caches, tmp_path):
+    runs = _grid(caches, tmp_path, heads=["text_only"], seeds=2)
+    ab.run_grid(runs, jobs=1)
+    victim = runs[0].run_dir
+    (victim / "UNFINISHED").write_text("interrupted after 1 of 1 epochs\n")  # as train() leaves it on Ctrl-C
+    assert ab.run_status(runs[0]) == "unfinished" and ab.run_status(runs[1]) == "finished"
+    table = ab.aggregate(runs)["synth"]
+    assert table["counts"]["unfinished"] == 1
+    assert "1 unfinished" in ab.format_tables({"synth": table})
+    done = ab.run_grid(runs, jobs=1)  # a rerun redoes it
+    assert done["trained"] == [runs[0].name] and done["reused"] == [runs[1].name]
+    assert not (victim / "UNFINISHED").exists()

@@ -177,3 +177,80 @@ def test_inspect_demo_n_zero_exit_2(capsys, demo_dir):
     code, _out, err = _run(capsys, "inspect", "-d", "demo", "--data-dir", str(demo_dir), "-o", "n=0")
     assert code == 2
     _assert_one_line_error(err)
+
+
+# --------------------------------------------------------------------------------------------- issue 11
+
+def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    """(argv, a word the one error line must contain): every command, usage and library errors."""
+    empty = tmp_path / "empty_cache"
+    empty.mkdir(exist_ok=True)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"head": "basic", "note": "caf\u00e9"}'.encode("latin-1"))
+    not_json = tmp_path / "notjson.json"
+    not_json.write_text("head: basic\n")
+    unknown_head = tmp_path / "unknown_head.json"
+    unknown_head.write_text('{"head": "transformer_xl"}')
+    return [
+        (["train-fusion", "--seed", "abc"], "--seed"),
+        (["train-fusion", "--head", "basic", "--batch-size", "many"], "--batch-size"),
+        (["ablate", "--batch-size", "many"], "--batch-size"),
+        (["extract"], "--dataset"),
+        (["evaluate"], "--run"),
+        (["inspect", "-d", "demo", "--bogus"], "--bogus"),
+        (["frobnicate"], "train-fusion"),  # lists the commands
+        (["cache", "frobnicate"], "merge"),
+        (["bench", "--samples", "lots"], "--samples"),
+        (["demo", "--n", "x"], "--n"),
+        (["train-fusion", "--head", "basic", "--dataset", "nope", "--cache-dir", str(empty)], "nope"),
+        (["train-fusion", "--head", "basic", "--cache-dir", str(empty)], "extract"),
+        (["ablate", "-d", "nope", "--cache-dir", str(empty)], "nope"),
+        (["train-fusion", "--head", "basic", "--run-name", "../../x", "--cache-dir", str(empty)], "folder name"),
+        (["train-fusion", "--config", str(latin1)], "UTF-8"),
+        (["train-fusion", "--config", str(not_json)], "cannot read config"),
+        (["ablate", "--config", str(unknown_head), "--cache-dir", str(empty)], "dual_attention"),  # lists heads
+        (["ablate", "--config", str(latin1), "--cache-dir", str(empty)], "UTF-8"),
+    ]
+
+
+def test_every_bad_input_is_exit_2_and_one_error_line(capsys, tmp_path):
+    for argv, word in _bad_inputs(tmp_path):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert "╭" not in err and "Usage:" not in err, (argv, err)
+        _assert_one_line_error(err)
+        assert word in err, (argv, err)
+        assert out == "", (argv, out)
+
+
+def test_bad_input_in_a_real_process_no_box_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "train-fusion", "--seed", "abc"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: Invalid value for '--seed'")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_no_arguments_and_group_alone_show_help(capsys):
+    for argv in ([], ["cache"]):
+        code, out, err = _run(capsys, *argv)
+        assert code == 0 and "Usage" in out and "error" not in err
+
+
+def test_run_name_cannot_leave_runs_dir(tmp_path):
+    from mmcache.fuse.train import TrainConfig
+
+    from mmcache.errors import BadInputError
+
+    for name in ("../../x", "a/b", "..", "a\\b"):
+        with pytest.raises(BadInputError, match="plain folder name"):
+            TrainConfig(run_name=name).validate()
+    TrainConfig(run_name="my-run.2").validate()
+
+
+def test_resume_command_repeats_the_call(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cli.py", "extract"])
+    cmd = cli.resume_command(["extract", "-d", "demo", "--text-model", "my models/bert"])
+    assert cmd.endswith("cli.py extract -d demo --text-model 'my models/bert'")
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/mmcache"])
+    assert cli.resume_command(["ablate", "-j", "2"]) == "mmcache ablate -j 2"

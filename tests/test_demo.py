@@ -13,6 +13,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     out = capsys.readouterr().out
     for head in ("text_only", "image_only", "basic", "self_attention", "dual_attention"):
         assert head in out
+    assert "failures:" not in out  # no pointer to a failures file that lists nothing
     table = json.loads((tmp_path / "results" / "ablation_demo.json").read_text())
     assert table  # written
     assert (tmp_path / "cache" / "demo" / "index.h5").is_file()

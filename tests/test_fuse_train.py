@@ -58,7 +58,7 @@ def test_every_head_trains_for_every_features_mode(cache, tmp_path, head, featur
     r = train(_cfg(cache, tmp_path, head=head, features=features, label_smoothing=0.1, class_balanced=True))
     assert sorted(p.name for p in r.run_dir.iterdir()) == sorted(
         ["config.json", "provenance.json", "split.json", "history.json", "model.safetensors", "predictions.csv",
-         "metrics.json"])
+         "metrics.json", "train.log"])
     assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
     assert r.history[0]["lr"] > 0 and r.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0
     assert r.config.modalities == sorted(head_uses(head), key=["text", "image"].index)
@@ -302,9 +302,9 @@ def test_cli_errors(cache, tmp_path, capsys):
     code, _, err = _run(capsys, "train-fusion", "--head", "basic", "--cache-dir", str(cache))
     assert code == 2 and "synth, synth2" in err and "--dataset" in err
     code, _, err = _run(capsys, "train-fusion", "--head", "basic", "--dataset", "memotion", "--cache-dir", str(cache))
-    assert code == 1 and "make extract DATASET=memotion" in err
+    assert code == 2 and "make extract DATASET=memotion" in err  # an uncached dataset is bad input (issue 11)
     code, _, err = _run(capsys, "train-fusion", "--head", "basic", "--cache-dir", str(tmp_path / "empty"))
-    assert code == 1 and "make extract" in err
+    assert code == 2 and "make extract" in err
     code, _, err = _run(capsys, "train-fusion", "--head", "basic", "--features", "pooled", "--cache-dir", str(cache))
     assert code == 2 and "cls, mean, tokens" in err
     code, _, err = _run(capsys, "evaluate", "--run", str(tmp_path / "nowhere"))
