@@ -252,6 +252,9 @@ class FusionHead(nn.Module):
 
     name: str = ""
     uses: frozenset[str] = frozenset()
+    # True: with one used modality missing (all-False mask row) the head still gives a meaningful
+    # answer from the other (attention just has fewer keys); predict marks such answers.
+    handles_missing: bool = False
 
     def __init__(
         self,
@@ -410,6 +413,7 @@ class SelfAttentionHead(FusionHead):
     """
 
     uses = frozenset({"text", "image"})
+    handles_missing = True
 
     def __init__(self, **args):
         super().__init__(**args)
@@ -486,6 +490,7 @@ class DualAttentionHead(FusionHead):
     """
 
     uses = frozenset({"text", "image"})
+    handles_missing = True
 
     def __init__(self, **args):
         super().__init__(**args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_eval", "format_train"]
+__all__ = ["format_eval", "format_metrics", "format_train"]
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -74,6 +74,16 @@ def _per_target(metrics: dict[str, Any] | None, split: str) -> list[str]:
         recalls = ", ".join(f"{c} {_f(x['recall'])}" for c, x in (v.get("per_class") or {}).items())
         lines.append(f"{split} recall per class, {t}: {recalls}")
     return lines
+
+
+def format_metrics(m: dict[str, Any], name: str) -> str:
+    """One metrics dict (``compute_metrics``): the summary row and the per-class table."""
+    lines = [_table(HEADERS, [_row(name, m)])]
+    if m.get("per_class"):
+        lines += ["", _table(["class", "precision", "recall", "F1", "support"],
+                             [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]]
+                              for c, v in m["per_class"].items()])]
+    return "\n".join(lines)
 
 
 def format_eval(result) -> str:

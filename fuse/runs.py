@@ -17,6 +17,10 @@ A run folder ``runs/<name>/`` holds, in the order they are written:
 that holds it was interrupted (Ctrl-C, kill) or is still being trained, and never counts as a run
 (:func:`is_finished`, :func:`run_state`). ``error.json`` marks a run an ablation recorded as failed.
 Everything here reads and writes those files; other modules do not open them by name.
+``error.json`` marks a run an ablation recorded as failed. ``calibration.json`` (written by ``analyze``)
+holds the temperature fitted on the validation split, used by ``predict --calibrated``; ``analysis/``
+holds analyze's figures, tables and ``report.html``. Everything here reads and writes those
+files; other modules do not open them by name.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ SPLIT_FILE = "split.json"  # the run's split: source, fingerprint, ids per split
 FINISHED_MARKER = "metrics.json"  # written last: a run folder without it did not finish
 ERROR_FILE = "error.json"  # an ablation's record of a run that raised
 UNFINISHED_MARKER = "UNFINISHED"  # present from the folder's creation until metrics.json is written
+CALIBRATION_FILE = "calibration.json"  # temperature scaling fitted by analyze
+ANALYSIS_DIR = "analysis"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -161,6 +167,25 @@ def read_split(run_dir: str | Path) -> dict[str, Any] | None:
     """A run's ``split.json``, or None for a run made before runs recorded their split."""
     rec = read_json(Path(run_dir) / SPLIT_FILE)
     return rec if isinstance(rec, dict) and "fingerprint" in rec else None
+
+
+def read_calibration(run_dir: str | Path) -> dict[str, Any] | None:
+    """``calibration.json`` (``{"temperature": T, ...}``), or None when the run has none."""
+    cal = read_json(Path(run_dir) / CALIBRATION_FILE)
+    return cal if isinstance(cal, dict) and isinstance(cal.get("temperature"), (int, float)) else None
+
+
+def write_calibration(run_dir: str | Path, calibration: dict[str, Any]) -> Path:
+    path = Path(run_dir) / CALIBRATION_FILE
+    write_json(path, calibration)
+    return path
+
+
+def analysis_dir(run_dir: str | Path) -> Path:
+    """``<run>/analysis/`` (created)."""
+    d = Path(run_dir) / ANALYSIS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 @functools.lru_cache(maxsize=1)  # fixed for the process; an ablation writes it for every run

@@ -2,6 +2,14 @@
 
 Installed, this is the only top-level name: stage one is :mod:`mmcache.extract`, stage two
 :mod:`mmcache.fuse`, the benchmark :mod:`mmcache.bench`, the command line :mod:`mmcache.cli`.
+
+The Python API (:mod:`mmcache.api`, imported on first use so ``import mmcache`` stays fast)::
+
+    mmcache.extract(dataset, **options)          # stage one -> ExtractSummary
+    mmcache.train_fusion(head=..., dataset=...)  # stage two -> TrainResult (run_dir, metrics)
+    mmcache.evaluate(run), mmcache.ablate(...), mmcache.analyze(run)
+    mmcache.load_cache(dataset)                  # arrays + sample index as numpy
+    mmcache.Predictor.from_run(run).predict(texts=[...], images=[...])
 """
 
 from pathlib import Path as _Path
@@ -13,3 +21,24 @@ if not (_here / "extract").is_dir() and (_here.parent / "extract" / "__init__.py
     __path__.append(str(_here.parent))  # noqa: F821 (a package's __path__)
 
 __version__ = "0.1.0"
+
+_API = {"train_fusion": "mmcache.api", "evaluate": "mmcache.api", "ablate": "mmcache.api",
+        "analyze": "mmcache.api", "load_cache": "mmcache.api", "predict": "mmcache.api",
+        "CacheArrays": "mmcache.api", "Predictor": "mmcache.predict", "PredictionResult": "mmcache.predict",
+        "BadInputError": "mmcache.errors", "PipelineError": "mmcache.errors", "CacheError": "mmcache.errors"}
+__all__ = sorted([*_API, "extract"])
+
+
+def __getattr__(name: str):
+    """Lazy API: torch, transformers and h5py load on first use of a function, not on import."""
+    import importlib
+
+    if name == "extract":  # the stage-one package, callable as the API's extract (see extract/__init__.py)
+        return importlib.import_module("mmcache.extract")
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'mmcache' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

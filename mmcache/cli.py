@@ -197,6 +197,65 @@ def evaluate(
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
 
 
+@app.command()
+def predict(
+    run: Path = typer.Option(..., "--run", help="run folder written by train-fusion"),
+    text: str | None = typer.Option(None, "--text", help="one post: its text"),
+    image: Path | None = typer.Option(None, "--image", help="one post: its image file"),
+    post_id: str = typer.Option("post0", "--id", help="one post: its id"),
+    label: str | None = typer.Option(None, "--label", help="one post: its true label (optional)"),
+    manifest: Path | None = typer.Option(None, "--manifest", help="CSV/JSONL id,text,image[,label] (the folder format)"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="a dataset reader (see `datasets`)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="that dataset's folder"),
+    split: str = typer.Option("test", "--split", help="train | val | test | all (with --dataset)"),
+    option: OptionList = typer.Option(None, "--option", "-o", help="dataset option KEY=VALUE (repeatable)"),
+    split_file: Path | None = typer.Option(None, "--split-file", help="with --dataset: split file (default: the run's own splits)"),
+    output: Path | None = typer.Option(None, "--output", help=".csv or .jsonl (default: CSV on stdout)"),
+    cache_features: Path | None = typer.Option(None, "--cache-features", help="also keep the encoded posts as a normal cache under DIR"),
+    calibrated: bool = typer.Option(False, "--calibrated", help="temperature-scaled probabilities (run `analyze` first)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(32, "--batch-size", help="encoder batch size"),
+) -> None:
+    """Label new posts with a trained run: encoders from its provenance (verified), then its head."""
+    from mmcache.api import predict as predict_posts
+    from mmcache.fuse.report import format_metrics
+
+    if output is not None and output.suffix.lower() not in (".csv", ".jsonl"):
+        raise BadInputError(f"--output must end in .csv or .jsonl, got {output.name!r}")
+    one = text is not None or image is not None
+    result = predict_posts(run, texts=[text] if one else None, images=[image] if one else None,
+                           ids=[post_id] if one else None, labels=[label] if one and label else None,
+                           manifest=manifest, dataset=dataset, data_dir=data_dir, split=split,
+                           options=_options(option), split_file=split_file, device=device, calibrated=calibrated,
+                           cache_features=cache_features, batch_size=batch_size)
+    if output is not None:
+        result.write(output)
+        typer.echo(f"{len(result.rows)} rows written to {output}")
+    else:
+        typer.echo(result.to_csv(), nl=False)
+    unanswered = sum(r["predicted"] is None for r in result.rows)
+    if unanswered:
+        typer.echo(f"{unanswered} post(s) without an answer: see the note column", err=True)
+    if result.metrics:
+        typer.echo(format_metrics(result.metrics, f"{result.metrics['scored']} labelled posts"), err=output is None)
+
+
+@app.command()
+def analyze(
+    run: Path = typer.Option(..., "--run", help="run folder written by train-fusion"),
+    gallery: int = typer.Option(6, "--gallery", help="posts per error-gallery list"),
+    heatmaps: int = typer.Option(4, "--heatmaps", help="posts with attention heat maps"),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print analysis.json"),
+) -> None:
+    """PR curves, ROC AUC, calibration + temperature scaling, attention shares and report.html into <run>/analysis/."""
+    from mmcache.api import analyze as analyze_run
+    from mmcache.fuse.analyze import format_analysis
+
+    result = analyze_run(run, gallery=gallery, heatmaps=heatmaps, device=device)
+    typer.echo(json.dumps(result.summary, indent=2) if as_json else format_analysis(result))
+
+
 # --------------------------------------------------------------------------------------------- stage one
 
 @app.command()

@@ -1,0 +1,163 @@
+"""The Python API: every command of the CLI as one function call (re-exported lazily by ``mmcache``).
+
+>>> import mmcache
+>>> summary = mmcache.extract("demo", cache_dir="cache", text_model="cache/models/bert-demo",
+...                           image_model="cache/models/dinov2-demo", device="cpu")   # doctest: +SKIP
+>>> run = mmcache.train_fusion(head="basic", dataset="demo", features="mean")         # doctest: +SKIP
+>>> run.metrics["test"]["macro_f1"]                                                   # doctest: +SKIP
+>>> mmcache.Predictor.from_run(run.run_dir).predict(texts=["I love sunny days"], images=["sun.png"])  # doctest: +SKIP
+
+Library functions raise :class:`mmcache.errors.BadInputError` (the call must change) or
+:class:`mmcache.errors.PipelineError` (a run-time failure); they never print or exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CacheArrays", "ablate", "analyze", "evaluate", "extract", "load_cache", "predict", "train_fusion"]
+
+
+def extract(dataset: str, **options: Any):
+    """Stage one: encode ``dataset`` into ``cache_dir/<dataset>/`` (any
+    :class:`~mmcache.extract.extraction.ExtractConfig` field as a keyword: ``data_dir``, ``text_model``,
+    ``image_model``, ``device``, ``batch_size``, ``dtype``, ...). Resumes, or is a no-op when up to date.
+    Returns the :class:`~mmcache.extract.extraction.ExtractSummary`."""
+    from mmcache.extract.extraction import ExtractConfig, run_extract
+
+    return run_extract(ExtractConfig(dataset=dataset, **options))
+
+
+def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress: bool = False, data=None, **options: Any):
+    """Stage two: train one head on a cache. ``config``: a JSON file or dict (e.g. a run's
+    config.json); keyword options (any :class:`~mmcache.fuse.train.TrainConfig` field: ``head``,
+    ``dataset``, ``features``, ``epochs``, ...) override it. Returns the
+    :class:`~mmcache.fuse.train.TrainResult`: ``run_dir``, resolved ``config``, ``metrics``, ``history``."""
+    from mmcache.fuse.train import TrainConfig, train
+
+    base = TrainConfig.from_json(config).to_dict() if isinstance(config, (str, Path)) else dict(config or {})
+    return train(TrainConfig.from_dict({**base, **options}), data, progress=progress)
+
+
+def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", **options: Any):
+    """Score a finished run again, on its own test split or another cached dataset
+    (:func:`mmcache.fuse.train.evaluate`). Returns an :class:`~mmcache.fuse.train.EvalResult`."""
+    from mmcache.fuse.train import evaluate as _evaluate
+
+    return _evaluate(run, dataset, split, **options)
+
+
+def ablate(datasets: list[str] | None = None, *, base: dict[str, Any] | None = None, **options: Any):
+    """A grid of heads x features x encoders x seeds (:class:`~mmcache.fuse.ablate.AblationConfig`
+    fields as keywords: ``heads``, ``features``, ``seeds``, ``jobs``, ``cache_dir``, ...); ``base``: the
+    training config every run starts from. Returns the :class:`~mmcache.fuse.ablate.AblationResult`
+    (``tables`` as written to ``results/ablation_<dataset>.*``)."""
+    from mmcache.fuse.ablate import AblationConfig, run_ablation
+    from mmcache.fuse.train import TrainConfig
+
+    return run_ablation(AblationConfig(datasets=datasets, base=TrainConfig.from_dict(base or {}), **options))
+
+
+@dataclass
+class CacheArrays:
+    """One dataset's cache as numpy. ``index``: ``id, label, split, text, image_path`` (N,) arrays
+    plus the index's extra fields; ``features[modality][field]``: ``cls``/``mean`` (N, D), ``tokens``
+    (N, L, D), ``mask`` (N, L) bool (True = real token); ``valid[modality]``: (N,) bool; ``info``:
+    each file's config and provenance."""
+
+    dataset: str
+    classes: list[str]
+    index: dict[str, np.ndarray]
+    features: dict[str, dict[str, np.ndarray]]
+    valid: dict[str, np.ndarray]
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_cache(dataset: str | None = None, *, fields: tuple[str, ...] = ("cls",), cache_dir: str | Path = "cache",
+               text_cache: str | Path | None = None, image_cache: str | Path | None = None,
+               modalities: tuple[str, ...] = ("text", "image"), dtype: str | None = "float32") -> CacheArrays:
+    """A cached dataset's arrays and sample index as numpy (``dataset`` None: the only one cached).
+    ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``; ``dtype`` None keeps the stored one."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.fuse.data import find_cache, resolve_dataset
+
+    dataset = resolve_dataset(cache_dir, dataset)
+    idx = cf.read_index(Path(cache_dir) / dataset / cf.INDEX_NAME)
+    index = {"id": idx.ids, "label": idx.labels, "split": idx.splits, "text": idx.texts,
+             "image_path": idx.image_paths, **idx.extra}
+    given = {"text": text_cache, "image": image_cache}
+    feats, valid, info = {}, {}, {}
+    for m in modalities:
+        with cf.FeatureFile(find_cache(cache_dir, dataset, m, given[m])) as ff:
+            feats[m], valid[m] = ff.load(fields, dtype=dtype), ff.valid
+            info[m] = {"path": str(ff.path), "config": ff.config, "provenance": ff.provenance, "grid": ff.grid}
+    return CacheArrays(dataset=dataset, classes=list(idx.classes), index=index, features=feats, valid=valid, info=info)
+
+
+def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | None = None,
+            dataset: str | None = None, data_dir: str | Path | None = None, split: str | None = "test",
+            options: dict[str, Any] | None = None, split_file: str | Path | None = None, seed: int = 0,
+            ids=None, labels=None, device: str = "auto", calibrated: bool = False,
+            cache_features: str | Path | None = None, batch_size: int = 32, num_workers: int | None = None):
+    """Label posts with a finished run: parallel ``texts`` / ``images`` lists, a ``manifest`` (the
+    ``folder`` format, label optional), or a ``dataset`` reader's ``split``. Returns a
+    :class:`~mmcache.predict.PredictionResult` (rows, probabilities, metrics when labelled)."""
+    from mmcache.errors import BadInputError
+    from mmcache.fuse.runs import read_provenance
+    from mmcache.predict import Predictor, dataset_posts, posts_from_lists, read_manifest
+
+    modes = [texts is not None or images is not None, manifest is not None, dataset is not None]
+    if sum(modes) != 1:
+        raise BadInputError("give exactly one input: one post (--text/--image), --manifest FILE, or --dataset NAME")
+    predictor = Predictor.from_run(run, device=device, calibrated=calibrated)
+    name = "posts"
+    if manifest is not None:
+        posts, name = read_manifest(manifest), "manifest"
+    elif dataset is not None:
+        run_index = (read_provenance(run).get("index") or {}).get("path")
+        posts, name = dataset_posts(dataset, data_dir, split, options=options, run_index=run_index,
+                                    split_file=split_file, seed=seed), dataset
+    else:
+        posts = posts_from_lists(texts, images, ids, labels)
+    return predictor.predict_posts(posts, cache_features=cache_features, name=name, batch_size=batch_size,
+                                   num_workers=num_workers)
+
+
+def analyze(run: str | Path, **options: Any):
+    """Curves, calibration (temperature scaling fitted on val, stored in the run), attention shares and
+    the HTML report into ``<run>/analysis/`` (:func:`mmcache.fuse.analyze.analyze_run`). Token strings
+    for the text heat maps come from the run's recorded tokenizer when it can be loaded."""
+    from mmcache.fuse.analyze import analyze_run
+
+    options.setdefault("tokenize", _recorded_tokenizer(run))
+    return analyze_run(run, **options)
+
+
+def _recorded_tokenizer(run: str | Path):
+    """A function texts -> token strings, from the tokenizer the run's text cache recorded; None when
+    the run has no text cache or the tokenizer cannot be loaded (the report then shows positions)."""
+    import logging
+
+    from mmcache.fuse.runs import read_provenance
+
+    conf = ((read_provenance(run).get("caches") or {}).get("text") or {}).get("config") or {}
+    if not conf.get("model"):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(conf["model"], revision=conf.get("revision"), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 -- optional: the analysis still runs with token positions
+        logging.getLogger(__name__).warning("token strings unavailable (%s): showing token positions", e)
+        return None
+    max_length = int(conf.get("max_length") or 128)
+
+    def tokenize(texts: list[str]) -> list[list[str]]:
+        ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        return [tok.convert_ids_to_tokens(x) for x in ids]
+
+    return tokenize

@@ -1,0 +1,411 @@
+"""Apply a trained head to new posts: both stages in one call (neutral ground, like the CLI).
+
+:class:`Predictor` rebuilds the encoders a run's caches were made with (:func:`encode_posts`, the one
+place that touches stage one), proves they are the same (the cache file's config fingerprint: weights
+hash or hub commit, tokenizer and processor settings, pooling, precision, storage dtype), encodes the
+posts through stage one's own extraction path into a normal cache (a temporary one unless
+``cache_features`` is given), then runs the head through stage two's own batching and prediction.
+So the probabilities for a run's own test posts equal its ``predictions.csv``.
+
+A post whose text or image fails gets a row with the reason. Heads that attend over whatever tokens
+are there (:attr:`~mmcache.fuse.heads.FusionHead.handles_missing`) answer from the remaining modality;
+that row is marked in ``note``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Post", "PredictionResult", "Predictor", "encode_posts", "read_manifest"]
+
+MODALITY_ORDER = ("text", "image")
+
+
+@dataclass
+class Post:
+    """One image+text post to predict. ``image``: a path, a PIL image, or None. ``problem``: reasons
+    found before encoding (unsafe path, duplicate id), by modality or ``"post"``."""
+
+    id: str
+    text: str
+    image: Any = None
+    label: str | None = None
+    problem: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PredictionResult:
+    """Per post: ``rows`` (dicts with ``id``, ``true`` when labelled, ``predicted``, ``p_<class>``,
+    ``note``), the probabilities (N, C) float32 (NaN rows where no answer), and metrics when labels
+    are present."""
+
+    classes: list[str]
+    rows: list[dict[str, Any]]
+    probs: np.ndarray
+    metrics: dict[str, Any] | None = None
+    cache_dir: Path | None = None  # where the encoded posts were kept (cache_features)
+
+    @property
+    def labelled(self) -> bool:
+        return any(r.get("true") for r in self.rows)
+
+    def columns(self) -> list[str]:
+        head = ["id", "true", "predicted"] if self.labelled else ["id", "predicted"]
+        return [*head, *(f"p_{c}" for c in self.classes), "note"]
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns(), extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+        return buf.getvalue()
+
+    def to_jsonl(self) -> str:
+        cols = self.columns()
+        return "".join(json.dumps({k: r.get(k) for k in cols}) + "\n" for r in self.rows)
+
+    def write(self, path: str | Path) -> Path:
+        """``.csv`` or ``.jsonl`` by the file name."""
+        from mmcache.common import atomic_write
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".csv", ".jsonl"):
+            raise BadInputError(f"--output must end in .csv or .jsonl, got {path.name!r}")
+        atomic_write(path, self.to_csv() if suffix == ".csv" else self.to_jsonl())
+        return path
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def read_manifest(path: str | Path) -> list[Post]:
+    """A ``folder``-format manifest (``id,text,image[,label]``, .csv or .jsonl) as posts, one per row:
+    rows the folder reader would drop (duplicate id, image path leaving the manifest's folder) are kept
+    with their reason, so every row gets an output row. Labels are optional."""
+    from mmcache.extract.datasets.folder import _read_rows, find_manifest
+    from mmcache.extract.textio import clean_text, safe_child
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"--manifest {path}: no such file")
+    manifest = find_manifest(path)
+    rows, _enc = _read_rows(manifest)
+    if not rows:
+        raise BadInputError(f"{manifest}: manifest is empty")
+    missing = [c for c in ("id", "text", "image") if c not in rows[0]]
+    if missing:
+        raise BadInputError(f"{manifest}: missing column(s) {', '.join(missing)}")
+    posts, seen = [], set()
+    for n, row in enumerate(rows, 1):
+        sid = str(row.get("id") or "").strip() or f"row{n}"
+        post = Post(id=sid, text=clean_text(str(row.get("text") or "")),
+                    label=str(row.get("label") or "").strip() or None)
+        if sid in seen:
+            post.id = f"{sid}#row{n}"
+            post.problem["post"] = f"duplicate id {sid!r} (row {n})"
+        seen.add(post.id)
+        rel = str(row.get("image") or "").strip()
+        if rel:
+            post.image = safe_child(manifest.parent, rel)
+            if post.image is None:
+                post.problem["image"] = f"image path {rel!r} leaves the manifest's folder"
+        posts.append(post)
+    return posts
+
+
+def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,
+                  run_index: Path | None = None, split_file: str | Path | None = None, seed: int = 0) -> list[Post]:
+    """The posts of a dataset reader, restricted to ``split`` (None or "all": every post). Splits come
+    from the run's own sample index when it knows the posts (so ``--split test`` is the run's test
+    split), else from the stratified split (``seed`` / ``split_file``) as extraction makes it."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.splits import resolve_splits
+
+    idx = cf.read_index(run_index) if run_index is not None and Path(run_index).is_file() else None
+    if idx is not None and not options and idx.attrs.get("reader") == dataset:
+        options = idx.attrs.get("reader_options") or {}  # read the data as the run's cache did (e.g. demo n)
+        options = json.loads(options) if isinstance(options, str) else options
+    result = load_dataset(dataset, data_dir, **(options or {}))
+    assignment = None
+    if idx is not None:
+        known = dict(zip(idx.ids.tolist(), idx.splits.tolist(), strict=True))
+        if all(s.id in known for s in result.samples):
+            assignment = known
+    if assignment is None:
+        assignment = resolve_splits(result.samples, split_file=split_file, seed=seed).assignment
+    keep = [s for s in result.samples if split in (None, "all") or assignment.get(s.id) == split]
+    if not keep:
+        raise BadInputError(f"{dataset}: no posts in split {split!r}")
+    return [Post(id=s.id, text=s.text or "", image=s.image_path, label=s.label_name) for s in keep]
+
+
+def posts_from_lists(texts: Sequence[str] | None, images: Sequence[Any] | None, ids: Sequence[str] | None = None,
+                     labels: Sequence[str] | None = None) -> list[Post]:
+    """Posts from parallel lists (either of ``texts`` / ``images`` may be None: that modality missing)."""
+    if isinstance(texts, str) or isinstance(images, (str, Path)):
+        raise BadInputError("texts and images must be lists (one entry per post)")
+    n = len(texts) if texts is not None else len(images) if images is not None else 0
+    if n == 0:
+        raise BadInputError("no posts: give texts=[...] and/or images=[...]")
+    for name, seq in (("texts", texts), ("images", images), ("ids", ids), ("labels", labels)):
+        if seq is not None and len(seq) != n:
+            raise BadInputError(f"{name} has {len(seq)} entries for {n} posts")
+    ids = [str(i) for i in ids] if ids is not None else [f"post{i}" for i in range(n)]
+    if len(set(ids)) != n:
+        raise BadInputError("ids must be unique")
+    from mmcache.extract.textio import clean_text
+
+    return [Post(id=ids[i], text="" if texts is None or texts[i] is None else clean_text(str(texts[i])),
+                 image=None if images is None else images[i], label=None if labels is None else labels[i])
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------- stage one
+
+def _load_verified_encoder(modality: str, recorded: dict[str, Any], device: str):
+    """Rebuild the encoder a cache file was made with (``recorded``: the file's config) and prove it is
+    the same: its config must fingerprint exactly as the file's. Returns ``(encoder, ExtractConfig)``.
+
+    The one place that knows how stage one loads encoders; switch to a provenance-based loader here."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.extraction import ExtractConfig, _load_encoder, image_config, text_config
+
+    kw: dict[str, Any] = dict(dataset="predict", dtype=recorded["dtype"], precision=recorded["precision"],
+                              device=device)
+    if modality == "text":
+        kw.update(text_model=recorded["model"], text_revision=recorded.get("revision"),
+                  text_max_length=int(recorded["max_length"]))
+    else:
+        kw.update(image_model=recorded["model"], image_revision=recorded.get("revision"),
+                  patch_pool=int(recorded.get("patch_pool") or 1))
+    cfg = ExtractConfig(**kw)
+    enc = _load_encoder(modality, cfg)
+    conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=recorded.get("revision"))
+    conf = json.loads(json.dumps(conf, default=str))
+    if cf.fingerprint(conf) != cf.fingerprint(recorded):
+        diff = sorted(k for k in set(conf) | set(recorded) if conf.get(k) != recorded.get(k))
+        detail = "; ".join(f"{k}: run {recorded.get(k)!r} vs now {conf.get(k)!r}" for k in diff[:4])
+        raise BadInputError(f"the {modality} encoder loaded from {recorded['model']!r} is not the one the run's "
+                            f"cache was made with ({detail})")
+    return enc, cfg
+
+
+def _save_image(img: Any, folder: Path, i: int) -> str:
+    """A PIL image given in memory -> a lossless PNG the extraction path reads like any file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / f"post{i}.png"
+    img.save(p, format="PNG")
+    return str(p)
+
+
+def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes: list[str], cache_dir: Path,
+                 name: str, *, device: str = "cpu", batch_size: int = 32, num_workers: int | None = None) -> Path:
+    """Encode ``posts`` with the encoders ``recorded`` (modality -> the run's cache config) into a normal
+    cache ``cache_dir/name/`` (index.h5 + one feature file per modality), through stage one's own
+    extraction code. Unlabelled posts get label -1 in the index. Returns the dataset folder."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.extraction import IndexInfo, extract_shard
+
+    folder = Path(cache_dir) / name
+    files: list[str | None] = []
+    for i, p in enumerate(posts):
+        if p.image is None or "image" in p.problem:
+            files.append(None)
+        elif isinstance(p.image, (str, Path)):
+            files.append(str(Path(p.image).expanduser().resolve()))
+        elif hasattr(p.image, "save"):
+            files.append(_save_image(p.image, folder / "images", i))
+        else:
+            raise BadInputError(f"post {p.id}: image must be a path or a PIL image, got {type(p.image).__name__}")
+    ids = [p.id for p in posts]
+    texts = [p.text for p in posts]
+    labels = [classes.index(p.label) if p.label in classes else -1 for p in posts]
+    fp = cf.write_index(folder / cf.INDEX_NAME, dataset=name, classes=classes, ids=ids, labels=labels,
+                        splits=["test"] * len(posts), texts=texts, image_paths=[f or "" for f in files],
+                        attrs={"root": "/", "reader": "predict"})
+    index = IndexInfo(path=folder / cf.INDEX_NAME, dataset_dir=folder, status="written", fingerprint=fp,
+                      num_samples=len(posts), ids=ids, texts=texts, image_files=files)
+    workers = num_workers if num_workers is not None else (0 if len(posts) < 64 else 2)
+    for modality in ("image", "text"):  # image first: the DataLoader forks before the tokenizer's threads
+        if modality not in recorded:
+            continue
+        enc, cfg = _load_verified_encoder(modality, recorded[modality], device)
+        cfg.cache_dir, cfg.name, cfg.batch_size, cfg.num_workers = cache_dir, name, batch_size, workers
+        cfg.progress = False
+        extract_shard(cfg, modality, index=index, encoder=enc)
+        del enc
+    return folder
+
+
+# --------------------------------------------------------------------------------------------- stage two
+
+def _failure_reasons(path: Path) -> dict[str, str]:
+    from mmcache.extract import cache_format as cf
+
+    with cf.FeatureFile(path) as ff:
+        return dict(ff.failures())
+
+
+class Predictor:
+    """A finished run, ready to label new posts. Build with :meth:`from_run`.
+
+    >>> p = Predictor.from_run("runs/demo-basic-mean-s0-...")            # doctest: +SKIP
+    >>> p.predict(texts=["sunny day, love it"], images=["beach.jpg"]).rows  # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: Path, model, config, meta: dict[str, Any], provenance: dict[str, Any],
+                 device: str = "cpu", calibrated: bool = False) -> None:
+        from mmcache.fuse.heads import head_uses
+
+        self.run_dir, self.model, self.config, self.meta = run_dir, model, config, meta
+        self.classes: list[str] = list(meta["model"]["classes"])
+        self.uses = tuple(m for m in MODALITY_ORDER if m in head_uses(config.head))
+        caches = provenance.get("caches") or {}
+        missing = [m for m in self.uses if not (caches.get(m) or {}).get("config")]
+        if missing:
+            raise BadInputError(f"run {run_dir}: provenance.json records no {', '.join(missing)} encoder")
+        self.recorded = {m: caches[m]["config"] for m in self.uses}
+        self.device = device
+        self.temperature: float | None = None
+        if calibrated:
+            from mmcache.fuse.runs import read_calibration
+
+            cal = read_calibration(run_dir)
+            if cal is None:
+                raise BadInputError(f"run {run_dir} has no temperature yet; run `analyze --run {run_dir}` first")
+            self.temperature = float(cal["temperature"])
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", calibrated: bool = False) -> Predictor:
+        """Load a finished run (its head, classes and the encoders its caches record)."""
+        from mmcache.common import resolve_device
+        from mmcache.fuse.runs import read_provenance, require_finished
+        from mmcache.fuse.train import load_head
+
+        run_dir = require_finished(run_dir)
+        dev = str(resolve_device(device))
+        model, config, meta = load_head(run_dir, dev)
+        return cls(run_dir, model, config, meta, read_provenance(run_dir), device=dev, calibrated=calibrated)
+
+    # -- public
+    def predict(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None, *,
+                ids: Sequence[str] | None = None, labels: Sequence[str] | None = None, **kw) -> PredictionResult:
+        """Label posts given as parallel lists (``images``: paths or PIL images). See :meth:`predict_posts`."""
+        return self.predict_posts(posts_from_lists(texts, images, ids, labels), **kw)
+
+    def predict_posts(self, posts: list[Post], *, cache_features: str | Path | None = None, name: str = "posts",
+                      batch_size: int = 32, num_workers: int | None = None) -> PredictionResult:
+        """Encode ``posts`` (into ``cache_features/name/`` when given, else a temporary cache) and label
+        them: one row per post, in order."""
+        if cache_features is not None:
+            return self._predict_in(posts, Path(cache_features), name, batch_size, num_workers)
+        with tempfile.TemporaryDirectory(prefix="mmcache-predict-") as tmp:
+            result = self._predict_in(posts, Path(tmp), name, batch_size, num_workers)
+        result.cache_dir = None
+        return result
+
+    # -- internals
+    def _predict_in(self, posts: list[Post], cache_dir: Path, name: str, batch_size: int,
+                    num_workers: int | None) -> PredictionResult:
+        from mmcache.extract import cache_format as cf
+
+        encodable = [p for p in posts if "post" not in p.problem]
+        probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
+        notes = {p.id: p.problem["post"] for p in posts if "post" in p.problem}
+        if encodable:
+            folder = encode_posts(encodable, self.recorded, self.classes, cache_dir, name, device=self.device,
+                                  batch_size=batch_size, num_workers=num_workers)
+            index = cf.read_index(folder / cf.INDEX_NAME)
+            got, more = self._apply_head(folder, index, encodable)
+            pos = {p.id: i for i, p in enumerate(posts)}
+            for sid, row in zip(index.ids.tolist(), got, strict=True):
+                probs[pos[sid]] = row
+            notes.update(more)
+        rows = self._rows(posts, probs, notes)
+        return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
+                                cache_dir=cache_dir / name)
+
+    def _apply_head(self, folder: Path, index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
+        """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
+        import torch
+
+        from mmcache.extract import cache_format as cf
+        from mmcache.fuse.data import FusionData, _load_modality
+        from mmcache.fuse.train import predict
+
+        loaded, reasons = {}, {}
+        for m in self.uses:
+            path = cf.feature_path(folder.parent, folder.name, m, self.recorded[m]["model"])
+            loaded[m] = _load_modality(path, m, index, self.config.features, folder.name)
+            reasons[m] = _failure_reasons(path)
+        valid = {m: md.valid.clone() for m, md in loaded.items()}
+        for md in loaded.values():
+            md.mask[~md.valid] = False  # a failed modality is an all-padding row: no real token
+        data = FusionData(dataset=folder.name, classes=self.classes, features=self.config.features,
+                          modalities=self.uses, ids=index.ids, labels=torch.from_numpy(index.labels),
+                          split_rows={}, text=loaded.get("text"), image=loaded.get("image"),
+                          index_path=folder / cf.INDEX_NAME, index_fingerprint=index.fingerprint)
+        data.to(self.device)
+        notes, answer = {}, []
+        handles = getattr(self.model, "handles_missing", False)
+        for r, p in enumerate(posts):
+            bad = {m: p.problem.get(m) or reasons[m].get(p.id, "missing") for m in self.uses if not bool(valid[m][r])}
+            why = "; ".join(f"{m}: {w}" for m, w in bad.items())
+            if not bad:
+                answer.append(r)
+            elif handles and len(bad) < len(self.uses):
+                answer.append(r)
+                left = next(m for m in self.uses if m not in bad)
+                notes[p.id] = f"answered from {left} only ({why})"
+            else:
+                notes[p.id] = why
+        probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
+        if answer:
+            rows = torch.as_tensor(answer, dtype=torch.long, device=data.device)
+            out = predict(self.model, data, rows, self.config.eval_batch_size, self.config.amp)
+            if self.temperature is not None:
+                from mmcache.fuse.analyze import apply_temperature
+
+                out = apply_temperature(out, self.temperature)
+            probs[answer] = out
+        return probs, notes
+
+    def _rows(self, posts: list[Post], probs: np.ndarray, notes: dict[str, str]) -> list[dict[str, Any]]:
+        rows = []
+        for p, pr in zip(posts, probs, strict=True):
+            ok = bool(np.isfinite(pr).all())
+            row: dict[str, Any] = {"id": p.id, "true": p.label, "predicted": self.classes[int(pr.argmax())] if ok else None}
+            row.update({f"p_{c}": (float(v) if ok else None) for c, v in zip(self.classes, pr, strict=True)})
+            note = notes.get(p.id, "")
+            if p.label is not None and p.label not in self.classes:
+                note = "; ".join(x for x in (note, f"label {p.label!r} is not one of the run's classes") if x)
+            row["note"] = note
+            rows.append(row)
+        return rows
+
+    def _metrics(self, rows: list[dict[str, Any]], probs: np.ndarray) -> dict[str, Any] | None:
+        from mmcache.fuse.metrics import compute_metrics
+
+        scored = [i for i, r in enumerate(rows) if r["true"] in self.classes and r["predicted"] is not None]
+        if not scored:
+            return None
+        y = np.asarray([self.classes.index(rows[i]["true"]) for i in scored])
+        m = compute_metrics(y, probs[scored].argmax(-1), self.classes)
+        m["scored"], m["unanswered"] = len(scored), sum(r["predicted"] is None for r in rows)
+        return m
