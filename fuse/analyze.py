@@ -1,0 +1,293 @@
+"""``analyze``: what a trained head does, from its cache and run folder only (stage two).
+
+Writes ``<run>/analysis/`` (see :func:`analyze_run`):
+
+* ``curves``: per class (one-vs-rest on the test split) the precision-recall curve with average
+  precision (AP) and ROC AUC;
+* ``calibration``: a reliability diagram (confidence = top probability, in equal-width bins) with the
+  expected calibration error (ECE = sum over bins of |accuracy - confidence| x share of posts), before and
+  after temperature scaling. The temperature T is fitted on the validation split (minimum NLL of
+  softmax(log p / T)) and stored in the run (``calibration.json``, :func:`fuse.runs.write_calibration`);
+  ``predict --calibrated`` applies it;
+* ``attention`` (self_attention, dual_attention heads): the share of attention the fusion token puts on
+  text vs image tokens (self-attention), or the share of each stream's update that comes from the other
+  modality (dual attention: |cross-attention output| / (|own state| + |cross-attention output|), as its
+  weights always sum to one over the other modality), per class and, where the index has
+  ``labels_agree`` (MVSA), for posts whose text and image labels agree vs disagree; plus per-post
+  patch and token weights for a few posts (heat maps);
+* ``gallery``: the most confident mistakes and the least confident correct answers.
+
+Numbers go to ``analysis.json`` and CSVs; figures and ``report.html`` come from
+:mod:`fuse.analysis_report` (figures need matplotlib, the HTML does not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmcache.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnalysisResult", "analyze_run", "apply_temperature", "expected_calibration_error", "fit_temperature",
+           "format_analysis", "reliability"]
+
+ATTENTION_HEADS = ("self_attention", "dual_attention")
+
+
+@dataclass
+class AnalysisResult:
+    run_dir: Path
+    out_dir: Path
+    summary: dict[str, Any]  # analysis.json
+    files: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T) for (N, C) probabilities: the same as softmax(logits / T)."""
+    z = np.log(np.clip(probs.astype(np.float64), 1e-45, None)) / float(temperature)
+    z -= z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The T in [0.05, 20] that minimises the NLL of ``apply_temperature(probs, T)`` (1.0 without data)."""
+    if len(labels) == 0:
+        return 1.0
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda lt: _nll(apply_temperature(probs, float(np.exp(lt))), labels),
+                          bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:
+    """Equal-width confidence bins: ``lo, hi, n, confidence`` (mean top probability), ``accuracy``."""
+    conf = probs.max(-1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(-1) == labels) if len(probs) else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for b in range(bins):
+        sel = (conf > edges[b]) & (conf <= edges[b + 1]) if b else (conf >= 0) & (conf <= edges[1])
+        n = int(sel.sum())
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n,
+                    "confidence": float(conf[sel].mean()) if n else None,
+                    "accuracy": float(correct[sel].mean()) if n else None})
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float | None:
+    """ECE = sum_b n_b / N * |accuracy_b - confidence_b| over equal-width confidence bins."""
+    if len(labels) == 0:
+        return None
+    return float(sum(b["n"] / len(labels) * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability(probs, labels, bins) if b["n"]))
+
+
+# --------------------------------------------------------------------------------------------- curves
+
+def curves(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Per class, one-vs-rest: PR curve points, average precision and ROC AUC (None for a class with
+    no positive or no negative test post)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+    out: dict[str, Any] = {}
+    for c, name in enumerate(classes):
+        y = (labels == c).astype(int)
+        if y.sum() == 0 or y.sum() == len(y):
+            out[name] = {"ap": None, "roc_auc": None, "positives": int(y.sum()), "precision": [], "recall": []}
+            continue
+        prec, rec, _ = precision_recall_curve(y, probs[:, c])
+        out[name] = {"ap": float(average_precision_score(y, probs[:, c])), "roc_auc": float(roc_auc_score(y, probs[:, c])),
+                     "positives": int(y.sum()), "precision": prec.tolist(), "recall": rec.tolist()}
+    aps = [v["ap"] for v in out.values() if v["ap"] is not None]
+    aucs = [v["roc_auc"] for v in out.values() if v["roc_auc"] is not None]
+    return {"per_class": out, "macro_ap": float(np.mean(aps)) if aps else None,
+            "macro_roc_auc": float(np.mean(aucs)) if aucs else None}
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+def _stream_hooks(model) -> tuple[list, dict[str, list]]:
+    """Hooks on the last cross layer of each dual-attention stream: record |cross output| and |own state|
+    per query token, (B, Lq) each."""
+    got: dict[str, list] = {"text": [], "image": []}
+    handles = []
+    for stream, layers in (("text", model.text_layers), ("image", model.image_layers)):
+        layer = layers[-1]
+        state: dict[str, torch.Tensor] = {}
+        handles.append(layer.register_forward_pre_hook(lambda _m, args, s=state: s.update(q=args[0].norm(dim=-1))))
+        handles.append(layer.attn.register_forward_hook(
+            lambda _m, _a, out, s=state, k=stream: got[k].append((s["q"], out[0].norm(dim=-1)))))
+    return handles, got
+
+
+@torch.inference_mode()
+def attention_maps(model, data, rows: torch.Tensor, head: str, batch_size: int = 64) -> dict[str, Any]:
+    """Per post (in ``rows`` order): ``text_share`` / ``image_share`` (and for self-attention the
+    fusion token's weight on itself), plus the last layer's weights over each modality's real tokens
+    (``text_weights`` (Lt,), ``image_weights`` (Li,)) for heat maps."""
+    model.eval()
+    out: dict[str, list] = {"text_share": [], "image_share": [], "self_share": [], "text_weights": [], "image_weights": []}
+    handles, streams = _stream_hooks(model) if head == "dual_attention" else ([], None)
+    try:
+        for start in range(0, rows.numel(), batch_size):
+            text, tmask, image, imask = data.batch(rows[start:start + batch_size])
+            _, attn = model(text, tmask, image, imask, return_attention=True)
+            lt = text.shape[1]
+            if head == "self_attention":
+                w = attn[f"layer{len(model.layers) - 1}"][:, :, 0, :].mean(1)  # (B, 1+Lt+Li) fusion token's row
+                t, i = w[:, 1:1 + lt], w[:, 1 + lt:]
+                out["self_share"] += w[:, 0].tolist()
+                out["text_share"] += t.sum(1).tolist()
+                out["image_share"] += i.sum(1).tolist()
+            else:
+                n = len(model.text_layers) - 1
+                t = attn[f"image_to_text{n}"].mean(1)  # (B, Li, Lt): image queries over text tokens
+                i = attn[f"text_to_image{n}"].mean(1)  # (B, Lt, Li)
+                t = (t * imask[:, :, None]).sum(1) / imask.sum(1, keepdim=True).clamp(min=1)  # (B, Lt)
+                i = (i * tmask[:, :, None]).sum(1) / tmask.sum(1, keepdim=True).clamp(min=1)  # (B, Li)
+                for stream, mask, key in (("text", tmask, "image_share"), ("image", imask, "text_share")):
+                    q, a = streams[stream].pop()
+                    share = (a / (a + q).clamp(min=1e-12) * mask).sum(1) / mask.sum(1).clamp(min=1)
+                    out[key] += share.tolist()  # text stream's share from the image, and vice versa
+                out["self_share"] += [None] * text.shape[0]
+            for b in range(text.shape[0]):
+                out["text_weights"].append(t[b][tmask[b]].cpu().numpy())
+                out["image_weights"].append(i[b][imask[b]].cpu().numpy())
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def _share_table(shares: dict[str, list], groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Mean text / image share per group of posts (boolean selections over the analysed rows)."""
+    t, i = np.asarray(shares["text_share"], float), np.asarray(shares["image_share"], float)
+    rows = []
+    for name, sel in groups.items():
+        n = int(sel.sum())
+        rows.append({"group": name, "n": n, "text_share": float(t[sel].mean()) if n else None,
+                     "image_share": float(i[sel].mean()) if n else None})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+def _load(run_dir: Path, device: str):
+    from mmcache.fuse.data import load_data
+    from mmcache.fuse.heads import head_uses
+    from mmcache.fuse.train import load_head
+
+    model, config, meta = load_head(run_dir, device)
+    caches = {m: (p if (p := getattr(config, f"{m}_cache")) and Path(p).is_file() else None) for m in ("text", "image")}
+    data = load_data(config.dataset, modalities=config.modalities or sorted(head_uses(config.head)),
+                     features=config.features, cache_dir=config.cache_dir, text_cache=caches["text"],
+                     image_cache=caches["image"], device=device)
+    return model, config, meta, data
+
+
+def _gallery(probs: np.ndarray, labels: np.ndarray, k: int) -> dict[str, list[int]]:
+    """Positions (into the test rows) of the k most confident mistakes and k least confident correct."""
+    conf, pred = probs.max(-1), probs.argmax(-1)
+    wrong, right = np.flatnonzero(pred != labels), np.flatnonzero(pred == labels)
+    return {"confident_mistakes": wrong[np.argsort(-conf[wrong], kind="stable")][:k].tolist(),
+            "unsure_correct": right[np.argsort(conf[right], kind="stable")][:k].tolist()}
+
+
+def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, device: str = "cpu", bins: int = 10,
+                tokenize: Callable[[list[str]], list[list[str]]] | None = None) -> AnalysisResult:
+    """Analyse a finished run on its test split (temperature fitted on val); write ``<run>/analysis/``
+    and ``<run>/calibration.json``. ``tokenize``: texts -> token strings, for the text heat maps
+    (without it tokens are shown by position)."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.fuse.runs import analysis_dir, require_finished, write_calibration
+    from mmcache.fuse.train import predict
+
+    from mmcache.common import resolve_device
+
+    run_dir = require_finished(run_dir)
+    if gallery < 0 or heatmaps < 0 or bins < 1:
+        raise BadInputError("--gallery and --heatmaps must be >= 0")
+    dev = str(resolve_device(device))
+    model, config, meta, data = _load(run_dir, dev)
+    labels = data.labels.cpu().numpy()
+    probs, ys = {}, {}
+    for split in ("val", "test"):
+        rows = data.split_rows[split]
+        probs[split] = predict(model, data, rows, config.eval_batch_size, config.amp)
+        ys[split] = labels[rows.cpu().numpy()]
+    if len(ys["test"]) == 0:
+        raise BadInputError(f"run {run_dir}: its test split has no posts to analyse")
+    t = fit_temperature(probs["val"], ys["val"])
+    scaled = {s: apply_temperature(p, t) for s, p in probs.items()}
+    calib = {"temperature": t, "fitted_on": "val", "n_val": int(len(ys["val"])), "bins": bins,
+             **{f"ece_{s}_{w}": expected_calibration_error(p[s], ys[s], bins)
+                for s in ("val", "test") for w, p in (("before", probs), ("after", scaled))},
+             **{f"nll_{s}_{w}": (_nll(p[s], ys[s]) if len(ys[s]) else None)
+                for s in ("val", "test") for w, p in (("before", probs), ("after", scaled))}}
+    write_calibration(run_dir, calib)
+    index = cf.read_index(data.index_path)
+    test_rows = data.split_rows["test"].cpu().numpy()
+    summary: dict[str, Any] = {
+        "run": str(run_dir), "head": config.head, "features": config.features, "dataset": data.dataset,
+        "classes": data.classes, "n_test": int(len(test_rows)), "curves": curves(probs["test"], ys["test"], data.classes),
+        "calibration": {**calib, "reliability_before": reliability(probs["test"], ys["test"], bins),
+                        "reliability_after": reliability(scaled["test"], ys["test"], bins)},
+        "gallery": {k: [str(data.ids[test_rows[p]]) for p in v] for k, v in _gallery(probs["test"], ys["test"], gallery).items()},
+    }
+    att = None
+    if config.head in ATTENTION_HEADS:
+        att = attention_maps(model, data, data.split_rows["test"], config.head)
+        groups = {"all": np.ones(len(test_rows), bool),
+                  **{f"true {c}": ys["test"] == k for k, c in enumerate(data.classes)}}
+        if "labels_agree" in index.extra:
+            agree = np.asarray(index.extra["labels_agree"])[test_rows].astype(bool)
+            groups.update({"labels agree": agree, "labels disagree": ~agree})
+        summary["attention"] = {"kind": "fusion token" if config.head == "self_attention" else "stream update",
+                                "shares": _share_table(att, groups)}
+    from mmcache.fuse.analysis_report import write_analysis
+
+    out_dir = analysis_dir(run_dir)
+    files = write_analysis(out_dir, summary, probs=probs["test"], labels=ys["test"], test_rows=test_rows,
+                           index=index, attention=att, heatmaps=heatmaps, tokenize=tokenize,
+                           grid=(data.image.info.get("grid") if data.image is not None else None))
+    return AnalysisResult(run_dir=run_dir, out_dir=out_dir, summary=summary, files=files)
+
+
+def format_analysis(result: AnalysisResult) -> str:
+    """What the CLI prints: AP / AUC per class, ECE before/after, attention shares, where the files are."""
+    from mmcache.extract.summary import format_table
+
+    s = result.summary
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    cur = s["curves"]["per_class"]
+    lines = [f"analysis of {result.run_dir} ({s['head']}, {s['features']}, {s['n_test']} test posts)", "",
+             format_table(["class", "test posts", "AP", "ROC AUC"],
+                          [[c, v["positives"], f(v["ap"]), f(v["roc_auc"])] for c, v in cur.items()]),
+             f"macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}", ""]
+    c = s["calibration"]
+    lines.append(f"temperature {c['temperature']:.3f} (fitted on {c['n_val']} val posts): test ECE "
+                 f"{f(c['ece_test_before'])} -> {f(c['ece_test_after'])}, NLL {f(c['nll_test_before'])} -> "
+                 f"{f(c['nll_test_after'])}")
+    if "attention" in s:
+        lines += ["", f"attention shares ({s['attention']['kind']}):",
+                  format_table(["posts", "n", "text", "image"],
+                               [[r["group"], r["n"], f(r["text_share"]), f(r["image_share"])]
+                                for r in s["attention"]["shares"]])]
+    lines += ["", f"written to {result.out_dir}/ ({', '.join(p.name for p in result.files)})"]
+    return "\n".join(lines)
