@@ -44,6 +44,21 @@ def _image(index, row: int):
         return None
 
 
+def model_view(img, processor: dict[str, Any] | None):
+    """The part of ``img`` the image encoder saw, so a patch grid lines up with it: with a
+    shortest-edge resize and a center crop (DINOv2's processor), the centered crop region in the
+    original image's coordinates; otherwise the whole image (resized to the model's input)."""
+    p = processor or {}
+    edge, crop = (p.get("size") or {}).get("shortest_edge"), p.get("crop_size") or {}
+    if not (p.get("do_center_crop") and edge and crop.get("height") and crop.get("width")):
+        return img
+    w, h = img.size
+    scale = edge / min(w, h)
+    cw, ch = min(w, crop["width"] / scale), min(h, crop["height"] / scale)
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return img.crop((round(left), round(top), round(left + cw), round(top + ch)))
+
+
 def _png_b64(img, size: int = 160) -> str:
     im = img.copy()
     im.thumbnail((size, size))
@@ -189,7 +204,8 @@ features, {s['n_test']} test posts.</p>
 
 def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: np.ndarray, test_rows: np.ndarray,
                    index, attention: dict[str, Any] | None, heatmaps: int,
-                   tokenize: Callable[[list[str]], list[list[str]]] | None, grid: list[int] | None) -> list[Path]:
+                   tokenize: Callable[[list[str]], list[list[str]]] | None, grid: list[int] | None,
+                   processor: dict[str, Any] | None = None) -> list[Path]:
     """Write everything ``analyze`` produces into ``out``; returns the paths written."""
     from mmcache.fuse.plots import _pyplot
 
@@ -208,7 +224,7 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
         gallery_html += (f"<h3>{title}</h3><table><tr><th>image</th><th>text</th><th>true</th><th>predicted</th>"
                          f"<th>probabilities</th></tr>{cells}</table>")
     files.append(_csv(out / "gallery.csv", ["list", "id", "true", "predicted", *(f"p_{c}" for c in s["classes"])], gal_rows))
-    heat_html = _heat_section(plt, out, s, attention, test_rows, index, heatmaps, tokenize, grid) if attention else ""
+    heat_html = _heat_section(plt, out, s, attention, test_rows, index, heatmaps, tokenize, grid, processor) if attention else ""
     atomic_write(out / "analysis.json", json.dumps(s, indent=1, default=str) + "\n")
     atomic_write(out / "report.html", _html(s, figs, gallery_html, heat_html))
     files += [out / "analysis.json", out / "report.html"]
@@ -217,7 +233,7 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
 
 
 def _heat_section(plt, out: Path, s: dict[str, Any], att: dict[str, Any], test_rows: np.ndarray, index,
-                  k: int, tokenize, grid: list[int] | None) -> str:
+                  k: int, tokenize, grid: list[int] | None, processor: dict[str, Any] | None = None) -> str:
     """Heat maps of the first ``k`` gallery posts (mistakes first): patch weights over the image grid
     (token features with a known grid) and the text with its tokens weighted."""
     pos = {str(index.ids[r]): n for n, r in enumerate(test_rows)}
@@ -234,6 +250,7 @@ def _heat_section(plt, out: Path, s: dict[str, Any], att: dict[str, Any], test_r
         if grid and iw.size == int(np.prod(grid)) and iw.size > 1 and plt is not None:
             img = _image(index, int(test_rows[n]))
             if img is not None:
+                img = model_view(img, processor)
                 img_html = f'<img src="data:image/png;base64,{_heatmap(plt, out, sid, img, iw, grid)}">'
         saved[sid] = {"tokens": toks, "text_weights": tw.tolist(), "image_weights": iw.tolist(), "grid": grid}
         cells += f"<tr><td>{img_html or '(vector features: one image token)'}</td><td>{_token_html(toks, tw)}</td></tr>"

@@ -265,7 +265,8 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
     out_dir = analysis_dir(run_dir)
     files = write_analysis(out_dir, summary, probs=probs["test"], labels=ys["test"], test_rows=test_rows,
                            index=index, attention=att, heatmaps=heatmaps, tokenize=tokenize,
-                           grid=(data.image.info.get("grid") if data.image is not None else None))
+                           grid=data.image.info.get("grid") if data.image is not None else None,
+                           processor=(data.image.info.get("config") or {}).get("processor") if data.image is not None else None)
     return AnalysisResult(run_dir=run_dir, out_dir=out_dir, summary=summary, files=files)
 
 

@@ -1,5 +1,6 @@
-"""predict: a trained run applied to raw posts (encoders from its provenance, stage one's extraction
-path, then the head). Tiny demo encoders and 60 demo posts, so the whole file runs in seconds."""
+"""predict and analyze: a trained run applied to raw posts (encoders from its provenance, stage one's
+extraction path, then the head), and explained (curves, calibration, attention, gallery). Tiny demo
+encoders and 60 demo posts, so the whole file runs in seconds."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _setup(root: Path, dtype: str) -> Path:
     run_extract(ExtractConfig(dataset="demo", data_dir=root / "data", options={"n": N}, cache_dir=root / "cache",
                               text_model=str(text_dir), image_model=str(image_dir), device="cpu", precision="fp32",
                               num_workers=0, dtype=dtype, text_max_length=24, progress=False))
-    for head, features in (("self_attention", "tokens"), ("basic", "mean")):
+    for head, features in (("self_attention", "tokens"), ("basic", "mean"), ("dual_attention", "tokens")):
         train(TrainConfig(head=head, features=features, dataset="demo", dim=16, heads=2, epochs=3, threads=1,
                           cache_dir=str(root / "cache"), runs_dir=str(root / "runs"), run_name=f"{head}-{features}",
                           device="cpu"))
@@ -188,3 +189,112 @@ def test_import_mmcache_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------- analyze
+
+def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
+    from mmcache.fuse.analyze import apply_temperature, expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, size=(4000, 3))
+    true_p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(3, p=p) for p in true_p])
+    over = apply_temperature(true_p.astype(np.float32), 0.5)  # overconfident: softmax(2 z)
+    t = fit_temperature(over, y)
+    assert 1.8 < t < 2.2
+    assert expected_calibration_error(apply_temperature(over, t), y) < expected_calibration_error(over, y) / 2
+
+
+def test_ece_by_hand():
+    from mmcache.fuse.analyze import expected_calibration_error
+
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]], dtype=np.float32)
+    y = np.array([0, 1, 0, 0])
+    # bin (0.8, 0.9]: confidence 0.9, accuracy 0.5; bin (0.5, 0.6]: confidence 0.6, accuracy 1.0
+    assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+@pytest.mark.parametrize("run_name", ["self_attention-tokens", "dual_attention-tokens", "basic-mean"])
+def test_analyze_writes_curves_calibration_attention_and_report(demo32, capsys, run_name):
+    run = demo32 / "runs" / run_name
+    code, out, err = _run(capsys, "analyze", "--run", run, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s == json.loads((run / "analysis" / "analysis.json").read_text())
+    for c in ("positive", "neutral", "negative"):
+        v = s["curves"]["per_class"][c]
+        assert 0 <= v["ap"] <= 1 and 0 <= v["roc_auc"] <= 1 and v["recall"][0] == 1.0
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["temperature"] > 0 and cal["ece_test_before"] is not None and cal["ece_test_after"] is not None
+    assert sum(b["n"] for b in s["calibration"]["reliability_before"]) == s["n_test"]
+    report = (run / "analysis" / "report.html").read_text()
+    assert "Error gallery" in report and "data:image/png;base64," in report and "src=\"http" not in report
+    gallery = s["gallery"]["confident_mistakes"] + s["gallery"]["unsure_correct"]
+    assert gallery and all(sid in report for sid in gallery)
+    if run_name == "basic-mean":
+        assert "attention" not in s
+        return
+    shares = {r["group"]: r for r in s["attention"]["shares"]}
+    assert shares["all"]["n"] == s["n_test"] and {"true positive", "true neutral", "true negative"} <= set(shares)
+    for r in shares.values():
+        assert r["n"] == 0 or (0 <= r["text_share"] <= 1 and 0 <= r["image_share"] <= 1)
+    posts = json.loads((run / "analysis" / "attention_posts.json").read_text())
+    one = next(iter(posts.values()))
+    assert len(one["image_weights"]) == 64 and one["grid"] == [8, 8]  # tokens: the 8x8 patch grid
+    assert len(one["tokens"]) == len(one["text_weights"])
+    assert any(p.name.startswith("heatmap_") for p in (run / "analysis").glob("*.png"))
+
+
+def test_self_attention_shares_add_up(demo32):
+    from mmcache.fuse.analyze import _load, attention_maps
+
+    model, config, _meta, data = _load(demo32 / "runs" / "self_attention-tokens", "cpu")
+    att = attention_maps(model, data, data.split_rows["test"], "self_attention")
+    total = np.asarray(att["text_share"]) + np.asarray(att["image_share"]) + np.asarray(att["self_share"])
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+
+
+def test_predict_calibrated_applies_the_fitted_temperature(demo32, capsys):
+    from mmcache.fuse.analyze import apply_temperature
+
+    run = demo32 / "runs" / "basic-mean"
+    assert _run(capsys, "analyze", "--run", run)[0] == 0
+    t = json.loads((run / "calibration.json").read_text())["temperature"]
+    plain = mmcache_predict(run, False)
+    calibrated = mmcache_predict(run, True)
+    np.testing.assert_allclose(calibrated, apply_temperature(plain, t), atol=1e-6)
+    assert abs(t - 1) < 1e-3 or not np.allclose(plain, calibrated, atol=1e-4)
+
+
+def mmcache_predict(run, calibrated):
+    import mmcache
+
+    p = mmcache.Predictor.from_run(run, device="cpu", calibrated=calibrated)
+    return p.predict(texts=["what a lovely sunny day"], images=[run.parents[1] / "data" / "images" / "demo_0004.png"]).probs
+
+
+def test_analyze_without_matplotlib_still_writes_numbers(demo32, capsys, monkeypatch, tmp_path):
+    import shutil
+
+    from mmcache.fuse import plots
+
+    run = tmp_path / "run"
+    shutil.copytree(demo32 / "runs" / "self_attention-tokens", run)
+    (run / "analysis").exists() and shutil.rmtree(run / "analysis")
+    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    code, out, err = _run(capsys, "analyze", "--run", run)
+    assert code == 0, err
+    names = {p.name for p in (run / "analysis").iterdir()}
+    assert {"analysis.json", "pr_curves.csv", "reliability.csv", "attention_shares.csv", "gallery.csv", "report.html"} <= names
+    assert not any(n.endswith(".png") for n in names)
+
+
+def test_heat_map_covers_the_region_the_encoder_saw():
+    from mmcache.fuse.analysis_report import model_view
+    from PIL import Image
+
+    img = Image.new("RGB", (200, 100))
+    dinov2 = {"do_center_crop": True, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}
+    assert model_view(img, dinov2).size == (88, 88)  # 224/256 of the short side, centered
+    assert model_view(img, {"do_center_crop": False, "size": {"height": 224, "width": 224}}).size == (200, 100)
