@@ -65,8 +65,10 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [0.05, 20] that minimises the NLL of ``apply_temperature(probs, T)`` (1.0 without data)."""
-    if len(labels) == 0:
+    """The T in [0.05, 20] that minimises the NLL of ``apply_temperature(probs, T)``. 1.0 without data
+    or when every post is classified correctly: then the NLL only falls as T -> 0 (sharper is always
+    "better"), so no temperature is identifiable from these posts."""
+    if len(labels) == 0 or bool((probs.argmax(-1) == labels).all()):
         return 1.0
     from scipy.optimize import minimize_scalar
 
@@ -236,6 +238,7 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
     t = fit_temperature(probs["val"], ys["val"])
     scaled = {s: apply_temperature(p, t) for s, p in probs.items()}
     calib = {"temperature": t, "fitted_on": "val", "n_val": int(len(ys["val"])), "bins": bins,
+             "val_errors": int((probs["val"].argmax(-1) != ys["val"]).sum()) if len(ys["val"]) else 0,
              **{f"ece_{s}_{w}": expected_calibration_error(p[s], ys[s], bins)
                 for s in ("val", "test") for w, p in (("before", probs), ("after", scaled))},
              **{f"nll_{s}_{w}": (_nll(p[s], ys[s]) if len(ys[s]) else None)
@@ -282,7 +285,8 @@ def format_analysis(result: AnalysisResult) -> str:
                           [[c, v["positives"], f(v["ap"]), f(v["roc_auc"])] for c, v in cur.items()]),
              f"macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}", ""]
     c = s["calibration"]
-    lines.append(f"temperature {c['temperature']:.3f} (fitted on {c['n_val']} val posts): test ECE "
+    fitted = f"fitted on {c['n_val']} val posts" if c.get("val_errors", 1) else "not fitted: no val post misclassified"
+    lines.append(f"temperature {c['temperature']:.3f} ({fitted}): test ECE "
                  f"{f(c['ece_test_before'])} -> {f(c['ece_test_after'])}, NLL {f(c['nll_test_before'])} -> "
                  f"{f(c['nll_test_after'])}")
     if "attention" in s:

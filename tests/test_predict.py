@@ -206,6 +206,14 @@ def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
     assert expected_calibration_error(apply_temperature(over, t), y) < expected_calibration_error(over, y) / 2
 
 
+def test_no_temperature_from_a_validation_split_without_mistakes():
+    from mmcache.fuse.analyze import fit_temperature
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], dtype=np.float32)
+    assert fit_temperature(probs, np.array([0, 1])) == 1.0  # NLL would push T to its lower bound
+    assert fit_temperature(probs, np.array([0, 2])) != 1.0
+
+
 def test_ece_by_hand():
     from mmcache.fuse.analyze import expected_calibration_error
 
