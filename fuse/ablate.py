@@ -873,6 +873,10 @@ def _markdown(table: dict[str, Any]) -> str:
                     f"best mean macro-F1)", "", f"Rows = true class, columns = predicted; {c['how']}.", "",
                 _md_table(["true \\ predicted", *table["classes"]],
                           [[cls, *map(str, row)] for cls, row in zip(table["classes"], c["matrix"], strict=True)])]
+    if table.get("analysis"):
+        from mmcache.fuse.analyze import markdown_section
+
+        out += ["", *markdown_section(table["analysis"])]
     failures = _failures(table)
     if failures:
         out += ["", "## Failed runs", "", *(f"- `{f}`" for f in failures)]
@@ -971,6 +975,7 @@ class AblationConfig:
     aggregate_only: bool = False
     plots: bool = True
     allow_no_val: bool = False  # train datasets without a validation split (else those runs fail)
+    analyze: bool = True  # analyse the best config's first seed (fuse.analyze) into its run and the markdown
 
 
 def default_results_dir(runs_dir: str | Path) -> Path:
@@ -1007,6 +1012,11 @@ def run_ablation(config: AblationConfig) -> AblationResult:
         done = run_grid(selected, jobs=resolve_jobs(config.jobs, config.base.device), threads=config.threads,
                         force=config.force, allow_no_val=config.allow_no_val)
     tables = aggregate(runs, skipped)
+    if config.analyze:
+        from mmcache.fuse.analyze import analyze_best
+
+        for table in tables.values():
+            table["analysis"] = analyze_best(table)
     files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,

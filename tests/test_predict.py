@@ -306,3 +306,18 @@ def test_heat_map_covers_the_region_the_encoder_saw():
     dinov2 = {"do_center_crop": True, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}
     assert model_view(img, dinov2).size == (88, 88)  # 224/256 of the short side, centered
     assert model_view(img, {"do_center_crop": False, "size": {"height": 224, "width": 224}}).size == (200, 100)
+
+
+def test_ablation_markdown_has_the_best_configs_analysis(demo32, tmp_path):
+    from mmcache.fuse.ablate import AblationConfig, run_ablation
+    from mmcache.fuse.train import TrainConfig
+
+    res = run_ablation(AblationConfig(datasets=["demo"], heads=["basic", "self_attention"], features=["mean"], seeds=1,
+                                      base=TrainConfig(dim=16, heads=2, epochs=2, threads=1, device="cpu"),
+                                      cache_dir=str(demo32 / "cache"), runs_dir=str(tmp_path / "runs"),
+                                      results_dir=str(tmp_path / "results"), jobs=1, plots=False))
+    a = res.tables["demo"]["analysis"]
+    assert a["head"] == res.tables["demo"]["confusion"]["head"] and Path(a["report"]).is_file()
+    md = (tmp_path / "results" / "ablation_demo.md").read_text()
+    assert "## Analysis of the best config" in md and "ECE" in md and "| macro |" in md
+    assert json.loads((tmp_path / "results" / "ablation_demo.json").read_text())["analysis"]["run"] == a["run"]
