@@ -341,13 +341,13 @@ class Predictor:
         return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
                                 cache_dir=cache_dir / name)
 
-    def _apply_head(self, folder: Path, index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
-        """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
+    def _load_encoded(self, folder: Path, index, posts: list[Post]):
+        """The encoded posts as stage-two data (a failed modality = an all-padding row), the index rows
+        the head can answer, and notes by post id."""
         import torch
 
         from mmcache.extract import cache_format as cf
         from mmcache.fuse.data import FusionData, _load_modality
-        from mmcache.fuse.train import predict
 
         loaded, reasons = {}, {}
         for m in self.uses:
@@ -375,6 +375,15 @@ class Predictor:
                 notes[p.id] = f"answered from {left} only ({why})"
             else:
                 notes[p.id] = why
+        return data, answer, notes
+
+    def _apply_head(self, folder: Path, index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
+        """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
+        import torch
+
+        from mmcache.fuse.train import predict
+
+        data, answer, notes = self._load_encoded(folder, index, posts)
         probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
         if answer:
             rows = torch.as_tensor(answer, dtype=torch.long, device=data.device)
@@ -385,6 +394,42 @@ class Predictor:
                 out = apply_temperature(out, self.temperature)
             probs[answer] = out
         return probs, notes
+
+    def explain(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None, *,
+                ids: Sequence[str] | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
+        """Prediction plus attention for each post (attention heads only): ``text_share`` /
+        ``image_share`` (see :mod:`mmcache.fuse.analyze`), ``tokens`` with ``text_weights``, and
+        ``image_weights`` over the patch ``grid`` (row-major) for ``tokens`` features."""
+        import torch
+
+        from mmcache.extract import cache_format as cf
+        from mmcache.fuse.analyze import ATTENTION_HEADS, attention_maps
+
+        if self.config.head not in ATTENTION_HEADS:
+            raise BadInputError(f"explain needs an attention head ({', '.join(ATTENTION_HEADS)}); this run is "
+                                f"{self.config.head!r}")
+        posts = posts_from_lists(texts, images, ids)
+        with tempfile.TemporaryDirectory(prefix="mmcache-explain-") as tmp:
+            folder = encode_posts(posts, self.recorded, self.classes, Path(tmp), "posts", device=self.device,
+                                  batch_size=batch_size, num_workers=0)
+            index = cf.read_index(folder / cf.INDEX_NAME)
+            out = self._rows(posts, *self._apply_head(folder, index, posts))
+            data, answer, _notes = self._load_encoded(folder, index, posts)
+            if not answer:
+                return out
+            att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device), self.config.head)
+        from mmcache.api import _recorded_tokenizer
+
+        tokenize = _recorded_tokenizer(self.run_dir)
+        tokens = tokenize([posts[r].text for r in answer]) if tokenize else [None] * len(answer)
+        grid = self.recorded.get("image", {}).get("grid")
+        for k, r in enumerate(answer):
+            tw = np.asarray(att["text_weights"][k])
+            toks = tokens[k] if tokens[k] is not None and len(tokens[k]) == tw.size else [f"#{j}" for j in range(tw.size)]
+            out[r].update(text_share=att["text_share"][k], image_share=att["image_share"][k], tokens=toks,
+                          text_weights=tw.tolist(), image_weights=np.asarray(att["image_weights"][k]).tolist(),
+                          grid=grid)
+        return out
 
     def _rows(self, posts: list[Post], probs: np.ndarray, notes: dict[str, str]) -> list[dict[str, Any]]:
         rows = []

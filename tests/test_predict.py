@@ -321,3 +321,19 @@ def test_ablation_markdown_has_the_best_configs_analysis(demo32, tmp_path):
     md = (tmp_path / "results" / "ablation_demo.md").read_text()
     assert "## Analysis of the best config" in md and "ECE" in md and "| macro |" in md
     assert json.loads((tmp_path / "results" / "ablation_demo.json").read_text())["analysis"]["run"] == a["run"]
+
+
+def test_explain_gives_attention_per_post(demo32):
+    import mmcache
+
+    p = mmcache.Predictor.from_run(demo32 / "runs" / "self_attention-tokens", device="cpu")
+    img = demo32 / "data" / "images" / "demo_0004.png"
+    out = p.explain(texts=["what a lovely sunny day", "rain"], images=[img, demo32 / "missing.png"])
+    first, second = out
+    assert first["predicted"] in p.classes and len(first["image_weights"]) == 64 and first["grid"] == [8, 8]
+    assert first["tokens"][0] == "[CLS]" and "lovely" in first["tokens"]  # token strings from the run's tokenizer
+    assert len(first["tokens"]) == len(first["text_weights"])
+    assert 0 < first["text_share"] and 0 < first["image_share"] and first["text_share"] + first["image_share"] <= 1 + 1e-6
+    assert second["image_weights"] == [] and second["note"].startswith("answered from text only")
+    with pytest.raises(mmcache.BadInputError, match="attention head"):
+        mmcache.Predictor.from_run(demo32 / "runs" / "basic-mean", device="cpu").explain(texts=["x"])
