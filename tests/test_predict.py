@@ -58,6 +58,7 @@ def _read_csv(path_or_text, is_text=False):
     return list(csv.DictReader(io.StringIO(text)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_name", ["self_attention-tokens", "basic-mean"])
 def test_predict_on_raw_test_posts_reproduces_predictions_csv(demo, capsys, run_name):
     run = demo / "runs" / run_name
@@ -223,6 +224,7 @@ def test_ece_by_hand():
     assert expected_calibration_error(probs, y, bins=10) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_name", ["self_attention-tokens", "dual_attention-tokens", "basic-mean"])
 def test_analyze_writes_curves_calibration_attention_and_report(demo32, capsys, run_name):
     run = demo32 / "runs" / run_name
@@ -263,6 +265,7 @@ def test_self_attention_shares_add_up(demo32):
     np.testing.assert_allclose(total, 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_calibrated_applies_the_fitted_temperature(demo32, capsys):
     from mmcache.fuse.analyze import apply_temperature
 
@@ -308,6 +311,7 @@ def test_heat_map_covers_the_region_the_encoder_saw():
     assert model_view(img, {"do_center_crop": False, "size": {"height": 224, "width": 224}}).size == (200, 100)
 
 
+@pytest.mark.slow
 def test_ablation_markdown_has_the_best_configs_analysis(demo32, tmp_path):
     from mmcache.fuse.ablate import AblationConfig, run_ablation
     from mmcache.fuse.train import TrainConfig
