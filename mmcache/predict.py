@@ -214,6 +214,16 @@ def _save_image(img: Any, folder: Path, i: int) -> str:
     return str(p)
 
 
+def _refuse_other_posts(folder: Path, fingerprint: str) -> None:
+    """A cache folder that already holds other posts is never overwritten (its features would no
+    longer match its index): the same posts again are fine (their features are reused)."""
+    from mmcache.extract import cache_format as cf
+
+    path = folder / cf.INDEX_NAME
+    if path.is_file() and cf.read_index(path).fingerprint != fingerprint:
+        raise BadInputError(f"{folder} already holds a cache of other posts; give --cache-features another folder")
+
+
 def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes: list[str], cache_dir: Path,
                  name: str, *, device: str = "cpu", batch_size: int = 32, num_workers: int | None = None) -> Path:
     """Encode ``posts`` with the encoders ``recorded`` (modality -> the run's cache config) into a normal
@@ -236,6 +246,7 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
     ids = [p.id for p in posts]
     texts = [p.text for p in posts]
     labels = [classes.index(p.label) if p.label in classes else -1 for p in posts]
+    _refuse_other_posts(folder, cf.index_fingerprint(ids, texts, [f or "" for f in files]))
     fp = cf.write_index(folder / cf.INDEX_NAME, dataset=name, classes=classes, ids=ids, labels=labels,
                         splits=["test"] * len(posts), texts=texts, image_paths=[f or "" for f in files],
                         attrs={"root": "/", "reader": "predict"})

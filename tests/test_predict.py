@@ -341,3 +341,16 @@ def test_explain_gives_attention_per_post(demo32):
     assert second["image_weights"] == [] and second["note"].startswith("answered from text only")
     with pytest.raises(mmcache.BadInputError, match="attention head"):
         mmcache.Predictor.from_run(demo32 / "runs" / "basic-mean", device="cpu").explain(texts=["x"])
+
+
+def test_cache_features_never_overwrites_a_cache_of_other_posts(demo32, capsys, tmp_path):
+    run = demo32 / "runs" / "basic-mean"
+    args = ["predict", "--run", run, "--dataset", "demo", "--data-dir", demo32 / "data", "--cache-features", tmp_path,
+            "--output", tmp_path / "out.csv", "--device", "cpu"]
+    assert _run(capsys, *args, "--split", "test")[0] == 0
+    index = tmp_path / "demo" / "index.h5"
+    before = index.read_bytes()
+    code, out, err = _run(capsys, *args, "--split", "val")
+    assert code == 2 and "already holds a cache of other posts" in err
+    assert index.read_bytes() == before  # the first cache is intact
+    assert _run(capsys, *args, "--split", "test")[0] == 0  # the same posts again: reused
