@@ -32,15 +32,18 @@ def extract(dataset: str, **options: Any):
     return run_extract(ExtractConfig(dataset=dataset, **options))
 
 
-def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress: bool = False, data=None, **options: Any):
+def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress: bool | None = False, data=None,
+                 allow_no_val: bool = False, expected_split: dict[str, Any] | None = None, **options: Any):
     """Stage two: train one head on a cache. ``config``: a JSON file or dict (e.g. a run's
     config.json); keyword options (any :class:`~mmcache.fuse.train.TrainConfig` field: ``head``,
-    ``dataset``, ``features``, ``epochs``, ...) override it. Returns the
-    :class:`~mmcache.fuse.train.TrainResult`: ``run_dir``, resolved ``config``, ``metrics``, ``history``."""
+    ``dataset``, ``features``, ``epochs``, ...) override it. ``allow_no_val`` / ``expected_split``: as
+    :func:`mmcache.fuse.train.train`. Returns the :class:`~mmcache.fuse.train.TrainResult`: ``run_dir``,
+    resolved ``config``, ``metrics``, ``history``."""
     from mmcache.fuse.train import TrainConfig, train
 
     base = TrainConfig.from_json(config).to_dict() if isinstance(config, (str, Path)) else dict(config or {})
-    return train(TrainConfig.from_dict({**base, **options}), data, progress=progress)
+    return train(TrainConfig.from_dict({**base, **options}), data, progress=progress, allow_no_val=allow_no_val,
+                 expected_split=expected_split)
 
 
 def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", **options: Any):

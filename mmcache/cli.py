@@ -143,8 +143,9 @@ def train_fusion(
     as_json: bool = typer.Option(False, "--json", help="print metrics.json instead of the summary"),
 ) -> None:
     """Train a fusion head on cached features; writes runs/<name>/ and prints a summary table."""
+    from mmcache import api
     from mmcache.fuse.report import format_train
-    from mmcache.fuse.train import TrainConfig, train
+    from mmcache.fuse.train import TrainConfig
 
     base = {}
     if config is not None:
@@ -166,8 +167,8 @@ def train_fusion(
     from mmcache.fuse.runs import read_split
 
     expected = read_split(config.parent) if config is not None and merged.get("dataset") == base.get("dataset") else None
-    result = train(TrainConfig.from_dict(merged), progress=False if quiet else None, allow_no_val=allow_no_val,
-                   expected_split=expected)
+    result = api.train_fusion(merged, progress=False if quiet else None, allow_no_val=allow_no_val,
+                              expected_split=expected)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
 
 
@@ -186,8 +187,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
 ) -> None:
     """Score a saved run again (its own test split, or another dataset's: cross-dataset evaluation)."""
+    from mmcache.api import evaluate as evaluate_run
     from mmcache.fuse.report import format_eval
-    from mmcache.fuse.train import evaluate as evaluate_run
 
     if original_split and current_split:
         raise BadInputError("--original-split and --current-split exclude each other")
