@@ -275,7 +275,7 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
 
 def format_analysis(result: AnalysisResult) -> str:
     """What the CLI prints: AP / AUC per class, ECE before/after, attention shares, where the files are."""
-    from mmcache.extract.summary import format_table
+    from mmcache.fuse.report import _table as format_table
 
     s = result.summary
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

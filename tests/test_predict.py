@@ -19,18 +19,21 @@ N = 60
 
 
 def _setup(root: Path, dtype: str) -> Path:
+    """Through the public API: mmcache.extract (the callable stage-one package), mmcache.train_fusion."""
     from mmcache.extract.demo_models import ensure_demo_models
-    from mmcache.extract.extraction import ExtractConfig, run_extract
-    from mmcache.fuse.train import TrainConfig, train
+
+    import mmcache
 
     text_dir, image_dir = ensure_demo_models(root / "models")
-    run_extract(ExtractConfig(dataset="demo", data_dir=root / "data", options={"n": N}, cache_dir=root / "cache",
+    summary = mmcache.extract("demo", data_dir=root / "data", options={"n": N}, cache_dir=root / "cache",
                               text_model=str(text_dir), image_model=str(image_dir), device="cpu", precision="fp32",
-                              num_workers=0, dtype=dtype, text_max_length=24, progress=False))
+                              num_workers=0, dtype=dtype, text_max_length=24, progress=False)
+    assert summary.num_samples == N
     for head, features in (("self_attention", "tokens"), ("basic", "mean"), ("dual_attention", "tokens")):
-        train(TrainConfig(head=head, features=features, dataset="demo", dim=16, heads=2, epochs=3, threads=1,
-                          cache_dir=str(root / "cache"), runs_dir=str(root / "runs"), run_name=f"{head}-{features}",
-                          device="cpu"))
+        run = mmcache.train_fusion(head=head, features=features, dataset="demo", dim=16, heads=2, epochs=3, threads=1,
+                                   cache_dir=str(root / "cache"), runs_dir=str(root / "runs"),
+                                   run_name=f"{head}-{features}", device="cpu")
+        assert run.metrics["test"]["n"] == 6 and run.run_dir.name == f"{head}-{features}"
     return root
 
 
@@ -313,13 +316,11 @@ def test_heat_map_covers_the_region_the_encoder_saw():
 
 @pytest.mark.slow
 def test_ablation_markdown_has_the_best_configs_analysis(demo32, tmp_path):
-    from mmcache.fuse.ablate import AblationConfig, run_ablation
-    from mmcache.fuse.train import TrainConfig
+    import mmcache
 
-    res = run_ablation(AblationConfig(datasets=["demo"], heads=["basic", "self_attention"], features=["mean"], seeds=1,
-                                      base=TrainConfig(dim=16, heads=2, epochs=2, threads=1, device="cpu"),
-                                      cache_dir=str(demo32 / "cache"), runs_dir=str(tmp_path / "runs"),
-                                      results_dir=str(tmp_path / "results"), jobs=1, plots=False))
+    res = mmcache.ablate(["demo"], heads=["basic", "self_attention"], features=["mean"], seeds=1,
+                         base=dict(dim=16, heads=2, epochs=2, threads=1, device="cpu"), cache_dir=str(demo32 / "cache"),
+                         runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), jobs=1, plots=False)
     a = res.tables["demo"]["analysis"]
     assert a["head"] == res.tables["demo"]["confusion"]["head"] and Path(a["report"]).is_file()
     md = (tmp_path / "results" / "ablation_demo.md").read_text()
