@@ -140,7 +140,7 @@ def _figures(plt, out: Path, s: dict[str, Any]) -> dict[str, str]:
         ax.bar(x - 0.2, [r["text_share"] for r in rows], 0.4, label="text")
         ax.bar(x + 0.2, [r["image_share"] for r in rows], 0.4, label="image")
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{r['group']}\n(n={r['n']})" for r in rows], fontsize=7)
+        ax.set_xticklabels([f"{r['group'].replace(' ', chr(10), 1)}\n(n={r['n']})" for r in rows], fontsize=7)
         ax.set_ylabel("attention share")
         ax.set_title(f"modality attention ({s['attention']['kind']})", fontsize=10)
         ax.legend(fontsize=7)
