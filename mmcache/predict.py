@@ -104,14 +104,18 @@ def read_manifest(path: str | Path) -> list[Post]:
     if not path.exists():
         raise BadInputError(f"--manifest {path}: no such file")
     manifest = find_manifest(path)
-    rows, _enc = _read_rows(manifest)
+    rows = _jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else _read_rows(manifest)[0]
     if not rows:
         raise BadInputError(f"{manifest}: manifest is empty")
-    missing = [c for c in ("id", "text", "image") if c not in rows[0]]
-    if missing:
+    missing = [c for c in ("id", "text", "image") if isinstance(rows[0], dict) and c not in rows[0]]
+    if missing and manifest.suffix.lower() == ".csv":  # JSONL: a key a line lacks is that post's problem
         raise BadInputError(f"{manifest}: missing column(s) {', '.join(missing)}")
     posts, seen = [], set()
     for n, row in enumerate(rows, 1):
+        if isinstance(row, str):  # a JSONL line that is not a JSON object: its row says why
+            posts.append(Post(id=f"row{n}", text="", problem={"post": row}))
+            seen.add(f"row{n}")
+            continue
         sid = str(row.get("id") or "").strip() or f"row{n}"
         post = Post(id=sid, text=clean_text(str(row.get("text") or "")),
                     label=str(row.get("label") or "").strip() or None)
@@ -126,6 +130,24 @@ def read_manifest(path: str | Path) -> list[Post]:
                 post.problem["image"] = f"image path {rel!r} leaves the manifest's folder"
         posts.append(post)
     return posts
+
+
+def _jsonl_rows(manifest: Path) -> list[dict | str]:
+    """JSONL rows as dicts; a line that is not a JSON object becomes its reason (a string), so it still
+    gets an output row (the folder reader refuses the whole file instead)."""
+    from mmcache.extract.textio import decode_bytes
+
+    text, _enc = decode_bytes(manifest.read_bytes())
+    rows: list[dict | str] = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = f"line {n} is not valid JSON ({e.msg})"
+        rows.append(row if isinstance(row, (dict, str)) else f"line {n} is not a JSON object")
+    return rows
 
 
 def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,

@@ -355,3 +355,18 @@ def test_cache_features_never_overwrites_a_cache_of_other_posts(demo32, capsys, 
     assert code == 2 and "already holds a cache of other posts" in err
     assert index.read_bytes() == before  # the first cache is intact
     assert _run(capsys, *args, "--split", "test")[0] == 0  # the same posts again: reused
+
+
+def test_a_broken_jsonl_line_gets_its_own_row(demo32, capsys, tmp_path):
+    img = demo32 / "data" / "images" / "demo_0004.png"
+    (tmp_path / "sun.png").write_bytes(img.read_bytes())
+    lines = [json.dumps({"id": "a", "text": "lovely day", "image": "sun.png"}), "{not json", "[1, 2]",
+             json.dumps({"id": "b", "text": "no image key"})]
+    (tmp_path / "posts.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = _run(capsys, "predict", "--run", demo32 / "runs" / "basic-mean", "--manifest",
+                          tmp_path / "posts.jsonl", "--device", "cpu")
+    assert code == 0, err
+    rows = _read_csv(out, is_text=True)
+    assert [r["id"] for r in rows] == ["a", "row2", "row3", "b"]
+    assert rows[0]["predicted"] and "not valid JSON" in rows[1]["note"] and "not a JSON object" in rows[2]["note"]
+    assert rows[3]["predicted"] == "" and "no image path" in rows[3]["note"]
