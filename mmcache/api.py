@@ -110,7 +110,7 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     ``folder`` format, label optional), or a ``dataset`` reader's ``split``. Returns a
     :class:`~mmcache.predict.PredictionResult` (rows, probabilities, metrics when labelled)."""
     from mmcache.errors import BadInputError
-    from mmcache.fuse.runs import read_provenance
+    from mmcache.fuse.runs import read_provenance, read_split
     from mmcache.predict import Predictor, dataset_posts, posts_from_lists, read_manifest
 
     modes = [texts is not None or images is not None, manifest is not None, dataset is not None]
@@ -123,7 +123,7 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     elif dataset is not None:
         run_index = (read_provenance(run).get("index") or {}).get("path")
         posts, name = dataset_posts(dataset, data_dir, split, options=options, run_index=run_index,
-                                    split_file=split_file, seed=seed), dataset
+                                    split_file=split_file, seed=seed, run_split=read_split(run)), dataset
     else:
         posts = posts_from_lists(texts, images, ids, labels)
     return predictor.predict_posts(posts, cache_features=cache_features, name=name, batch_size=batch_size,

@@ -151,10 +151,12 @@ def _jsonl_rows(manifest: Path) -> list[dict | str]:
 
 
 def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,
-                  run_index: Path | None = None, split_file: str | Path | None = None, seed: int = 0) -> list[Post]:
+                  run_index: Path | None = None, split_file: str | Path | None = None, seed: int = 0,
+                  run_split: dict[str, Any] | None = None) -> list[Post]:
     """The posts of a dataset reader, restricted to ``split`` (None or "all": every post). Splits come
-    from the run's own sample index when it knows the posts (so ``--split test`` is the run's test
-    split), else from the stratified split (``seed`` / ``split_file``) as extraction makes it."""
+    from the run's ``split.json`` (``run_split``: the exact ids it trained, validated and tested on), else
+    its sample index when that knows the posts, else the stratified split (``seed`` / ``split_file``)
+    as extraction makes it."""
     from mmcache.extract import cache_format as cf
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.splits import resolve_splits
@@ -165,7 +167,11 @@ def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, 
         options = json.loads(options) if isinstance(options, str) else options
     result = load_dataset(dataset, data_dir, **(options or {}))
     assignment = None
-    if idx is not None:
+    ids = (run_split or {}).get("ids") or {}
+    from_run = {sid: name for name, members in ids.items() for sid in members}
+    if from_run and split_file is None and any(s.id in from_run for s in result.samples):
+        assignment = from_run
+    elif idx is not None:
         known = dict(zip(idx.ids.tolist(), idx.splits.tolist(), strict=True))
         if all(s.id in known for s in result.samples):
             assignment = known

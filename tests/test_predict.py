@@ -370,3 +370,19 @@ def test_a_broken_jsonl_line_gets_its_own_row(demo32, capsys, tmp_path):
     assert [r["id"] for r in rows] == ["a", "row2", "row3", "b"]
     assert rows[0]["predicted"] and "not valid JSON" in rows[1]["note"] and "not a JSON object" in rows[2]["note"]
     assert rows[3]["predicted"] == "" and "no image path" in rows[3]["note"]
+
+
+def test_dataset_split_comes_from_the_runs_split_json(demo32, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo32 / "runs" / "basic-mean", run)
+    prov = json.loads((run / "provenance.json").read_text())
+    prov["index"]["path"] = str(tmp_path / "gone" / "index.h5")  # the cache index is no help: split.json decides
+    (run / "provenance.json").write_text(json.dumps(prov))
+    code, out, err = _run(capsys, "predict", "--run", run, "--dataset", "demo", "--data-dir", demo32 / "data",
+                          "--option", f"n={N}", "--output", tmp_path / "p.csv", "--device", "cpu")
+    assert code == 0, err
+    test_ids = json.loads((run / "split.json").read_text())["ids"]["test"]
+    assert [r["id"] for r in _read_csv(tmp_path / "p.csv")] == [r["id"] for r in _read_csv(run / "predictions.csv")]
+    assert sorted(r["id"] for r in _read_csv(tmp_path / "p.csv")) == sorted(test_ids)
