@@ -196,10 +196,14 @@ def _load(run_dir: Path, device: str):
     from mmcache.fuse.train import load_head
 
     model, config, meta = load_head(run_dir, device)
+    targets = meta["model"].get("targets") or {}
+    if len(targets) > 1:
+        raise BadInputError(f"run {run_dir} predicts the task {meta.get('target')!r} ({', '.join(targets)}); "
+                            "analyze takes single-target runs")
     caches = {m: (p if (p := getattr(config, f"{m}_cache")) and Path(p).is_file() else None) for m in ("text", "image")}
     data = load_data(config.dataset, modalities=config.modalities or sorted(head_uses(config.head)),
                      features=config.features, cache_dir=config.cache_dir, text_cache=caches["text"],
-                     image_cache=caches["image"], device=device)
+                     image_cache=caches["image"], device=device, target=meta.get("target") or config.target)
     return model, config, meta, data
 
 

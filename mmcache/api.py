@@ -123,7 +123,8 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     elif dataset is not None:
         run_index = (read_provenance(run).get("index") or {}).get("path")
         posts, name = dataset_posts(dataset, data_dir, split, options=options, run_index=run_index,
-                                    split_file=split_file, seed=seed, run_split=read_split(run)), dataset
+                                    split_file=split_file, seed=seed, run_split=read_split(run),
+                                    target=predictor.target), dataset
     else:
         posts = posts_from_lists(texts, images, ids, labels)
     return predictor.predict_posts(posts, cache_features=cache_features, name=name, batch_size=batch_size,

@@ -97,19 +97,19 @@ def read_manifest(path: str | Path) -> list[Post]:
     """A ``folder``-format manifest (``id,text,image[,label]``, .csv or .jsonl) as posts, one per row:
     rows the folder reader would drop (duplicate id, image path leaving the manifest's folder) are kept
     with their reason, so every row gets an output row. Labels are optional."""
-    from mmcache.extract.datasets.folder import _read_rows, find_manifest
+    from mmcache.extract.datasets.folder import find_manifest
     from mmcache.extract.textio import clean_text, safe_child
 
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"--manifest {path}: no such file")
     manifest = find_manifest(path)
-    rows = _jsonl_rows(manifest) if manifest.suffix.lower() == ".jsonl" else _read_rows(manifest)[0]
+    suffix = manifest.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise BadInputError(f"{manifest}: manifest must be .csv or .jsonl")
+    rows = _jsonl_rows(manifest) if suffix == ".jsonl" else _csv_rows(manifest)
     if not rows:
         raise BadInputError(f"{manifest}: manifest is empty")
-    missing = [c for c in ("id", "text", "image") if isinstance(rows[0], dict) and c not in rows[0]]
-    if missing and manifest.suffix.lower() == ".csv":  # JSONL: a key a line lacks is that post's problem
-        raise BadInputError(f"{manifest}: missing column(s) {', '.join(missing)}")
     posts, seen = [], set()
     for n, row in enumerate(rows, 1):
         if isinstance(row, str):  # a JSONL line that is not a JSON object: its row says why
@@ -132,6 +132,33 @@ def read_manifest(path: str | Path) -> list[Post]:
     return posts
 
 
+def _csv_rows(manifest: Path) -> list[dict | str]:
+    """CSV rows as dicts (column names stripped, lower-cased); a row whose cell count differs from the
+    header's becomes its reason. The separator is the first of ``,`` ``;`` tab whose header names
+    ``id``, ``text`` and ``image`` (``label`` optional: predict needs no labels)."""
+    from mmcache.extract.textio import decode_bytes
+
+    text, _enc = decode_bytes(manifest.read_bytes())
+    first = next((ln for ln in text.split("\n") if ln.strip()), "")
+    for delim in (",", ";", "\t"):
+        header = [h.strip().lower() for h in next(csv.reader([first], delimiter=delim), [])]
+        if {"id", "text", "image"} <= set(header):
+            break
+    else:
+        raise BadInputError(f"{manifest}: the header must name the columns id, text, image[, label] "
+                            f"(separator ',', ';' or tab); found {first.strip()[:100]!r}")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    out: list[dict | str] = []
+    seen_header = False
+    for cells in reader:
+        if not cells or not seen_header:
+            seen_header = seen_header or bool(cells)
+            continue
+        out.append(dict(zip(header, cells, strict=True)) if len(cells) == len(header) else
+                   f"line {reader.line_num}: malformed row ({len(cells)} cells for {len(header)} columns)")
+    return out
+
+
 def _jsonl_rows(manifest: Path) -> list[dict | str]:
     """JSONL rows as dicts; a line that is not a JSON object becomes its reason (a string), so it still
     gets an output row (the folder reader refuses the whole file instead)."""
@@ -152,7 +179,7 @@ def _jsonl_rows(manifest: Path) -> list[dict | str]:
 
 def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,
                   run_index: Path | None = None, split_file: str | Path | None = None, seed: int = 0,
-                  run_split: dict[str, Any] | None = None) -> list[Post]:
+                  run_split: dict[str, Any] | None = None, target: str | None = None) -> list[Post]:
     """The posts of a dataset reader, restricted to ``split`` (None or "all": every post). Splits come
     from the run's ``split.json`` (``run_split``: the exact ids it trained, validated and tested on), else
     its sample index when that knows the posts, else the stratified split (``seed`` / ``split_file``)
@@ -180,7 +207,24 @@ def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, 
     keep = [s for s in result.samples if split in (None, "all") or assignment.get(s.id) == split]
     if not keep:
         raise BadInputError(f"{dataset}: no posts in split {split!r}")
-    return [Post(id=s.id, text=s.text or "", image=s.image_path, label=s.label_name) for s in keep]
+    labels = _target_labels(idx, target, keep)
+    return [Post(id=s.id, text=s.text or "", image=s.image_path, label=labels.get(s.id, s.label_name)) for s in keep]
+
+
+def _target_labels(idx, target: str | None, samples) -> dict[str, str | None]:
+    """For a run trained on a target other than the dataset's default label: each post's label of that
+    target, from the run's cache index (None where the index lacks the post or masks its label)."""
+    if idx is None or not target or not idx.targets:
+        return {}
+    from mmcache.fuse.targets import available_targets
+
+    targets, _tasks, default = available_targets(idx)
+    if target == default or target not in targets:
+        return {}
+    row = {sid: r for r, sid in enumerate(idx.ids.tolist())}
+    codes, classes = idx.targets[target], targets[target]
+    return {s.id: (classes[int(codes[row[s.id]])] if s.id in row and int(codes[row[s.id]]) >= 0 else None)
+            for s in samples}
 
 
 def posts_from_lists(texts: Sequence[str] | None, images: Sequence[Any] | None, ids: Sequence[str] | None = None,
@@ -313,6 +357,11 @@ class Predictor:
         from mmcache.fuse.heads import head_uses
 
         self.run_dir, self.model, self.config, self.meta = run_dir, model, config, meta
+        targets = meta["model"].get("targets") or {}
+        if len(targets) > 1:
+            raise BadInputError(f"run {run_dir} predicts the task {meta.get('target')!r} ({', '.join(targets)}); "
+                                "predict and analyze take single-target runs")
+        self.target: str | None = meta.get("target")
         self.classes: list[str] = list(meta["model"]["classes"])
         self.uses = tuple(m for m in MODALITY_ORDER if m in head_uses(config.head))
         caches = provenance.get("caches") or {}

@@ -100,6 +100,7 @@ def _bad_manifest(root: Path) -> Path:
         w = csv.DictWriter(fh, fieldnames=["id", "text", "image", "label"])
         w.writeheader()
         w.writerows(rows)
+        fh.write("extra,cells,in,this,row\n")
     return d / "manifest.csv"
 
 
@@ -111,7 +112,8 @@ def test_every_manifest_row_gets_a_row_with_its_reason(demo32, capsys, run_name)
                           "--output", out_file, "--device", "cpu")
     assert code == 0, err
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["ok", "ok#row2", "escape", "nofile", "broken", "notext"]
+    assert [r["id"] for r in rows] == ["ok", "ok#row2", "escape", "nofile", "broken", "notext", "row7"]
+    assert "line 8: malformed row (5 cells for 4 columns)" in rows[-1]["note"] and rows[-1]["predicted"] is None
     by = {r["id"]: r for r in rows}
     assert by["ok"]["predicted"] in ("positive", "neutral", "negative") and by["ok"]["note"] == ""
     assert abs(sum(by["ok"][f"p_{c}"] for c in ("positive", "neutral", "negative")) - 1) < 1e-5
@@ -386,3 +388,17 @@ def test_dataset_split_comes_from_the_runs_split_json(demo32, capsys, tmp_path):
     test_ids = json.loads((run / "split.json").read_text())["ids"]["test"]
     assert [r["id"] for r in _read_csv(tmp_path / "p.csv")] == [r["id"] for r in _read_csv(run / "predictions.csv")]
     assert sorted(r["id"] for r in _read_csv(tmp_path / "p.csv")) == sorted(test_ids)
+
+
+def test_a_multi_target_run_is_refused_with_a_reason(demo32, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo32 / "runs" / "basic-mean", run)
+    meta = json.loads((run / "metrics.json").read_text())
+    # two targets whose class counts still sum to the head's 3 outputs, so the weights load
+    meta["target"], meta["model"]["targets"] = "task_x", {"a": ["x", "y"], "b": ["z"]}
+    (run / "metrics.json").write_text(json.dumps(meta))
+    for argv in (["predict", "--run", run, "--text", "hi", "--device", "cpu"], ["analyze", "--run", run]):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and "single-target runs" in err and "Traceback" not in err
