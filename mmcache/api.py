@@ -145,16 +145,21 @@ def _recorded_tokenizer(run: str | Path):
     """A function texts -> token strings, from the tokenizer the run's text cache recorded; None when
     the run has no text cache or the tokenizer cannot be loaded (the report then shows positions)."""
     import logging
+    import os
 
     from mmcache.fuse.runs import read_provenance
 
-    conf = ((read_provenance(run).get("caches") or {}).get("text") or {}).get("config") or {}
-    if not conf.get("model"):
+    rec = (read_provenance(run).get("caches") or {}).get("text") or {}
+    conf, prov = rec.get("config") or {}, rec.get("provenance") or {}
+    src = prov.get("resolved_path") if prov.get("resolved_path") and os.path.isdir(prov["resolved_path"]) else None
+    src = src or prov.get("model_id") or conf.get("model")
+    if not src:
         return None
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(conf["model"], revision=conf.get("revision"), trust_remote_code=False)
+        revision = None if os.path.isdir(src) else (prov.get("commit_hash") or conf.get("revision"))
+        tok = AutoTokenizer.from_pretrained(src, revision=revision, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 -- optional: the analysis still runs with token positions
         logging.getLogger(__name__).warning("token strings unavailable (%s): showing token positions", e)
         return None

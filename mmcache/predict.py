@@ -1,9 +1,9 @@
 """Apply a trained head to new posts: both stages in one call (neutral ground, like the CLI).
 
-:class:`Predictor` rebuilds the encoders a run's caches were made with (:func:`encode_posts`, the one
-place that touches stage one), proves they are the same (the cache file's config fingerprint: weights
-hash or hub commit, tokenizer and processor settings, pooling, precision, storage dtype), encodes the
-posts through stage one's own extraction path into a normal cache (a temporary one unless
+:class:`Predictor` rebuilds the encoders a run's caches were made with from their recorded provenance
+(:func:`_load_verified_encoder`, the one place that loads stage-one encoders) and proves they are the
+same (weights hash or hub commit, tokenizer and processor settings, pooling, layer), encodes the posts
+through stage one's own extraction path into a normal cache (a temporary one unless
 ``cache_features`` is given), then runs the head through stage two's own batching and prediction.
 So the probabilities for a run's own test posts equal its ``predictions.csv``.
 
@@ -251,31 +251,25 @@ def posts_from_lists(texts: Sequence[str] | None, images: Sequence[Any] | None, 
 # --------------------------------------------------------------------------------------------- stage one
 
 def _load_verified_encoder(modality: str, recorded: dict[str, Any], device: str):
-    """Rebuild the encoder a cache file was made with (``recorded``: the file's config) and prove it is
-    the same: its config must fingerprint exactly as the file's. Returns ``(encoder, ExtractConfig)``.
+    """Rebuild the encoder a cache file was made with (``recorded``: the run's record of that file, with
+    its ``config`` and ``provenance``) and prove it is the same one (stage one's
+    :func:`~mmcache.extract.encoders.load_encoder_from_provenance`: weights hash or hub commit,
+    tokenizer / processor settings, pooling, layer). Returns ``(encoder, ExtractConfig)`` set up to
+    write a file with the recorded storage settings."""
+    from mmcache.extract.encoders import load_encoder_from_provenance
+    from mmcache.extract.extraction import ExtractConfig
 
-    The one place that knows how stage one loads encoders; switch to a provenance-based loader here."""
-    from mmcache.extract import cache_format as cf
-    from mmcache.extract.extraction import ExtractConfig, _load_encoder, image_config, text_config
-
-    kw: dict[str, Any] = dict(dataset="predict", dtype=recorded["dtype"], precision=recorded["precision"],
+    conf, prov = recorded.get("config") or {}, recorded.get("provenance") or {}
+    enc = load_encoder_from_provenance(modality, prov, config=conf, device=device)
+    kw: dict[str, Any] = dict(dataset="predict", dtype=conf.get("dtype", "float16"), precision=enc.precision,
                               device=device)
     if modality == "text":
-        kw.update(text_model=recorded["model"], text_revision=recorded.get("revision"),
-                  text_max_length=int(recorded["max_length"]))
+        kw.update(text_model=enc.model_id, text_revision=conf.get("revision"), text_max_length=enc.max_length,
+                  text_layer=prov.get("layer") or "last", text_name=prov.get("name") or None)
     else:
-        kw.update(image_model=recorded["model"], image_revision=recorded.get("revision"),
-                  patch_pool=int(recorded.get("patch_pool") or 1))
-    cfg = ExtractConfig(**kw)
-    enc = _load_encoder(modality, cfg)
-    conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=recorded.get("revision"))
-    conf = json.loads(json.dumps(conf, default=str))
-    if cf.fingerprint(conf) != cf.fingerprint(recorded):
-        diff = sorted(k for k in set(conf) | set(recorded) if conf.get(k) != recorded.get(k))
-        detail = "; ".join(f"{k}: run {recorded.get(k)!r} vs now {conf.get(k)!r}" for k in diff[:4])
-        raise BadInputError(f"the {modality} encoder loaded from {recorded['model']!r} is not the one the run's "
-                            f"cache was made with ({detail})")
-    return enc, cfg
+        kw.update(image_model=enc.model_id, image_revision=conf.get("revision"), patch_pool=enc.patch_pool,
+                  image_layer=prov.get("layer") or "last", image_name=prov.get("name") or None)
+    return enc, ExtractConfig(**kw)
 
 
 def _save_image(img: Any, folder: Path, i: int) -> str:
@@ -297,10 +291,12 @@ def _refuse_other_posts(folder: Path, fingerprint: str) -> None:
 
 
 def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes: list[str], cache_dir: Path,
-                 name: str, *, device: str = "cpu", batch_size: int = 32, num_workers: int | None = None) -> Path:
-    """Encode ``posts`` with the encoders ``recorded`` (modality -> the run's cache config) into a normal
-    cache ``cache_dir/name/`` (index.h5 + one feature file per modality), through stage one's own
-    extraction code. Unlabelled posts get label -1 in the index. Returns the dataset folder."""
+                 name: str, *, device: str = "cpu", batch_size: int = 32,
+                 num_workers: int | None = None) -> dict[str, Path]:
+    """Encode ``posts`` with the encoders ``recorded`` (modality -> the run's record of its cache file:
+    ``config``, ``provenance``) into a normal cache ``cache_dir/name/`` (index.h5 + one feature file per
+    modality), through stage one's own extraction code. Unlabelled posts get label -1 in the index.
+    Returns the feature file written per modality."""
     from mmcache.extract import cache_format as cf
     from mmcache.extract.extraction import IndexInfo, extract_shard
 
@@ -325,15 +321,16 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
     index = IndexInfo(path=folder / cf.INDEX_NAME, dataset_dir=folder, status="written", fingerprint=fp,
                       num_samples=len(posts), ids=ids, texts=texts, image_files=files)
     workers = num_workers if num_workers is not None else (0 if len(posts) < 64 else 2)
+    files_written: dict[str, Path] = {}
     for modality in ("image", "text"):  # image first: the DataLoader forks before the tokenizer's threads
         if modality not in recorded:
             continue
         enc, cfg = _load_verified_encoder(modality, recorded[modality], device)
         cfg.cache_dir, cfg.name, cfg.batch_size, cfg.num_workers = cache_dir, name, batch_size, workers
         cfg.progress = False
-        extract_shard(cfg, modality, index=index, encoder=enc)
+        files_written[modality] = Path(extract_shard(cfg, modality, index=index, encoder=enc).path)
         del enc
-    return folder
+    return files_written
 
 
 # --------------------------------------------------------------------------------------------- stage two
@@ -365,10 +362,10 @@ class Predictor:
         self.classes: list[str] = list(meta["model"]["classes"])
         self.uses = tuple(m for m in MODALITY_ORDER if m in head_uses(config.head))
         caches = provenance.get("caches") or {}
-        missing = [m for m in self.uses if not (caches.get(m) or {}).get("config")]
+        missing = [m for m in self.uses if not ((caches.get(m) or {}).get("config") and caches[m].get("provenance"))]
         if missing:
             raise BadInputError(f"run {run_dir}: provenance.json records no {', '.join(missing)} encoder")
-        self.recorded = {m: caches[m]["config"] for m in self.uses}
+        self.recorded = {m: caches[m] for m in self.uses}
         self.device = device
         self.temperature: float | None = None
         if calibrated:
@@ -417,10 +414,10 @@ class Predictor:
         probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
         notes = {p.id: p.problem["post"] for p in posts if "post" in p.problem}
         if encodable:
-            folder = encode_posts(encodable, self.recorded, self.classes, cache_dir, name, device=self.device,
-                                  batch_size=batch_size, num_workers=num_workers)
-            index = cf.read_index(folder / cf.INDEX_NAME)
-            got, more = self._apply_head(folder, index, encodable)
+            files = encode_posts(encodable, self.recorded, self.classes, cache_dir, name, device=self.device,
+                                 batch_size=batch_size, num_workers=num_workers)
+            index = cf.read_index(cache_dir / name / cf.INDEX_NAME)
+            got, more = self._apply_head(files, index, encodable)
             pos = {p.id: i for i, p in enumerate(posts)}
             for sid, row in zip(index.ids.tolist(), got, strict=True):
                 probs[pos[sid]] = row
@@ -429,7 +426,7 @@ class Predictor:
         return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
                                 cache_dir=cache_dir / name)
 
-    def _load_encoded(self, folder: Path, index, posts: list[Post]):
+    def _load_encoded(self, files: dict[str, Path], index, posts: list[Post]):
         """The encoded posts as stage-two data (a failed modality = an all-padding row), the index rows
         the head can answer, and notes by post id."""
         import torch
@@ -438,10 +435,10 @@ class Predictor:
         from mmcache.fuse.data import FusionData, _load_modality
 
         loaded, reasons = {}, {}
+        folder = files[self.uses[0]].parent
         for m in self.uses:
-            path = cf.feature_path(folder.parent, folder.name, m, self.recorded[m]["model"])
-            loaded[m] = _load_modality(path, m, index, self.config.features, folder.name)
-            reasons[m] = _failure_reasons(path)
+            loaded[m] = _load_modality(files[m], m, index, self.config.features, folder.name)
+            reasons[m] = _failure_reasons(files[m])
         valid = {m: md.valid.clone() for m, md in loaded.items()}
         for md in loaded.values():
             md.mask[~md.valid] = False  # a failed modality is an all-padding row: no real token
@@ -465,13 +462,13 @@ class Predictor:
                 notes[p.id] = why
         return data, answer, notes
 
-    def _apply_head(self, folder: Path, index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
+    def _apply_head(self, files: dict[str, Path], index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
         """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
         import torch
 
         from mmcache.fuse.train import predict
 
-        data, answer, notes = self._load_encoded(folder, index, posts)
+        data, answer, notes = self._load_encoded(files, index, posts)
         probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
         if answer:
             rows = torch.as_tensor(answer, dtype=torch.long, device=data.device)
@@ -498,11 +495,11 @@ class Predictor:
                                 f"{self.config.head!r}")
         posts = posts_from_lists(texts, images, ids)
         with tempfile.TemporaryDirectory(prefix="mmcache-explain-") as tmp:
-            folder = encode_posts(posts, self.recorded, self.classes, Path(tmp), "posts", device=self.device,
-                                  batch_size=batch_size, num_workers=0)
-            index = cf.read_index(folder / cf.INDEX_NAME)
-            out = self._rows(posts, *self._apply_head(folder, index, posts))
-            data, answer, _notes = self._load_encoded(folder, index, posts)
+            files = encode_posts(posts, self.recorded, self.classes, Path(tmp), "posts", device=self.device,
+                                 batch_size=batch_size, num_workers=0)
+            index = cf.read_index(Path(tmp) / "posts" / cf.INDEX_NAME)
+            out = self._rows(posts, *self._apply_head(files, index, posts))
+            data, answer, _notes = self._load_encoded(files, index, posts)
             if not answer:
                 return out
             att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device), self.config.head)
@@ -510,7 +507,7 @@ class Predictor:
 
         tokenize = _recorded_tokenizer(self.run_dir)
         tokens = tokenize([posts[r].text for r in answer]) if tokenize else [None] * len(answer)
-        grid = self.recorded.get("image", {}).get("grid")
+        grid = (self.recorded.get("image") or {}).get("grid") or ((self.recorded.get("image") or {}).get("config") or {}).get("grid")
         for k, r in enumerate(answer):
             tw = np.asarray(att["text_weights"][k])
             toks = tokens[k] if tokens[k] is not None and len(tokens[k]) == tw.size else [f"#{j}" for j in range(tw.size)]
