@@ -664,13 +664,15 @@ def _feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_in
 
 
 def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_shards: int = 1,
-                  index: IndexInfo | None = None, encoder=None) -> ModalitySummary:
+                  index: IndexInfo | None = None, encoder=None, paths: dict[str, Path] | None = None
+                  ) -> ModalitySummary:
     """Extract ``modality`` for shard ``shard_index`` of ``num_shards`` into its own file
     (:func:`~extract.cache_format.shard_path`); shard 0 of 1 writes the normal feature file.
 
     Resumes a matching unfinished file, is a no-op for a complete one, and raises
     :class:`~extract.cache_format.CacheMismatchError` for a file made with other settings (unless
-    ``cfg.force``). ``encoder`` reuses an already loaded encoder of the right modality."""
+    ``cfg.force``). ``encoder`` reuses an already loaded encoder of the right modality; ``paths``, when
+    given, gets ``paths[modality]`` = the file as soon as it is known (what an interrupted run reports)."""
 
     cfg.validate()
     if modality not in cf.MODALITIES:
@@ -683,6 +685,8 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     revision = cfg.text_revision if modality == "text" else cfg.image_revision
     conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=revision)
     path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
+    if paths is not None:
+        paths[modality] = path
     if num_shards > 1 and not path.exists() and not cfg.force:
         merged = _merged_summary(cfg, modality, model, rows, conf, index, cf.parse_shard_name(path)[0])
         if merged is not None:
@@ -817,13 +821,17 @@ def validate_models(cfg: ExtractConfig) -> None:
             model = cfg.text_model if modality == "text" else cfg.image_model
             revision = cfg.text_revision if modality == "text" else cfg.image_revision
             log.debug("%s model %s: %s family", modality, model, validate_encoder(modality, model, revision))
-def _kept(cfg: ExtractConfig, index: IndexInfo, stopped: str) -> str:
-    """What an interrupted run leaves: rows saved per modality file (every finished batch is kept)."""
-    i, n = cfg.shard
+
+
+def _kept(cfg: ExtractConfig, paths: dict[str, Path], stopped: str) -> str:
+    """What an interrupted run leaves: rows saved per modality file (every finished batch is kept);
+    ``paths`` = the files :func:`extract_shard` named before it was stopped."""
     parts = []
     for modality in cfg.modalities:
-        model = cfg.text_model if modality == "text" else cfg.image_model
-        path = cf.shard_path(cfg.cache_dir, index.dataset_dir.name, modality, model, i, n)
+        path = paths.get(modality)
+        if path is None:
+            parts.append(f"{modality} not started")
+            continue
         try:  # unlocked read: image workers forked while the file was open may still hold its lock
             with cf.FeatureFile(path, locking=False) as ff:
                 parts.append(f"{modality} {int(ff.done.sum())}/{len(ff.ids)} rows in {path}")
@@ -843,13 +851,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         index = prepare_index(cfg, lock=lock)
         log.info("sample index %s: %d samples (%s)", index.path, index.num_samples, index.status)
         i, n = cfg.shard
-        results = {}
+        results, paths = {}, {}
         for modality in ("image", "text"):
             if modality in cfg.modalities:
                 try:
-                    results[modality] = extract_shard(cfg, modality, i, n, index=index)
+                    results[modality] = extract_shard(cfg, modality, i, n, index=index, paths=paths)
                 except KeyboardInterrupt:
-                    raise Interrupted(_kept(cfg, index, modality)) from None
+                    raise Interrupted(_kept(cfg, paths, modality)) from None
         failures_csv = None
         if n == 1:
             failures_csv = str(cf.write_failures_csv(index.dataset_dir))

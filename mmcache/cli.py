@@ -499,7 +499,7 @@ def demo(
 def resume_command(argv: list[str] | None = None) -> str:
     """The command line that repeats this call (``python cli.py ...``, ``python -m mmcache ...`` or
     ``mmcache ...``, as it was started), shell-quoted: what resume hints print."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # tests pass Paths
     prog = sys.argv[0] if sys.argv else ""
     py = shutil.which("python")
     python = "python" if py and os.path.realpath(py) == os.path.realpath(sys.executable) else sys.executable
