@@ -44,9 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from mmcache.errors import BadInputError, PipelineError
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.heads import FusionHead, SelfAttentionHead, _Attention
 from mmcache.fuse.train import (
@@ -60,6 +57,9 @@ from mmcache.fuse.train import (
     finish_run,
     open_run,
 )
+from torch import Tensor, nn
+
+from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -168,20 +168,21 @@ def can_stack(config: TrainConfig) -> bool:
 
 
 class _Stack:
-    """The stacked model: ``flat`` (M, P) leaf parameters, and a head copy that reads views of it."""
+    """The stacked model: parameters ``flat`` (M, P) and a head copy whose weights are leaf views of
+    it, so the optimizer, clipping and early-stopping bookkeeping are a few ops on (M, P)."""
 
     def __init__(self, models: list[FusionHead]):
         first = models[0]
         self.names = [n for n, _ in first.named_parameters()]
         self.shapes = [p.shape for _, p in first.named_parameters()]
         self.sizes = [p.numel() for _, p in first.named_parameters()]
-        self.flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
-        self.flat.requires_grad_(True)
         self.module = self._convert(copy.deepcopy(first))
         self.param_bufs: list[tuple[nn.Module, str]] = []
         for name in self.names:
             owner, _, attr = name.rpartition(".")
             self.param_bufs.append((self.module.get_submodule(owner) if owner else self.module, attr))
+        with torch.no_grad():
+            self.set_flat(torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]))
 
     @staticmethod
     def _convert(model: FusionHead) -> FusionHead:
@@ -206,12 +207,31 @@ class _Stack:
     def members(self) -> int:
         return self.flat.shape[0]
 
-    def bind(self, flat: Tensor) -> None:
-        """Point every module's weights at views of ``flat`` (M, P) (a new autograd graph each step)."""
-        m, off = flat.shape[0], 0
+    def set_flat(self, flat: Tensor) -> None:
+        """Use ``flat`` (M, P) as the parameters; binds the module's weights to leaf views of it."""
+        self.flat = flat.detach().contiguous()
+        m, off = self.flat.shape[0], 0
+        self.leaves = []
         for (mod, attr), shape, n in zip(self.param_bufs, self.shapes, self.sizes, strict=True):
-            mod.__dict__[attr] = flat[:, off:off + n].view(m, *shape)
+            leaf = self.flat[:, off:off + n].view(m, *shape).requires_grad_(True)
+            mod.__dict__[attr] = leaf
+            self.leaves.append(leaf)
             off += n
+
+    def take_grad(self) -> Tensor:
+        """The gradients of the last backward as one (M, P) tensor (leaves' .grad reset to None: letting
+        autograd hand over fresh gradient tensors and concatenating once is cheaper than accumulating
+        into views of a preallocated buffer)."""
+        m = self.flat.shape[0]
+        grads = []
+        for leaf in self.leaves:
+            grads.append(leaf.grad.reshape(m, -1) if leaf.grad is not None else torch.zeros_like(leaf).reshape(m, -1))
+            leaf.grad = None
+        return torch.cat(grads, dim=1)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every member row not in ``rows`` (finished members leave the stack)."""
+        self.set_flat(self.flat[torch.tensor(rows, device=self.flat.device)])
 
     def state_dict(self, row: Tensor) -> dict[str, Tensor]:
         """One member's weights from its (P,) row, keyed as the head's own state_dict."""
@@ -245,10 +265,10 @@ def _check_stack(configs: list[TrainConfig]) -> None:
         raise BadInputError(f"head {configs[0].head!r} cannot be stacked; train it with train()")
 
 
-def _adamw_step(flat: Tensor, state: dict[str, Tensor], lr: Tensor, wd: Tensor, step: int) -> None:
-    """torch's AdamW (non-amsgrad) on (M, P) with per-member lr / weight decay (M, 1)."""
+def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, wd: Tensor, step: int) -> None:
+    """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P), gradients ``g``, per-member lr and
+    weight decay (M, 1)."""
     b1, b2 = ADAM_BETAS
-    g = flat.grad
     with torch.no_grad():
         flat.mul_(1 - lr * wd)
         state["m"].lerp_(g, 1 - b1)
@@ -302,9 +322,10 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
     base_lr = torch.tensor([c.lr for c in configs], dtype=torch.float32, device=device)[:, None]
     base_wd = torch.tensor([c.weight_decay for c in configs], dtype=torch.float32, device=device)[:, None]
-    flat = stack.flat.to(device).detach().requires_grad_(True)
-    state = {"m": torch.zeros_like(flat), "v": torch.zeros_like(flat)}
-    best = flat.detach().clone()
+    with torch.no_grad():
+        stack.set_flat(stack.flat.to(device))
+    state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
+    best = stack.flat.clone()
     active = list(range(n_all))  # member ids, in stack row order
     histories: list[list[dict[str, Any]]] = [[] for _ in configs]
     best_f1, best_epoch, since = [-1.0] * n_all, [0] * n_all, [0] * n_all
@@ -323,21 +344,20 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         for start in range(0, n_train, cfg.batch_size):
             rows = orders[:, start:start + cfg.batch_size]  # (M, b)
             b = rows.shape[1]
-            stack.bind(flat)
             with _autocast(device, cfg.amp):
                 logits = stack.module(*data.batch(rows.reshape(-1)))
             loss = _member_losses(logits.float().view(m, b, -1), data.labels[rows], weight, cfg.label_smoothing)
-            flat.grad = None
             loss.sum().backward()
+            grad = stack.take_grad()
             if cfg.grad_clip > 0:
-                norm = flat.grad.norm(dim=1, keepdim=True)
-                flat.grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
-            _adamw_step(flat, state, lr_m * schedule(step), wd_m, step + 1)
+                norm = grad.norm(dim=1, keepdim=True)
+                grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            _adamw_step(stack.flat, grad, state, lr_m * schedule(step), wd_m, step + 1)
             step += 1
             loss_sum += loss.detach() * b
         train_loss = (loss_sum / n_train).tolist()
         lr_now = (lr_m[:, 0] * schedule(step)).tolist()
-        val_probs = _predict_stack(stack, flat, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
+        val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
         seconds = time.perf_counter() - t0
         leaving = []
         for k, i in enumerate(active):
@@ -358,7 +378,7 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
             write_json(run_dirs[i] / "history.json", histories[i])
             if improved:
                 best_f1[i], best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
-                best[i] = flat[k].detach()
+                best[i] = stack.flat[k]
             else:
                 since[i] += 1
             if (configs[i].patience and since[i] >= configs[i].patience) or epoch == cfg.epochs:
@@ -371,7 +391,8 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
             if not active:
                 break
             idx = torch.tensor(keep, device=device)
-            flat = flat.detach()[idx].requires_grad_(True)
+            with torch.no_grad():
+                stack.keep(keep)
             state = {k: v[idx] for k, v in state.items()}
     return _finish_members(stack, configs, run_dirs, data, best, best_epoch, histories, errors, done_at, t_start)
 
@@ -388,12 +409,11 @@ def _member_losses(logits: Tensor, labels: Tensor, weight: Tensor | None, smooth
 
 
 @torch.inference_mode()
-def _predict_stack(stack: _Stack, flat: Tensor, data: FusionData, rows: Tensor, cfg: TrainConfig,
+def _predict_stack(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig,
                    eval_rows: int) -> list[np.ndarray]:
     """Every active member's class probabilities of ``rows``: M arrays (n, C) float32."""
     stack.module.eval()
-    stack.bind(flat.detach())
-    m = flat.shape[0]
+    m = stack.members
     chunk = max(1, min(cfg.eval_batch_size, eval_rows // m))
     out = []
     for start in range(0, rows.numel(), chunk):
@@ -418,7 +438,7 @@ def _finish_members(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Pa
             results.append(MemberResult(c, run_dir, None, errors[i], histories[i]))
             continue
         model = _build_head(c, data.dims(), data.num_classes).to(data.device)
-        model.load_state_dict(stack.state_dict(best[i].detach()))
+        model.load_state_dict(stack.state_dict(best[i]))
         share = (done_at.get(i, t_start + wall) - t_start) / len(configs)
         try:
             metrics = finish_run(run_dir, c, data, model, histories[i], best_epoch[i], time.perf_counter() - share,
