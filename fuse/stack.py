@@ -63,7 +63,8 @@ from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STACK_AXES", "MemberResult", "can_stack", "member_bytes", "stack_key", "train_stack"]
+__all__ = ["STACK_AXES", "MemberResult", "can_stack", "max_members", "member_bytes", "probe_step_seconds", "stack_key",
+           "train_stack"]
 
 # Config fields that may differ inside one stack (plus where the run goes).
 STACK_AXES = ("seed", "lr", "weight_decay")
@@ -253,6 +254,27 @@ def member_bytes(config: TrainConfig, data: FusionData, num_params: int) -> int:
     return 5 * num_params * 4 + per_layer * (config.layers + 1)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a stack: ``torch.cuda.mem_get_info`` on CUDA, MemAvailable of /proc/meminfo on
+    Linux (psutil is not a dependency), else 4 GiB."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def max_members(config: TrainConfig, data: FusionData, fraction: float = 0.5) -> int:
+    """How many members of ``config`` fit in ``fraction`` of the free memory (at least 1)."""
+    model = _build_head(config, data.dims(), data.num_classes)
+    per = member_bytes(config, data, sum(p.numel() for p in model.parameters()))
+    return max(1, int(fraction * available_memory(data.device) // per))
+
+
 # --------------------------------------------------------------------------------------------- training
 
 def _check_stack(configs: list[TrainConfig]) -> None:
@@ -277,10 +299,11 @@ def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, w
         flat.sub_(state["m"] / denom * (lr / (1 - b1 ** step)))  # torch: addcdiv_(m, denom, value=-lr/bc1)
 
 
-def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, eval_rows: int = 4096) -> list[MemberResult]:
+def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, eval_rows: int = 4096,
+                allow_no_val: bool = False) -> list[MemberResult]:
     """Train ``configs`` (one stack, see :func:`stack_key`) together; one run folder per member.
 
-    ``data`` as for :func:`~mmcache.fuse.train.train`. ``eval_rows``: samples x members per
+    ``data`` and ``allow_no_val`` as for :func:`~mmcache.fuse.train.train`. ``eval_rows``: samples x members per
     evaluation forward. A member whose loss becomes non-finite fails alone (its result carries the error,
     its folder has no metrics.json); the others go on. Returns the members' results in input order.
     """
@@ -288,7 +311,7 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
     t_start = time.perf_counter()
     opened = []
     for c in configs:
-        c, data, device, run_dir = open_run(c, data)
+        c, data, device, run_dir = open_run(c, data, allow_no_val=allow_no_val)
         opened.append((c, run_dir))
     configs = [c for c, _ in opened]
     cfg = configs[0]
@@ -343,18 +366,9 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         lr_m, wd_m = base_lr[active], base_wd[active]
         for start in range(0, n_train, cfg.batch_size):
             rows = orders[:, start:start + cfg.batch_size]  # (M, b)
-            b = rows.shape[1]
-            with _autocast(device, cfg.amp):
-                logits = stack.module(*data.batch(rows.reshape(-1)))
-            loss = _member_losses(logits.float().view(m, b, -1), data.labels[rows], weight, cfg.label_smoothing)
-            loss.sum().backward()
-            grad = stack.take_grad()
-            if cfg.grad_clip > 0:
-                norm = grad.norm(dim=1, keepdim=True)
-                grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
-            _adamw_step(stack.flat, grad, state, lr_m * schedule(step), wd_m, step + 1)
+            loss = _train_step(stack, data, rows, cfg, weight, state, lr_m * schedule(step), wd_m, step + 1)
             step += 1
-            loss_sum += loss.detach() * b
+            loss_sum += loss * rows.shape[1]
         train_loss = (loss_sum / n_train).tolist()
         lr_now = (lr_m[:, 0] * schedule(step)).tolist()
         val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
@@ -395,6 +409,51 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
                 stack.keep(keep)
             state = {k: v[idx] for k, v in state.items()}
     return _finish_members(stack, configs, run_dirs, data, best, best_epoch, histories, errors, done_at, t_start)
+
+
+def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: Tensor | None,
+                state: dict[str, Tensor], lr: Tensor, wd: Tensor, step: int) -> Tensor:
+    """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
+    m, b = rows.shape
+    with _autocast(data.device, cfg.amp):
+        logits = stack.module(*data.batch(rows.reshape(-1)))
+    loss = _member_losses(logits.float().view(m, b, -1), data.labels[rows], weight, cfg.label_smoothing)
+    loss.sum().backward()
+    grad = stack.take_grad()
+    if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per member
+        norm = grad.norm(dim=1, keepdim=True)
+        grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+    _adamw_step(stack.flat, grad, state, lr, wd, step)
+    return loss.detach()
+
+
+def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: int, steps: int = 3) -> float:
+    """Seconds of one stacked training step of ``configs`` with ``threads`` CPU threads (after one warm-up
+    step; nothing is written). The ablation scheduler's measurement for threads vs parallel stacks."""
+    _check_stack(configs)
+    cfg = configs[0]
+    device = data.device
+    with _deterministic(device, threads):
+        models = []
+        for c in configs:
+            _seed_everything(c.seed)
+            models.append(_build_head(c, data.dims(), data.num_classes).to(device))
+        stack = _Stack(models)
+        state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
+        lr = torch.full((len(configs), 1), cfg.lr, device=device)
+        wd = torch.full((len(configs), 1), cfg.weight_decay, device=device)
+        train_rows = data.split_rows["train"]
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for k in range(steps + 1):
+            rows = torch.stack([train_rows[torch.randperm(train_rows.numel(), generator=gen)[:cfg.batch_size]
+                                .to(device)] for _ in configs])
+            t0 = time.perf_counter()
+            _train_step(stack, data, rows, cfg, None, state, lr, wd, k + 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 def _member_losses(logits: Tensor, labels: Tensor, weight: Tensor | None, smoothing: float) -> Tensor:

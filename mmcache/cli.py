@@ -418,6 +418,16 @@ def _names(values: OptionList) -> list[str] | None:
     return out or None
 
 
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    """``--lrs 1e-4,3e-4`` -> [0.0001, 0.0003]; None when not given."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()] or None
+    except ValueError:
+        raise BadInputError(f"{flag} expects comma-separated {kind.__name__} values, got {text!r}") from None
+
+
 @app.command()
 def ablate(
     dataset: OptionList = typer.Option(None, "--dataset", "-d", help="cached dataset(s), repeatable or a,b (default: every dataset in --cache-dir)"),
@@ -443,6 +453,10 @@ def ablate(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
     allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train datasets without a validation split (no early stopping)"),
     as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
+    stack: bool = typer.Option(True, "--stack/--no-stack", help="train the seeds (and --lrs) of a config as one stacked model (default on); --no-stack: one model per run"),
+    lrs: str | None = typer.Option(None, "--lrs", help="learning rates a,b,c: each trained, the best on validation reported per head"),
+    dims: str | None = typer.Option(None, "--dims", help="latent widths a,b: a table row each"),
+    dropouts: str | None = typer.Option(None, "--dropouts", help="dropout values a,b: a table row each"),
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
     from mmcache.extract.extraction import parse_shard
@@ -462,7 +476,8 @@ def ablate(
                          seeds=seeds, targets=_names(targets), base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
-                         plots=plots, allow_no_val=allow_no_val)
+                         plots=plots, allow_no_val=allow_no_val, stack=stack, lrs=_numbers(lrs, float, "--lrs"),
+                         dims=_numbers(dims, int, "--dims"), dropouts=_numbers(dropouts, float, "--dropouts"))
     result = run_ablation(cfg)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
