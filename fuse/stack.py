@@ -93,12 +93,36 @@ class MemberResult:
 
 # --------------------------------------------------------------------------------------------- stacked modules
 
+class _BatchedLinear(torch.autograd.Function):
+    """y = x @ W^T + b per member: x (M, N, in), W (M, out, in), b (M, out) -> (M, N, out). Written out so
+    the weight gradient comes out as (M, out, in) contiguous (autograd's own would be a transposed copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, gw: Tensor | None, gb: Tensor | None) -> Tensor:
+        """``gw`` / ``gb``: where the weight / bias gradients go (views of the stack's gradient buffer,
+        so no step allocates them afresh), or None."""
+        ctx.save_for_backward(x, w)
+        ctx.out = (gw, gb)
+        return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        gw, gb = ctx.out
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), x) if gw is None else torch.bmm(g.transpose(1, 2), x, out=gw)
+        gb = g.sum(1) if gb is None else torch.sum(g, 1, out=gb)
+        return gx, gw, gb, None, None
+
+
 class _StackedLinear(nn.Module):
     """``M`` Linear layers at once. Input (M*b, ..., in), rows member-major -> (M*b, ..., out).
     ``weight`` (M, out, in) and ``bias`` (M, out) are views of the stack's flat parameters."""
 
     weight: Tensor
     bias: Tensor
+    weight_grad: Tensor | None = None  # (M, out, in) / (M, out) views of the stack's gradient buffer
+    bias_grad: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.rows(x, 0, self.weight.shape[1])
@@ -106,8 +130,11 @@ class _StackedLinear(nn.Module):
     def rows(self, x: Tensor, start: int, end: int) -> Tensor:
         """Output features ``start:end`` only (the value half of a kv projection)."""
         m = self.weight.shape[0]
-        y = torch.baddbmm(self.bias[:, None, start:end], x.reshape(m, -1, x.shape[-1]),
-                          self.weight[:, start:end].transpose(1, 2))
+        if (start, end) == (0, self.weight.shape[1]):
+            w, b, gw, gb = self.weight, self.bias, self.weight_grad, self.bias_grad
+        else:
+            w, b, gw, gb = self.weight[:, start:end], self.bias[:, start:end], None, None
+        y = _BatchedLinear.apply(x.reshape(m, -1, x.shape[-1]), w, b, gw, gb)
         return y.reshape(*x.shape[:-1], end - start)
 
 
@@ -211,24 +238,29 @@ class _Stack:
     def set_flat(self, flat: Tensor) -> None:
         """Use ``flat`` (M, P) as the parameters; binds the module's weights to leaf views of it."""
         self.flat = flat.detach().contiguous()
+        self.grad = torch.zeros_like(self.flat)
         m, off = self.flat.shape[0], 0
-        self.leaves = []
+        self.leaves, self.grad_views = [], []
         for (mod, attr), shape, n in zip(self.param_bufs, self.shapes, self.sizes, strict=True):
             leaf = self.flat[:, off:off + n].view(m, *shape).requires_grad_(True)
             mod.__dict__[attr] = leaf
             self.leaves.append(leaf)
+            self.grad_views.append(self.grad[:, off:off + n].view(m, *shape))
+            if isinstance(mod, _StackedLinear):
+                mod.__dict__[f"{attr}_grad"] = self.grad_views[-1]
             off += n
 
-    def take_grad(self) -> Tensor:
-        """The gradients of the last backward as one (M, P) tensor (leaves' .grad reset to None: letting
-        autograd hand over fresh gradient tensors and concatenating once is cheaper than accumulating
-        into views of a preallocated buffer)."""
-        m = self.flat.shape[0]
-        grads = []
-        for leaf in self.leaves:
-            grads.append(leaf.grad.reshape(m, -1) if leaf.grad is not None else torch.zeros_like(leaf).reshape(m, -1))
-            leaf.grad = None
-        return torch.cat(grads, dim=1)
+    def gradient(self, loss: Tensor) -> Tensor:
+        """d loss / d flat in the (M, P) buffer ``grad``. Linear layers write theirs there directly; the
+        few others are copied in. (``.backward()`` would allocate a buffer per parameter strided like its
+        (M, P) view and copy into it, every step: on a CPU that costs more than the matmuls.)"""
+        grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        for view, g in zip(self.grad_views, grads, strict=True):
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+        return self.grad
 
     def keep(self, rows: list[int]) -> None:
         """Drop every member row not in ``rows`` (finished members leave the stack)."""
@@ -287,16 +319,27 @@ def _check_stack(configs: list[TrainConfig]) -> None:
         raise BadInputError(f"head {configs[0].head!r} cannot be stacked; train it with train()")
 
 
-def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: Tensor, wd: Tensor, step: int) -> None:
-    """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P), gradients ``g``, per-member lr and
-    weight decay (M, 1)."""
+def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: list[float], wd: list[float],
+                step: int) -> None:
+    """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P) with gradients ``g``, each member its own
+    ``lr`` and weight decay: torch's fused kernel once per member row (one pass over its memory, as
+    ``train()``'s fused AdamW), or the same formula in plain ops where that kernel is missing."""
     b1, b2 = ADAM_BETAS
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is not None:
+        steps = [torch.tensor(float(step), device=flat.device)]
+        for k in range(flat.shape[0]):
+            fused([flat[k]], [g[k]], [state["m"][k]], [state["v"][k]], [], steps, lr=lr[k], beta1=b1, beta2=b2,
+                  weight_decay=wd[k], eps=ADAM_EPS, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+        return
+    lr_t = torch.tensor(lr, dtype=flat.dtype, device=flat.device)[:, None]
+    wd_t = torch.tensor(wd, dtype=flat.dtype, device=flat.device)[:, None]
     with torch.no_grad():
-        flat.mul_(1 - lr * wd)
+        flat.mul_(1 - lr_t * wd_t)
         state["m"].lerp_(g, 1 - b1)
         state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (state["v"].sqrt() / math.sqrt(1 - b2 ** step)).add_(ADAM_EPS)
-        flat.sub_(state["m"] / denom * (lr / (1 - b1 ** step)))  # torch: addcdiv_(m, denom, value=-lr/bc1)
+        flat.sub_(state["m"] / denom * (lr_t / (1 - b1 ** step)))
 
 
 def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, eval_rows: int = 4096,
@@ -343,8 +386,6 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         counts = torch.bincount(data.labels[train_rows], minlength=data.num_classes).float()
         weight = (counts.sum() / (data.num_classes * counts.clamp(min=1))).to(device)
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
-    base_lr = torch.tensor([c.lr for c in configs], dtype=torch.float32, device=device)[:, None]
-    base_wd = torch.tensor([c.weight_decay for c in configs], dtype=torch.float32, device=device)[:, None]
     with torch.no_grad():
         stack.set_flat(stack.flat.to(device))
     state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
@@ -363,14 +404,15 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         m = len(active)
         orders = torch.stack([train_rows[torch.randperm(n_train, generator=gens[i]).to(device)] for i in active])
         loss_sum = torch.zeros(m, device=device)
-        lr_m, wd_m = base_lr[active], base_wd[active]
+        lr_m, wd_m = [configs[i].lr for i in active], [configs[i].weight_decay for i in active]
         for start in range(0, n_train, cfg.batch_size):
             rows = orders[:, start:start + cfg.batch_size]  # (M, b)
-            loss = _train_step(stack, data, rows, cfg, weight, state, lr_m * schedule(step), wd_m, step + 1)
+            f = schedule(step)
+            loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1)
             step += 1
             loss_sum += loss * rows.shape[1]
         train_loss = (loss_sum / n_train).tolist()
-        lr_now = (lr_m[:, 0] * schedule(step)).tolist()
+        lr_now = [lr * schedule(step) for lr in lr_m]
         val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
         seconds = time.perf_counter() - t0
         leaving = []
@@ -412,14 +454,13 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
 
 
 def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: Tensor | None,
-                state: dict[str, Tensor], lr: Tensor, wd: Tensor, step: int) -> Tensor:
+                state: dict[str, Tensor], lr: list[float], wd: list[float], step: int) -> Tensor:
     """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
     m, b = rows.shape
     with _autocast(data.device, cfg.amp):
         logits = stack.module(*data.batch(rows.reshape(-1)))
     loss = _member_losses(logits.float().view(m, b, -1), data.labels[rows], weight, cfg.label_smoothing)
-    loss.sum().backward()
-    grad = stack.take_grad()
+    grad = stack.gradient(loss.sum())
     if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per member
         norm = grad.norm(dim=1, keepdim=True)
         grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
@@ -440,8 +481,7 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
             models.append(_build_head(c, data.dims(), data.num_classes).to(device))
         stack = _Stack(models)
         state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
-        lr = torch.full((len(configs), 1), cfg.lr, device=device)
-        wd = torch.full((len(configs), 1), cfg.weight_decay, device=device)
+        lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
         train_rows = data.split_rows["train"]
         gen = torch.Generator().manual_seed(0)
         times = []
