@@ -512,8 +512,9 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         logger.info("ablation layout: %s", layout)
     threads = threads or max(1, cpu_cores() // jobs)
     todo = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads)) for r in todo]
-    units = plan_units(todo, stack)
+    units = plan_units(todo, stack, (layout or {}).get("split"))
     jobs = min(jobs, len(units)) or 1
+    layout = {**(layout or {}), "processes": jobs, "threads": threads, "units": len(units)}
     if todo:
         logger.info("ablation: %d runs to train (%d unit%s), %d finished runs reused; %d process%s x %d thread%s",
                     len(todo), len(units), "s" if len(units) > 1 else "", len(reused), jobs,
@@ -1086,6 +1087,7 @@ class AblationResult:
     files: dict[str, list[Path]]
     seconds: float
     stale: list[str] = field(default_factory=list)  # runs made on another split of the cache: rerun by this call
+    layout: dict[str, Any] | None = None  # processes x threads (and what was measured to choose them)
 
 
 def run_ablation(config: AblationConfig) -> AblationResult:
@@ -1114,7 +1116,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
-                          stale=done["stale"])
+                          stale=done["stale"], layout=done.get("layout"))
 
 
 def format_ablation(result: AblationResult) -> str:

@@ -27,15 +27,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["choose_cpu_layout", "execute_unit", "plan_units"]
 
 
-def plan_units(runs: list, stack: bool) -> list[list]:
-    """Group ``runs`` (GridRun, in dispatch order) into units: a list of runs trained together."""
+def plan_units(runs: list, stack: bool, split: dict[str, int] | None = None) -> list[list]:
+    """Group ``runs`` (GridRun, in dispatch order) into units: a list of runs trained together.
+    ``split``: head -> parts, to cut that head's stacks into that many smaller ones (load balance)."""
     if not stack:
         return [[r] for r in runs]
     units: dict[tuple, list] = {}
     for r in runs:
         key = (r.group, stack_key(r.config)) if can_stack(r.config) else (r.name,)
         units.setdefault(key, []).append(r)
-    return list(units.values())
+    out = []
+    for unit in units.values():
+        parts = min(len(unit), (split or {}).get(unit[0].head, 1))
+        size = -(-len(unit) // parts)
+        out += [unit[i:i + size] for i in range(0, len(unit), size)]
+    return out
 
 
 def _makespan(costs: list[float], workers: int) -> float:
@@ -62,12 +68,19 @@ def choose_cpu_layout(units: list[list], cores: int) -> tuple[int, int, dict[str
     t_all = probe_step_seconds([r.config for r in heavy], data, threads=cores)
     speedup = max(costs) / t_all
     threads_time = sum(costs) / speedup
-    procs_time = _makespan(costs, min(cores, len(units)))
+    # Processes: a stack costing more than an even share of the total is cut into parts (members are
+    # independent), or one big stack would keep one core busy long after the others ran out of work.
+    share = sum(costs) / cores
+    split = {u[0].head: min(len(u), max(1, round(c / share))) for u, c in zip(probe, costs, strict=True) if c > share}
+    parts = [c / split.get(u[0].head, 1) for u, c in zip(probe, costs, strict=True)
+             for _ in range(split.get(u[0].head, 1))]
+    procs_time = _makespan(parts, cores)
     info = {"unit_step_seconds_1_thread": costs, "thread_speedup": speedup, "threads_estimate": threads_time,
-            "processes_estimate": procs_time}
+            "processes_estimate": procs_time, "split": split}
     if threads_time <= procs_time:
-        return 1, cores, {**info, "choice": f"1 process x {cores} threads"}
-    return min(cores, len(units)), 1, {**info, "choice": f"{min(cores, len(units))} processes x 1 thread"}
+        return 1, cores, {**info, "split": {}, "choice": f"1 process x {cores} threads"}
+    return cores, 1, {**info, "choice": f"{cores} processes x 1 thread" + (
+        f", stacks of {', '.join(split)} cut in {', '.join(map(str, split.values()))}" if split else "")}
 
 
 def execute_unit(unit: list, allow_no_val: bool = False) -> list[dict[str, Any]]:

@@ -397,6 +397,9 @@ def bench(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak RSS in child processes"),
     out_dir: Path = typer.Option(Path("bench"), help="where results.json and results.md go"),
     work_dir: Path = typer.Option(Path("cache/bench"), help="generated data, models and scratch caches"),
+    only: str | None = typer.Option(None, "--only", help="sections a,b of: extraction (with cache_io, training, memory), grid (default all)"),
+    grid_samples: int = typer.Option(4500, "--grid-samples", help="posts in the grid section's synthetic 768-d cache"),
+    grid_tokens_large: bool = typer.Option(False, "--grid-tokens-large", help="grid section: also the tokens grid on that cache (hours one model per run on a CPU)"),
 ) -> None:
     """Measure both stages against their limits; print a table, write bench/results.json."""
     from mmcache.bench.run import BenchConfig, format_report, run_bench
@@ -407,7 +410,12 @@ def bench(
         raise BadInputError(f"--batch-sizes expects integers like 8,32; got {batch_sizes!r}") from None
     cfg = BenchConfig(preset=preset, samples=samples, device=device, precision=precision, batch_sizes=sizes,
                       repeats=repeats, num_workers=num_workers, epochs=epochs, memory=memory,
-                      out_dir=str(out_dir), work_dir=str(work_dir))
+                      out_dir=str(out_dir), work_dir=str(work_dir), grid_samples=grid_samples,
+                      grid_tokens_large=grid_tokens_large)
+    if only:
+        names = [x.strip() for x in only.split(",") if x.strip()]
+        cfg.sections = tuple(dict.fromkeys(s for n in names for s in
+                                           (("extraction", "cache_io", "training", "memory") if n == "extraction" else (n,))))
     typer.echo(format_report(run_bench(cfg)))
     typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
 

@@ -185,3 +185,6 @@ def test_cpu_layout_is_measured(cache, tmp_path):
     assert (jobs, threads) in ((1, 2), (2, 1)) and len(info["unit_step_seconds_1_thread"]) == 2
     assert info["thread_speedup"] > 0 and info["choice"]
     assert sched._makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0
+    # a stack that would keep one core busy alone is cut into parts (members are independent)
+    assert [(u[0].head, len(u)) for u in sched.plan_units(runs, True, {"basic": 2})] == [
+        ("basic", 1), ("basic", 1), ("text_only", 2)]
