@@ -46,13 +46,13 @@ import torch
 import torch.nn.functional as F
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.heads import FusionHead, SelfAttentionHead, _Attention
+from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
 from mmcache.fuse.train import (
     TrainConfig,
     _autocast,
     _build_head,
     _deterministic,
     _lr_lambda,
-    _score,
     _seed_everything,
     finish_run,
     open_run,
@@ -302,7 +302,7 @@ def available_memory(device: torch.device) -> int:
 
 def max_members(config: TrainConfig, data: FusionData, fraction: float = 0.5) -> int:
     """How many members of ``config`` fit in ``fraction`` of the free memory (at least 1)."""
-    model = _build_head(config, data.dims(), data.num_classes)
+    model = _build_head(config, data.dims(), data.target.num_outputs)
     per = member_bytes(config, data, sum(p.numel() for p in model.parameters()))
     return max(1, int(fraction * available_memory(data.device) // per))
 
@@ -352,17 +352,29 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
     """
     _check_stack(configs)
     t_start = time.perf_counter()
-    opened = []
-    for c in configs:
-        c, data, device, run_dir = open_run(c, data, allow_no_val=allow_no_val)
-        opened.append((c, run_dir))
+    from mmcache.fuse.runs import attach_run_log, detach_run_log
+
+    opened, logs = [], []
+    try:
+        for c in configs:
+            c, data, device, run_dir, threads = open_run(c, data, allow_no_val=allow_no_val)
+            opened.append((c, run_dir))
+            logs.append(attach_run_log(run_dir))  # each member's train.log: the stack's log lines
+        return _train_opened(opened, data, device, threads, t_start, eval_rows)
+    finally:
+        for handler in logs:
+            detach_run_log(handler)
+
+
+def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, device: torch.device, threads: int | None,
+                  t_start: float, eval_rows: int) -> list[MemberResult]:
     configs = [c for c, _ in opened]
     cfg = configs[0]
-    with _deterministic(device, cfg.threads):
+    with _deterministic(device, threads):
         models = []
         for c in configs:
             _seed_everything(c.seed)
-            models.append(_build_head(c, data.dims(), data.num_classes).to(device))
+            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
         stack = _Stack(models)
         _seed_everything(cfg.seed)  # dropout masks of the whole stack
         results = _train_loop(stack, configs, [d for _, d in opened], data, device, t_start, eval_rows)
@@ -376,15 +388,14 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
     cfg, n_all = configs[0], len(configs)
     train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]
     n_train = train_rows.numel()
-    labels_np = data.labels.cpu().numpy()
+    labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
     val_labels = labels_np[val_rows.cpu().numpy()]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = _lr_lambda(total, round(cfg.warmup_frac * total))
     weight = None
     if cfg.class_balanced:
-        counts = torch.bincount(data.labels[train_rows], minlength=data.num_classes).float()
-        weight = (counts.sum() / (data.num_classes * counts.clamp(min=1))).to(device)
+        weight = class_weights(data.target_labels[train_rows], data.target.sizes)
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]
     with torch.no_grad():
         stack.set_flat(stack.flat.to(device))
@@ -425,9 +436,11 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss[k]}
             improved = True
             if val_probs is not None:
-                vm = _score(val_probs[k], val_labels, data.classes)
+                vm = score_targets(val_probs[k], val_labels, data.target)
                 row.update(val_loss=vm["loss"], val_accuracy=vm["accuracy"], val_macro_f1=vm["macro_f1"],
                            val_weighted_f1=vm["weighted_f1"])
+                if data.target.multi:
+                    row["val_target_macro_f1"] = {t: v["macro_f1"] for t, v in vm["targets"].items()}
                 improved = vm["macro_f1"] > best_f1[i]
             row.update(lr=lr_now[k], seconds=seconds / m)
             histories[i].append(row)
@@ -453,13 +466,14 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
     return _finish_members(stack, configs, run_dirs, data, best, best_epoch, histories, errors, done_at, t_start)
 
 
-def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: Tensor | None,
+def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: list | None,
                 state: dict[str, Tensor], lr: list[float], wd: list[float], step: int) -> Tensor:
     """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
     m, b = rows.shape
     with _autocast(data.device, cfg.amp):
         logits = stack.module(*data.batch(rows.reshape(-1)))
-    loss = _member_losses(logits.float().view(m, b, -1), data.labels[rows], weight, cfg.label_smoothing)
+    loss = _member_losses(logits.float().view(m, b, -1), data.target_labels[rows], data.target.sizes, weight,
+                          cfg.label_smoothing)
     grad = stack.gradient(loss.sum())
     if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per member
         norm = grad.norm(dim=1, keepdim=True)
@@ -478,7 +492,7 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
         models = []
         for c in configs:
             _seed_everything(c.seed)
-            models.append(_build_head(c, data.dims(), data.num_classes).to(device))
+            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
         stack = _Stack(models)
         state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
         lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
@@ -496,15 +510,11 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
     return float(np.median(times[1:]))
 
 
-def _member_losses(logits: Tensor, labels: Tensor, weight: Tensor | None, smoothing: float) -> Tensor:
-    """Per-member mean cross-entropy, as train() computes it: logits (M, b, C), labels (M, b) -> (M,)."""
-    if weight is None:
-        m, b, c = logits.shape
-        per = F.cross_entropy(logits.reshape(m * b, c), labels.reshape(-1), label_smoothing=smoothing,
-                              reduction="none")
-        return per.view(m, b).mean(1)
-    return torch.stack([F.cross_entropy(lg, y, weight=weight, label_smoothing=smoothing)
-                        for lg, y in zip(logits, labels, strict=True)])
+def _member_losses(logits: Tensor, labels: Tensor, sizes: list[int], weights: list[Tensor | None] | None,
+                   smoothing: float) -> Tensor:
+    """Each member's loss exactly as train() computes it (:func:`fuse.targets.target_loss`):
+    logits (M, b, sum C), labels (M, b, T) -> (M,)."""
+    return torch.stack([target_loss(lg, y, sizes, weights, smoothing) for lg, y in zip(logits, labels, strict=True)])
 
 
 @torch.inference_mode()
@@ -520,8 +530,8 @@ def _predict_stack(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConf
         batch = [None if t is None else t.repeat(m, *([1] * (t.dim() - 1))) for t in data.batch(part)]
         with _autocast(data.device, cfg.amp):
             logits = stack.module(*batch)
-        out.append(logits.float().softmax(-1).view(m, part.numel(), -1).cpu())
-    probs = torch.cat(out, dim=1).numpy() if out else np.zeros((m, 0, data.num_classes), np.float32)
+        out.append(target_probs(logits.float(), data.target.sizes).view(m, part.numel(), -1).cpu())
+    probs = torch.cat(out, dim=1).numpy() if out else np.zeros((m, 0, data.target.num_outputs), np.float32)
     stack.module.train()
     return list(probs)
 
@@ -536,7 +546,7 @@ def _finish_members(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Pa
         if i in errors:
             results.append(MemberResult(c, run_dir, None, errors[i], histories[i]))
             continue
-        model = _build_head(c, data.dims(), data.num_classes).to(data.device)
+        model = _build_head(c, data.dims(), data.target.num_outputs).to(data.device)
         model.load_state_dict(stack.state_dict(best[i]))
         share = (done_at.get(i, t_start + wall) - t_start) / len(configs)
         try:
