@@ -37,6 +37,24 @@ def main(argv: list[str]) -> None:
             train(TrainConfig(head=head, dataset="bench", features=args["features"], epochs=args["epochs"],
                               patience=0, device=args["device"], cache_dir=args["cache_dir"],
                               runs_dir=args["cache_dir"] + "/runs", modalities=["text", "image"]), data)
+    elif kind == "ablate":  # one ablation grid (bench/grid.py): wall seconds and layout too
+        import time
+
+        from mmcache.fuse.ablate import AblationConfig, run_ablation
+        from mmcache.fuse.train import TrainConfig
+
+        t0 = time.perf_counter()
+        res = run_ablation(AblationConfig(
+            datasets=["grid"], heads=args["heads"], features=[args["features"]], seeds=args["seeds"],
+            base=TrainConfig(device=args["device"], **args["base"]), cache_dir=args["cache_dir"],
+            runs_dir=args["runs_dir"], results_dir=args["runs_dir"] + "/results", jobs=0, stack=args["stack"],
+            lrs=args.get("lrs"), plots=False))
+        lay = res.layout or {}
+        extra = {"seconds": time.perf_counter() - t0, "runs": len(res.runs), "failed": len(res.failed),
+                 "layout": lay.get("choice") or f"{lay.get('processes')} process(es) x {lay.get('threads')} thread(s)",
+                 "measured": {k: v for k, v in lay.items() if k != "choice"}}
+        sys.stdout.write(json.dumps({"peak_rss_mib": _peak_mib(), **extra}) + "\n")
+        return
     else:
         raise SystemExit(f"unknown job {kind!r}")
     sys.stdout.write(json.dumps({"peak_rss_mib": _peak_mib()}) + "\n")

@@ -38,6 +38,7 @@ from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 BENCH_DIR = Path(__file__).resolve().parent
+SECTIONS = ("extraction", "cache_io", "training", "memory", "grid")
 
 
 @dataclass
@@ -57,6 +58,9 @@ class BenchConfig:
     out_dir: str = str(BENCH_DIR)
     seed: int = 0
     image_size: tuple[int, int] = (320, 240)  # generated JPEGs are resized by the processor, like real ones
+    sections: tuple[str, ...] = ("extraction", "cache_io", "training", "memory", "grid")
+    grid_samples: int = 4500  # the grid section's synthetic cache (768-d text and image)
+    grid_tokens_large: bool = False  # also the tokens grid on that cache (hours one model per run on a CPU)
 
     def validate(self) -> None:
         from mmcache.extract.tiny_models import PRESETS
@@ -67,6 +71,9 @@ class BenchConfig:
             raise BadInputError("--samples must be at least 16")
         if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BadInputError("--repeats and --batch-sizes must be positive")
+        bad = set(self.sections) - set(SECTIONS)
+        if bad or not self.sections:
+            raise BadInputError(f"unknown bench section(s) {', '.join(sorted(bad)) or '(none)'}; known: {', '.join(SECTIONS)}")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -396,12 +403,25 @@ def _f(x, nd=1):
 
 
 def format_report(r: dict[str, Any]) -> str:
-    from mmcache.extract.summary import format_table
 
     m = r["machine"]
-    out = [f"## bench: preset {r['config']['preset']}, {r['extraction']['samples']} samples, device {m['device']}",
+    out = [f"## bench: preset {r['config']['preset']}, {r['config']['samples']} samples, device {m['device']}",
            f"machine: {m.get('gpu') or m.get('cpu')}, {m['cpu_count']} CPUs, torch {m['torch']} "
-           f"({m['torch_threads']} threads), {m['platform']}", "", "### 1. Extraction (samples/s)", ""]
+           f"({m['torch_threads']} threads), {m['platform']}"]
+    if r.get("extraction"):
+        out += _format_stages(r)
+    if r.get("grid"):
+        from mmcache.bench.grid import format_grid
+
+        out += format_grid(r["grid"])
+    out += ["", f"total bench time: {r['seconds']:.0f} s"]
+    return "\n".join(out)
+
+
+def _format_stages(r: dict[str, Any]) -> list[str]:
+    from mmcache.extract.summary import format_table
+
+    out = ["", "### 1. Extraction (samples/s)", ""]
     out.append(format_table(["modality", "batch", "limit (forward only)", "ours (extract)", "naive (1 by 1)",
                              "efficiency", "speedup vs naive"],
                             [[x["modality"], x["batch_size"], _f(x["limit_sps"]), _f(x["ours_sps"]), _f(x["naive_sps"]),
@@ -430,8 +450,7 @@ def format_report(r: dict[str, Any]) -> str:
                               [f"extract both, {b} samples", _f(mem[f"extract_{b}"])],
                               ["growth (larger / smaller)", _f(mem["extract_growth"], 2)],
                               ["train-fusion tokens (all heads' data)", _f(mem["train_tokens_mib"])]])]
-    out += ["", f"total bench time: {r['seconds']:.0f} s"]
-    return "\n".join(out)
+    return out
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -445,15 +464,24 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     cfg.device = device = resolve_device(cfg.device).type  # "auto" -> cuda or cpu; a missing GPU is an error
     t0 = time.perf_counter()
     work = Path(cfg.work_dir)
-    text_dir, image_dir = build_preset(cfg.preset, work / "models")
-    data_dir = make_dataset(work / f"data{cfg.samples}", cfg.samples, cfg.seed, cfg.image_size)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in ("extraction", "cache_io", "training", "memory") if s in cfg.sections]
+    if stages:  # sections 2-4 read the cache section 1 writes
+        text_dir, image_dir = build_preset(cfg.preset, work / "models")
+        data_dir = make_dataset(work / f"data{cfg.samples}", cfg.samples, cfg.seed, cfg.image_size)
     with tempfile.TemporaryDirectory(dir=work, prefix="run") as t:
         tmp = Path(t)
         result: dict[str, Any] = {"config": asdict(cfg), "machine": _machine(device)}
-        result["extraction"] = bench_extraction(cfg, data_dir, text_dir, image_dir, tmp)
-        result["cache_io"] = bench_cache_io(cfg, data_dir, text_dir, image_dir, tmp)
-        result["training"] = bench_training(cfg, data_dir, text_dir, image_dir, tmp)
-        result["memory"] = bench_memory(cfg, text_dir, image_dir, tmp) if cfg.memory else None
+        if stages:
+            result["extraction"] = bench_extraction(cfg, data_dir, text_dir, image_dir, tmp)
+            result["cache_io"] = bench_cache_io(cfg, data_dir, text_dir, image_dir, tmp)
+            result["training"] = bench_training(cfg, data_dir, text_dir, image_dir, tmp)
+            result["memory"] = bench_memory(cfg, text_dir, image_dir, tmp) if cfg.memory else None
+        if "grid" in cfg.sections:
+            from mmcache.bench.grid import bench_grid
+
+            result["grid"] = bench_grid(tmp, device, samples=cfg.grid_samples, tokens_large=cfg.grid_tokens_large,
+                                        heads=list(cfg.heads) if cfg.heads else None)
     result["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,7 @@ class GridRun:
     split_fingerprint: str | None = None  # the cache's split: a finished run made on another one is stale
     target: str | None = None  # the target / task (resolved name); its table is per (dataset, target)
     default_target: str | None = None  # the dataset's default target (runs on it keep their old keys)
+    variant: str = ""  # values of the --dims / --dropouts axes ("dim 128, dropout 0.1"); "" without them
 
     @property
     def name(self) -> str:
@@ -154,8 +155,9 @@ class GridRun:
         return (self.dataset, self.features, self.encoder.text, self.encoder.image)
 
     @property
-    def row_key(self) -> tuple[str, str, str]:
-        return (self.head, self.features, self.encoder.label)
+    def row_key(self) -> tuple[str, str, str, str]:
+        """One table row: (head, features, encoder, variant); the --lrs values of a row are a choice."""
+        return (self.head, self.features, self.encoder.label, self.variant)
 
     @property
     def table(self) -> str:
@@ -163,7 +165,8 @@ class GridRun:
         return self.dataset if self.target in (None, self.default_target) else f"{self.dataset}-{self.target}"
 
     def sort_key(self) -> tuple:
-        return (self.dataset, self.target or "", self.encoder.label, self.features, self.head, self.seed)
+        return (self.dataset, self.target or "", self.encoder.label, self.features, self.head, self.variant,
+                self.config.lr, self.seed)
 
 
 def _comparable(config: TrainConfig | dict[str, Any], default_target: str | None = None) -> dict[str, Any]:
@@ -249,8 +252,10 @@ def _skip_reason(head: str, enc: Encoder, dataset: str) -> str | None:
 def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None = None, heads: list[str] | None = None,
                 features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, seeds: list[int] | int = DEFAULT_SEEDS,
                 cache_dir: str | Path = "cache", runs_dir: str | Path = "runs/ablate",
-                skipped: list[dict[str, Any]] | None = None, targets: list[str] | None = None) -> list[GridRun]:
-    """Every run of the grid, sorted by (dataset, encoder, features, head, seed).
+                skipped: list[dict[str, Any]] | None = None, targets: list[str] | None = None,
+                lrs: list[float] | None = None, dims: list[int] | None = None,
+                dropouts: list[float] | None = None) -> list[GridRun]:
+    """Every run of the grid, sorted by (dataset, target, encoder, features, head, variant, lr, seed).
 
     A dataset with features of one modality only gets the heads that need only that modality; each
     head left out is appended to ``skipped`` (``{"dataset", "head", "reason"}``) when given.
@@ -260,6 +265,9 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     by the grid's. ``seeds``: a count n (seeds 0..n-1) or a list. ``targets``: targets / tasks of each
     dataset's index (None: its default). Unknown heads / features / targets are :class:`BadInputError`; a
     named dataset without a complete cache is :class:`CacheError`.
+    ``lrs``: learning rates to choose from on validation (one row per head, see :func:`aggregate`);
+    ``dims`` / ``dropouts``: plain axes (a row each). None = the base's value, and run names stay as
+    without the axis.
     """
     base = base or TrainConfig()
     cache_dir = Path(cache_dir)
@@ -279,6 +287,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(dict.fromkeys(int(s) for s in seeds))
     if not seed_list:
         raise BadInputError("no seeds: give at least one (--seeds 1)")
+    axes = [_axis("lrs", lrs, base.lr, "lr"), _axis("dims", dims, base.dim, "d"), _axis("dropouts", dropouts, base.dropout, "p")]
     cached = list_cached_datasets(cache_dir)
     explicit = bool(datasets)
     if explicit:
@@ -305,23 +314,28 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
                 reason = _skip_reason(head, enc, dataset)
                 if reason and not any(x["dataset"] == dataset and x["head"] == head for x in skips):
                     skips.append({"dataset": dataset, "head": head, "reason": reason})
-        for target, enc, feat, head, seed in product(target_fps, encoders, features, heads, seed_list):
+        for target, enc, feat, head, seed, lr, dim, dropout in product(target_fps, encoders, features, heads,
+                                                                        seed_list, *(a[0] for a in axes)):
             if _skip_reason(head, enc, dataset):
                 continue
             cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
                                       modalities=enc.modalities, text_cache=enc.text, image_cache=enc.image,
-                                      cache_dir=str(cache_dir), run_name=None, target=target)
+                                      cache_dir=str(cache_dir), run_name=None, target=target, lr=lr, dim=dim,
+                                      dropout=dropout)
             cfg.validate()
             data_fp = "|".join([index_fp, *(file_fps[getattr(enc, m)] for m in enc.modalities)]) + (
                 f"|{target_fps[target]}" if target_fps[target] else "")
             key = run_key(cfg, data_fp, default)
             tag = "" if target == default else f"{target}-"
-            name = f"{head}-{feat}-{tag}{enc.tag}-s{seed}-{key}"
+            tags = "".join(f"-{t}{v:g}" for (_, given, t), v in zip(axes, (lr, dim, dropout), strict=True) if given)
+            name = f"{head}-{feat}-{tag}{enc.tag}{tags}-s{seed}-{key}"
             run_dir = Path(runs_dir) / dataset / name
             cfg = dataclasses.replace(cfg, runs_dir=str(run_dir.parent), run_name=name)
+            variant = ", ".join(f"{what} {v:g}" for what, (_, given, _t), v in
+                                zip(("dim", "dropout"), axes[1:], (dim, dropout), strict=True) if given)
             runs.append(GridRun(dataset=dataset, head=head, features=feat, encoder=enc, seed=seed, config=cfg,
                                 key=key, run_dir=run_dir, split_fingerprint=split_fp, target=target,
-                                default_target=default))
+                                default_target=default, variant=variant))
     if skipped is not None:
         skipped.extend(skips)
     if not runs:
@@ -329,6 +343,16 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         raise MissingCacheError(f"nothing to run in {cache_dir}/" + (f" ({why})" if why else ": no complete feature files"))
     runs.sort(key=GridRun.sort_key)
     return runs
+
+
+def _axis(name: str, values: list | None, default: Any, tag: str) -> tuple[list, bool, str]:
+    """(values, given, name tag) of an optional sweep axis; bad values are :class:`BadInputError`."""
+    if not values:
+        return [default], False, tag
+    values = list(dict.fromkeys(values))
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 for v in values):
+        raise BadInputError(f"--{name}: expected non-negative numbers, got {values}")
+    return values, True, tag
 
 
 def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridRun]:
@@ -413,6 +437,7 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmcache.fuse.train").setLevel(max(level, logging.WARNING))
     logging.getLogger("mmcache.fuse.data").setLevel(max(level, logging.WARNING))
+    logging.getLogger("mmcache.fuse.stack").setLevel(max(level, logging.WARNING))
 
 
 _SLOW_FIRST = {"self_attention": 0, "dual_attention": 1, "basic": 2}  # measured order of cost per run
@@ -447,15 +472,21 @@ def _sigint_blocked():
 
 
 def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, force: bool = False,
-             allow_no_val: bool = False, progress: bool | None = None) -> dict[str, Any]:
+             allow_no_val: bool = False, progress: bool | None = None, stack: bool = False) -> dict[str, Any]:
     """Train every run of ``runs`` that is not finished (all of them with ``force``).
 
-    Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "stale": [...], "seconds"}``.
-    Unfinished and stale folders (and finished ones with ``force``) are removed first. ``progress``: None = a
-    bar on a terminal, else a line every 10 s (runs done / total, failed, rate, ETA); False = none.
-    On Ctrl-C, raises :class:`~mmcache.errors.Interrupted` saying how many finished runs are kept.
+    ``stack``: runs that differ only in seed / lr / weight decay train as one stacked model
+    (:mod:`fuse.stack`, same run folders and numbers); ``jobs`` 0 with ``stack`` on a CPU measures whether
+    threads or processes are faster (:func:`fuse.schedule.choose_cpu_layout`).
+    Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "stale": [...], "seconds",
+    "layout"}``. Unfinished and stale folders (and finished ones with ``force``) are removed first.
+    ``progress``: None = a bar on a terminal, else a line every 10 s (runs done / total, failed, rate,
+    ETA); False = none. On Ctrl-C, raises :class:`~mmcache.errors.Interrupted` saying how many finished
+    runs are kept.
     """
-    if jobs < 1:
+    from mmcache.fuse.schedule import choose_cpu_layout, plan_units
+
+    if jobs < 0 or (jobs == 0 and not stack):
         raise BadInputError(f"--jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
     todo, reused, stale = [], [], []
@@ -474,12 +505,20 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
     # that no long run starts last while the other workers sit idle.
     group_order = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in todo))}
     todo.sort(key=lambda r: (group_order[r.group], _SLOW_FIRST.get(r.head, len(_SLOW_FIRST)), r.head, r.seed))
+    layout = None
+    if jobs == 0:  # stacked, auto: measured (a GPU never gets here: resolve_jobs gives it 1)
+        jobs, auto_threads, layout = choose_cpu_layout(plan_units(todo, stack), cpu_cores())
+        threads = threads or auto_threads
+        logger.info("ablation layout: %s", layout)
     threads = threads or max(1, cpu_cores() // jobs)
     todo = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads)) for r in todo]
-    jobs = min(jobs, len(todo)) or 1
+    units = plan_units(todo, stack, (layout or {}).get("split"))
+    jobs = min(jobs, len(units)) or 1
+    layout = {**(layout or {}), "processes": jobs, "threads": threads, "units": len(units)}
     if todo:
-        logger.info("ablation: %d runs to train, %d finished runs reused; %d process%s x %d thread%s", len(todo),
-                    len(reused), jobs, "es" if jobs > 1 else "", threads, "s" if threads > 1 else "")
+        logger.info("ablation: %d runs to train (%d unit%s), %d finished runs reused; %d process%s x %d thread%s",
+                    len(todo), len(units), "s" if len(units) > 1 else "", len(reused), jobs,
+                    "es" if jobs > 1 else "", threads, "s" if threads > 1 else "")
     else:
         logger.info("ablation: all %d runs already finished", len(reused))
     outcomes: list[dict[str, Any]] = []
@@ -493,7 +532,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
         bar.update(1, failed=sum(o["status"] == "failed" for o in outcomes))
 
     try:
-        _train_all(todo, jobs, threads, allow_no_val, report)
+        _train_all(units, jobs, threads, allow_no_val, report)
     except KeyboardInterrupt:
         bar.close(finished=False)
         done = sum(run_status(r) == "finished" for r in runs)  # on disk: a worker may finish as we stop
@@ -503,40 +542,45 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
     bar.close()
     failed = {o["name"]: o["error"] for o in outcomes if o["status"] == "failed"}
     return {"trained": [o["name"] for o in outcomes if o["status"] == "finished"], "reused": reused,
-            "failed": failed, "stale": stale, "seconds": time.perf_counter() - t0}
+            "failed": failed, "stale": stale, "seconds": time.perf_counter() - t0, "layout": layout}
 
 
-def _train_all(todo: list[GridRun], jobs: int, threads: int, allow_no_val: bool, report) -> None:
-    """Train ``todo`` in this process (``jobs`` 1) or in ``jobs`` spawned workers; ``report`` gets each
+def _train_all(units: list[list[GridRun]], jobs: int, threads: int, allow_no_val: bool, report) -> None:
+    """Train the ``units`` (:func:`fuse.schedule.plan_units`) in this process (``jobs`` 1) or in ``jobs`` spawned workers; ``report`` gets each
     outcome. On Ctrl-C the workers are terminated at once (they never see SIGINT themselves: a worker
     would otherwise finish, or start, runs after it) and KeyboardInterrupt propagates."""
+    from mmcache.fuse.schedule import execute_unit
+
     if jobs == 1:
-        quiet = [logging.getLogger(n) for n in ("mmcache.fuse.train", "mmcache.fuse.data")]
+        quiet = [logging.getLogger(n) for n in ("mmcache.fuse.train", "mmcache.fuse.data", "mmcache.fuse.stack")]
         levels = [lg.level for lg in quiet]
         for lg in quiet:
             lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
         try:
-            for r in todo:
-                report(_execute(r, allow_no_val))
+            for unit in units:
+                for out in execute_unit(unit, allow_no_val):
+                    report(out)
         finally:
             for lg, lv in zip(quiet, levels, strict=True):
                 lg.setLevel(lv)
             _DATA.clear()
-    elif todo:
+    elif units:
+        _DATA.clear()  # the workers load their own
         ctx = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         with cfut.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                       initargs=(threads, level)) as pool:
             with _sigint_blocked():  # the workers start (and stay) with SIGINT blocked; the parent stops them
-                futures = {pool.submit(_execute, r, allow_no_val): r for r in todo}
+                futures = {pool.submit(execute_unit, u, allow_no_val): u for u in units}
             try:
                 for fut in cfut.as_completed(futures):
-                    r = futures[fut]
                     try:
-                        report(fut.result())
+                        for out in fut.result():
+                            report(out)
                     except Exception as e:  # noqa: BLE001 - a worker died (killed, out of memory)
-                        report({"name": r.name, "status": "failed", "seconds": 0.0, "macro_f1": None,
-                                "error": _record_failure(r, f"worker process failed: {type(e).__name__}: {e}")})
+                        for r in futures[fut]:
+                            report({"name": r.name, "status": "failed", "seconds": 0.0, "macro_f1": None,
+                                    "error": _record_failure(r, f"worker process failed: {type(e).__name__}: {e}")})
             except KeyboardInterrupt:
                 for proc in list((getattr(pool, "_processes", None) or {}).values()):
                     proc.terminate()  # SIGTERM: a run in progress stops now; its folder stays UNFINISHED
@@ -602,6 +646,20 @@ def _mark_best(rows: list[dict[str, Any]], path: tuple[str, ...], flag: str) -> 
         r[flag] = best is not None and v is not None and math.isclose(v, best, rel_tol=0, abs_tol=1e-12)
 
 
+def _choose_lr(recs: list[dict[str, Any]]) -> tuple[float | None, dict[str, float | None] | None, list[dict[str, Any]]]:
+    """With several learning rates in one row: the one with the best mean validation macro-F1 over its
+    finished seeds (dinov2 linear-eval style); test is then reported for its runs only. Returns (lr, {lr:
+    mean val macro-F1} or None with one lr, the chosen lr's records)."""
+    lrs = list(dict.fromkeys(x["lr"] for x in recs))
+    if len(lrs) == 1:
+        return lrs[0], None, recs
+    val = {lr: mean_std([x.get("val_macro_f1") for x in recs if x["lr"] == lr and x["status"] == "finished"])[0]
+           for lr in lrs}
+    scored = [lr for lr in lrs if val[lr] is not None]
+    best = max(scored, key=lambda lr: val[lr]) if scored else lrs[0]
+    return best, {f"{lr:g}": v for lr, v in val.items()}, [x for x in recs if x["lr"] == best]
+
+
 def _stale_elsewhere(druns: list[GridRun], split_fp: str) -> list[str]:
     """Finished run folders beside the grid's (same ``runs_dir/<dataset>/``) made on another split of
     the dataset: left out of the table, named so nobody mistakes them for current results."""
@@ -638,7 +696,7 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
             status = run_status(r)
             rec: dict[str, Any] = {"run": r.name, "run_dir": str(r.run_dir), "key": r.key, "head": r.head,
                                    "features": r.features, "encoder": r.encoder.label, "seed": r.seed,
-                                   "status": status, "error": None}
+                                   "lr": r.config.lr, "variant": r.variant, "status": status, "error": None}
             if status == "finished":
                 m = read_json(r.run_dir / FINISHED_MARKER) or {}
                 test = m.get("test") or {}
@@ -648,18 +706,21 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                            per_class_recall={c: v.get("recall") for c, v in (test.get("per_class") or {}).items()})
                 if test.get("targets"):
                     rec["targets"] = {t: v.get("macro_f1") for t, v in test["targets"].items()}
+                rec["val_macro_f1"] = (m.get("val") or {}).get("macro_f1")
                 if agree is not None:
                     rec["agreement"] = _agreement_scores(r.run_dir, agree)
             elif status == "failed":
                 rec["error"] = (read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
             records.append(rec)
             groups.setdefault(r.row_key, []).append(rec)
-        rows = []
-        for (head, feat, enc), recs in groups.items():
+        rows, chosen = [], {}
+        for (head, feat, enc, variant), all_recs in groups.items():
+            lr, lr_choice, recs = _choose_lr(all_recs)
+            chosen[(head, feat, enc, variant)] = recs
             done = [x for x in recs if x["status"] == "finished"]
             row: dict[str, Any] = {
-                "kind": "measured", "head": head, "features": feat, "encoder": enc,
-                "seeds_total": len(recs), "seeds_finished": len(done),
+                "kind": "measured", "head": head, "features": feat, "encoder": enc, "variant": variant,
+                "lr": lr, "lr_choice": lr_choice, "seeds_total": len(recs), "seeds_finished": len(done),
                 "seeds_failed": sum(x["status"] == "failed" for x in recs),
                 "num_parameters": next((x["num_parameters"] for x in done if x.get("num_parameters") is not None), None),
                 "train_seconds_mean": mean_std([x.get("seconds") for x in done])[0],
@@ -691,7 +752,8 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                    key=lambda row: row["macro_f1"]["mean"], default=None)
         confusion = None
         if best is not None:
-            mats = [np.asarray(x["confusion_matrix"]) for x in groups[(best["head"], best["features"], best["encoder"])]
+            mats = [np.asarray(x["confusion_matrix"]) for x in
+                    chosen[(best["head"], best["features"], best["encoder"], best["variant"])]
                     if x["status"] == "finished" and x.get("confusion_matrix")]
             if mats:
                 confusion = {"head": best["head"], "features": best["features"], "encoder": best["encoder"],
@@ -743,7 +805,14 @@ def _seeds_cell(row: dict[str, Any]) -> str:
 def _table_rows(table: dict[str, Any], style: str) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """Headers and rows of the main table and (MVSA) of the agreement table."""
     show_enc = len(table["encoders"]) > 1
-    lead = ["head", "features"] + (["encoder"] if show_enc else [])
+    show_var, show_lr = _sweeps(table)
+    lead = (["head", "features"] + (["encoder"] if show_enc else []) + (["variant"] if show_var else [])
+            + (["lr (best on val)"] if show_lr else []))
+
+    def lead_cells(r):
+        return ([r["head"], r["features"]] + ([r["encoder"]] if show_enc else []) + ([r.get("variant") or "-"] if show_var
+                else []) + ([_lr_cell(r)] if show_lr else []))
+
     members = list(table.get("targets") or {}) if len(table.get("targets") or {}) > 1 else []
     names = [METRIC_NAMES[k] for k in METRICS]
     if members:  # a task: macro-F1 is the task score; each target's macro-F1 follows
@@ -755,14 +824,14 @@ def _table_rows(table: dict[str, Any], style: str) -> tuple[list[str], list[list
     for r in table["rows"]:
         extra = ([_cell(r["targets"][m], False, style) for m in members] if members else
                  [_cell(r["min_recall"], False, style)] if extra_heads else [])
-        rows.append([r["head"], r["features"]] + ([r["encoder"]] if show_enc else []) + [
+        rows.append(lead_cells(r) + [
             _seeds_cell(r), *(_cell(r[k], r[f"best_{k}"], style) for k in METRICS), *extra,
             "-" if r["num_parameters"] is None else f"{r['num_parameters']:,}",
             "-" if r["train_seconds_mean"] is None else f"{r['train_seconds_mean']:.1f}"])
     for ref in table.get("references") or ([table["reference"]] if table.get("reference") else []):
         source = "" if ref.get("source", "").startswith("paper") or not ref.get("source") else f" ({ref['source']})"
         name = f"{ref['head'] or 'best model'}{source}: {REPORTED_LABEL}"
-        rows.append([name, "-"] + (["-"] if show_enc else []) + ["-", *(
+        rows.append([name] + ["-"] * (len(lead) - 1) + ["-", *(
             "-" if ref.get(k) is None else f"{ref[k]:.4f}" for k in METRICS), *("-" for _ in extra_heads), "-", "-"])
     a_headers: list[str] = []
     a_rows: list[list[str]] = []
@@ -770,12 +839,25 @@ def _table_rows(table: dict[str, Any], style: str) -> tuple[list[str], list[list
         a_headers = lead + [f"{part} {what}" for part in ("agree", "disagree")
                             for what in ("n", *(METRIC_NAMES[k] for k in METRICS))]
         for r in table["rows"]:
-            cells = [r["head"], r["features"]] + ([r["encoder"]] if show_enc else [])
+            cells = lead_cells(r)
             for part in ("agree", "disagree"):
                 cells.append(str(r[part]["n"]))
                 cells += [_cell(r[part][k], r[f"best_{part}_{k}"], style) for k in METRICS]
             a_rows.append(cells)
     return headers, rows, a_headers, a_rows
+
+
+def _sweeps(table: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the table has a --dims/--dropouts variant column and a --lrs choice column."""
+    return (any(r.get("variant") for r in table["rows"]), any(r.get("lr_choice") for r in table["rows"]))
+
+
+def _lr_cell(r: dict[str, Any]) -> str:
+    """The chosen lr and, in brackets, every lr's mean validation macro-F1."""
+    if not r.get("lr_choice"):
+        return "-" if r.get("lr") is None else f"{r['lr']:g}"
+    vals = ", ".join(f"{lr}: {'-' if v is None else f'{v:.3f}'}" for lr, v in r["lr_choice"].items())
+    return f"{r['lr']:g} (val F1 {vals})"
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -857,8 +939,10 @@ def _markdown(table: dict[str, Any]) -> str:
            *(f"- {line[0].upper()}{line[1:]}." for line in _split_lines(table)), "",
            f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
            f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
-           f"**bold**. Reference rows hold published figures, not measured here.", "",
-           _md_table(headers, rows)]
+           f"**bold**. Reference rows hold published figures, not measured here."
+           + (" Each row trained every learning rate of `--lrs`; the one with the best mean validation macro-F1 "
+              "is chosen (its column lists each lr's), and test is reported for it only." if _sweeps(table)[1] else ""),
+           "", _md_table(headers, rows)]
     if len(table.get("targets") or {}) > 1:
         out += ["", "Task score = mean of the per-target macro-F1 (the SemEval-2020 Task 8 measure); accuracy and "
                     "weighted-F1 are per-target means."]
@@ -895,6 +979,8 @@ def _csv(table: dict[str, Any]) -> str:
                                                      if table["rows"] and "min_recall" in table["rows"][0] else [])
     for name, _path in per:
         head += [f"{name}{'_macro_f1' if members else ''}_mean", f"{name}{'_macro_f1' if members else ''}_std"]
+    show_var, show_lr = _sweeps(table)
+    head += (["variant"] if show_var else []) + (["lr", "lr_val_macro_f1"] if show_lr else [])
     parts = ("agree", "disagree") if table.get("mvsa_agreement") else ()
     for part in parts:
         head.append(f"{part}_n")
@@ -915,6 +1001,8 @@ def _csv(table: dict[str, Any]) -> str:
         for _name, path in per:
             cell = r[path[0]] if len(path) == 1 else r[path[0]][path[1]]
             line += [num(cell["mean"]), num(cell["std"])]
+        line += ([r.get("variant") or ""] if show_var else []) + (
+            [num(r["lr"]), json.dumps(r["lr_choice"])] if show_lr else [])
         for part in parts:
             line.append(r[part]["n"])
             for k in METRICS:
@@ -925,7 +1013,7 @@ def _csv(table: dict[str, Any]) -> str:
                 f"{REPORTED_LABEL}: {ref.get('source') or 'paper'}", "", "", ""]
         for k in METRICS:
             line += [num(ref.get(k)), "", False]
-        line += ["", ""] + ["", ""] * len(per)
+        line += ["", ""] + ["", ""] * len(per) + [""] * (show_var + 2 * show_lr)
         for _ in parts:
             line += [""] + ["", "", False] * len(METRICS)
         w.writerow(line)
@@ -976,6 +1064,10 @@ class AblationConfig:
     plots: bool = True
     allow_no_val: bool = False  # train datasets without a validation split (else those runs fail)
     analyze: bool = True  # analyse the best config's first seed (fuse.analyze) into its run and the markdown
+    stack: bool = True  # train seeds / lrs of a config as one stacked model (fuse/stack.py)
+    lrs: list[float] | None = None  # learning rates chosen between on validation
+    dims: list[int] | None = None
+    dropouts: list[float] | None = None
 
 
 def default_results_dir(runs_dir: str | Path) -> Path:
@@ -995,6 +1087,7 @@ class AblationResult:
     files: dict[str, list[Path]]
     seconds: float
     stale: list[str] = field(default_factory=list)  # runs made on another split of the cache: rerun by this call
+    layout: dict[str, Any] | None = None  # processes x threads (and what was measured to choose them)
 
 
 def run_ablation(config: AblationConfig) -> AblationResult:
@@ -1004,13 +1097,16 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     skipped: list[dict[str, Any]] = []
     runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
                        seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,
-                       targets=config.targets)
+                       targets=config.targets, lrs=config.lrs, dims=config.dims, dropouts=config.dropouts)
     selected = shard_runs(runs, config.shard)
     if config.aggregate_only:
         done = {"trained": [], "reused": [], "failed": {}, "stale": []}
     else:
-        done = run_grid(selected, jobs=resolve_jobs(config.jobs, config.base.device), threads=config.threads,
-                        force=config.force, allow_no_val=config.allow_no_val)
+        jobs = resolve_jobs(config.jobs, config.base.device)
+        if config.stack and config.jobs == 0 and config.threads is None and jobs > 1:
+            jobs = 0  # CPU: threads vs processes measured by run_grid
+        done = run_grid(selected, jobs=jobs, threads=config.threads, force=config.force,
+                        allow_no_val=config.allow_no_val, stack=config.stack)
     tables = aggregate(runs, skipped)
     if config.analyze:
         from mmcache.fuse.analyze import analyze_best
@@ -1020,7 +1116,7 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
-                          stale=done["stale"])
+                          stale=done["stale"], layout=done.get("layout"))
 
 
 def format_ablation(result: AblationResult) -> str:

@@ -208,6 +208,11 @@ class _Attention(nn.Module):
     # never materialises the (B, H, Lq, Lk) weights; True takes the explicit path below that returns them.
     need_weights: bool = True
 
+    def _values(self, kv_in: Tensor) -> Tensor:
+        """The value half of the kv projection alone: (B, Lk, D) float32 -> (B, Lk, D) float32."""
+        D = kv_in.shape[-1]
+        return F.linear(kv_in, self.kv.weight[D:], self.kv.bias[D:])
+
     def forward(self, q_in: Tensor, kv_in: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor | None]:
         B, Lq, D = q_in.shape
         Lk = kv_in.shape[1]
@@ -216,7 +221,7 @@ class _Attention(nn.Module):
             # One key: softmax gives it weight 1 whatever the query, so only the value projection is
             # needed (q and k are skipped: a third of the work for vector cls/mean features).
             w = has_any.to(kv_in.dtype)[:, None, None, None].expand(B, self.heads, Lq, 1)  # (B, H, Lq, 1)
-            v = F.linear(kv_in, self.kv.weight[D:], self.kv.bias[D:])  # (B, 1, D)
+            v = self._values(kv_in)  # (B, 1, D)
             v = v.view(B, 1, self.heads, self.head_dim).transpose(1, 2)  # (B, H, 1, hd)
             y = (self.drop(w) @ v).transpose(1, 2).reshape(B, Lq, D)
             return self.out(y) * has_any.to(y.dtype)[:, None, None], (w if self.need_weights else None)
@@ -427,16 +432,21 @@ class SelfAttentionHead(FusionHead):
         self.norm = nn.LayerNorm(dim)
         self.classifier = _classifier(dim, dim, args["num_classes"], dropout)
 
-    def _forward(self, text, text_mask, image, image_mask):
+    def _embed(self, text: Tensor, image: Tensor) -> Tensor:
+        """[fusion token; text; image] plus their modality embeddings: (B, 1+Lt+Li, D) float32."""
         B = text.shape[0]
-        x = torch.cat(
+        return torch.cat(
             [
                 self.fusion_token.expand(B, -1, -1) + self.modality_embed[0],
                 text + self.modality_embed[1],
                 image + self.modality_embed[2],
             ],
             dim=1,
-        )  # (B, 1+Lt+Li, D)
+        )
+
+    def _forward(self, text, text_mask, image, image_mask):
+        B = text.shape[0]
+        x = self._embed(text, image)  # (B, 1+Lt+Li, D)
         mask = torch.cat([text_mask.new_ones(B, 1), text_mask, image_mask], dim=1)  # (B, 1+Lt+Li)
         attn = {}
         # Only the fusion token's final state is classified, so unless the full attention maps are

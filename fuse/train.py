@@ -450,29 +450,12 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
 
 def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, allow_no_val: bool,
            expected_split: dict[str, Any] | None, state: dict[str, Any]) -> TrainResult:
-    config.validate()
-    device = resolve_device(config.device)
     t_start = time.perf_counter()
-    config, data = _resolve_with_data(config, data, device)
+    config, data, device, run_dir, threads = open_run(config, data, allow_no_val=allow_no_val,
+                                                      expected_split=expected_split, state=state)
     train_rows, val_rows, test_rows = (data.split_rows[s] for s in ("train", "val", "test"))
     target = data.target
     labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
-    if train_rows.numel() == 0:
-        raise PipelineError(f"{data.dataset}: no training samples (after dropping {data.dropped['total']} with a "
-                            "missing modality)")
-    check_trainable(target, labels_np[train_rows.cpu().numpy()])
-    _check_val(data, val_rows, allow_no_val)
-    _check_expected_split(data, expected_split)
-
-    name = config.run_name or (f"{data.dataset}-{config.head}-{config.features}-s{config.seed}-"
-                               f"{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = make_run_dir(Path(config.runs_dir), name)
-    config = dataclasses.replace(config, run_name=run_dir.name)
-    state.update(run_dir=run_dir, epochs=config.epochs, log=attach_run_log(run_dir))
-    write_json(run_dir / "config.json", config.to_dict())
-    threads = config.threads or (small_model_threads() if device.type == "cpu" else None)
-    write_json(run_dir / "provenance.json", _provenance(data, device, threads))
-    write_split(run_dir, data.split, data.split_ids)
 
     with _deterministic(device, threads):
         _seed_everything(config.seed)
@@ -545,10 +528,52 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
         bar.close()
 
         model.load_state_dict(best_state)
-        split_probs = {s: predict(model, data, data.split_rows[s], config.eval_batch_size, config.amp)
-                       for s in ("train", "val", "test")}
+        metrics = finish_run(run_dir, config, data, model, history, best_epoch, t_start)
+    return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
 
-    # Files: weights and predictions first, metrics.json last (its presence = the run finished).
+
+def open_run(config: TrainConfig, data: FusionData | None, *, allow_no_val: bool = False,
+             expected_split: dict[str, Any] | None = None, state: dict[str, Any] | None = None,
+             ) -> tuple[TrainConfig, FusionData, torch.device, Path, int | None]:
+    """Validate, resolve against the data, create the run folder and write config.json, provenance.json and
+    split.json; returns (config, data, device, run folder, threads). Shared by :func:`train` and the
+    stacked trainer (:mod:`fuse.stack`). ``state`` (train's interrupt bookkeeping) gets the run folder."""
+    config.validate()
+    device = resolve_device(config.device)
+    config, data = _resolve_with_data(config, data, device)
+    train_rows = data.split_rows["train"]
+    if train_rows.numel() == 0:
+        raise PipelineError(f"{data.dataset}: no training samples (after dropping {data.dropped['total']} with a "
+                            "missing modality)")
+    check_trainable(data.target, data.target_labels.cpu().numpy()[train_rows.cpu().numpy()])
+    _check_val(data, data.split_rows["val"], allow_no_val)
+    _check_expected_split(data, expected_split)
+
+    name = config.run_name or (f"{data.dataset}-{config.head}-{config.features}-s{config.seed}-"
+                               f"{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = make_run_dir(Path(config.runs_dir), name)
+    config = dataclasses.replace(config, run_name=run_dir.name)
+    if state is not None:
+        state.update(run_dir=run_dir, epochs=config.epochs, log=attach_run_log(run_dir))
+    write_json(run_dir / "config.json", config.to_dict())
+    threads = config.threads or (small_model_threads() if device.type == "cpu" else None)
+    write_json(run_dir / "provenance.json", _provenance(data, device, threads))
+    write_split(run_dir, data.split, data.split_ids)
+    return config, data, device, run_dir, threads
+
+
+def finish_run(run_dir: Path, config: TrainConfig, data: FusionData, model: FusionHead, history: list[dict[str, Any]],
+               best_epoch: int, t_start: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score every split with ``model`` (holding the best weights) and write model.safetensors,
+    predictions.csv and, last, metrics.json (plus ``extra`` keys); returns the metrics."""
+    split_probs = {s: predict(model, data, data.split_rows[s], config.eval_batch_size, config.amp)
+                   for s in ("train", "val", "test")}
+    train_rows, val_rows, test_rows = (data.split_rows[s] for s in ("train", "val", "test"))
+    target = data.target
+    labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
+    val_labels = labels_np[val_rows.cpu().numpy()]
+    n_params = count_parameters(model)
+
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -578,11 +603,12 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
         "model": {"head": config.head, "classes": data.classes, "target": target.name, "targets": target.to_dict(),
                   "num_parameters": n_params, **data.dims()},
         "seconds": time.perf_counter() - t_start,
+        **(extra or {}),
     }
     mark_finished(run_dir, metrics)
     logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
                 _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
-    return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
+    return metrics
 
 
 def _fmt(m: dict[str, Any] | None, key: str) -> str:

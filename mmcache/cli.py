@@ -397,6 +397,9 @@ def bench(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="measure peak RSS in child processes"),
     out_dir: Path = typer.Option(Path("bench"), help="where results.json and results.md go"),
     work_dir: Path = typer.Option(Path("cache/bench"), help="generated data, models and scratch caches"),
+    only: str | None = typer.Option(None, "--only", help="sections a,b of: extraction (with cache_io, training, memory), grid (default all)"),
+    grid_samples: int = typer.Option(4500, "--grid-samples", help="posts in the grid section's synthetic 768-d cache"),
+    grid_tokens_large: bool = typer.Option(False, "--grid-tokens-large", help="grid section: also the tokens grid on that cache (hours one model per run on a CPU)"),
 ) -> None:
     """Measure both stages against their limits; print a table, write bench/results.json."""
     from mmcache.bench.run import BenchConfig, format_report, run_bench
@@ -407,7 +410,12 @@ def bench(
         raise BadInputError(f"--batch-sizes expects integers like 8,32; got {batch_sizes!r}") from None
     cfg = BenchConfig(preset=preset, samples=samples, device=device, precision=precision, batch_sizes=sizes,
                       repeats=repeats, num_workers=num_workers, epochs=epochs, memory=memory,
-                      out_dir=str(out_dir), work_dir=str(work_dir))
+                      out_dir=str(out_dir), work_dir=str(work_dir), grid_samples=grid_samples,
+                      grid_tokens_large=grid_tokens_large)
+    if only:
+        names = [x.strip() for x in only.split(",") if x.strip()]
+        cfg.sections = tuple(dict.fromkeys(s for n in names for s in
+                                           (("extraction", "cache_io", "training", "memory") if n == "extraction" else (n,))))
     typer.echo(format_report(run_bench(cfg)))
     typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
 
@@ -416,6 +424,16 @@ def _names(values: OptionList) -> list[str] | None:
     """Repeatable options that also take comma-separated lists: --heads a,b --heads c -> [a, b, c]."""
     out = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
     return out or None
+
+
+def _numbers(text: str | None, kind: type, flag: str) -> list | None:
+    """``--lrs 1e-4,3e-4`` -> [0.0001, 0.0003]; None when not given."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()] or None
+    except ValueError:
+        raise BadInputError(f"{flag} expects comma-separated {kind.__name__} values, got {text!r}") from None
 
 
 @app.command()
@@ -443,6 +461,10 @@ def ablate(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="PNG figures (needs matplotlib; skipped with a warning without it)"),
     allow_no_val: bool = typer.Option(False, "--allow-no-val", help="train datasets without a validation split (no early stopping)"),
     as_json: bool = typer.Option(False, "--json", help="print the tables as JSON"),
+    stack: bool = typer.Option(True, "--stack/--no-stack", help="train the seeds (and --lrs) of a config as one stacked model (default on); --no-stack: one model per run"),
+    lrs: str | None = typer.Option(None, "--lrs", help="learning rates a,b,c: each trained, the best on validation reported per head"),
+    dims: str | None = typer.Option(None, "--dims", help="latent widths a,b: a table row each"),
+    dropouts: str | None = typer.Option(None, "--dropouts", help="dropout values a,b: a table row each"),
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
     from mmcache.extract.extraction import parse_shard
@@ -462,7 +484,8 @@ def ablate(
                          seeds=seeds, targets=_names(targets), base=TrainConfig.from_dict(base), cache_dir=cache_dir, runs_dir=runs_dir,
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
-                         plots=plots, allow_no_val=allow_no_val)
+                         plots=plots, allow_no_val=allow_no_val, stack=stack, lrs=_numbers(lrs, float, "--lrs"),
+                         dims=_numbers(dims, int, "--dims"), dropouts=_numbers(dropouts, float, "--dropouts"))
     result = run_ablation(cfg)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:

@@ -302,9 +302,9 @@ def _cli(caches, tmp_path, *extra) -> int:
 
 def test_cli_writes_tables_and_aggregate_only(caches, tmp_path, capsys, count_trainings):
     rc = _cli(caches, tmp_path, "-d", "synth", "--heads", "text_only,basic", "--heads", "dual_attention",
-              "--features", "cls", "--seeds", "2", "--jobs", "1", "--no-plots")
+              "--features", "cls", "--seeds", "2", "--jobs", "1", "--no-plots", "--no-stack")
     out = capsys.readouterr().out
-    assert rc == 0 and len(count_trainings) == 6
+    assert rc == 0 and len(count_trainings) == 6  # one model per run (stacking: tests/test_stack.py)
     assert "6 runs in the grid: 6 trained, 0 reused, 0 failed" in out and "dual_attention" in out
     res = tmp_path / "results"
     assert sorted(p.name for p in res.iterdir()) == ["ablation_synth.csv", "ablation_synth.json", "ablation_synth.md"]

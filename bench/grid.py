@@ -1,0 +1,184 @@
+"""Bench section 5: the ablation grid, stacked (fuse/stack.py) vs one model per run, side by side.
+
+Every grid runs in a fresh child process (``python -m mmcache.bench.child ablate``), so its wall time
+and peak RSS are its own and the two paths start equally cold:
+
+* the default cls grid (every head x 5 seeds, train-fusion's defaults) on a synthetic 4,500-post cache
+  with 768-d text and image features: ``--no-stack`` (processes as ``ablate`` picks them) vs ``--stack``
+  (layout measured), and ``--stack --lrs 1e-4,3e-4,1e-3`` (three times the runs);
+* per head, one training step of a 5-member stack vs 5 single-model steps, both as GFLOP/s (FLOPs
+  counted by ``torch.utils.flop_counter``) against a plain matmul of the stack's main layer's size;
+* the tokens grid on a demo-sized cache (600 posts, 32-d features, 32 text / 64 image tokens, the demo's
+  training settings) both ways, and optionally (``grid_tokens_large``) on the 4,500-post cache with
+  128 text / 64 image tokens (long: hours one model per run on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LRS = [1e-4, 3e-4, 1e-3]
+DEMO_TRAINING = dict(dim=64, lr=1e-3, epochs=40, patience=10, batch_size=32)  # as fuse/demo.py
+
+
+def _child(args: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "mmcache.bench.child", "ablate", json.dumps(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child ablate failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _grid(label: str, cache: Path, runs: Path, device: str, features: str, seeds: int, base: dict[str, Any],
+          **kw) -> dict[str, Any]:
+    args = {"cache_dir": str(cache), "runs_dir": str(runs), "device": device, "features": features, "seeds": seeds,
+            "base": base, **kw}
+    r = _child(args)
+    log.info("grid %s (%s): %.1fs, peak RSS %.0f MiB", label, features, r["seconds"], r["peak_rss_mib"])
+    return {"label": label, "features": features, **r}
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, steps: int = 5) -> list[dict[str, Any]]:
+    """Per head: seconds and GFLOP/s of one stacked step of ``members`` vs ``members`` single steps, and a
+    plain (members*batch x 768) @ (768 x dim) matmul's GFLOP/s, all at this process's thread count."""
+    import torch
+    from mmcache.fuse import stack as st
+    from mmcache.fuse.data import load_data
+    from mmcache.fuse.train import TrainConfig
+
+    data = load_data("grid", modalities=("text", "image"), features="cls", cache_dir=cache, device=device)
+    threads = torch.get_num_threads()
+    rows_out = []
+    for head in heads:
+        cfgs = [TrainConfig(head=head, seed=s, device=device, threads=threads) for s in range(members)]
+        single_flops, single_s = _single_steps(cfgs[0], data, members, steps)
+        stacked_s = st.probe_step_seconds(cfgs, data, threads=threads, steps=steps)
+        stacked_flops = members * single_flops  # the same arithmetic, batched
+        a = torch.randn(members * cfgs[0].batch_size, 768, device=data.device)
+        b = torch.randn(768, cfgs[0].dim, device=data.device)
+        mm_s = _median_seconds(functools.partial(torch.mm, a, b), 20)
+        rows_out.append({"head": head, "members": members, "stacked_step_s": stacked_s, "single_steps_s": single_s,
+                         "speedup": single_s / stacked_s, "gflops_stacked": stacked_flops / stacked_s / 1e9,
+                         "gflops_single": stacked_flops / single_s / 1e9,
+                         "gflops_matmul": 2 * a.shape[0] * 768 * b.shape[1] / mm_s / 1e9, "threads": threads})
+        log.info("step %s: stacked %.1f ms vs %d single %.1f ms", head, stacked_s * 1e3, members, single_s * 1e3)
+    return rows_out
+
+
+def _single_steps(cfg, data, members: int, steps: int) -> tuple[float, float]:
+    """FLOPs of one train()-style step of one model, and seconds of ``members`` such steps (median)."""
+    import torch
+    import torch.nn.functional as F
+    from mmcache.fuse.train import _adamw, _build_head
+
+    model = _build_head(cfg, data.dims(), data.num_classes).to(data.device)
+    opt = _adamw(model, cfg)
+    rows = data.split_rows["train"][: cfg.batch_size]
+
+    def single():
+        loss = F.cross_entropy(model(*data.batch(rows)), data.labels[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    flops = _flops(single)
+    return flops, _median_seconds(lambda: [single() for _ in range(members)], steps)
+
+
+def _median_seconds(fn, n: int) -> float:
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _load() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: bool = False,
+               heads: list[str] | None = None) -> dict[str, Any]:
+    """The grid section; see the module docstring."""
+    from mmcache.fuse.heads import list_heads
+    from mmcache.fuse.synthetic import make_cache
+
+    heads = heads or list_heads()
+    t0 = time.perf_counter()
+    cache = tmp / "gridcache"
+    # signal 0.05: a task that is learnable but not solved in an epoch, so early stopping behaves as on real data
+    make_cache(cache, "grid", n=samples, dt=768, di=768, lt=128 if tokens_large else 1, li=64 if tokens_large else 1,
+               signal=0.05)
+    demo = tmp / "demogrid"
+    make_cache(demo, "grid", n=600, dt=32, di=32, lt=32, li=64, signal=0.3)
+    out: dict[str, Any] = {"samples": samples, "load_before": _load(), "cls": [], "tokens": []}
+    cls = dict(features="cls", seeds=5, base={}, heads=heads)
+    out["cls"].append(_grid("one model per run", cache, tmp / "r1", device, stack=False, **cls))
+    out["cls"].append(_grid("stacked", cache, tmp / "r2", device, stack=True, **cls))
+    out["cls"].append(_grid(f"stacked, --lrs {','.join(f'{x:g}' for x in LRS)}", cache, tmp / "r3", device,
+                            stack=True, lrs=LRS, **cls))
+    tok = dict(features="tokens", seeds=3, base=DEMO_TRAINING, heads=heads)
+    out["tokens"].append(_grid("demo-sized, one model per run", demo, tmp / "t1", device, stack=False, **tok))
+    out["tokens"].append(_grid("demo-sized, stacked", demo, tmp / "t2", device, stack=True, **tok))
+    if tokens_large:
+        big = dict(features="tokens", seeds=5, base={}, heads=heads)
+        out["tokens"].append(_grid(f"{samples} posts, one model per run", cache, tmp / "t3", device, stack=False, **big))
+        out["tokens"].append(_grid(f"{samples} posts, stacked", cache, tmp / "t4", device, stack=True, **big))
+    out["steps"] = step_gflops(cache, device, heads)
+    base, stacked, lrs = (x["seconds"] for x in out["cls"])
+    out["cls_speedup"] = base / stacked
+    out["lrs_cost"] = lrs / stacked
+    out["tokens_speedup"] = out["tokens"][0]["seconds"] / out["tokens"][1]["seconds"]
+    out["load_after"] = _load()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_grid(g: dict[str, Any]) -> list[str]:
+    from mmcache.extract.summary import format_table
+
+    def f(x, nd=1):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    lines = ["", f"### 5. Ablation grid: stacked vs one model per run (load average {f(g['load_before'], 1)} "
+                 f"before, {f(g['load_after'], 1)} after)", ""]
+    rows = [[x["features"], x["label"], x["runs"], f(x["seconds"]), x.get("layout") or "-", f(x["peak_rss_mib"], 0)]
+            for x in g["cls"] + g["tokens"]]
+    lines.append(format_table(["features", "grid", "runs", "wall s", "layout", "peak RSS MiB"], rows))
+    lines += ["", f"cls grid speedup from stacking: {g['cls_speedup']:.2f}x; with --lrs (3 values): "
+                  f"{g['lrs_cost']:.2f}x the stacked grid's time; demo-sized tokens grid speedup: "
+                  f"{g['tokens_speedup']:.2f}x", ""]
+    lines.append(format_table(
+        ["head", "members", "stacked step ms", "single steps ms", "speedup", "GFLOP/s stacked", "GFLOP/s single",
+         "GFLOP/s plain matmul"],
+        [[x["head"], x["members"], f(x["stacked_step_s"] * 1e3), f(x["single_steps_s"] * 1e3), f(x["speedup"], 2),
+          f(x["gflops_stacked"]), f(x["gflops_single"]), f(x["gflops_matmul"])] for x in g["steps"]]))
+    return lines
+
+
+__all__ = ["bench_grid", "format_grid", "step_gflops"]

@@ -1,0 +1,559 @@
+"""Train several members of one config (seeds, learning rates, weight decays) as ONE stacked model.
+
+A *stack* is a list of :class:`~mmcache.fuse.train.TrainConfig` that differ only in ``seed``, ``lr``,
+``weight_decay`` and their run folder (:func:`stack_key` says which configs may share one). Every member:
+
+* is initialised exactly as :func:`~mmcache.fuse.train.train` initialises it (seeded build of the head);
+* draws its own data order from its own ``torch.Generator(seed)``, as ``train`` does;
+* gets its own AdamW step (per-member lr, weight decay, warm-up + cosine schedule) and its own gradient
+  clipping by its own gradient norm;
+* early-stops on its own validation macro-F1 (a finished member leaves the stack, its best weights kept);
+* writes its own run folder through ``train``'s :func:`~mmcache.fuse.train.open_run` /
+  :func:`~mmcache.fuse.train.finish_run`: same files, same ``config.json``, so tables, reuse, resume,
+  ``--shard`` and ``evaluate`` cannot tell a stacked run from a single one.
+
+How: all members' parameters live in ONE flat leaf tensor ``(M, P)`` (member x parameter). A copy of the
+head whose ``nn.Linear`` / ``nn.LayerNorm`` are replaced by stacked versions (weights ``(M, out, in)``,
+batched matmuls) runs the head's own forward code on a batch of ``M * b`` rows laid out member-major:
+member m's ``b`` samples are rows ``m*b .. (m+1)*b - 1``. Everything per sample (attention, masks, GELU,
+pooling) runs once for all members; every Linear is one ``baddbmm``. The optimizer is a handful of
+element-wise ops on ``(M, P)``, the per-member grad norm one reduction. (Measured on this 2-core CPU,
+``torch.func.vmap`` over ``functional_call`` was 1.2-3x SLOWER than separate models, so it is not used.)
+
+With dropout 0, a member's numbers equal ``train``'s up to float reduction order (the equivalence test
+in ``tests/test_stack.py``); with dropout, the masks are drawn from one generator for the whole stack
+(seeded by the first member's seed), so they follow the same distribution but not the same draws.
+
+Heads whose parameters are not all inside Linear / LayerNorm modules need an adapter here (self
+attention's fusion token and modality embeddings have one, :func:`_stacked_embed`); a head without one
+is reported by :func:`can_stack` and trained one model per run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmcache.fuse.data import FusionData
+from mmcache.fuse.heads import FusionHead, SelfAttentionHead, _Attention
+from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
+from mmcache.fuse.train import (
+    TrainConfig,
+    _autocast,
+    _build_head,
+    _deterministic,
+    _lr_lambda,
+    _seed_everything,
+    finish_run,
+    open_run,
+)
+from torch import Tensor, nn
+
+from mmcache.errors import BadInputError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STACK_AXES", "MemberResult", "can_stack", "max_members", "member_bytes", "probe_step_seconds", "stack_key",
+           "train_stack"]
+
+# Config fields that may differ inside one stack (plus where the run goes).
+STACK_AXES = ("seed", "lr", "weight_decay")
+_NOT_KEY = STACK_AXES + ("run_name", "runs_dir")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, as train() uses them
+
+
+def stack_key(config: TrainConfig) -> str:
+    """Configs with equal keys can be trained in one stack."""
+    d = config.to_dict()
+    for k in _NOT_KEY:
+        d.pop(k, None)
+    return repr(sorted(d.items()))
+
+
+@dataclass
+class MemberResult:
+    """One member's outcome: ``metrics`` when it finished, ``error`` when it failed."""
+
+    config: TrainConfig
+    run_dir: Path | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    history: list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------- stacked modules
+
+class _BatchedLinear(torch.autograd.Function):
+    """y = x @ W^T + b per member: x (M, N, in), W (M, out, in), b (M, out) -> (M, N, out). Written out so
+    the weight gradient comes out as (M, out, in) contiguous (autograd's own would be a transposed copy)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, gw: Tensor | None, gb: Tensor | None) -> Tensor:
+        """``gw`` / ``gb``: where the weight / bias gradients go (views of the stack's gradient buffer,
+        so no step allocates them afresh), or None."""
+        ctx.save_for_backward(x, w)
+        ctx.out = (gw, gb)
+        return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        gw, gb = ctx.out
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), x) if gw is None else torch.bmm(g.transpose(1, 2), x, out=gw)
+        gb = g.sum(1) if gb is None else torch.sum(g, 1, out=gb)
+        return gx, gw, gb, None, None
+
+
+class _StackedLinear(nn.Module):
+    """``M`` Linear layers at once. Input (M*b, ..., in), rows member-major -> (M*b, ..., out).
+    ``weight`` (M, out, in) and ``bias`` (M, out) are views of the stack's flat parameters."""
+
+    weight: Tensor
+    bias: Tensor
+    weight_grad: Tensor | None = None  # (M, out, in) / (M, out) views of the stack's gradient buffer
+    bias_grad: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rows(x, 0, self.weight.shape[1])
+
+    def rows(self, x: Tensor, start: int, end: int) -> Tensor:
+        """Output features ``start:end`` only (the value half of a kv projection)."""
+        m = self.weight.shape[0]
+        if (start, end) == (0, self.weight.shape[1]):
+            w, b, gw, gb = self.weight, self.bias, self.weight_grad, self.bias_grad
+        else:
+            w, b, gw, gb = self.weight[:, start:end], self.bias[:, start:end], None, None
+        y = _BatchedLinear.apply(x.reshape(m, -1, x.shape[-1]), w, b, gw, gb)
+        return y.reshape(*x.shape[:-1], end - start)
+
+
+class _StackedLayerNorm(nn.Module):
+    """``M`` LayerNorms at once; (M*b, ..., D) member-major. ``weight``, ``bias``: (M, D) views."""
+
+    weight: Tensor
+    bias: Tensor
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        m, d = self.weight.shape
+        y = F.layer_norm(x, (d,), None, None, self.eps).reshape(m, -1, d)
+        return torch.addcmul(self.bias[:, None], y, self.weight[:, None]).reshape(x.shape)
+
+
+def _stacked_values(self: _Attention, kv_in: Tensor) -> Tensor:
+    return self.kv.rows(kv_in, kv_in.shape[-1], 2 * kv_in.shape[-1])
+
+
+def _stacked_embed(self: SelfAttentionHead, text: Tensor, image: Tensor) -> Tensor:
+    """SelfAttentionHead._embed with per-member fusion token (M, 1, 1, D) and embeddings (M, 3, D)."""
+    m = self.modality_embed.shape[0]
+    b = text.shape[0] // m
+    emb = self.modality_embed[:, None].expand(m, b, 3, -1).reshape(m * b, 3, -1)  # (M*b, 3, D)
+    tok = self.fusion_token.reshape(m, 1, 1, -1).expand(m, b, 1, -1).reshape(m * b, 1, -1)
+    return torch.cat([tok + emb[:, None, 0], text + emb[:, None, 1], image + emb[:, None, 2]], dim=1)
+
+
+_ADAPTERS = {SelfAttentionHead: ("_embed", _stacked_embed)}  # heads with parameters outside Linear/LayerNorm
+_SUPPORTED_LEAVES = (nn.Linear, nn.LayerNorm)
+
+
+def _unsupported(model: FusionHead) -> list[str]:
+    """Parameters the stacked conversion cannot handle (empty: the head can be stacked)."""
+    adapted = type(model) in _ADAPTERS
+    bad = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _SUPPORTED_LEAVES) or not mod._parameters:
+            continue
+        if mod is model and adapted:
+            continue
+        bad += [f"{name}.{p}".lstrip(".") for p in mod._parameters]
+    return bad
+
+
+_CAN_STACK: dict[str, bool] = {}
+
+
+def can_stack(config: TrainConfig) -> bool:
+    """True when ``config.head`` can be trained in a stack (checked once per head on a tiny instance)."""
+    if config.head not in _CAN_STACK:
+        tiny = _build_head(dataclasses.replace(config, dim=8, heads=2), {"text_dim": 4, "image_dim": 4}, 3)
+        _CAN_STACK[config.head] = not _unsupported(tiny)
+    return _CAN_STACK[config.head]
+
+
+class _Stack:
+    """The stacked model: parameters ``flat`` (M, P) and a head copy whose weights are leaf views of
+    it, so the optimizer, clipping and early-stopping bookkeeping are a few ops on (M, P)."""
+
+    def __init__(self, models: list[FusionHead]):
+        first = models[0]
+        self.names = [n for n, _ in first.named_parameters()]
+        self.shapes = [p.shape for _, p in first.named_parameters()]
+        self.sizes = [p.numel() for _, p in first.named_parameters()]
+        self.module = self._convert(copy.deepcopy(first))
+        self.param_bufs: list[tuple[nn.Module, str]] = []
+        for name in self.names:
+            owner, _, attr = name.rpartition(".")
+            self.param_bufs.append((self.module.get_submodule(owner) if owner else self.module, attr))
+        with torch.no_grad():
+            self.set_flat(torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]))
+
+    @staticmethod
+    def _convert(model: FusionHead) -> FusionHead:
+        if _unsupported(model):
+            raise BadInputError(f"head {model.name!r} cannot be stacked (parameters {_unsupported(model)})")
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, (nn.Linear, nn.LayerNorm)):
+                new = _StackedLinear() if isinstance(mod, nn.Linear) else _StackedLayerNorm(mod.eps)
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, attr, new)
+            elif isinstance(mod, _Attention):
+                mod._values = types.MethodType(_stacked_values, mod)
+        for mod in model.modules():  # what is left (adapter heads' own parameters) becomes plain attributes
+            for attr in list(mod._parameters):
+                del mod._parameters[attr]
+        if type(model) in _ADAPTERS:
+            attr, fn = _ADAPTERS[type(model)]
+            setattr(model, attr, types.MethodType(fn, model))
+        return model
+
+    @property
+    def members(self) -> int:
+        return self.flat.shape[0]
+
+    def set_flat(self, flat: Tensor) -> None:
+        """Use ``flat`` (M, P) as the parameters; binds the module's weights to leaf views of it."""
+        self.flat = flat.detach().contiguous()
+        self.grad = torch.zeros_like(self.flat)
+        m, off = self.flat.shape[0], 0
+        self.leaves, self.grad_views = [], []
+        for (mod, attr), shape, n in zip(self.param_bufs, self.shapes, self.sizes, strict=True):
+            leaf = self.flat[:, off:off + n].view(m, *shape).requires_grad_(True)
+            mod.__dict__[attr] = leaf
+            self.leaves.append(leaf)
+            self.grad_views.append(self.grad[:, off:off + n].view(m, *shape))
+            if isinstance(mod, _StackedLinear):
+                mod.__dict__[f"{attr}_grad"] = self.grad_views[-1]
+            off += n
+
+    def gradient(self, loss: Tensor) -> Tensor:
+        """d loss / d flat in the (M, P) buffer ``grad``. Linear layers write theirs there directly; the
+        few others are copied in. (``.backward()`` would allocate a buffer per parameter strided like its
+        (M, P) view and copy into it, every step: on a CPU that costs more than the matmuls.)"""
+        grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        for view, g in zip(self.grad_views, grads, strict=True):
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+        return self.grad
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every member row not in ``rows`` (finished members leave the stack)."""
+        self.set_flat(self.flat[torch.tensor(rows, device=self.flat.device)])
+
+    def state_dict(self, row: Tensor) -> dict[str, Tensor]:
+        """One member's weights from its (P,) row, keyed as the head's own state_dict."""
+        out, off = {}, 0
+        for name, shape, n in zip(self.names, self.shapes, self.sizes, strict=True):
+            out[name] = row[off:off + n].view(shape).clone()
+            off += n
+        return out
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+def member_bytes(config: TrainConfig, data: FusionData, num_params: int) -> int:
+    """Rough bytes one member adds to a stack: parameters, gradient, Adam moments, best copy (5 x P x 4)
+    plus the activations of one training batch (~24 tensors of batch x tokens x dim per layer, float32).
+    An estimate to size stacks against free memory; the bench measures the real peak RSS."""
+    tokens = sum(md.x.shape[1] for md in (data.text, data.image) if md is not None) + 1
+    per_layer = 24 * config.batch_size * tokens * config.dim * 4
+    return 5 * num_params * 4 + per_layer * (config.layers + 1)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a stack: ``torch.cuda.mem_get_info`` on CUDA, MemAvailable of /proc/meminfo on
+    Linux (psutil is not a dependency), else 4 GiB."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def max_members(config: TrainConfig, data: FusionData, fraction: float = 0.5) -> int:
+    """How many members of ``config`` fit in ``fraction`` of the free memory (at least 1)."""
+    model = _build_head(config, data.dims(), data.target.num_outputs)
+    per = member_bytes(config, data, sum(p.numel() for p in model.parameters()))
+    return max(1, int(fraction * available_memory(data.device) // per))
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def _check_stack(configs: list[TrainConfig]) -> None:
+    if not configs:
+        raise BadInputError("a stack needs at least one member")
+    keys = {stack_key(c) for c in configs}
+    if len(keys) > 1:
+        raise BadInputError(f"configs of one stack may differ only in {', '.join(STACK_AXES)}")
+    if not can_stack(configs[0]):
+        raise BadInputError(f"head {configs[0].head!r} cannot be stacked; train it with train()")
+
+
+def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: list[float], wd: list[float],
+                step: int) -> None:
+    """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P) with gradients ``g``, each member its own
+    ``lr`` and weight decay: torch's fused kernel once per member row (one pass over its memory, as
+    ``train()``'s fused AdamW), or the same formula in plain ops where that kernel is missing."""
+    b1, b2 = ADAM_BETAS
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is not None:
+        steps = [torch.tensor(float(step), device=flat.device)]
+        for k in range(flat.shape[0]):
+            fused([flat[k]], [g[k]], [state["m"][k]], [state["v"][k]], [], steps, lr=lr[k], beta1=b1, beta2=b2,
+                  weight_decay=wd[k], eps=ADAM_EPS, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+        return
+    lr_t = torch.tensor(lr, dtype=flat.dtype, device=flat.device)[:, None]
+    wd_t = torch.tensor(wd, dtype=flat.dtype, device=flat.device)[:, None]
+    with torch.no_grad():
+        flat.mul_(1 - lr_t * wd_t)
+        state["m"].lerp_(g, 1 - b1)
+        state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (state["v"].sqrt() / math.sqrt(1 - b2 ** step)).add_(ADAM_EPS)
+        flat.sub_(state["m"] / denom * (lr_t / (1 - b1 ** step)))
+
+
+def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, eval_rows: int = 4096,
+                allow_no_val: bool = False) -> list[MemberResult]:
+    """Train ``configs`` (one stack, see :func:`stack_key`) together; one run folder per member.
+
+    ``data`` and ``allow_no_val`` as for :func:`~mmcache.fuse.train.train`. ``eval_rows``: samples x members per
+    evaluation forward. A member whose loss becomes non-finite fails alone (its result carries the error,
+    its folder has no metrics.json); the others go on. Returns the members' results in input order.
+    """
+    _check_stack(configs)
+    t_start = time.perf_counter()
+    from mmcache.fuse.runs import attach_run_log, detach_run_log
+
+    opened, logs = [], []
+    try:
+        for c in configs:
+            c, data, device, run_dir, threads = open_run(c, data, allow_no_val=allow_no_val)
+            opened.append((c, run_dir))
+            logs.append(attach_run_log(run_dir))  # each member's train.log: the stack's log lines
+        return _train_opened(opened, data, device, threads, t_start, eval_rows)
+    finally:
+        for handler in logs:
+            detach_run_log(handler)
+
+
+def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, device: torch.device, threads: int | None,
+                  t_start: float, eval_rows: int) -> list[MemberResult]:
+    configs = [c for c, _ in opened]
+    cfg = configs[0]
+    with _deterministic(device, threads):
+        models = []
+        for c in configs:
+            _seed_everything(c.seed)
+            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
+        stack = _Stack(models)
+        _seed_everything(cfg.seed)  # dropout masks of the whole stack
+        results = _train_loop(stack, configs, [d for _, d in opened], data, device, t_start, eval_rows)
+    return results
+
+
+def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData,
+                device: torch.device, t_start: float, eval_rows: int) -> list[MemberResult]:
+    from mmcache.fuse.runs import write_json
+
+    cfg, n_all = configs[0], len(configs)
+    train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]
+    n_train = train_rows.numel()
+    labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
+    val_labels = labels_np[val_rows.cpu().numpy()]
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    schedule = _lr_lambda(total, round(cfg.warmup_frac * total))
+    weight = None
+    if cfg.class_balanced:
+        weight = class_weights(data.target_labels[train_rows], data.target.sizes)
+    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    with torch.no_grad():
+        stack.set_flat(stack.flat.to(device))
+    state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
+    best = stack.flat.clone()
+    active = list(range(n_all))  # member ids, in stack row order
+    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
+    best_f1, best_epoch, since = [-1.0] * n_all, [0] * n_all, [0] * n_all
+    done_at: dict[int, float] = {}
+    errors: dict[int, str] = {}
+    step = 0
+    logger.info("training a stack of %d %s on %s (%s features): %d train samples, %s", n_all, cfg.head, data.dataset,
+                cfg.features, n_train, device)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        stack.module.train()
+        m = len(active)
+        orders = torch.stack([train_rows[torch.randperm(n_train, generator=gens[i]).to(device)] for i in active])
+        loss_sum = torch.zeros(m, device=device)
+        lr_m, wd_m = [configs[i].lr for i in active], [configs[i].weight_decay for i in active]
+        for start in range(0, n_train, cfg.batch_size):
+            rows = orders[:, start:start + cfg.batch_size]  # (M, b)
+            f = schedule(step)
+            loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1)
+            step += 1
+            loss_sum += loss * rows.shape[1]
+        train_loss = (loss_sum / n_train).tolist()
+        lr_now = [lr * schedule(step) for lr in lr_m]
+        val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
+        seconds = time.perf_counter() - t0
+        leaving = []
+        for k, i in enumerate(active):
+            if not math.isfinite(train_loss[k]):
+                errors[i] = (f"PipelineError: training loss became {train_loss[k]} in epoch {epoch}; "
+                             "try a lower --lr")
+                leaving.append(k)
+                continue
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss[k]}
+            improved = True
+            if val_probs is not None:
+                vm = score_targets(val_probs[k], val_labels, data.target)
+                row.update(val_loss=vm["loss"], val_accuracy=vm["accuracy"], val_macro_f1=vm["macro_f1"],
+                           val_weighted_f1=vm["weighted_f1"])
+                if data.target.multi:
+                    row["val_target_macro_f1"] = {t: v["macro_f1"] for t, v in vm["targets"].items()}
+                improved = vm["macro_f1"] > best_f1[i]
+            row.update(lr=lr_now[k], seconds=seconds / m)
+            histories[i].append(row)
+            write_json(run_dirs[i] / "history.json", histories[i])
+            if improved:
+                best_f1[i], best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
+                best[i] = stack.flat[k]
+            else:
+                since[i] += 1
+            if (configs[i].patience and since[i] >= configs[i].patience) or epoch == cfg.epochs:
+                leaving.append(k)
+        for k in leaving:
+            done_at[active[k]] = time.perf_counter()
+        if leaving:
+            keep = [k for k in range(len(active)) if k not in leaving]
+            active = [active[k] for k in keep]
+            if not active:
+                break
+            idx = torch.tensor(keep, device=device)
+            with torch.no_grad():
+                stack.keep(keep)
+            state = {k: v[idx] for k, v in state.items()}
+    return _finish_members(stack, configs, run_dirs, data, best, best_epoch, histories, errors, done_at, t_start)
+
+
+def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: list | None,
+                state: dict[str, Tensor], lr: list[float], wd: list[float], step: int) -> Tensor:
+    """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
+    m, b = rows.shape
+    with _autocast(data.device, cfg.amp):
+        logits = stack.module(*data.batch(rows.reshape(-1)))
+    loss = _member_losses(logits.float().view(m, b, -1), data.target_labels[rows], data.target.sizes, weight,
+                          cfg.label_smoothing)
+    grad = stack.gradient(loss.sum())
+    if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per member
+        norm = grad.norm(dim=1, keepdim=True)
+        grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+    _adamw_step(stack.flat, grad, state, lr, wd, step)
+    return loss.detach()
+
+
+def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: int, steps: int = 3) -> float:
+    """Seconds of one stacked training step of ``configs`` with ``threads`` CPU threads (after one warm-up
+    step; nothing is written). The ablation scheduler's measurement for threads vs parallel stacks."""
+    _check_stack(configs)
+    cfg = configs[0]
+    device = data.device
+    with _deterministic(device, threads):
+        models = []
+        for c in configs:
+            _seed_everything(c.seed)
+            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
+        stack = _Stack(models)
+        state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
+        lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
+        train_rows = data.split_rows["train"]
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for k in range(steps + 1):
+            rows = torch.stack([train_rows[torch.randperm(train_rows.numel(), generator=gen)[:cfg.batch_size]
+                                .to(device)] for _ in configs])
+            t0 = time.perf_counter()
+            _train_step(stack, data, rows, cfg, None, state, lr, wd, k + 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def _member_losses(logits: Tensor, labels: Tensor, sizes: list[int], weights: list[Tensor | None] | None,
+                   smoothing: float) -> Tensor:
+    """Each member's loss exactly as train() computes it (:func:`fuse.targets.target_loss`):
+    logits (M, b, sum C), labels (M, b, T) -> (M,)."""
+    return torch.stack([target_loss(lg, y, sizes, weights, smoothing) for lg, y in zip(logits, labels, strict=True)])
+
+
+@torch.inference_mode()
+def _predict_stack(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig,
+                   eval_rows: int) -> list[np.ndarray]:
+    """Every active member's class probabilities of ``rows``: M arrays (n, C) float32."""
+    stack.module.eval()
+    m = stack.members
+    chunk = max(1, min(cfg.eval_batch_size, eval_rows // m))
+    out = []
+    for start in range(0, rows.numel(), chunk):
+        part = rows[start:start + chunk]
+        batch = [None if t is None else t.repeat(m, *([1] * (t.dim() - 1))) for t in data.batch(part)]
+        with _autocast(data.device, cfg.amp):
+            logits = stack.module(*batch)
+        out.append(target_probs(logits.float(), data.target.sizes).view(m, part.numel(), -1).cpu())
+    probs = torch.cat(out, dim=1).numpy() if out else np.zeros((m, 0, data.target.num_outputs), np.float32)
+    stack.module.train()
+    return list(probs)
+
+
+def _finish_members(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData, best: Tensor,
+                    best_epoch: list[int], histories: list[list[dict[str, Any]]], errors: dict[int, str],
+                    done_at: dict[int, float], t_start: float) -> list[MemberResult]:
+    """Each finished member: a head of its own with its best weights, scored and written as train() does."""
+    results = []
+    wall = time.perf_counter() - t_start
+    for i, (c, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
+        if i in errors:
+            results.append(MemberResult(c, run_dir, None, errors[i], histories[i]))
+            continue
+        model = _build_head(c, data.dims(), data.target.num_outputs).to(data.device)
+        model.load_state_dict(stack.state_dict(best[i]))
+        share = (done_at.get(i, t_start + wall) - t_start) / len(configs)
+        try:
+            metrics = finish_run(run_dir, c, data, model, histories[i], best_epoch[i], time.perf_counter() - share,
+                                 extra={"stack": {"members": len(configs), "wall_seconds": wall}})
+        except (OSError, PipelineError) as e:
+            results.append(MemberResult(c, run_dir, None, f"{type(e).__name__}: {e}", histories[i]))
+            continue
+        results.append(MemberResult(c, run_dir, metrics, None, histories[i]))
+    return results

@@ -1,0 +1,190 @@
+"""Stacked training (fuse/stack.py) and the stacked ablation path (fuse/schedule.py, ablate --stack / --lrs):
+a member of a stack scores as the same config trained alone, stops early on its own with its best weights
+kept, writes the same run folder; a stacked grid gives the same folders and tables as one model per run;
+--lrs picks the best learning rate on validation; an interrupted stacked grid resumes."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import mmcache.fuse.ablate as ab
+import mmcache.fuse.schedule as sched
+import numpy as np
+import pytest
+import torch
+from mmcache.fuse.data import load_data
+from mmcache.fuse.heads import BasicFusionHead
+from mmcache.fuse.runs import RUN_FILES
+from mmcache.fuse.stack import _unsupported, can_stack, stack_key, train_stack
+from mmcache.fuse.synthetic import make_cache
+from mmcache.fuse.train import TrainConfig, evaluate, train
+
+from mmcache import cli
+from mmcache.errors import BadInputError
+
+TINY = TrainConfig(dim=8, heads=2, epochs=1, batch_size=16, eval_batch_size=64, lr=3e-3, patience=0, device="cpu",
+                   threads=1)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    make_cache(root, "synth", n=90, dt=12, di=16, lt=6, li=5, signal=0.7)
+    return root
+
+
+def _probs(run_dir) -> np.ndarray:
+    with open(run_dir / "predictions.csv", encoding="utf-8") as f:
+        return np.array([[float(v) for k, v in row.items() if k.startswith("p_")] for row in csv.DictReader(f)])
+
+
+@pytest.mark.parametrize("head,features", [("basic", "cls"), ("self_attention", "tokens"), ("dual_attention", "tokens"),
+                                           ("dual_attention", "cls")])
+def test_member_of_a_stack_scores_as_trained_alone(cache, tmp_path, head, features):
+    data = load_data("synth", modalities=["text", "image"], features=features, cache_dir=cache)
+    base = dataclasses.replace(TINY, head=head, features=features, dropout=0.0, epochs=6, patience=2, dataset="synth",
+                               modalities=["text", "image"], cache_dir=str(cache), runs_dir=str(tmp_path / "stack"))
+    configs = [dataclasses.replace(base, seed=s, lr=lr, weight_decay=wd, run_name=f"m{s}")
+               for s, lr, wd in [(0, 3e-3, 0.01), (1, 1e-3, 0.0), (2, 3e-3, 0.1)]]
+    results = train_stack(configs, data)
+    for c, res in zip(configs, results, strict=True):
+        assert res.error is None and res.run_dir == tmp_path / "stack" / c.run_name
+        alone = train(dataclasses.replace(c, runs_dir=str(tmp_path / "alone")), data)
+        assert res.metrics["best_epoch"] == alone.metrics["best_epoch"]
+        assert res.metrics["epochs_run"] == alone.metrics["epochs_run"]
+        np.testing.assert_allclose(_probs(res.run_dir), _probs(alone.run_dir), atol=2e-5)
+        assert res.metrics["test"]["macro_f1"] == pytest.approx(alone.metrics["test"]["macro_f1"])
+        # the same files, and config.json as train() writes it (only where it went differs)
+        assert all((res.run_dir / f).is_file() for f in RUN_FILES)
+        mine, theirs = (json.loads((d / "config.json").read_text()) for d in (res.run_dir, alone.run_dir))
+        assert {**mine, "runs_dir": None} == {**theirs, "runs_dir": None}
+        for a, b in zip(res.history, alone.history, strict=True):
+            assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"]) and a["lr"] == pytest.approx(b["lr"])
+
+
+def test_members_stop_early_on_their_own_and_keep_their_best_weights(cache, tmp_path):
+    data = load_data("synth", modalities=["text", "image"], features="cls", cache_dir=cache)
+    base = dataclasses.replace(TINY, head="basic", dropout=0.0, epochs=12, patience=2, dataset="synth",
+                               cache_dir=str(cache), runs_dir=str(tmp_path), modalities=["text", "image"])
+    # lr 1e-7 cannot move the weights: its val F1 never improves and it stops after `patience` epochs
+    configs = [dataclasses.replace(base, seed=0, lr=1e-7, run_name="frozen"),
+               dataclasses.replace(base, seed=0, lr=3e-3, run_name="learning")]
+    frozen, learning = train_stack(configs, data)
+    assert frozen.metrics["epochs_run"] == 3 and frozen.metrics["stopped_early"]
+    assert learning.metrics["epochs_run"] > frozen.metrics["epochs_run"]
+    for res in (frozen, learning):
+        best = res.history[res.metrics["best_epoch"] - 1]["val_macro_f1"]
+        assert res.metrics["val"]["macro_f1"] == pytest.approx(best)  # scored with the best epoch's weights
+        again = evaluate(res.run_dir, split="val", write=False)  # the saved weights are those weights
+        assert again.metrics["macro_f1"] == pytest.approx(best)
+        assert len(json.loads((res.run_dir / "history.json").read_text())) == res.metrics["epochs_run"]
+
+
+def test_what_may_share_a_stack(cache):
+    a = dataclasses.replace(TINY, head="basic")
+    assert stack_key(a) == stack_key(dataclasses.replace(a, seed=3, lr=1e-4, weight_decay=0.0, run_name="x"))
+    assert stack_key(a) != stack_key(dataclasses.replace(a, dim=16))
+    assert stack_key(a) != stack_key(dataclasses.replace(a, dropout=0.3))
+    with pytest.raises(BadInputError):
+        train_stack([a, dataclasses.replace(a, dim=16)])
+    assert all(can_stack(dataclasses.replace(a, head=h)) for h in
+               ("text_only", "image_only", "basic", "self_attention", "dual_attention"))
+
+    class WithOwnParameter(BasicFusionHead):  # a parameter outside Linear/LayerNorm, no adapter: not stackable
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    head = WithOwnParameter(text_dim=4, image_dim=4, num_classes=3, dim=8, layers=1, heads=2, dropout=0.0)
+    assert _unsupported(head) == ["scale"]
+
+
+def _table_numbers(tables):
+    return [(r["head"], r["seeds_finished"], r["macro_f1"]["mean"], r["accuracy"]["mean"])
+            for r in tables["synth"]["rows"]]
+
+
+def test_stacked_grid_gives_the_same_folders_and_tables(cache, tmp_path):
+    kw = dict(datasets=["synth"], heads=["text_only", "dual_attention"], features=["cls"], seeds=3, cache_dir=cache)
+    base = dataclasses.replace(TINY, dropout=0.0, epochs=3)
+    single = ab.expand_grid(base, runs_dir=tmp_path / "single", **kw)
+    stacked = ab.expand_grid(base, runs_dir=tmp_path / "stacked", **kw)
+    assert len(sched.plan_units(stacked, True)) == 2 and len(sched.plan_units(stacked, False)) == 6
+    ab.run_grid(single, threads=1, stack=False)
+    out = ab.run_grid(stacked, threads=1, stack=True)
+    assert len(out["trained"]) == 6 and not out["failed"]
+    for a, b in zip(single, stacked, strict=True):
+        assert a.name == b.name and ab.run_status(b) == "finished"
+        assert sorted(p.name for p in a.run_dir.iterdir()) == sorted(p.name for p in b.run_dir.iterdir())
+    t1, t2 = ab.aggregate(single), ab.aggregate(stacked)
+    for x, y in zip(_table_numbers(t1), _table_numbers(t2), strict=True):
+        assert x[:2] == y[:2] and x[2] == pytest.approx(y[2], abs=1e-6) and x[3] == pytest.approx(y[3], abs=1e-6)
+    ab.write_results(t2, tmp_path / "res", plots=False)
+    assert "| head | features | seeds |" in (tmp_path / "res" / "ablation_synth.md").read_text()
+    assert ab.run_grid(stacked, threads=1, stack=True)["reused"] == [r.name for r in stacked]
+
+
+def test_lrs_best_on_validation_is_reported(cache, tmp_path, capsys):
+    rc = cli.main(["ablate", "--cache-dir", str(cache), "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+                   str(tmp_path / "res"), "-d", "synth", "--heads", "basic", "--features", "cls", "--seeds", "2",
+                   "--dim", "8", "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--threads", "1",
+                   "--jobs", "1", "--no-plots", "--lrs", "1e-7,3e-3", "--dropouts", "0,0.2"])
+    assert rc == 0
+    table = json.loads((tmp_path / "res" / "ablation_synth.json").read_text())
+    assert len(table["runs"]) == 8 and len(table["rows"]) == 2  # a row per dropout, the lrs are a choice
+    for row in table["rows"]:
+        recs = [x for x in table["runs"] if x["variant"] == row["variant"]]
+        val = {lr: np.mean([x["val_macro_f1"] for x in recs if x["lr"] == lr]) for lr in (1e-7, 3e-3)}
+        assert row["lr"] == max(val, key=val.get) == 3e-3
+        assert row["lr_choice"] == {f"{lr:g}": pytest.approx(v) for lr, v in val.items()}
+        test = [x["macro_f1"] for x in recs if x["lr"] == row["lr"]]  # test of the chosen lr only
+        assert row["seeds_total"] == 2 and row["macro_f1"]["mean"] == pytest.approx(np.mean(test))
+    md = (tmp_path / "res" / "ablation_synth.md").read_text()
+    assert "lr (best on val)" in md and "variant" in md and "dropout 0.2" in md
+    assert "lr (best on val)" in capsys.readouterr().out
+    assert cli.main(["ablate", "--cache-dir", str(cache), "--lrs", "fast"]) == 2
+
+
+def test_interrupted_stacked_grid_resumes(cache, tmp_path, monkeypatch):
+    runs = ab.expand_grid(TINY, datasets=["synth"], heads=["text_only", "basic", "image_only"], features=["cls"],
+                          seeds=2, cache_dir=cache, runs_dir=tmp_path / "runs")
+    real, calls = sched.train_stack, []
+
+    def interrupted(configs, data=None, **kw):
+        calls.append([c.run_name for c in configs])
+        if len(calls) == 2:  # Ctrl-C during the second stack: its folders exist, unfinished
+            for c in configs:
+                (tmp_path / "runs" / "synth" / c.run_name).mkdir(parents=True)
+            raise KeyboardInterrupt
+        return real(configs, data, **kw)
+
+    monkeypatch.setattr(sched, "train_stack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ab.run_grid(runs, threads=1, stack=True)
+    assert [ab.run_status(r) for r in runs].count("finished") == 2
+    calls.clear()
+    monkeypatch.setattr(sched, "train_stack", lambda c, d=None, **kw: (calls.append([x.run_name for x in c]),
+                                                                      real(c, d, **kw))[1])
+    out = ab.run_grid(runs, threads=1, stack=True)
+    assert len(out["reused"]) == 2 and len(calls) == 2 and all(len(c) == 2 for c in calls)
+    assert all(ab.run_status(r) == "finished" for r in runs)
+    # one member lost its metrics.json: only it is retrained (alone, by train())
+    (runs[0].run_dir / "metrics.json").unlink()
+    calls.clear()
+    out = ab.run_grid(runs, threads=1, stack=True)
+    assert calls == [] and out["trained"] == [runs[0].name] and ab.run_status(runs[0]) == "finished"
+
+
+def test_cpu_layout_is_measured(cache, tmp_path):
+    runs = ab.expand_grid(TINY, datasets=["synth"], heads=["text_only", "basic"], features=["cls"], seeds=2,
+                          cache_dir=cache, runs_dir=tmp_path / "runs")
+    units = sched.plan_units(runs, True)
+    jobs, threads, info = sched.choose_cpu_layout(units, 2)
+    assert (jobs, threads) in ((1, 2), (2, 1)) and len(info["unit_step_seconds_1_thread"]) == 2
+    assert info["thread_speedup"] > 0 and info["choice"]
+    assert sched._makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0
+    # a stack that would keep one core busy alone is cut into parts (members are independent)
+    assert [(u[0].head, len(u)) for u in sched.plan_units(runs, True, {"basic": 2})] == [
+        ("basic", 1), ("basic", 1), ("text_only", 2)]
