@@ -836,7 +836,7 @@ def _kept(cfg: ExtractConfig, paths: dict[str, Path], stopped: str) -> str:
             with cf.FeatureFile(path, locking=False) as ff:
                 parts.append(f"{modality} {int(ff.done.sum())}/{len(ff.ids)} rows in {path}")
         except (cf.CacheError, OSError):
-            parts.append(f"{modality} (unreadable: {path})")
+            parts.append(f"{modality} not started" if modality != stopped else f"{modality} 0 rows")
     return "extraction stopped; kept " + ", ".join(parts)
 
 

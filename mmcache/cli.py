@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(e)}", err=True)
         return 2
     except PipelineError as e:
-        msg = _one_line(e).replace("rerun the same command", f"rerun the same command (`{resume_command(argv)}`)", 1)
+        msg = _one_line(e).replace("rerun the same command", f"rerun `{resume_command(argv)}`")
         typer.echo(f"error: {msg}", err=True)
         return 1
     except (KeyboardInterrupt, *_Abort) as e:
