@@ -33,7 +33,7 @@ def env(tmp_path_factory):
 
 def _extract(env, cache, *args):
     return cli.main(["extract", "--dataset", "demo", "--data-dir", str(env["data"]), "--option", f"n={N}",
-                     "--cache-dir", str(cache), *COMMON, *args])
+                     "--cache-dir", str(cache), *COMMON, *map(str, args)])
 
 
 def _run(capsys, *argv):
