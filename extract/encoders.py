@@ -184,7 +184,7 @@ def readable_name(model: str, name: str | None = None) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def _source_info(model: str, config, local_only: bool) -> dict:
+def _source_info(model: str, config) -> dict:
     local = os.path.isdir(model)
     return {
         "model_id": model,
@@ -384,7 +384,7 @@ def load_text_encoder(
         max_length = int(model_max)
     net.to(dev)
     enc = TextEncoder(model_id=model, tokenizer=tok, model=net, config=config, device=dev, precision=prec,
-                      max_length=max_length, hidden_size=0, _source=_source_info(model, config, local_only),
+                      max_length=max_length, hidden_size=0, _source=_source_info(model, config),
                       adapter=adapter, layer=layer, name=readable_name(model, name))
     enc.proj_size = -1 if adapter.has_proj else None  # probe: is there a projection in this checkpoint?
     out = enc.encode(enc.tokenize(["good"]))
@@ -679,7 +679,7 @@ def load_image_encoder(
     return ImageEncoder(
         model_id=model, preprocessor=pre, model=net, config=config, device=dev, precision=prec,
         kind=adapter.kind, hidden_size=hidden_size, patch_pool=patch_pool, input_hw=input_hw,
-        raw_grid=raw_grid, grid=grid, num_prefix_tokens=prefix, _source=_source_info(model, config, local_only),
+        raw_grid=raw_grid, grid=grid, num_prefix_tokens=prefix, _source=_source_info(model, config),
         adapter=adapter, layer=layer, name=readable_name(model, name),
         proj_size=int(proj.shape[-1]) if proj is not None else None,
     )

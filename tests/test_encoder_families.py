@@ -33,7 +33,7 @@ def env(tmp_path_factory):
 
 def _extract(env, cache, *args):
     return cli.main(["extract", "--dataset", "demo", "--data-dir", str(env["data"]), "--option", f"n={N}",
-                     "--cache-dir", str(cache), *COMMON, *args])
+                     "--cache-dir", str(cache), *COMMON, *map(str, args)])
 
 
 def _run(capsys, *argv):
@@ -66,6 +66,18 @@ def test_whole_clip_as_text_and_image_model_and_siglip_image(env, capsys):
             root = idx.attrs["root"]
             want = enc.encode(enc.preprocess([Image.open(f"{root}/{p}") for p in idx.image_paths[:4]]))["cls"].numpy()
         np.testing.assert_allclose(arrays["cls"][:4], want, atol=2e-3, rtol=2e-3)
+    # proj rows are checksummed like the other arrays: a flipped byte is found
+    import h5py
+
+    with h5py.File(cache / "demo" / "image--tiny--clip.h5", "r+") as f:
+        f["proj"][3] = f["proj"][3] + 1
+    with cf.FeatureFile(cache / "demo" / "image--tiny--clip.h5") as ff:
+        assert ff.verify().rows_by_field["proj"].tolist() == [3]
+    # ... and recomputed by the repair command the error names (model, name: the same file)
+    assert _extract(env, cache, "--modality", "image", "--image-model", env["clip"], "--image-name", "tiny/clip",
+                    "--repair") == 0
+    with cf.FeatureFile(cache / "demo" / "image--tiny--clip.h5") as ff:
+        assert not ff.verify() and np.array_equal(ff.load(("proj",))["proj"], arrays["proj"])
     assert _extract(env, cache, "--modality", "image", "--image-model", env["siglip"]) == 0
     with cf.FeatureFile(cache / "demo" / "image--tiny--siglip.h5") as ff:
         assert ff.complete and ff.provenance["family"] == "siglip-vision" and "proj" not in ff._f
