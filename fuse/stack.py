@@ -295,8 +295,8 @@ def available_memory(device: torch.device) -> int:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    except OSError as e:  # not Linux, or /proc hidden: a conservative guess instead
+        logger.debug("no /proc/meminfo (%s); assuming 4 GiB free", e)
     return 4 << 30
 
 

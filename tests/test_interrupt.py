@@ -35,8 +35,8 @@ def _default_sigint() -> None:
 class Running:
     """A `python cli.py ...` in its own session (process group), stderr read line by line."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=ENV,
+    def __init__(self, args: list[str], cwd: Path, script: Path = REPO / "cli.py") -> None:
+        self.proc = subprocess.Popen([sys.executable, str(script), *args], cwd=cwd, env=ENV,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True, preexec_fn=_default_sigint)
         self.err: list[str] = []
@@ -90,8 +90,10 @@ def _resume(line: str) -> list[str]:
 
 def test_sigint_ablate_keeps_finished_runs_and_the_hint_resumes(tmp_path):
     make_cache(tmp_path / "cache", "synth", n=200, dt=16, di=16, lt=4, li=3)
+    # three configs on two workers: the third starts only after the first finished, so the interrupt
+    # that waits for a finished run always lands while work is left (seeds of a config finish together)
     args = ["ablate", "-d", "synth", "--cache-dir", "cache", "--runs-dir", "runs/grid", "--heads",
-            "basic,text_only", "--features", "cls", "--seeds", "3", "--epochs", "40", "--patience", "0",
+            "basic,text_only,image_only", "--features", "cls", "--seeds", "3", "--epochs", "40", "--patience", "0",
             "--dim", "16", "-j", "2", "--no-plots"]
     run = Running(args, tmp_path)
     grid = tmp_path / "runs" / "grid" / "synth"
@@ -101,7 +103,7 @@ def test_sigint_ablate_keeps_finished_runs_and_the_hint_resumes(tmp_path):
     assert seconds < 15  # workers are terminated, not waited for
     line = run.final_line()
     finished = sorted(p.parent.name for p in grid.glob("*/metrics.json"))
-    m = re.search(r"kept (\d+) of 6 finished runs in runs/grid/synth", line)
+    m = re.search(r"kept (\d+) of 9 finished runs in runs/grid/synth", line)
     assert m and int(m.group(1)) == len(finished) >= 1, line
     # run folders the interrupt cut short (marked UNFINISHED unless killed before the marker was written)
     unfinished = [d for d in grid.iterdir() if d.is_dir() and not is_finished(d)]
@@ -115,7 +117,7 @@ def test_sigint_ablate_keeps_finished_runs_and_the_hint_resumes(tmp_path):
     # the hint is the exact command: it reuses what finished and trains the rest
     proc = subprocess.run(_resume(line), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert f"{6 - len(finished)} trained, {len(finished)} reused, 0 failed" in proc.stdout
+    assert f"{9 - len(finished)} trained, {len(finished)} reused, 0 failed" in proc.stdout
     assert all((grid / name / "metrics.json").is_file() for name in finished)
     assert not list(grid.glob(f"*/{UNFINISHED_MARKER}"))
 
@@ -142,6 +144,23 @@ def test_sigint_train_fusion_marks_the_run_unfinished(tmp_path):
     assert proc.returncode == 2 and "did not finish" in proc.stderr and "interrupted" in proc.stderr
 
 
+# The same CLI with every feature-file write slowed down: on a fast idle machine the tiny demo encoders
+# finish 60 posts in well under a progress interval, and the interrupt would land after the pass.
+# Named cli.py so that the resume hint is `python .../cli.py ...` like the real one.
+_SLOW_CLI = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from mmcache.extract import cache_format as cf
+_write = cf.FeatureWriter.write
+def write(self, rows, **kw):
+    time.sleep(0.05)
+    return _write(self, rows, **kw)
+cf.FeatureWriter.write = write
+from mmcache.cli import main
+sys.exit(main())
+"""
+
+
 def test_sigint_extract_keeps_batches_and_the_hint_resumes(tmp_path):
     from mmcache.extract.demo_models import ensure_demo_models
 
@@ -149,9 +168,12 @@ def test_sigint_extract_keeps_batches_and_the_hint_resumes(tmp_path):
     args = ["extract", "-d", "demo", "--data-dir", "data", "-o", "n=60", "--cache-dir", "my cache",
             "--text-model", str(text_dir), "--image-model", str(image_dir), "--batch-size", "2",
             "--num-workers", "2", "--device", "cpu", "--json"]
-    run = Running(args, tmp_path)
-    pat = re.compile(r"extract image image--\S+: ([1-9]\d*)/60 samples")
-    run.wait_for(lambda: any(pat.search(ln) for ln in run.err))
+    slow = tmp_path / "slow" / "cli.py"
+    slow.parent.mkdir()
+    slow.write_text(_SLOW_CLI.format(repo=str(REPO)))
+    run = Running(args, tmp_path, script=slow)
+    pat = re.compile(r"extract image image--\S+: (\d+)/60 samples")
+    run.wait_for(lambda: any(0 < int(m.group(1)) < 60 for ln in run.err if (m := pat.search(ln))))
     code, seconds = run.interrupt()
     assert code == 130 and seconds < 15, run.err
     line = run.final_line()
