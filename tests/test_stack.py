@@ -188,3 +188,11 @@ def test_cpu_layout_is_measured(cache, tmp_path):
     # a stack that would keep one core busy alone is cut into parts (members are independent)
     assert [(u[0].head, len(u)) for u in sched.plan_units(runs, True, {"basic": 2})] == [
         ("basic", 1), ("basic", 1), ("text_only", 2)]
+
+
+def test_token_features_train_one_model_per_run_on_cpu(cache, tmp_path):
+    # measured slower stacked on a CPU (bench grid section); vectors still stack
+    runs = ab.expand_grid(dataclasses.replace(TINY, device="cpu"), datasets=["synth"], heads=["basic"],
+                          features=["cls", "tokens"], seeds=3, cache_dir=cache, runs_dir=tmp_path / "runs")
+    units = sched.plan_units(runs, True)
+    assert sorted((u[0].features, len(u)) for u in units) == [("cls", 3), ("tokens", 1), ("tokens", 1), ("tokens", 1)]
