@@ -366,16 +366,21 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
             detach_run_log(handler)
 
 
+def _build_stack(configs: list[TrainConfig], data: FusionData, device: torch.device) -> _Stack:
+    """Each member's head initialised from its own seed exactly as :func:`fuse.train.train` does, stacked."""
+    models = []
+    for c in configs:
+        _seed_everything(c.seed)
+        models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
+    return _Stack(models)
+
+
 def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, device: torch.device, threads: int | None,
                   t_start: float, eval_rows: int) -> list[MemberResult]:
     configs = [c for c, _ in opened]
     cfg = configs[0]
     with _deterministic(device, threads):
-        models = []
-        for c in configs:
-            _seed_everything(c.seed)
-            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
-        stack = _Stack(models)
+        stack = _build_stack(configs, data, device)
         _seed_everything(cfg.seed)  # dropout masks of the whole stack
         results = _train_loop(stack, configs, [d for _, d in opened], data, device, t_start, eval_rows)
     return results
@@ -489,11 +494,7 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
     cfg = configs[0]
     device = data.device
     with _deterministic(device, threads):
-        models = []
-        for c in configs:
-            _seed_everything(c.seed)
-            models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
-        stack = _Stack(models)
+        stack = _build_stack(configs, data, device)
         state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
         lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
         train_rows = data.split_rows["train"]
