@@ -71,8 +71,10 @@ def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, st
         single_flops, single_s = _single_steps(cfgs[0], data, members, steps)
         stacked_s = st.probe_step_seconds(cfgs, data, threads=threads, steps=steps)
         stacked_flops = members * single_flops  # the same arithmetic, batched
-        a = torch.randn(members * cfgs[0].batch_size, 768, device=data.device)
-        b = torch.randn(768, cfgs[0].dim, device=data.device)
+        # the plain matmul in the dtype the step computes in (bf16 under CUDA autocast, else float32)
+        dtype = torch.bfloat16 if data.device.type == "cuda" and cfgs[0].amp else torch.float32
+        a = torch.randn(members * cfgs[0].batch_size, 768, device=data.device, dtype=dtype)
+        b = torch.randn(768, cfgs[0].dim, device=data.device, dtype=dtype)
         mm_s = _median_seconds(functools.partial(torch.mm, a, b), 20)
         rows_out.append({"head": head, "members": members, "stacked_step_s": stacked_s, "single_steps_s": single_s,
                          "speedup": single_s / stacked_s, "gflops_stacked": stacked_flops / stacked_s / 1e9,
@@ -86,14 +88,16 @@ def _single_steps(cfg, data, members: int, steps: int) -> tuple[float, float]:
     """FLOPs of one train()-style step of one model, and seconds of ``members`` such steps (median)."""
     import torch
     import torch.nn.functional as F
-    from mmcache.fuse.train import _adamw, _build_head
+    from mmcache.fuse.train import _adamw, _autocast, _build_head
 
     model = _build_head(cfg, data.dims(), data.num_classes).to(data.device)
     opt = _adamw(model, cfg)
     rows = data.split_rows["train"][: cfg.batch_size]
 
     def single():
-        loss = F.cross_entropy(model(*data.batch(rows)), data.labels[rows])
+        with _autocast(data.device, cfg.amp):  # as train() runs a step
+            logits = model(*data.batch(rows))
+        loss = F.cross_entropy(logits.float(), data.labels[rows])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,13 +108,22 @@ def _single_steps(cfg, data, members: int, steps: int) -> tuple[float, float]:
 
 
 def _median_seconds(fn, n: int) -> float:
+    """Median wall seconds of ``fn()`` after one warm-up; CUDA work is waited for (kernels are async)."""
     import statistics
+
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
 
     fn()
     times = []
     for _ in range(n):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -123,8 +136,10 @@ def _load() -> float | None:
 
 
 def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: bool = False,
-               heads: list[str] | None = None) -> dict[str, Any]:
-    """The grid section; see the module docstring."""
+               heads: list[str] | None = None, partial: Path | None = None) -> dict[str, Any]:
+    """The grid section; see the module docstring. ``partial``: a JSON file rewritten after every grid, so
+    a long section that is stopped (hours of tokens grids on a CPU, a time-limited GPU lease) keeps
+    what it measured."""
     from mmcache.fuse.heads import list_heads
     from mmcache.fuse.synthetic import make_cache
 
@@ -136,24 +151,33 @@ def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: boo
                signal=0.05)
     demo = tmp / "demogrid"
     make_cache(demo, "grid", n=600, dt=32, di=32, lt=32, li=64, signal=0.3)
-    out: dict[str, Any] = {"samples": samples, "load_before": _load(), "cls": [], "tokens": []}
+    out: dict[str, Any] = {"samples": samples, "device": device, "load_before": _load(), "cls": [], "tokens": []}
+
+    def keep(kind: str, row: dict[str, Any]) -> None:
+        out[kind].append(row)
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(out, indent=2, default=str))
+
     cls = dict(features="cls", seeds=5, base={}, heads=heads)
-    out["cls"].append(_grid("one model per run", cache, tmp / "r1", device, stack=False, **cls))
-    out["cls"].append(_grid("stacked", cache, tmp / "r2", device, stack=True, **cls))
-    out["cls"].append(_grid(f"stacked, --lrs {','.join(f'{x:g}' for x in LRS)}", cache, tmp / "r3", device,
-                            stack=True, lrs=LRS, **cls))
+    keep("cls", _grid("one model per run", cache, tmp / "r1", device, stack=False, **cls))
+    keep("cls", _grid("stacked", cache, tmp / "r2", device, stack=True, **cls))
+    keep("cls", _grid(f"stacked, --lrs {','.join(f'{x:g}' for x in LRS)}", cache, tmp / "r3", device, stack=True,
+                      lrs=LRS, **cls))
     tok = dict(features="tokens", seeds=3, base=DEMO_TRAINING, heads=heads)
-    out["tokens"].append(_grid("demo-sized, one model per run", demo, tmp / "t1", device, stack=False, **tok))
-    out["tokens"].append(_grid("demo-sized, stacked", demo, tmp / "t2", device, stack=True, **tok))
+    keep("tokens", _grid("demo-sized, one model per run", demo, tmp / "t1", device, stack=False, **tok))
+    keep("tokens", _grid("demo-sized, stacked", demo, tmp / "t2", device, stack=True, **tok))
+    out["steps"] = step_gflops(cache, device, heads)
     if tokens_large:
         big = dict(features="tokens", seeds=5, base={}, heads=heads)
-        out["tokens"].append(_grid(f"{samples} posts, one model per run", cache, tmp / "t3", device, stack=False, **big))
-        out["tokens"].append(_grid(f"{samples} posts, stacked", cache, tmp / "t4", device, stack=True, **big))
-    out["steps"] = step_gflops(cache, device, heads)
+        keep("tokens", _grid(f"{samples} posts, one model per run", cache, tmp / "t3", device, stack=False, **big))
+        keep("tokens", _grid(f"{samples} posts, stacked", cache, tmp / "t4", device, stack=True, **big))
     base, stacked, lrs = (x["seconds"] for x in out["cls"])
     out["cls_speedup"] = base / stacked
     out["lrs_cost"] = lrs / stacked
     out["tokens_speedup"] = out["tokens"][0]["seconds"] / out["tokens"][1]["seconds"]
+    if tokens_large:
+        out["tokens_large_speedup"] = out["tokens"][2]["seconds"] / out["tokens"][3]["seconds"]
     out["load_after"] = _load()
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -172,7 +196,9 @@ def format_grid(g: dict[str, Any]) -> list[str]:
     lines.append(format_table(["features", "grid", "runs", "wall s", "layout", "peak RSS MiB"], rows))
     lines += ["", f"cls grid speedup from stacking: {g['cls_speedup']:.2f}x; with --lrs (3 values): "
                   f"{g['lrs_cost']:.2f}x the stacked grid's time; demo-sized tokens grid speedup: "
-                  f"{g['tokens_speedup']:.2f}x", ""]
+                  f"{g['tokens_speedup']:.2f}x" + (f"; {g['samples']}-post tokens grid speedup: "
+                                                    f"{g['tokens_large_speedup']:.2f}x" if "tokens_large_speedup" in g
+                                                    else ""), ""]
     lines.append(format_table(
         ["head", "members", "stacked step ms", "single steps ms", "speedup", "GFLOP/s stacked", "GFLOP/s single",
          "GFLOP/s plain matmul"],

@@ -481,7 +481,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             from mmcache.bench.grid import bench_grid
 
             result["grid"] = bench_grid(tmp, device, samples=cfg.grid_samples, tokens_large=cfg.grid_tokens_large,
-                                        heads=list(cfg.heads) if cfg.heads else None)
+                                        heads=list(cfg.heads) if cfg.heads else None,
+                                        partial=Path(cfg.out_dir) / "grid_partial.json")
     result["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,23 +95,39 @@ class MemberResult:
 
 class _BatchedLinear(torch.autograd.Function):
     """y = x @ W^T + b per member: x (M, N, in), W (M, out, in), b (M, out) -> (M, N, out). Written out so
-    the weight gradient comes out as (M, out, in) contiguous (autograd's own would be a transposed copy)."""
+    the weight gradient comes out as (M, out, in) contiguous (autograd's own would be a transposed copy).
+
+    Under autocast (bf16 on CUDA) it computes as ``F.linear`` does there: x, W and b cast to the autocast
+    dtype, y in that dtype; the gradients are computed in it too and land as float32 in the buffers,
+    as autograd's cast-backward gives a plain Linear's float32 weights."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, gw: Tensor | None, gb: Tensor | None) -> Tensor:
         """``gw`` / ``gb``: where the weight / bias gradients go (views of the stack's gradient buffer,
         so no step allocates them afresh), or None."""
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        ctx.x_dtype = x.dtype
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         ctx.save_for_backward(x, w)
         ctx.out = (gw, gb)
-        return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+        with torch.autocast(kind, enabled=False):
+            return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, w = ctx.saved_tensors
         gw, gb = ctx.out
-        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g.transpose(1, 2), x) if gw is None else torch.bmm(g.transpose(1, 2), x, out=gw)
-        gb = g.sum(1) if gb is None else torch.sum(g, 1, out=gb)
+        g = g.to(x.dtype)
+        gx = torch.bmm(g, w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        if gw is None:
+            gw, gb = torch.bmm(g.transpose(1, 2), x).float(), g.float().sum(1)
+        elif g.dtype == gw.dtype:
+            torch.bmm(g.transpose(1, 2), x, out=gw)
+            torch.sum(g, 1, out=gb)
+        else:  # reduced precision: computed in it, stored as float32
+            gw.copy_(torch.bmm(g.transpose(1, 2), x))
+            gb.copy_(g.float().sum(1))
         return gx, gw, gb, None, None
 
 
