@@ -338,15 +338,20 @@ def _check_stack(configs: list[TrainConfig]) -> None:
 def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: list[float], wd: list[float],
                 step: int) -> None:
     """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P) with gradients ``g``, each member its own
-    ``lr`` and weight decay: torch's fused kernel once per member row (one pass over its memory, as
-    ``train()``'s fused AdamW), or the same formula in plain ops where that kernel is missing."""
+    ``lr`` and weight decay: torch's fused kernel (one pass over each member row's memory, as ``train()``'s
+    fused AdamW), called once per distinct (lr, weight decay) -- once for a stack of seeds, which on a GPU
+    is one launch instead of M -- or the same formula in plain ops where that kernel is missing."""
     b1, b2 = ADAM_BETAS
     fused = getattr(torch, "_fused_adamw_", None)
     if fused is not None:
-        steps = [torch.tensor(float(step), device=flat.device)]
-        for k in range(flat.shape[0]):
-            fused([flat[k]], [g[k]], [state["m"][k]], [state["v"][k]], [], steps, lr=lr[k], beta1=b1, beta2=b2,
-                  weight_decay=wd[k], eps=ADAM_EPS, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for k, key in enumerate(zip(lr, wd, strict=True)):
+            groups.setdefault(key, []).append(k)
+        step_t = torch.full((), float(step), device=flat.device)  # a fill, not a host-to-device copy
+        for (lr_k, wd_k), rows in groups.items():
+            fused([flat[k] for k in rows], [g[k] for k in rows], [state["m"][k] for k in rows],
+                  [state["v"][k] for k in rows], [], [step_t] * len(rows), lr=lr_k, beta1=b1, beta2=b2,
+                  weight_decay=wd_k, eps=ADAM_EPS, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
         return
     lr_t = torch.tensor(lr, dtype=flat.dtype, device=flat.device)[:, None]
     wd_t = torch.tensor(wd, dtype=flat.dtype, device=flat.device)[:, None]
@@ -530,7 +535,21 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
 def _member_losses(logits: Tensor, labels: Tensor, sizes: list[int], weights: list[Tensor | None] | None,
                    smoothing: float) -> Tensor:
     """Each member's loss exactly as train() computes it (:func:`fuse.targets.target_loss`):
-    logits (M, b, sum C), labels (M, b, T) -> (M,)."""
+    logits (M, b, sum C), labels (M, b, T) -> (M,).
+
+    One target: one cross-entropy over all M*b rows, reduced per member as ``cross_entropy``'s mean does
+    (sum of per-sample losses over sum of the label weights), with no host sync (``target_loss`` checks
+    for masked labels with one: on a GPU that is a stall per member per step); masked labels (< 0) get
+    weight 0 here. Several targets: ``target_loss`` per member."""
+    m, b, c = logits.shape
+    if len(sizes) == 1:
+        w = (weights or [None])[0]
+        y = labels[..., 0].reshape(-1)
+        real = y >= 0
+        per = F.cross_entropy(logits.reshape(m * b, c), y.clamp(min=0), weight=w, reduction="none",
+                              label_smoothing=smoothing)  # (M*b,) already times w[y]
+        denom = (real.to(per.dtype) if w is None else w[y.clamp(min=0)] * real).view(m, b).sum(1)
+        return (per * real).view(m, b).sum(1) / denom
     return torch.stack([target_loss(lg, y, sizes, weights, smoothing) for lg, y in zip(logits, labels, strict=True)])
 
 

@@ -245,3 +245,22 @@ def test_bf16_member_on_cuda_scores_close_to_trained_alone(cache, tmp_path, head
     for c, res in zip(configs, train_stack(configs, data), strict=True):
         alone = train(dataclasses.replace(c, runs_dir=str(tmp_path / "alone")), data)
         np.testing.assert_allclose(_probs(res.run_dir), _probs(alone.run_dir), atol=3e-2)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_member_losses_equal_the_trainers_loss(weighted, smoothing, masked):
+    # the stacked loss is reduced per member without a host sync; it must equal target_loss member by member
+    from mmcache.fuse.stack import _member_losses
+    from mmcache.fuse.targets import target_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 4, generator=g)
+    labels = torch.randint(0, 4, (3, 8, 1), generator=g)
+    if masked:
+        labels[1, :5] = -1
+    weights = [torch.tensor([0.5, 1.0, 2.0, 1.5])] if weighted else None
+    got = _member_losses(logits, labels, [4], weights, smoothing)
+    want = torch.stack([target_loss(lg, y, [4], weights, smoothing) for lg, y in zip(logits, labels, strict=True)])
+    torch.testing.assert_close(got, want)
