@@ -84,6 +84,57 @@ def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, st
     return rows_out
 
 
+def arithmetic_floor(runs_dir: Path, cache: Path, device: str, gflops_matmul: float) -> dict[str, Any]:
+    """The seconds a finished cls grid's matrix arithmetic alone takes at ``gflops_matmul`` (the plain
+    matmul's rate on this machine). Per run: epochs_run x (train samples / batch size) training steps of
+    forward + backward, a forward of the validation split per epoch, and one of every split at the end
+    (as train() scores them), with FLOPs counted by ``torch.utils.flop_counter`` on the run's own config.
+    Optimizer, dropout and data movement are not counted, so no implementation of these runs on this
+    machine can be faster."""
+
+    from mmcache.fuse.data import load_data
+    from mmcache.fuse.stack import stack_key
+    from mmcache.fuse.train import load_run_config
+
+    data = load_data("grid", modalities=("text", "image"), features="cls", cache_dir=cache, device=device)
+    n = {k: v.numel() for k, v in data.split_rows.items()}
+    per_config: dict[str, tuple[float, float]] = {}  # FLOPs of a step and of one sample's forward
+    step_gflop: dict[str, float] = {}
+    total = 0.0
+    for metrics in sorted(Path(runs_dir).glob("**/metrics.json")):
+        cfg = load_run_config(metrics.parent)
+        key = stack_key(cfg)  # seed, lr and weight decay change no FLOP
+        if key not in per_config:
+            per_config[key] = _config_flops(cfg, data)
+            step_gflop[cfg.head] = per_config[key][0] / 1e9
+        step, fwd = per_config[key]
+        epochs = json.loads(metrics.read_text())["epochs_run"]
+        # FLOPs are linear in the batch size here, so the short last batch counts as its share of a step
+        total += epochs * n["train"] / cfg.batch_size * step + (epochs * n["val"] + sum(n.values())) * fwd
+    return {"tflop": total / 1e12, "floor_seconds": total / (gflops_matmul * 1e9), "gflops_matmul": gflops_matmul,
+            "step_gflop": step_gflop}
+
+
+def _config_flops(cfg, data) -> tuple[float, float]:
+    """FLOPs of one training step's forward + backward (no optimizer) of ``cfg``'s head at its batch size,
+    and of one sample's forward."""
+    import torch
+    import torch.nn.functional as F
+    from mmcache.fuse.train import _build_head
+
+    model = _build_head(cfg, data.dims(), data.num_classes).to(data.device)
+    rows = data.split_rows["train"][: cfg.batch_size]
+
+    def step() -> None:
+        F.cross_entropy(model(*data.batch(rows)), data.labels[rows]).backward()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(*data.batch(rows))
+
+    return _flops(step), _flops(forward) / rows.numel()
+
+
 def _single_steps(cfg, data, members: int, steps: int) -> tuple[float, float]:
     """FLOPs of one train()-style step of one model, and seconds of ``members`` such steps (median)."""
     import torch
@@ -168,6 +219,8 @@ def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: boo
     keep("tokens", _grid("demo-sized, one model per run", demo, tmp / "t1", device, stack=False, **tok))
     keep("tokens", _grid("demo-sized, stacked", demo, tmp / "t2", device, stack=True, **tok))
     out["steps"] = step_gflops(cache, device, heads)
+    peak = max(x["gflops_matmul"] for x in out["steps"])
+    out["cls_floor"] = arithmetic_floor(tmp / "r2", cache, device, peak)
     if tokens_large:
         big = dict(features="tokens", seeds=5, base={}, heads=heads)
         keep("tokens", _grid(f"{samples} posts, one model per run", cache, tmp / "t3", device, stack=False, **big))
@@ -199,6 +252,10 @@ def format_grid(g: dict[str, Any]) -> list[str]:
                   f"{g['tokens_speedup']:.2f}x" + (f"; {g['samples']}-post tokens grid speedup: "
                                                     f"{g['tokens_large_speedup']:.2f}x" if "tokens_large_speedup" in g
                                                     else ""), ""]
+    fl = g.get("cls_floor")
+    if fl:
+        lines += [f"cls grid arithmetic: {fl['tflop']:.2f} TFLOP (the stacked grid's runs, as trained); at the plain "
+                  f"matmul's {fl['gflops_matmul']:.0f} GFLOP/s that alone is {fl['floor_seconds']:.1f} s", ""]
     lines.append(format_table(
         ["head", "members", "stacked step ms", "single steps ms", "speedup", "GFLOP/s stacked", "GFLOP/s single",
          "GFLOP/s plain matmul"],
