@@ -106,8 +106,6 @@ def execute_unit(unit: list, allow_no_val: bool = False) -> list[dict[str, Any]]
         size = max_members(unit[0].config, data)
     except Exception as e:  # noqa: BLE001 - every run of the unit fails, the grid goes on
         return [_failed(r, e, t0) for r in unit]
-    if data.target is not None and data.target.multi:  # tasks (several targets): not checked stacked yet
-        return [ablate._execute(r, allow_no_val) for r in unit]
     out = []
     for start in range(0, len(unit), size):
         chunk = unit[start:start + size]

@@ -264,3 +264,55 @@ def test_member_losses_equal_the_trainers_loss(weighted, smoothing, masked):
     got = _member_losses(logits, labels, [4], weights, smoothing)
     want = torch.stack([target_loss(lg, y, [4], weights, smoothing) for lg, y in zip(logits, labels, strict=True)])
     torch.testing.assert_close(got, want)
+
+
+def test_task_member_with_masked_labels_scores_as_trained_alone(tmp_path):
+    # a task (several targets, some labels missing): stacked per-member losses go through target_loss
+    n = 90
+    labels = (np.arange(n) * 7) % 3  # make_cache's labels (seed 0)
+    binary = (labels == 0).astype(int)
+    binary[np.arange(n) % 10 == 3] = -1  # missing
+    make_cache(tmp_path / "c", "synth", n=n, dt=12, di=16, lt=6, li=5, signal=0.7,
+               targets={"binary": (["other", "first"], binary.tolist())}, tasks={"both": ["sentiment", "binary"]})
+    data = load_data("synth", modalities=["text", "image"], features="cls", cache_dir=tmp_path / "c", target="both")
+    assert data.target.multi
+    base = dataclasses.replace(TINY, head="basic", dropout=0.0, epochs=4, patience=2, dataset="synth", target="both",
+                               modalities=["text", "image"], cache_dir=str(tmp_path / "c"), class_balanced=True)
+    configs = [dataclasses.replace(base, seed=s, run_name=f"m{s}", runs_dir=str(tmp_path / "stack")) for s in (0, 1)]
+    for c, res in zip(configs, train_stack(configs, data), strict=True):
+        assert res.error is None
+        alone = train(dataclasses.replace(c, runs_dir=str(tmp_path / "alone")), data)
+        assert res.metrics["best_epoch"] == alone.metrics["best_epoch"]
+        assert res.metrics["test"]["macro_f1"] == pytest.approx(alone.metrics["test"]["macro_f1"])
+        assert set(res.metrics["test"]["targets"]) == {"sentiment", "binary"}
+        mine, theirs = ((d / "predictions.csv").read_text().splitlines() for d in (res.run_dir, alone.run_dir))
+        assert mine[0] == theirs[0] and len(mine) == len(theirs)
+        for a, b in zip(mine[1:], theirs[1:], strict=True):
+            fa, fb = a.split(","), b.split(",")
+            assert [x for x in fa if not _is_float(x)] == [x for x in fb if not _is_float(x)]
+            np.testing.assert_allclose([float(x) for x in fa if _is_float(x)], [float(x) for x in fb if _is_float(x)],
+                                       atol=2e-5)
+
+
+def _is_float(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return "." in x or "e" in x
+
+
+def test_a_task_grid_trains_stacked(tmp_path):
+    n = 60
+    make_cache(tmp_path / "c", "synth", n=n, dt=12, di=16, lt=6, li=5, signal=0.7,
+               targets={"binary": (["other", "first"], [i % 2 for i in range(n)])},
+               tasks={"both": ["sentiment", "binary"]})
+    runs = ab.expand_grid(dataclasses.replace(TINY, device="cpu"), datasets=["synth"], heads=["basic"],
+                          features=["cls"], seeds=2, cache_dir=tmp_path / "c", runs_dir=tmp_path / "runs",
+                          targets=["both"])
+    assert [len(u) for u in sched.plan_units(runs, True)] == [2]
+    done = ab.run_grid(runs, jobs=1, threads=1, stack=True)
+    assert sorted(done["trained"]) == sorted(r.name for r in runs) and not done["failed"]
+    for r in runs:
+        metrics = json.loads((r.run_dir / "metrics.json").read_text())
+        assert metrics["stack"]["members"] == 2 and set(metrics["test"]["targets"]) == {"sentiment", "binary"}
