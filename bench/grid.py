@@ -55,7 +55,8 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, steps: int = 5) -> list[dict[str, Any]]:
+def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, steps: int = 5,
+                features: str = "cls") -> list[dict[str, Any]]:
     """Per head: seconds and GFLOP/s of one stacked step of ``members`` vs ``members`` single steps, and a
     plain (members*batch x 768) @ (768 x dim) matmul's GFLOP/s, all at this process's thread count."""
     import torch
@@ -63,11 +64,12 @@ def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, st
     from mmcache.fuse.data import load_data
     from mmcache.fuse.train import TrainConfig
 
-    data = load_data("grid", modalities=("text", "image"), features="cls", cache_dir=cache, device=device)
+    data = load_data("grid", modalities=("text", "image"), features=features, cache_dir=cache, device=device)
     threads = torch.get_num_threads()
     rows_out = []
     for head in heads:
-        cfgs = [TrainConfig(head=head, seed=s, device=device, threads=threads) for s in range(members)]
+        cfgs = [TrainConfig(head=head, features=features, seed=s, device=device, threads=threads)
+                for s in range(members)]
         single_flops, single_s = _single_steps(cfgs[0], data, members, steps)
         stacked_s = st.probe_step_seconds(cfgs, data, threads=threads, steps=steps)
         stacked_flops = members * single_flops  # the same arithmetic, batched
@@ -76,7 +78,7 @@ def step_gflops(cache: Path, device: str, heads: list[str], members: int = 5, st
         a = torch.randn(members * cfgs[0].batch_size, 768, device=data.device, dtype=dtype)
         b = torch.randn(768, cfgs[0].dim, device=data.device, dtype=dtype)
         mm_s = _median_seconds(functools.partial(torch.mm, a, b), 20)
-        rows_out.append({"head": head, "members": members, "stacked_step_s": stacked_s, "single_steps_s": single_s,
+        rows_out.append({"head": head, "features": features, "members": members, "stacked_step_s": stacked_s, "single_steps_s": single_s,
                          "speedup": single_s / stacked_s, "gflops_stacked": stacked_flops / stacked_s / 1e9,
                          "gflops_single": stacked_flops / single_s / 1e9,
                          "gflops_matmul": 2 * a.shape[0] * 768 * b.shape[1] / mm_s / 1e9, "threads": threads})
@@ -225,6 +227,7 @@ def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: boo
         big = dict(features="tokens", seeds=5, base={}, heads=heads)
         keep("tokens", _grid(f"{samples} posts, one model per run", cache, tmp / "t3", device, stack=False, **big))
         keep("tokens", _grid(f"{samples} posts, stacked", cache, tmp / "t4", device, stack=True, **big))
+        out["steps"] += step_gflops(cache, device, heads, steps=2, features="tokens")
     base, stacked, lrs = (x["seconds"] for x in out["cls"])
     out["cls_speedup"] = base / stacked
     out["lrs_cost"] = lrs / stacked
@@ -257,10 +260,11 @@ def format_grid(g: dict[str, Any]) -> list[str]:
         lines += [f"cls grid arithmetic: {fl['tflop']:.2f} TFLOP (the stacked grid's runs, as trained); at the plain "
                   f"matmul's {fl['gflops_matmul']:.0f} GFLOP/s that alone is {fl['floor_seconds']:.1f} s", ""]
     lines.append(format_table(
-        ["head", "members", "stacked step ms", "single steps ms", "speedup", "GFLOP/s stacked", "GFLOP/s single",
-         "GFLOP/s plain matmul"],
-        [[x["head"], x["members"], f(x["stacked_step_s"] * 1e3), f(x["single_steps_s"] * 1e3), f(x["speedup"], 2),
-          f(x["gflops_stacked"]), f(x["gflops_single"]), f(x["gflops_matmul"])] for x in g["steps"]]))
+        ["head", "features", "members", "stacked step ms", "single steps ms", "speedup", "GFLOP/s stacked",
+         "GFLOP/s single", "GFLOP/s plain matmul"],
+        [[x["head"], x.get("features", "cls"), x["members"], f(x["stacked_step_s"] * 1e3),
+          f(x["single_steps_s"] * 1e3), f(x["speedup"], 2), f(x["gflops_stacked"]), f(x["gflops_single"]),
+          f(x["gflops_matmul"])] for x in g["steps"]]))
     return lines
 
 
