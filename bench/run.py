@@ -60,7 +60,7 @@ class BenchConfig:
     image_size: tuple[int, int] = (320, 240)  # generated JPEGs are resized by the processor, like real ones
     sections: tuple[str, ...] = ("extraction", "cache_io", "training", "memory", "grid")
     grid_samples: int = 4500  # the grid section's synthetic cache (768-d text and image)
-    grid_tokens_large: bool = False  # also the tokens grid on that cache (hours one model per run on a CPU)
+    grid_tokens_large: bool = False  # also the tokens grid on that cache (~25 min one model per run on a 2-core CPU)
 
     def validate(self) -> None:
         from mmcache.extract.tiny_models import PRESETS

@@ -399,7 +399,7 @@ def bench(
     work_dir: Path = typer.Option(Path("cache/bench"), help="generated data, models and scratch caches"),
     only: str | None = typer.Option(None, "--only", help="sections a,b of: extraction (with cache_io, training, memory), grid (default all)"),
     grid_samples: int = typer.Option(4500, "--grid-samples", help="posts in the grid section's synthetic 768-d cache"),
-    grid_tokens_large: bool = typer.Option(False, "--grid-tokens-large", help="grid section: also the tokens grid on that cache (hours one model per run on a CPU)"),
+    grid_tokens_large: bool = typer.Option(False, "--grid-tokens-large", help="grid section: also the tokens grid on that cache (~25 min one model per run on a 2-core CPU)"),
 ) -> None:
     """Measure both stages against their limits; print a table, write bench/results.json."""
     from mmcache.bench.run import BenchConfig, format_report, run_bench
