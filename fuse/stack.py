@@ -271,6 +271,7 @@ class _Stack:
         few others are copied in. (``.backward()`` would allocate a buffer per parameter strided like its
         (M, P) view and copy into it, every step: on a CPU that costs more than the matmuls.)"""
         grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        self.unused = [leaf for leaf, g in zip(self.leaves, grads, strict=True) if g is None]
         for view, g in zip(self.grad_views, grads, strict=True):
             if g is None:
                 view.zero_()
@@ -504,7 +505,14 @@ def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig,
     if cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per member
         norm = grad.norm(dim=1, keepdim=True)
         grad.mul_((cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
-    _adamw_step(stack.flat, grad, state, lr, wd, step)
+    # A parameter no output reached this step (dual attention's queries over a single key) has no
+    # gradient in train(), where AdamW skips it: no weight decay either. Row-wise AdamW would decay it,
+    # so it is put back. (Its Adam moments see a zero gradient and stay zero.)
+    with torch.no_grad():
+        untouched = [(leaf, leaf.clone()) for leaf in stack.unused]
+        _adamw_step(stack.flat, grad, state, lr, wd, step)
+        for leaf, before in untouched:
+            leaf.copy_(before)
     return loss.detach()
 
 

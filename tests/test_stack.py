@@ -19,7 +19,8 @@ from mmcache.fuse.heads import BasicFusionHead
 from mmcache.fuse.runs import RUN_FILES
 from mmcache.fuse.stack import _unsupported, can_stack, stack_key, train_stack
 from mmcache.fuse.synthetic import make_cache
-from mmcache.fuse.train import TrainConfig, evaluate, train
+from mmcache.fuse.train import TrainConfig, _build_head, evaluate, train
+from safetensors.torch import load_file
 
 from mmcache import cli
 from mmcache.errors import BadInputError
@@ -69,6 +70,15 @@ def test_member_of_a_stack_scores_as_trained_alone(cache, tmp_path, head, featur
         assert {**mine, "runs_dir": None} == {**theirs, "runs_dir": None}
         for a, b in zip(res.history, alone.history, strict=True):
             assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"]) and a["lr"] == pytest.approx(b["lr"])
+        # weights that train() never updates (no output reaches them: dual attention's queries over one
+        # key) are saved at their initial values by the stack too. (Other weights are not compared one by
+        # one: where the true gradient is 0, as for attention's key bias, Adam amplifies float noise.)
+        mine, theirs = (load_file(d / "model.safetensors") for d in (res.run_dir, alone.run_dir))
+        torch.manual_seed(c.seed)
+        init = _build_head(c, data.dims(), data.num_classes).state_dict()
+        untouched = [k for k in theirs if torch.equal(theirs[k].cpu(), init[k])]
+        assert bool(untouched) == ((head, features) == ("dual_attention", "cls"))
+        assert all(torch.equal(mine[k].cpu(), init[k]) for k in untouched), untouched
 
 
 def test_members_stop_early_on_their_own_and_keep_their_best_weights(cache, tmp_path):
