@@ -220,7 +220,6 @@ def test_stacked_step_under_bf16_autocast_matches_single_models(cache, head):
     # CUDA trains under bf16 autocast (train._autocast); CPU autocast runs the same casting rules, so the
     # stacked Linear's mixed-precision forward and backward are checked here without a GPU.
     from mmcache.fuse import stack as st
-    from mmcache.fuse.train import _build_head
 
     data = load_data("synth", modalities=["text", "image"], features="tokens", cache_dir=cache)
     configs = [dataclasses.replace(TINY, head=head, features="tokens", dropout=0.0, seed=s) for s in (0, 1)]
@@ -295,21 +294,14 @@ def test_task_member_with_masked_labels_scores_as_trained_alone(tmp_path):
         assert res.metrics["best_epoch"] == alone.metrics["best_epoch"]
         assert res.metrics["test"]["macro_f1"] == pytest.approx(alone.metrics["test"]["macro_f1"])
         assert set(res.metrics["test"]["targets"]) == {"sentiment", "binary"}
-        mine, theirs = ((d / "predictions.csv").read_text().splitlines() for d in (res.run_dir, alone.run_dir))
-        assert mine[0] == theirs[0] and len(mine) == len(theirs)
-        for a, b in zip(mine[1:], theirs[1:], strict=True):
-            fa, fb = a.split(","), b.split(",")
-            assert [x for x in fa if not _is_float(x)] == [x for x in fb if not _is_float(x)]
-            np.testing.assert_allclose([float(x) for x in fa if _is_float(x)], [float(x) for x in fb if _is_float(x)],
-                                       atol=2e-5)
-
-
-def _is_float(x: str) -> bool:
-    try:
-        float(x)
-    except ValueError:
-        return False
-    return "." in x or "e" in x
+        mine, theirs = (list(csv.DictReader((d / "predictions.csv").read_text(encoding="utf-8").splitlines()))
+                        for d in (res.run_dir, alone.run_dir))
+        assert len(mine) == len(theirs) and mine[0].keys() == theirs[0].keys()
+        probs = [k for k in mine[0] if ":p_" in k]  # <target>:p_<class>; the rest are ids and labels
+        assert len(probs) == 5
+        for a, b in zip(mine, theirs, strict=True):
+            assert {k: v for k, v in a.items() if k not in probs} == {k: v for k, v in b.items() if k not in probs}
+            np.testing.assert_allclose([float(a[k]) for k in probs], [float(b[k]) for k in probs], atol=2e-5)
 
 
 def test_a_task_grid_trains_stacked(tmp_path):
