@@ -1,9 +1,13 @@
-"""Small text helpers shared by the dataset readers: tolerant decoding, HTML junk removal, safe paths."""
+"""Small text helpers shared by the dataset readers (and predict's manifests): tolerant decoding, HTML junk
+removal, safe paths, CSV / JSON Lines manifest rows."""
 
 from __future__ import annotations
 
 import codecs
+import csv
 import html
+import io
+import json
 import os
 import re
 from html.parser import HTMLParser
@@ -90,3 +94,36 @@ def safe_child(root: Path, relative: str | Path) -> Path | None:
     except ValueError:
         return None
     return candidate
+
+
+CSV_DELIMITERS = (",", ";", "\t")
+
+
+def csv_table(text: str, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, list[str]]]] | None:
+    """(header, [(line number, cells)] of the non-blank rows after it) of a CSV text whose separator is the
+    first of ``CSV_DELIMITERS`` whose header names every ``required`` column (case and surrounding spaces
+    ignored; names come back stripped); None when no separator does."""
+    first = next((ln for ln in text.split("\n") if ln.strip()), "")
+    for delim in CSV_DELIMITERS:
+        header = [h.strip() for h in next(csv.reader([first], delimiter=delim), [])]
+        if set(required) <= {h.lower() for h in header}:
+            reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+            rows = [(reader.line_num, cells) for cells in reader if cells]
+            return header, rows[1:]
+    return None
+
+
+def jsonl_records(text: str) -> list[tuple[int, dict | str]]:
+    """(line number, object) for every non-blank line of a JSON Lines text; a line that is not valid JSON,
+    or not a JSON object, gives its reason (a str) instead, for the caller to refuse or report."""
+    rows: list[tuple[int, dict | str]] = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((n, f"not valid JSON ({e.msg})"))
+            continue
+        rows.append((n, row if isinstance(row, dict) else "not a JSON object"))
+    return rows

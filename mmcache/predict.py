@@ -134,47 +134,28 @@ def read_manifest(path: str | Path) -> list[Post]:
 
 def _csv_rows(manifest: Path) -> list[dict | str]:
     """CSV rows as dicts (column names stripped, lower-cased); a row whose cell count differs from the
-    header's becomes its reason. The separator is the first of ``,`` ``;`` tab whose header names
-    ``id``, ``text`` and ``image`` (``label`` optional: predict needs no labels)."""
-    from mmcache.extract.textio import decode_bytes
+    header's becomes its reason. The header must name ``id``, ``text`` and ``image`` (``label`` optional:
+    predict needs no labels)."""
+    from mmcache.extract.textio import csv_table, decode_bytes
 
     text, _enc = decode_bytes(manifest.read_bytes())
-    first = next((ln for ln in text.split("\n") if ln.strip()), "")
-    for delim in (",", ";", "\t"):
-        header = [h.strip().lower() for h in next(csv.reader([first], delimiter=delim), [])]
-        if {"id", "text", "image"} <= set(header):
-            break
-    else:
+    table = csv_table(text, ("id", "text", "image"))
+    if table is None:
+        first = next((ln for ln in text.split("\n") if ln.strip()), "")
         raise BadInputError(f"{manifest}: the header must name the columns id, text, image[, label] "
                             f"(separator ',', ';' or tab); found {first.strip()[:100]!r}")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
-    out: list[dict | str] = []
-    seen_header = False
-    for cells in reader:
-        if not cells or not seen_header:
-            seen_header = seen_header or bool(cells)
-            continue
-        out.append(dict(zip(header, cells, strict=True)) if len(cells) == len(header) else
-                   f"line {reader.line_num}: malformed row ({len(cells)} cells for {len(header)} columns)")
-    return out
+    header = [h.lower() for h in table[0]]
+    return [dict(zip(header, cells, strict=True)) if len(cells) == len(header) else
+            f"line {n}: malformed row ({len(cells)} cells for {len(header)} columns)" for n, cells in table[1]]
 
 
 def _jsonl_rows(manifest: Path) -> list[dict | str]:
     """JSONL rows as dicts; a line that is not a JSON object becomes its reason (a string), so it still
     gets an output row (the folder reader refuses the whole file instead)."""
-    from mmcache.extract.textio import decode_bytes
+    from mmcache.extract.textio import decode_bytes, jsonl_records
 
-    text, _enc = decode_bytes(manifest.read_bytes())
-    rows: list[dict | str] = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row = f"line {n} is not valid JSON ({e.msg})"
-        rows.append(row if isinstance(row, (dict, str)) else f"line {n} is not a JSON object")
-    return rows
+    return [row if isinstance(row, dict) else f"line {n} is {row}"
+            for n, row in jsonl_records(decode_bytes(manifest.read_bytes())[0])]
 
 
 def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,

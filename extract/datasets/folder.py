@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import io
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -32,7 +30,7 @@ from mmcache.extract.datasets import (
     Target,
     register_dataset,
 )
-from mmcache.extract.textio import clean_text, decode_bytes, safe_child
+from mmcache.extract.textio import clean_text, csv_table, decode_bytes, jsonl_records, safe_child
 
 from mmcache.errors import BadInputError
 
@@ -52,7 +50,6 @@ def find_manifest(path: Path) -> Path:
 
 
 REQUIRED = ("id", "text", "image", "label")
-DELIMITERS = (",", ";", "\t")
 RARE_FACTOR = 20  # a derived class 20x smaller than the largest one, or spelled like a larger one, looks like a typo
 
 
@@ -64,30 +61,19 @@ def _header_error(manifest: Path, found: list[str]) -> BadInputError:
 
 def _csv_rows(manifest: Path, text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, cells)]): the delimiter is the one whose header names every required column."""
-    first = next((ln for ln in text.split("\n") if ln.strip()), "")
-    for delim in DELIMITERS:
-        header = [h.strip() for h in next(csv.reader([first], delimiter=delim), [])]
-        if set(REQUIRED) <= {h.lower() for h in header}:
-            break
-    else:
+    table = csv_table(text, REQUIRED)
+    if table is None:
+        first = next((ln for ln in text.split("\n") if ln.strip()), "")
         raise _header_error(manifest, [h.strip() for h in next(csv.reader([first]), [])])
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
-    rows = [(reader.line_num, cells) for cells in reader if cells]
-    return [h.strip() for h in rows[0][1]], rows[1:]
+    return table
 
 
 def _jsonl_rows(manifest: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"{manifest}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise BadInputError(f"{manifest}:{n}: each line must be a JSON object")
-        rows.append((n, row))
+    """Every line an object, or the whole file is refused (predict reports such lines row by row instead)."""
+    rows = jsonl_records(text)
+    for n, row in rows:
+        if isinstance(row, str):
+            raise BadInputError(f"{manifest}:{n}: {row}; each line must be a JSON object")
     return rows
 
 
