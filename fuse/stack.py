@@ -341,19 +341,25 @@ def _adamw_step(flat: Tensor, g: Tensor, state: dict[str, Tensor], lr: list[floa
     """torch's AdamW (non-amsgrad) on parameters ``flat`` (M, P) with gradients ``g``, each member its own
     ``lr`` and weight decay: torch's fused kernel (one pass over each member row's memory, as ``train()``'s
     fused AdamW), called once per distinct (lr, weight decay) -- once for a stack of seeds, which on a GPU
-    is one launch instead of M -- or the same formula in plain ops where that kernel is missing."""
+    is one launch instead of M -- or the same formula in plain ops on a device without that kernel."""
     b1, b2 = ADAM_BETAS
-    fused = getattr(torch, "_fused_adamw_", None)
-    if fused is not None:
-        groups: dict[tuple[float, float], list[int]] = {}
-        for k, key in enumerate(zip(lr, wd, strict=True)):
-            groups.setdefault(key, []).append(k)
-        step_t = torch.full((), float(step), device=flat.device)  # a fill, not a host-to-device copy
+    groups: dict[tuple[float, float], list[int]] = {}
+    for k, key in enumerate(zip(lr, wd, strict=True)):
+        groups.setdefault(key, []).append(k)
+    step_t = torch.full((), float(step), device=flat.device)  # a fill, not a host-to-device copy
+    done = 0
+    try:
         for (lr_k, wd_k), rows in groups.items():
-            fused([flat[k] for k in rows], [g[k] for k in rows], [state["m"][k] for k in rows],
-                  [state["v"][k] for k in rows], [], [step_t] * len(rows), lr=lr_k, beta1=b1, beta2=b2,
-                  weight_decay=wd_k, eps=ADAM_EPS, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+            torch._fused_adamw_([flat[k] for k in rows], [g[k] for k in rows], [state["m"][k] for k in rows],
+                                [state["v"][k] for k in rows], [], [step_t] * len(rows), lr=lr_k, beta1=b1,
+                                beta2=b2, weight_decay=wd_k, eps=ADAM_EPS, amsgrad=False, maximize=False,
+                                grad_scale=None, found_inf=None)
+            done += 1
         return
+    except (NotImplementedError, RuntimeError) as e:  # as train()'s _adamw: a device without the kernel
+        if done:  # some members were already updated: not a missing kernel
+            raise
+        logger.debug("no fused AdamW on %s (%s): plain ops", flat.device, e)
     lr_t = torch.tensor(lr, dtype=flat.dtype, device=flat.device)[:, None]
     wd_t = torch.tensor(wd, dtype=flat.dtype, device=flat.device)[:, None]
     with torch.no_grad():

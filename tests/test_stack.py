@@ -318,3 +318,27 @@ def test_a_task_grid_trains_stacked(tmp_path):
     for r in runs:
         metrics = json.loads((r.run_dir / "metrics.json").read_text())
         assert metrics["stack"]["members"] == 2 and set(metrics["test"]["targets"]) == {"sentiment", "binary"}
+
+
+def test_adamw_without_the_fused_kernel_gives_the_same_step(monkeypatch):
+    # a device without torch's fused AdamW kernel takes the plain-ops formula: it must be the same AdamW
+    from mmcache.fuse import stack as st
+
+    g = torch.Generator().manual_seed(0)
+    flat, grads = torch.randn(3, 50, generator=g), [torch.randn(3, 50, generator=g) for _ in range(3)]
+    lr, wd = [1e-3, 3e-4, 1e-3], [0.01, 0.0, 0.01]
+
+    def run():
+        p, state = flat.clone(), {"m": torch.zeros_like(flat), "v": torch.zeros_like(flat)}
+        for step, grad in enumerate(grads, 1):
+            st._adamw_step(p, grad, state, lr, wd, step)
+        return p
+
+    fused = run()
+
+    def missing(*a, **kw):
+        raise NotImplementedError("no fused AdamW here")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", missing)
+    torch.testing.assert_close(run(), fused)
+    assert not torch.equal(fused, flat)
