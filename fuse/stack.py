@@ -105,12 +105,14 @@ class _BatchedLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, gw: Tensor | None, gb: Tensor | None) -> Tensor:
         """``gw`` / ``gb``: where the weight / bias gradients go (views of the stack's gradient buffer,
         so no step allocates them afresh), or None."""
+        ctx.x_dtype, ctx.out = x.dtype, (gw, gb)
         kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        ctx.x_dtype = x.dtype
+        if not torch.is_autocast_enabled(kind):  # float32: no casts, no context on the hot path
+            ctx.save_for_backward(x, w)
+            return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
+        dtype = torch.get_autocast_dtype(kind)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         ctx.save_for_backward(x, w)
-        ctx.out = (gw, gb)
         with torch.autocast(kind, enabled=False):
             return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
 
