@@ -145,7 +145,7 @@ def disk_full_error(path: Path, needed: int | None, cause: BaseException | None 
     need = f"needs {needed:,} bytes, " if needed else ""
     what = f" ({' '.join(str(cause).split())[:120]})" if cause is not None else ""
     return DiskFullError(f"disk full writing {path}: {need}{free:,} bytes available on that filesystem{what}. "
-                         "Finished rows are kept; free space (or use another --cache-dir) and rerun the same command")
+                         "Finished rows are kept; free space (or use another --cache-dir)")
 
 
 def check_free_space(path: Path, needed: int) -> None:
@@ -155,5 +155,4 @@ def check_free_space(path: Path, needed: int) -> None:
     free = _free_bytes(path.parent) + (path.stat().st_size if path.exists() else 0)
     if needed > free:
         raise DiskFullError(f"not enough disk space for {path}: needs {needed:,} bytes, {free:,} available on "
-                            f"that filesystem. Free space (or use another --cache-dir, --patch-pool, float16) and "
-                            "rerun the same command")
+                            "that filesystem. Free space (or use another --cache-dir, --patch-pool, float16)")

@@ -48,7 +48,7 @@ from mmcache.extract.images import (
     resize_plan,
 )
 
-from mmcache.errors import BadInputError, Interrupted, PipelineError
+from mmcache.errors import BadInputError, Interrupted, ResumableError
 
 log = logging.getLogger(__name__)
 
@@ -585,8 +585,8 @@ def _run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extr
             except StopIteration:  # pragma: no cover -- the sampler fixes the number of batches
                 break
             except RuntimeError as e:
-                raise PipelineError(f"image loading stopped: {' '.join(str(e).split())[:200]}. Finished batches "
-                                    "are saved; rerun the same command to resume") from e
+                raise ResumableError(f"image loading stopped: {' '.join(str(e).split())[:200]}. Finished "
+                                     "batches are saved") from e
             pending = int(redo[np.asarray(batch)].sum())
             n_ok = 0
             if pixels is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from mmcache.errors import BadInputError, Interrupted, PipelineError
+from mmcache.errors import BadInputError, Interrupted, PipelineError, ResumableError
 
 # click's exception classes, wherever this typer takes click from (typer >= 0.2x vendors its own copy)
 _clickx = sys.modules[typer.BadParameter.__module__]
@@ -597,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {_one_line(e)}", err=True)
         return 2
     except PipelineError as e:
-        msg = _one_line(e).replace("rerun the same command", f"rerun `{resume_command(argv)}`")
-        typer.echo(f"error: {msg}", err=True)
+        msg = e.with_command(resume_command(argv)) if isinstance(e, ResumableError) else str(e)
+        typer.echo(f"error: {_one_line(msg)}", err=True)
         return 1
     except (KeyboardInterrupt, *_Abort) as e:
         kept = str(e) if isinstance(e, Interrupted) else "stopped before anything new was saved"

@@ -10,6 +10,22 @@ class PipelineError(Exception):
     """A failure the CLI reports as one clear line (exit code 1)."""
 
 
+class ResumableError(PipelineError):
+    """A run-time failure after which the finished work is kept and the same command finishes the rest.
+    ``str(e)`` is ``message`` plus "; rerun the same command to resume"; the CLI names that command
+    instead (:meth:`with_command`)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.with_command(None)
+
+    def with_command(self, command: str | None) -> str:
+        return f"{self.message}; rerun {'the same command' if command is None else f'`{command}`'} to resume"
+
+
 class BadInputError(PipelineError):
     """Bad user input: unknown name, wrong folder, malformed file (exit code 2)."""
 
@@ -22,7 +38,7 @@ class CacheError(PipelineError):
     """A cache file that is missing, unfinished, mismatched or corrupt."""
 
 
-class DiskFullError(PipelineError):
+class DiskFullError(ResumableError):
     """Not enough disk space for a cache file (checked before allocating, or ENOSPC while writing)."""
 
 

@@ -352,8 +352,9 @@ def test_enospc_while_creating_leaves_nothing_behind(data, models, reference, tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cf.FeatureWriter, "_create", staticmethod(full))
-    with pytest.raises(DiskFullError, match=r"disk full writing .*needs [\d,]+ bytes"):
+    with pytest.raises(DiskFullError, match=r"disk full writing .*needs [\d,]+ bytes") as raised:
         run_extract(_cfg(data, cache, models, modality="image"))
+    assert str(raised.value).endswith("; rerun the same command to resume")  # what an API caller reads
     assert not list((cache / "posts").glob("*--*")) and not list((cache / "posts").glob(".image*"))
     monkeypatch.undo()
     run_extract(_cfg(data, cache, models))
