@@ -98,9 +98,9 @@ def arithmetic_floor(runs_dir: Path, cache: Path, device: str, gflops_matmul: fl
     Optimizer, dropout and data movement are not counted: these runs cannot finish sooner on this
     machine unless their (small) matmuls ran faster than a plain large one does."""
 
+    from mmcache.fuse.config import load_run_config
     from mmcache.fuse.data import load_data
     from mmcache.fuse.stack import stack_key
-    from mmcache.fuse.train import load_run_config
 
     data = load_data("grid", modalities=("text", "image"), features="cls", cache_dir=cache, device=device)
     n = {k: v.numel() for k, v in data.split_rows.items()}
@@ -126,9 +126,9 @@ def _config_flops(cfg, data) -> tuple[float, float]:
     and of one sample's forward."""
     import torch
     import torch.nn.functional as F
-    from mmcache.fuse.train import _build_head
+    from mmcache.fuse.engine import build_head
 
-    model = _build_head(cfg, data.dims(), data.num_classes).to(data.device)
+    model = build_head(cfg, data.dims(), data.num_classes).to(data.device)
     rows = data.split_rows["train"][: cfg.batch_size]
 
     def step() -> None:
@@ -145,14 +145,14 @@ def _single_steps(cfg, data, members: int, steps: int) -> tuple[float, float]:
     """FLOPs of one train()-style step of one model, and seconds of ``members`` such steps (median)."""
     import torch
     import torch.nn.functional as F
-    from mmcache.fuse.train import _adamw, _autocast, _build_head
+    from mmcache.fuse.engine import adamw, autocast, build_head
 
-    model = _build_head(cfg, data.dims(), data.num_classes).to(data.device)
-    opt = _adamw(model, cfg)
+    model = build_head(cfg, data.dims(), data.num_classes).to(data.device)
+    opt = adamw(model, cfg)
     rows = data.split_rows["train"][: cfg.batch_size]
 
     def single():
-        with _autocast(data.device, cfg.amp):  # as train() runs a step
+        with autocast(data.device, cfg.amp):  # as train() runs a step
             logits = model(*data.batch(rows))
         loss = F.cross_entropy(logits.float(), data.labels[rows])
         opt.zero_grad(set_to_none=True)

@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compute_metrics"]
+__all__ = ["METRICS", "METRIC_NAMES", "compute_metrics"]
+
+METRICS = ("accuracy", "macro_f1", "weighted_f1")  # the scores every table shows, in this order
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:

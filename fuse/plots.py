@@ -43,7 +43,7 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
     plt = _pyplot()
     if plt is None:
         return []
-    from mmcache.fuse.ablate import METRIC_NAMES, METRICS
+    from mmcache.fuse.metrics import METRIC_NAMES, METRICS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ files; other modules do not open them by name.
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import logging
 import os
@@ -33,10 +35,15 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from mmcache.common import atomic_write
 from mmcache.errors import BadInputError, PipelineError
+
+if TYPE_CHECKING:
+    from mmcache.fuse.targets import TargetSet
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +193,29 @@ def analysis_dir(run_dir: str | Path) -> Path:
     d = Path(run_dir) / ANALYSIS_DIR
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, target: TargetSet) -> str:
+    """One target: ``id, true, predicted, p_<class>...``. A task: ``id`` then per target, in task order,
+    ``<target>:true, <target>:predicted, <target>:p_<class>...`` (``true`` empty where the label is masked).
+    labels (n, T) int64; probs (n, sum C)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    multi = target.multi
+    head = ["id"]
+    for m, classes in zip(target.members, target.classes, strict=True):
+        pre = f"{m}:" if multi else ""
+        head += [f"{pre}true", f"{pre}predicted", *(f"{pre}p_{c}" for c in classes)]
+    w.writerow(head)
+    offsets = np.cumsum([0, *target.sizes])
+    for i, sid in enumerate(ids):
+        row = [sid]
+        for j, classes in enumerate(target.classes):
+            block = probs[i, offsets[j]:offsets[j + 1]]
+            y = int(labels[i, j])
+            row += [classes[y] if y >= 0 else "", classes[int(block.argmax())], *(f"{v:.6f}" for v in block)]
+        w.writerow(row)
+    return buf.getvalue()
 
 
 @functools.lru_cache(maxsize=1)  # fixed for the process; an ablation writes it for every run

@@ -44,19 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
+from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
 from mmcache.fuse.heads import FusionHead, SelfAttentionHead, _Attention
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
-from mmcache.fuse.train import (
-    TrainConfig,
-    _autocast,
-    _build_head,
-    _deterministic,
-    _lr_lambda,
-    _seed_everything,
-    finish_run,
-    open_run,
-)
+from mmcache.fuse.train import finish_run, open_run
 from torch import Tensor, nn
 
 from mmcache.errors import BadInputError, PipelineError
@@ -208,7 +201,7 @@ _CAN_STACK: dict[str, bool] = {}
 def can_stack(config: TrainConfig) -> bool:
     """True when ``config.head`` can be trained in a stack (checked once per head on a tiny instance)."""
     if config.head not in _CAN_STACK:
-        tiny = _build_head(dataclasses.replace(config, dim=8, heads=2), {"text_dim": 4, "image_dim": 4}, 3)
+        tiny = build_head(dataclasses.replace(config, dim=8, heads=2), {"text_dim": 4, "image_dim": 4}, 3)
         _CAN_STACK[config.head] = not _unsupported(tiny)
     return _CAN_STACK[config.head]
 
@@ -321,7 +314,7 @@ def available_memory(device: torch.device) -> int:
 
 def max_members(config: TrainConfig, data: FusionData, fraction: float = 0.5) -> int:
     """How many members of ``config`` fit in ``fraction`` of the free memory (at least 1)."""
-    model = _build_head(config, data.dims(), data.target.num_outputs)
+    model = build_head(config, data.dims(), data.target.num_outputs)
     per = member_bytes(config, data, sum(p.numel() for p in model.parameters()))
     return max(1, int(fraction * available_memory(data.device) // per))
 
@@ -400,8 +393,8 @@ def _build_stack(configs: list[TrainConfig], data: FusionData, device: torch.dev
     """Each member's head initialised from its own seed exactly as :func:`fuse.train.train` does, stacked."""
     models = []
     for c in configs:
-        _seed_everything(c.seed)
-        models.append(_build_head(c, data.dims(), data.target.num_outputs).to(device))
+        seed_everything(c.seed)
+        models.append(build_head(c, data.dims(), data.target.num_outputs).to(device))
     return _Stack(models)
 
 
@@ -409,9 +402,9 @@ def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, devi
                   t_start: float, eval_rows: int) -> list[MemberResult]:
     configs = [c for c, _ in opened]
     cfg = configs[0]
-    with _deterministic(device, threads):
+    with deterministic(device, threads):
         stack = _build_stack(configs, data, device)
-        _seed_everything(cfg.seed)  # dropout masks of the whole stack
+        seed_everything(cfg.seed)  # dropout masks of the whole stack
         results = _train_loop(stack, configs, [d for _, d in opened], data, device, t_start, eval_rows)
     return results
 
@@ -427,7 +420,7 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
     val_labels = labels_np[val_rows.cpu().numpy()]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    schedule = _lr_lambda(total, round(cfg.warmup_frac * total))
+    schedule = lr_lambda(total, round(cfg.warmup_frac * total))
     weight = None
     if cfg.class_balanced:
         weight = class_weights(data.target_labels[train_rows], data.target.sizes)
@@ -505,7 +498,7 @@ def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig,
                 state: dict[str, Tensor], lr: list[float], wd: list[float], step: int) -> Tensor:
     """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
     m, b = rows.shape
-    with _autocast(data.device, cfg.amp):
+    with autocast(data.device, cfg.amp):
         logits = stack.module(*data.batch(rows.reshape(-1)))
     loss = _member_losses(logits.float().view(m, b, -1), data.target_labels[rows], data.target.sizes, weight,
                           cfg.label_smoothing)
@@ -530,7 +523,7 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
     _check_stack(configs)
     cfg = configs[0]
     device = data.device
-    with _deterministic(device, threads):
+    with deterministic(device, threads):
         stack = _build_stack(configs, data, device)
         state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
         lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
@@ -580,7 +573,7 @@ def _predict_stack(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConf
     for start in range(0, rows.numel(), chunk):
         part = rows[start:start + chunk]
         batch = [None if t is None else t.repeat(m, *([1] * (t.dim() - 1))) for t in data.batch(part)]
-        with _autocast(data.device, cfg.amp):
+        with autocast(data.device, cfg.amp):
             logits = stack.module(*batch)
         out.append(target_probs(logits.float(), data.target.sizes).view(m, part.numel(), -1).cpu())
     probs = torch.cat(out, dim=1).numpy() if out else np.zeros((m, 0, data.target.num_outputs), np.float32)
@@ -598,7 +591,7 @@ def _finish_members(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Pa
         if i in errors:
             results.append(MemberResult(c, run_dir, None, errors[i], histories[i]))
             continue
-        model = _build_head(c, data.dims(), data.target.num_outputs).to(data.device)
+        model = build_head(c, data.dims(), data.target.num_outputs).to(data.device)
         model.load_state_dict(stack.state_dict(best[i]))
         share = (done_at.get(i, t_start + wall) - t_start) / len(configs)
         try:

@@ -49,7 +49,7 @@ def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress:
 def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", **options: Any):
     """Score a finished run again, on its own test split or another cached dataset
     (:func:`mmcache.fuse.train.evaluate`). Returns an :class:`~mmcache.fuse.train.EvalResult`."""
-    from mmcache.fuse.train import evaluate as _evaluate
+    from mmcache.fuse.evaluate import evaluate as _evaluate
 
     return _evaluate(run, dataset, split, **options)
 

@@ -361,8 +361,8 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, *, device: str = "auto", calibrated: bool = False) -> Predictor:
         """Load a finished run (its head, classes and the encoders its caches record)."""
         from mmcache.common import resolve_device
+        from mmcache.fuse.evaluate import load_head
         from mmcache.fuse.runs import read_provenance, require_finished
-        from mmcache.fuse.train import load_head
 
         run_dir = require_finished(run_dir)
         dev = str(resolve_device(device))
@@ -447,7 +447,7 @@ class Predictor:
         """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
         import torch
 
-        from mmcache.fuse.train import predict
+        from mmcache.fuse.engine import predict
 
         data, answer, notes = self._load_encoded(files, index, posts)
         probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)

@@ -44,13 +44,13 @@ def _grid(caches, tmp_path, **kw):
 @pytest.fixture
 def count_trainings(monkeypatch):
     calls = []
-    real = ab.train
+    real = ab.execute.train
 
     def counting(config, data=None, **kw):
         calls.append(config.run_name)
         return real(config, data=data, **kw)
 
-    monkeypatch.setattr(ab, "train", counting)
+    monkeypatch.setattr(ab.execute, "train", counting)
     return calls
 
 
@@ -131,7 +131,7 @@ def test_reuse_resume_and_force(caches, tmp_path, count_trainings):
 
 def test_interrupted_grid_picks_up_where_it_stopped(caches, tmp_path, monkeypatch):
     runs = _grid(caches, tmp_path, seeds=3)
-    real, calls = ab.train, []
+    real, calls = ab.execute.train, []
 
     def interrupted(config, data=None, **kw):
         calls.append(config.run_name)
@@ -140,26 +140,26 @@ def test_interrupted_grid_picks_up_where_it_stopped(caches, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(config, data=data, **kw)
 
-    monkeypatch.setattr(ab, "train", interrupted)
+    monkeypatch.setattr(ab.execute, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ab.run_grid(runs, threads=1)
     assert [ab.run_status(r) for r in runs].count("finished") == 3
-    monkeypatch.setattr(ab, "train", real)
+    monkeypatch.setattr(ab.execute, "train", real)
     calls.clear()
-    monkeypatch.setattr(ab, "train", lambda c, data=None, **kw: (calls.append(c.run_name), real(c, data=data, **kw))[1])
+    monkeypatch.setattr(ab.execute, "train", lambda c, data=None, **kw: (calls.append(c.run_name), real(c, data=data, **kw))[1])
     out = ab.run_grid(runs, threads=1)
     assert calls == [r.name for r in runs[3:]] and len(out["reused"]) == 3
 
 
 def test_group_data_loaded_once_with_both_modalities(caches, tmp_path, monkeypatch):
     loads = []
-    real = ab.load_data
+    real = ab.execute.load_data
 
     def counting(*a, **kw):
         loads.append((kw["features"], tuple(kw["modalities"])))
         return real(*a, **kw)
 
-    monkeypatch.setattr(ab, "load_data", counting)
+    monkeypatch.setattr(ab.execute, "load_data", counting)
     runs = _grid(caches, tmp_path, heads=["text_only", "image_only", "basic"], features=["cls", "mean"])
     ab.run_grid(runs, threads=1)
     assert loads == [("cls", ("text", "image")), ("mean", ("text", "image"))]
@@ -170,14 +170,14 @@ def test_group_data_loaded_once_with_both_modalities(caches, tmp_path, monkeypat
 
 def test_failed_run_is_reported_not_fatal(caches, tmp_path, monkeypatch):
     runs = _grid(caches, tmp_path)
-    real = ab.train
+    real = ab.execute.train
 
     def flaky(config, data=None, **kw):
         if config.head == "basic" and config.seed == 1:
             raise RuntimeError("injected failure")
         return real(config, data=data, **kw)
 
-    monkeypatch.setattr(ab, "train", flaky)
+    monkeypatch.setattr(ab.execute, "train", flaky)
     out = ab.run_grid(runs, threads=1)
     bad = next(r for r in runs if r.head == "basic" and r.seed == 1)
     assert out["failed"] == {bad.name: "RuntimeError: injected failure"} and len(out["trained"]) == 3
@@ -192,7 +192,7 @@ def test_failed_run_is_reported_not_fatal(caches, tmp_path, monkeypatch):
     text = ab.format_tables({"synth": table})
     assert "1/2 (1 failed)" in text and "injected failure" in text
     # the next call retries it (the failure may have been transient)
-    monkeypatch.setattr(ab, "train", real)
+    monkeypatch.setattr(ab.execute, "train", real)
     out = ab.run_grid(runs, threads=1)
     assert out["trained"] == [bad.name] and ab.run_status(bad) == "finished"
 
@@ -341,7 +341,7 @@ def test_cli_failed_run_exits_1_after_writing_tables(caches, tmp_path, monkeypat
     def boom(config, data=None, **kw):
         raise RuntimeError("no luck")
 
-    monkeypatch.setattr(ab, "train", boom)
+    monkeypatch.setattr(ab.execute, "train", boom)
     rc = _cli(caches, tmp_path, "-d", "synth", "--heads", "basic", "--features", "cls", "--seeds", "1", "--jobs", "1",
               "--no-plots")
     captured = capsys.readouterr()

@@ -285,7 +285,7 @@ def _train(cache, tmp_path, **kw):
 
 
 def test_run_records_its_split_and_evaluate_refuses_after_a_resplit(synth, tmp_path, capsys):
-    from mmcache.fuse.train import evaluate
+    from mmcache.fuse.evaluate import evaluate
 
     r = _train(synth, tmp_path)
     idx = cf.read_index(synth / "synth" / cf.INDEX_NAME)
@@ -322,7 +322,7 @@ def test_run_records_its_split_and_evaluate_refuses_after_a_resplit(synth, tmp_p
 
 
 def test_run_without_a_split_record_is_not_trusted_after_the_index_changed(synth, tmp_path):
-    from mmcache.fuse.train import evaluate
+    from mmcache.fuse.evaluate import evaluate
 
     r = _train(synth, tmp_path)
     (r.run_dir / "split.json").unlink()  # a run made before runs recorded their split

@@ -1,4 +1,4 @@
-"""Stacked training (fuse/stack.py) and the stacked ablation path (fuse/schedule.py, ablate --stack / --lrs):
+"""Stacked training (fuse/stack.py) and the stacked ablation path (fuse/ablate/execute.py, ablate --stack / --lrs):
 a member of a stack scores as the same config trained alone, stops early on its own with its best weights
 kept, writes the same run folder; a stacked grid gives the same folders and tables as one model per run;
 --lrs picks the best learning rate on validation; an interrupted stacked grid resumes."""
@@ -10,16 +10,18 @@ import dataclasses
 import json
 
 import mmcache.fuse.ablate as ab
-import mmcache.fuse.schedule as sched
+import mmcache.fuse.ablate.execute as sched
 import numpy as np
 import pytest
 import torch
 from mmcache.fuse.data import load_data
+from mmcache.fuse.engine import build_head
+from mmcache.fuse.evaluate import evaluate
 from mmcache.fuse.heads import BasicFusionHead
 from mmcache.fuse.runs import RUN_FILES
 from mmcache.fuse.stack import _unsupported, can_stack, stack_key, train_stack
 from mmcache.fuse.synthetic import make_cache
-from mmcache.fuse.train import TrainConfig, _build_head, evaluate, train
+from mmcache.fuse.train import TrainConfig, train
 from safetensors.torch import load_file
 
 from mmcache import cli
@@ -75,7 +77,7 @@ def test_member_of_a_stack_scores_as_trained_alone(cache, tmp_path, head, featur
         # one: where the true gradient is 0, as for attention's key bias, Adam amplifies float noise.)
         mine, theirs = (load_file(d / "model.safetensors") for d in (res.run_dir, alone.run_dir))
         torch.manual_seed(c.seed)
-        init = _build_head(c, data.dims(), data.num_classes).state_dict()
+        init = build_head(c, data.dims(), data.num_classes).state_dict()
         untouched = [k for k in theirs if torch.equal(theirs[k].cpu(), init[k])]
         assert bool(untouched) == ((head, features) == ("dual_attention", "cls"))
         assert all(torch.equal(mine[k].cpu(), init[k]) for k in untouched), untouched
@@ -217,7 +219,7 @@ def test_token_features_train_one_model_per_run_on_cpu(cache, tmp_path):
 
 @pytest.mark.parametrize("head", ["basic", "self_attention", "dual_attention"])
 def test_stacked_step_under_bf16_autocast_matches_single_models(cache, head):
-    # CUDA trains under bf16 autocast (train._autocast); CPU autocast runs the same casting rules, so the
+    # CUDA trains under bf16 autocast (engine.autocast); CPU autocast runs the same casting rules, so the
     # stacked Linear's mixed-precision forward and backward are checked here without a GPU.
     from mmcache.fuse import stack as st
 
@@ -234,7 +236,7 @@ def test_stacked_step_under_bf16_autocast_matches_single_models(cache, head):
     assert grad.dtype == torch.float32
     for m, c in enumerate(configs):
         torch.manual_seed(c.seed)
-        model = _build_head(c, data.dims(), data.num_classes)
+        model = build_head(c, data.dims(), data.num_classes)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             single = torch.nn.functional.cross_entropy(model(*data.batch(rows[m])).float(), data.labels[rows[m]])
         single.backward()

@@ -23,9 +23,10 @@ from mmcache.extract.datasets import (
 from mmcache.extract.datasets.memotion import SCALES
 from mmcache.fuse import ablate as ab
 from mmcache.fuse.data import load_data
+from mmcache.fuse.evaluate import evaluate
 from mmcache.fuse.synthetic import CLASSES, make_cache
 from mmcache.fuse.targets import available_targets, resolve_target, target_loss
-from mmcache.fuse.train import TrainConfig, evaluate, train
+from mmcache.fuse.train import TrainConfig, train
 
 from mmcache import cli
 from mmcache.errors import BadInputError

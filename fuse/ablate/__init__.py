@@ -1,0 +1,156 @@
+"""Batch ablations: every head x features x encoder x seed on every cached dataset, tables at the end.
+
+The grid (:func:`expand_grid`): datasets (default: every folder of ``cache_dir`` with a sample index)
+x heads (default: all registered) x features (default ``cls``, ``tokens``) x seeds (default 0..4) x
+encoders (each combination of a complete text feature file and a complete image feature file of the
+dataset; with one file per modality this axis has one value). Each cell is a
+:class:`fuse.train.TrainConfig`; its **key** is a short hash of that config (without ``runs_dir``,
+``run_name``, ``device``, ``threads`` and ``cache_dir``; feature files by name) plus a fingerprint of
+the data it reads (sample index ids, labels, splits and classes; each feature file's settings). The
+run folder is ``<runs_dir>/<dataset>/<head>-<features>-<text slug>+<image slug>-s<seed>-<key>``, so:
+
+* a finished run (``metrics.json`` present and its ``config.json`` matching) is reused, never retrained;
+* a folder without ``metrics.json`` (interrupted, or failed last time) is removed and the run redone;
+* re-extracting or re-splitting a cache changes the key: the old runs are simply not part of the grid;
+* ``force`` reruns everything in the grid (or in this shard of it).
+
+Every head of one (dataset, encoder, features) group trains on the same samples: the group's data is
+loaded once with BOTH modalities (a sample missing either is dropped for every head) and handed to
+:func:`fuse.train.train`; HDF5 is never re-read per run.
+
+``jobs`` > 1 runs configs in that many spawned worker processes, each with ``cores // jobs`` torch
+threads, each loading a group's data once (runs are dispatched group by group; a worker keeps the last
+group it loaded). ``jobs`` = 1 runs them one after the other in this process (also the path for one
+GPU). A run that raises is recorded as failed (``error.json`` in its folder, the message in the results
+JSON) and the grid goes on.
+
+``shard`` = (i, n) runs only configs i, i+n, i+2n, ... of the sorted grid (machines, job arrays);
+aggregation always covers the whole grid and reads whatever runs have finished, so the last shard to
+end (or ``aggregate_only``) writes the complete tables.
+
+Aggregation (:func:`aggregate`): one row per (head, features, encoder): accuracy, macro-F1 and
+weighted-F1 on the test split as mean and sample standard deviation (ddof=1) over the finished seeds
+(std is None with one seed, shown as ``-``), finished / failed seed counts, parameter count, mean
+training seconds. The best mean per metric is marked (ties: all of them). MVSA caches (index field
+``labels_agree``) get the same metrics on the test posts whose text and image labels agree and on those
+where they disagree. A reference row holds the paper's reported figures where it has one for the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmcache.fuse.ablate.aggregate import REPORTED, REPORTED_LABEL, aggregate, mean_std
+from mmcache.fuse.ablate.best import analyze_best
+from mmcache.fuse.ablate.execute import resolve_jobs, run_grid
+from mmcache.fuse.ablate.grid import (
+    DEFAULT_FEATURES,
+    DEFAULT_SEEDS,
+    GridRun,
+    expand_grid,
+    run_key,
+    run_status,
+    shard_runs,
+)
+from mmcache.fuse.ablate.tables import format_tables, write_results
+from mmcache.fuse.config import TrainConfig
+from mmcache.fuse.metrics import METRICS
+
+__all__ = ["DEFAULT_FEATURES", "METRICS", "REPORTED", "REPORTED_LABEL", "AblationConfig", "AblationResult", "GridRun", "aggregate",
+           "default_results_dir", "expand_grid", "format_ablation", "format_tables", "mean_std", "run_ablation",
+           "run_grid", "run_key", "run_status", "shard_runs", "write_results"]
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------- API
+
+@dataclass
+class AblationConfig:
+    """What :func:`run_ablation` runs. ``base``: the TrainConfig every run starts from (default:
+    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: cores // jobs.
+    ``results_dir`` None: :func:`default_results_dir` of ``runs_dir``."""
+
+    datasets: list[str] | None = None
+    heads: list[str] | None = None
+    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
+    seeds: list[int] | int = DEFAULT_SEEDS
+    targets: list[str] | None = None  # targets / tasks (None: each dataset's default); one table each
+    base: TrainConfig = field(default_factory=TrainConfig)
+    cache_dir: str = "cache"
+    runs_dir: str = "runs/ablate"
+    results_dir: str | None = None  # None: default_results_dir(runs_dir)
+    jobs: int = 1
+    threads: int | None = None
+    shard: tuple[int, int] | None = None
+    force: bool = False
+    aggregate_only: bool = False
+    plots: bool = True
+    allow_no_val: bool = False  # train datasets without a validation split (else those runs fail)
+    analyze: bool = True  # analyse the best config's first seed (fuse.analyze) into its run and the markdown
+    stack: bool = True  # train seeds / lrs of a config as one stacked model (fuse/stack.py)
+    lrs: list[float] | None = None  # learning rates chosen between on validation
+    dims: list[int] | None = None
+    dropouts: list[float] | None = None
+
+
+def default_results_dir(runs_dir: str | Path) -> Path:
+    """``results/<name of the runs folder>``: tables of different runs folders never overwrite each other
+    (``runs/ablate`` -> ``results/ablate``, the demo's ``runs/demo`` -> ``results/demo``)."""
+    return Path("results") / (Path(runs_dir).resolve().name or "runs")
+
+
+@dataclass
+class AblationResult:
+    runs: list[GridRun]  # the whole grid
+    selected: list[GridRun]  # this shard's part
+    trained: list[str]
+    reused: list[str]
+    failed: dict[str, str]  # run name -> message (this call's failures)
+    tables: dict[str, dict[str, Any]]
+    files: dict[str, list[Path]]
+    seconds: float
+    stale: list[str] = field(default_factory=list)  # runs made on another split of the cache: rerun by this call
+    layout: dict[str, Any] | None = None  # processes x threads (and what was measured to choose them)
+
+
+def run_ablation(config: AblationConfig) -> AblationResult:
+    """Expand the grid, train this shard's unfinished runs, aggregate every finished run of the grid and
+    write the result files."""
+    t0 = time.perf_counter()
+    skipped: list[dict[str, Any]] = []
+    runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
+                       seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,
+                       targets=config.targets, lrs=config.lrs, dims=config.dims, dropouts=config.dropouts)
+    selected = shard_runs(runs, config.shard)
+    if config.aggregate_only:
+        done = {"trained": [], "reused": [], "failed": {}, "stale": []}
+    else:
+        jobs = resolve_jobs(config.jobs, config.base.device)
+        if config.stack and config.jobs == 0 and config.threads is None and jobs > 1:
+            jobs = 0  # CPU: threads vs processes measured by run_grid
+        done = run_grid(selected, jobs=jobs, threads=config.threads, force=config.force,
+                        allow_no_val=config.allow_no_val, stack=config.stack)
+    tables = aggregate(runs, skipped)
+    if config.analyze:
+        for table in tables.values():
+            table["analysis"] = analyze_best(table)
+    files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
+    return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
+                          failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
+                          stale=done["stale"], layout=done.get("layout"))
+
+
+def format_ablation(result: AblationResult) -> str:
+    """Tables plus a closing line: what was trained, reused, failed, and where the files are."""
+    shard = "" if len(result.selected) == len(result.runs) else f" (this shard: {len(result.selected)})"
+    lines = [format_tables(result.tables), "",
+             f"{len(result.runs)} runs in the grid{shard}: {len(result.trained)} trained, {len(result.reused)} "
+             f"reused, {len(result.failed)} failed, in {result.seconds:.1f}s"
+             + (f" ({len(result.stale)} of them rerun: made on another split)" if result.stale else "")]
+    for dataset, paths in result.files.items():
+        lines.append(f"{dataset}: {', '.join(str(p) for p in paths)}")
+    return "\n".join(lines)
