@@ -42,7 +42,7 @@ endif
 STAMP := .make/installed-$(shell printf '%s' '$(PY)' | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo extract cache-info train ablate bench clean
+.PHONY: help install test test-fast lint demo extract cache-info train ablate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ install: $(STAMP) ## install the project and its dev tools (CPU torch if none is
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest
+
+test-fast: $(STAMP) ## the tests not marked slow (a quick check while editing; CI runs them all)
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
