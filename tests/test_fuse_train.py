@@ -13,13 +13,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import load_data
 from mmcache.fuse.heads import head_uses, list_heads
 from mmcache.fuse.metrics import compute_metrics
 from mmcache.fuse.synthetic import CLASSES, make_cache
 from mmcache.fuse.train import TrainConfig, evaluate, load_run_config, train
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError, CacheError
 
