@@ -244,7 +244,7 @@ def bench_grid(tmp: Path, device: str, *, samples: int = 4500, tokens_large: boo
 
 
 def format_grid(g: dict[str, Any]) -> list[str]:
-    from mmcache.extract.summary import format_table
+    from mmcache.tables import format_table
 
     def f(x, nd=1):
         return "-" if x is None else f"{x:.{nd}f}"

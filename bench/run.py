@@ -255,8 +255,9 @@ def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir
 # ------------------------------------------------------------------------------------------ 2. cache I/O
 
 def bench_cache_io(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: Path, tmp: Path) -> dict[str, Any]:
-    from mmcache.extract import cache_format as cf
     from mmcache.extract.extraction import run_extract
+
+    from mmcache import cache as cf
 
     folder = tmp / "cache" / "bench"
     image_file = next(p for p in cf.list_feature_files(folder) if p.name.startswith("image--"))
@@ -419,7 +420,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def _format_stages(r: dict[str, Any]) -> list[str]:
-    from mmcache.extract.summary import format_table
+    from mmcache.tables import format_table
 
     out = ["", "### 1. Extraction (samples/s)", ""]
     out.append(format_table(["modality", "batch", "limit (forward only)", "ours (extract)", "naive (1 by 1)",

@@ -9,7 +9,7 @@ torchrun starts one process per GPU and tells each its place through the environ
 2. rank ``r`` extracts shard ``r`` of ``WORLD_SIZE`` (contiguous rows) into its own shard file, with the
    single-process resume rules: a complete shard is a no-op, an interrupted one resumes;
 3. one gather (a barrier) collects every rank's outcome; then rank 0 merges the shards into the normal
-   feature file (:func:`extract.cache_format.merge_shards`: a verified copy, shard files removed
+   feature file (:func:`mmcache.cache.merge_shards`: a verified copy, shard files removed
    afterwards unless ``keep_shards``) and rewrites ``failures.csv``.
 
 There are no collectives during the work, only at the start and the end, and the process group's
@@ -33,7 +33,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mmcache.extract import cache_format as cf
 from mmcache.extract.extraction import (
     ExtractConfig,
     ExtractSummary,
@@ -46,6 +45,7 @@ from mmcache.extract.extraction import (
     validate_models,
 )
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError, PipelineError
 
 log = logging.getLogger(__name__)

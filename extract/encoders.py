@@ -707,7 +707,7 @@ def validate_encoder(modality: str, model: str, revision: str | None = None) -> 
 def load_encoder_from_provenance(modality: str, provenance: dict, *, config: dict | None = None,
                                  device: str = "cpu", precision: str | None = None):
     """Rebuild the exact encoder a feature file was made with, from its recorded ``provenance`` (and
-    ``config``, to verify: :func:`extract.cache_format.encoder_difference`).
+    ``config``, to verify: :func:`mmcache.cache.encoder_difference`).
 
     The model is loaded from the recorded folder (``resolved_path``, else ``model_id``) at the recorded
     hub commit, with the recorded max length / patch pool / layer / name. With ``config`` (the
@@ -716,8 +716,9 @@ def load_encoder_from_provenance(modality: str, provenance: dict, *, config: dic
     :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on CUDA
     (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
     """
-    from mmcache.extract import cache_format as cf
     from mmcache.extract.identity import encoder_config
+
+    from mmcache import cache as cf
 
     src = provenance.get("resolved_path")
     src = src if src and os.path.isdir(src) else provenance.get("model_id")
@@ -748,7 +749,7 @@ def load_encoder_from_provenance(modality: str, provenance: dict, *, config: dic
 def load_encoder_for_cache(path: str | os.PathLike, *, device: str = "cpu", precision: str | None = None):
     """:func:`load_encoder_from_provenance` for the feature file at ``path`` (its modality, provenance
     and config)."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
 
     with cf.FeatureFile(path) as ff:
         modality, prov, conf = ff.modality, ff.provenance, ff.config

@@ -8,7 +8,7 @@ Entry points:
 * :func:`prepare_index` -- read the dataset, assign splits, write ``index.h5`` (only when it changed).
 * :func:`extract_shard` -- the unit of work: one modality, shard ``i`` of ``n``. Shard ``i`` owns the
   *contiguous* block of index rows ``[i*N//n, (i+1)*N//n)`` (:func:`shard_rows`) and writes its own
-  file (:func:`extract.cache_format.shard_path`); shard 0 of 1 is the normal, unsharded file.
+  file (:func:`mmcache.cache.shard_path`); shard 0 of 1 is the normal, unsharded file.
 
 Batching is a fixed plan, independent of what is already done, so a resumed run recomputes whole
 batches of the same composition and ends bit-identical to an uninterrupted one (with the same batch
@@ -23,7 +23,7 @@ sizes; other batch sizes agree to float tolerance):
 Stored token states at padded positions (mask False) are zero, so they do not depend on batching.
 
 This module imports torch / transformers (through :mod:`extract.encoders`); readers of the cache need
-only :mod:`extract.cache_format`.
+only :mod:`mmcache.cache`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.extract import cache_format as cf
-from mmcache.extract.cache_lock import folder_lock
 from mmcache.extract.identity import DECODE_POLICY, image_config, text_config  # noqa: F401 -- public here too
 from mmcache.extract.images import (
     DEFAULT_MAX_PIXELS,
@@ -48,6 +46,8 @@ from mmcache.extract.images import (
     resize_plan,
 )
 
+from mmcache import cache as cf
+from mmcache.cache.lock import folder_lock
 from mmcache.errors import BadInputError, Interrupted, ResumableError
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def _reason_kind(reason: str) -> str:
 
 def format_extract_summary(s: ExtractSummary) -> str:
     """The closing summary the CLI prints: one table row per modality, then failures by reason."""
-    from mmcache.extract.summary import format_table, human_bytes
+    from mmcache.tables import format_table, human_bytes
 
     names = ", ".join(Path(m.path).name for m in s.modalities)
     head = (f"up to date: {s.cache_dir}/{Path(s.index_path).parent.name} ({names})" if s.up_to_date else
@@ -393,7 +393,7 @@ def _split_summary(splits) -> str:
 
 def _lock(dataset_dir: Path, shard_index: int, num_shards: int):
     """The cache folder's write lock: exclusive, or shared with the other shards of a sharded run
-    (each shard exclusively holds its own); see :mod:`extract.cache_lock`."""
+    (each shard exclusively holds its own); see :mod:`mmcache.cache.lock`."""
     return folder_lock(dataset_dir, shard_file=f"shard-{shard_index}-of-{num_shards}" if num_shards > 1 else None)
 
 
@@ -667,10 +667,10 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
                   index: IndexInfo | None = None, encoder=None, paths: dict[str, Path] | None = None
                   ) -> ModalitySummary:
     """Extract ``modality`` for shard ``shard_index`` of ``num_shards`` into its own file
-    (:func:`~extract.cache_format.shard_path`); shard 0 of 1 writes the normal feature file.
+    (:func:`~mmcache.cache.shard_path`); shard 0 of 1 writes the normal feature file.
 
     Resumes a matching unfinished file, is a no-op for a complete one, and raises
-    :class:`~extract.cache_format.CacheMismatchError` for a file made with other settings (unless
+    :class:`~mmcache.cache.CacheMismatchError` for a file made with other settings (unless
     ``cfg.force``). ``encoder`` reuses an already loaded encoder of the right modality; ``paths``, when
     given, gets ``paths[modality]`` = the file as soon as it is known (what an interrupted run reports)."""
 
@@ -719,7 +719,7 @@ def _set_aside_unreadable(path: Path) -> None:
     try:
         cf.FeatureFile(path).close()
     except cf.CacheError as e:
-        from mmcache.extract.cache_lock import CacheBusyError
+        from mmcache.cache.lock import CacheBusyError
 
         if isinstance(e, CacheBusyError):
             raise

@@ -5,7 +5,7 @@ and vocabulary files; hub id + resolved commit for hub models), family-specific 
 tokenizer / processor settings, max length, patch grid, storage dtype and compute precision. Its
 fingerprint decides whether extraction may resume a file; the comparison that tolerates mere hints
 (which folder path or revision name led to the same weights) is
-:func:`extract.cache_format.encoder_difference`, shared with stage two.
+:func:`mmcache.cache.encoder_difference`, shared with stage two.
 
 Imports hashlib only: the encoder objects are passed in.
 """
@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from mmcache.extract import cache_format as cf
+from mmcache import cache as cf
 
 __all__ = ["encoder_config", "image_config", "model_identity", "text_config"]
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmcache.extract import cache_format as cf
 from mmcache.extract.datasets import Sample
 from mmcache.extract.splits import (
     UNASSIGNED,
@@ -29,6 +28,7 @@ from mmcache.extract.splits import (
     resolve_splits,
 )
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError
 
 __all__ = ["SplitDecision", "decide_split", "format_moves"]

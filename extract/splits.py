@@ -28,7 +28,7 @@ class SplitResult:
     source: str  # "stratified(seed=0, ratios=0.8/0.1/0.1)", "manifest", or the split file's path
     unknown_ids: list[str] = field(default_factory=list)  # in the split file, not in the data
     unassigned_ids: list[str] = field(default_factory=list)  # in the data, not in the split file
-    # What made the split, as stored in the index (cache_format.split_spec_text describes it):
+    # What made the split, as stored in the index (mmcache.cache.split_spec_text describes it):
     # {"kind": "seeded", "seed", "ratios"} | {"kind": "file", "path", "sha256"} | {"kind": "manifest", "sha256"}
     spec: dict = field(default_factory=dict)
 

@@ -8,6 +8,8 @@ from typing import Any
 from mmcache.extract.datasets import LoadResult
 from mmcache.extract.splits import SPLITS, UNASSIGNED, SplitResult, empty_split_warnings
 
+from mmcache.tables import format_table, human_bytes  # noqa: F401 -- human_bytes: re-exported until fuse/ switches
+
 
 def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
     """A JSON-ready summary of one loaded dataset and its split."""
@@ -38,29 +40,6 @@ def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:
         "default_target": result.targets[0].name if result.targets else None,
         "tasks": {k: list(v) for k, v in result.tasks.items()},
     }
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``"1.5 KiB"`` (binary units; bytes shown whole)."""
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain-text table with right-aligned numbers (also used by the later stages' summaries)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def fmt(r):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)]
-    lines += [fmt(r) for r in cells[1:]]
-    return "\n".join(lines)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 import mmcache.fuse.ablate as ab
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.heads import list_heads
 from mmcache.fuse.synthetic import make_cache
 from mmcache.fuse.train import TrainConfig
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError, CacheError
 

@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.adapters import (
     UnknownFamilyError,
@@ -29,6 +28,7 @@ from mmcache.extract.identity import encoder_config
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError, ModelLoadError
 
 TEXTS = ["good", "i love this movie , it is great and happy !", "awful weather , i hate it so much"]

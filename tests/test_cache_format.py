@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 
+from mmcache import cache as cf
+from mmcache.cache import h5io
 from mmcache.errors import BadInputError, CacheError
 
 
@@ -16,9 +17,9 @@ def _open(path, n, d=4, length=3, **kw):
     return cf.FeatureWriter.open(path, **args)
 
 
-@pytest.mark.parametrize("span_bytes", [cf._SPAN_RMW_BYTES, 0])  # one read-modify-write of the span / run by run
+@pytest.mark.parametrize("span_bytes", [h5io._SPAN_RMW_BYTES, 0])  # one read-modify-write of the span / run by run
 def test_scattered_rows_land_at_their_rows(tmp_path, monkeypatch, span_bytes):
-    monkeypatch.setattr(cf, "_SPAN_RMW_BYTES", span_bytes)
+    monkeypatch.setattr(h5io, "_SPAN_RMW_BYTES", span_bytes)
     n, d, length = 12, 4, 3
     rng = np.random.default_rng(0)
     ref = {k: np.zeros(s, np.float32) for k, s in (("cls", (n, d)), ("mean", (n, d)), ("tokens", (n, length, d)))}
@@ -71,8 +72,8 @@ def test_load_of_an_absent_array_is_a_cache_error(tmp_path):
     """A feature file from another tool without `tokens` gives a clear CacheError, not h5py's KeyError."""
     import h5py
     import pytest
-    from mmcache.extract import cache_format as cf
 
+    from mmcache import cache as cf
     from mmcache.errors import CacheError
 
     path = tmp_path / "text--x.h5"

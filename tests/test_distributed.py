@@ -18,12 +18,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.distributed import launch_env, rank_device
 from mmcache.extract.extraction import ExtractConfig, parse_shard, run_extract
 from PIL import Image
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError, CacheError
 
@@ -137,7 +137,7 @@ def test_torchrun_two_ranks_equals_single_process(data, models, reference, tmp_p
 _CRASH = """
 import os, sys
 sys.path.insert(0, {repo!r})
-from mmcache.extract import cache_format as cf
+from mmcache import cache as cf
 from mmcache.errors import PipelineError
 _write, _calls = cf.FeatureWriter.write, [0]
 def write(self, rows, **kw):  # rank 1 dies hard (kill -9) or raises, after {after} batches

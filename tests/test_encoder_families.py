@@ -9,10 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.encoders import load_encoder_for_cache
 
+from mmcache import cache as cf
 from mmcache import cli
 
 N = 30

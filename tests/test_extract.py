@@ -22,13 +22,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.extraction import ExtractConfig, run_extract, shard_rows, text_batches
 from mmcache.extract.images import ImageFailure, load_image
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError, CacheError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,12 +328,12 @@ def test_shards_partition_rows_and_match_single_run(good_run, good_data, models,
 _CHILD = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
-from mmcache.extract import cache_format as cf
-_orig = cf._write_rows
+from mmcache.cache import writer
+_orig = writer.write_rows
 def _slow(ds, rows, sel, values):  # slow every dataset write: the kill lands anywhere in a batch
     _orig(ds, rows, sel, values)
     time.sleep(0.01)
-cf._write_rows = _slow
+writer.write_rows = _slow
 from mmcache.extract.extraction import ExtractConfig, run_extract
 run_extract(ExtractConfig(**json.loads(sys.argv[1])))
 """

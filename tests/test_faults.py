@@ -27,15 +27,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
-from mmcache.extract import cache_integrity as ci
 from mmcache.extract import tiny_models as tm
-from mmcache.extract.cache_lock import CacheBusyError, folder_lock
 from mmcache.extract.extraction import ExtractConfig, run_extract
 from mmcache.extract.images import ImageFailure, check_resized, load_image, resize_plan
 from PIL import Image
 
+from mmcache import cache as cf
 from mmcache import cli
+from mmcache.cache import integrity as ci
+from mmcache.cache import writer
+from mmcache.cache.lock import CacheBusyError, folder_lock
 from mmcache.errors import BadInputError, CacheError, DiskFullError
 
 N = 12
@@ -231,7 +232,7 @@ def test_nan_in_a_file_without_checksums_is_damage(tmp_path):
         ff.load(("cls",))  # unverifiable but loadable
         with pytest.raises(CacheError, match=r"1 damaged rows.*b \(row 1\)"):
             ff.load(("tokens",))
-    e = {x["status"] for x in __import__("mmcache.extract.cache_info", fromlist=["verify"]).verify(path)}
+    e = {x["status"] for x in __import__("mmcache.cache.info", fromlist=["verify"]).verify(path)}
     assert e == {"damaged"}
 
 
@@ -240,7 +241,7 @@ def test_nan_in_a_file_without_checksums_is_damage(tmp_path):
 _WRITER = """
 import sys, h5py
 sys.path.insert(0, {repo!r})
-from mmcache.extract.cache_lock import folder_lock
+from mmcache.cache.lock import folder_lock
 with folder_lock({folder!r}):  # what an extract holds (and the file it writes, when given)
     f = h5py.File({path!r}, "r+") if {path!r} else None
     print("writing", flush=True)
@@ -312,7 +313,7 @@ def test_shard_writers_share_the_folder_but_not_a_shard(tmp_path):
     folder = tmp_path / "posts"
     with folder_lock(folder, shard_file="shard-0-of-2"), folder_lock(folder, shard_file="shard-1-of-2"):
         pass  # re-entrant in one process; across processes below
-    code = ("import sys; sys.path.insert(0, {repo!r}); from mmcache.extract.cache_lock import folder_lock\n"
+    code = ("import sys; sys.path.insert(0, {repo!r}); from mmcache.cache.lock import folder_lock\n"
             "with folder_lock({folder!r}, shard_file={shard!r}): print('ok')")
     repo = str(Path(__file__).resolve().parents[1])
 
@@ -345,13 +346,13 @@ def test_too_little_free_space_is_one_error_and_a_rerun_completes(data, models, 
 
 def test_enospc_while_creating_leaves_nothing_behind(data, models, reference, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    real = cf.FeatureWriter._create
+    real = cf.FeatureWriter.create_arrays
 
     def full(f, *a, **kw):
         real(f, *a, **kw)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cf.FeatureWriter, "_create", staticmethod(full))
+    monkeypatch.setattr(cf.FeatureWriter, "create_arrays", staticmethod(full))
     with pytest.raises(DiskFullError, match=r"disk full writing .*needs [\d,]+ bytes") as raised:
         run_extract(_cfg(data, cache, models, modality="image"))
     assert str(raised.value).endswith("; rerun the same command to resume")  # what an API caller reads
@@ -363,7 +364,7 @@ def test_enospc_while_creating_leaves_nothing_behind(data, models, reference, tm
 
 def test_enospc_mid_run_keeps_finished_batches(data, models, reference, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
-    real, calls = cf._write_rows, {"n": 0}
+    real, calls = writer.write_rows, {"n": 0}
 
     def filling_up(ds, rows, sel, values):
         if ds.name == "/tokens" and "image--" in ds.file.filename:
@@ -373,7 +374,7 @@ def test_enospc_mid_run_keeps_finished_batches(data, models, reference, tmp_path
                               "'No space left on device')")
         real(ds, rows, sel, values)
 
-    monkeypatch.setattr(cf, "_write_rows", filling_up)
+    monkeypatch.setattr(writer, "write_rows", filling_up)
     code, _out, err = _run(capsys, *_argv(data, cache, models))
     line = _one_error_line(err)  # the CLI spells out the command to rerun
     assert code == 1 and "disk full writing" in line and "rerun `" in line and " extract " in line

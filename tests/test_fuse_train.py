@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.data import load_data
 from mmcache.fuse.evaluate import evaluate
 from mmcache.fuse.heads import head_uses, list_heads
@@ -21,6 +20,7 @@ from mmcache.fuse.metrics import compute_metrics
 from mmcache.fuse.synthetic import CLASSES, make_cache
 from mmcache.fuse.train import TrainConfig, load_run_config, train
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError, CacheError
 

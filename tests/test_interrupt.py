@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.runs import UNFINISHED_MARKER, is_finished
 from mmcache.fuse.synthetic import make_cache
+
+from mmcache import cache as cf
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.name != "posix", reason="process groups and SIGINT")]
 
@@ -150,7 +151,7 @@ def test_sigint_train_fusion_marks_the_run_unfinished(tmp_path):
 _SLOW_CLI = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from mmcache.extract import cache_format as cf
+from mmcache import cache as cf
 _write = cf.FeatureWriter.write
 def write(self, rows, **kw):
     time.sleep(0.05)

@@ -5,9 +5,9 @@ import io
 import logging
 
 import pytest
-from mmcache.extract.cache_info import fit_line, fit_table
 
 from mmcache.progress import LineProgress, _Bar, _Silent, format_duration, progress
+from mmcache.tables import fit_line, fit_table
 
 
 class FakeClock:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.datasets import Sample, load_dataset
 from mmcache.extract.split_policy import decide_split
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError
 

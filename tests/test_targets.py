@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from mmcache.extract import cache_format as cf
 from mmcache.extract.datasets import (
     MISSING,
     OUTSIDE,
@@ -28,6 +27,7 @@ from mmcache.fuse.synthetic import CLASSES, make_cache
 from mmcache.fuse.targets import available_targets, resolve_target, target_loss
 from mmcache.fuse.train import TrainConfig, train
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError
 

@@ -1,0 +1,222 @@
+"""Reading feature files: :class:`FeatureFile`, what ``cache info`` shows of one file (:func:`describe`),
+``failures.csv`` (:func:`write_failures_csv`) and the command that repairs a damaged file
+(:func:`repair_command`).
+
+Owns the reader side of the contract: arrays load whole (one contiguous read each) and, by default,
+every done row is checked against its checksum while it is read (:mod:`mmcache.cache.integrity`).
+Readers never take the folder's lock. h5py + numpy only, so stage two reads caches without torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcache.cache.h5io import attrs_dict, json_attr, open_h5, read_strs
+from mmcache.cache.index import read_index
+from mmcache.cache.integrity import CHECKSUM, CHECKSUM_FIELDS, Damage, scan_file
+from mmcache.cache.names import FAILURES_NAME, FEATURE_FIELDS, INDEX_NAME, OPTIONAL_FIELDS, list_feature_files
+from mmcache.errors import BadInputError, CacheError
+
+log = logging.getLogger(__name__)
+
+def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None) -> str:
+    """The extract call that recomputes a feature file's damaged rows (best effort from its provenance)."""
+    path = Path(path)
+    prov = provenance or {}
+    folder = path.parent
+    parts = ["python cli.py extract"]
+    dataset = prov.get("dataset") or folder.name
+    parts.append(f"--dataset {dataset}")
+    try:
+        root = read_index(folder / INDEX_NAME).attrs.get("root") if (folder / INDEX_NAME).exists() else None
+    except CacheError:
+        root = None
+    if root and dataset != "demo":
+        parts.append(f"--data-dir {root}")
+    parts.append(f"--cache-dir {folder.parent}")
+    if folder.name != dataset:
+        parts.append(f"--name {folder.name}")
+    if modality:
+        model = prov.get("model_id") or prov.get("resolved_path")
+        parts.append(f"--modality {modality}" + (f" --{modality}-model {model}" if model else ""))
+        if prov.get("layer") not in (None, "last"):
+            parts.append(f"--{modality}-layer {prov['layer']}")
+        if prov.get("name"):  # the file's name comes from it: the same file is found again
+            parts.append(f"--{modality}-name {prov['name']}")
+    return " ".join(parts) + " --repair"
+
+
+class FeatureFile:
+    """Read access to one modality file. Arrays load whole (one contiguous read each), never per batch."""
+
+    def __init__(self, path: str | Path, *, locking: bool | None = None) -> None:
+        """``locking=False`` reads a file another process is writing (``cache info`` during a run);
+        such a view may lag behind the writer, so only use it for progress displays."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"no feature cache at {self.path}")
+        self._f = open_h5(self.path, "r", locking=locking)
+        if self._f.attrs.get("format") != "mmcache-features":
+            self._f.close()
+            raise CacheError(f"{self.path} is not an mmcache feature file")
+        a = self._f.attrs
+        self.modality: str = str(a["modality"])
+        self.hidden_size: int = int(a["hidden_size"])
+        self.num_tokens: int = int(a["num_tokens"])
+        self.dtype: str = str(a["dtype"])
+        self.complete: bool = bool(a["complete"])
+        self.config: dict[str, Any] = json_attr(a, "config", {})
+        self.provenance: dict[str, Any] = json_attr(a, "provenance", {})
+        self.grid = json_attr(a, "grid")
+        self.shard = json_attr(a, "shard")
+        self.index_fingerprint: str = str(a["index_fingerprint"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return attrs_dict(self._f.attrs)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) object str."""
+        return read_strs(self._f["id"])
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(N,) int64 positions in the sample index."""
+        return self._f["row"][...]
+
+    @property
+    def done(self) -> np.ndarray:
+        """(N,) bool."""
+        return self._f["done"][...]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: features present (done and not failed)."""
+        return self._f["valid"][...]
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(id, reason) for each failed row."""
+        reasons = read_strs(self._f["failure"])
+        done, valid = self.done, self.valid
+        return [(i, r) for i, r, d, v in zip(self.ids, reasons, done, valid, strict=True) if d and not v]
+
+    @property
+    def has_checksums(self) -> bool:
+        """False for files written before per-row checksums existed (they cannot be verified)."""
+        return CHECKSUM in self._f
+
+    def load(self, fields=("cls",), dtype: str | None = "float32", verify: bool = True) -> dict[str, np.ndarray]:
+        """Read whole arrays: ``cls``/``mean`` (N, D), ``tokens`` (N, L, D), ``mask`` (N, L) bool, and
+        ``proj`` (N, P) where the file has it. Float arrays are cast to ``dtype`` (None keeps the stored
+        float16/float32).
+
+        ``verify`` (default): every done row of the arrays read (and ``valid``) is checked against its
+        checksum and for NaN/Inf while it is read; damage raises :class:`CacheError` naming the rows and
+        the command that recomputes them. A file without checksums (older version) is checked for
+        NaN/Inf only, with a warning."""
+        for name in fields:
+            if name not in FEATURE_FIELDS + OPTIONAL_FIELDS:
+                raise BadInputError(f"unknown cache field {name!r}; expected one of "
+                                    f"{', '.join(FEATURE_FIELDS + OPTIONAL_FIELDS)}")
+            if name not in self._f:  # a file written by another tool may lack an array
+                raise CacheError(f"{self.path} has no {name!r} array; re-extract it with this project")
+        names = tuple(dict.fromkeys(fields))
+        if verify:
+            arrays, damage = scan_file(self._f, self.path, (*names, "valid"), keep=names)
+            if not damage.verifiable:
+                log.warning("%s has no checksums (written by an older version): only NaN/Inf can be detected; "
+                            "rebuild it with `extract --force` to make it verifiable", self.path)
+            if damage:
+                raise CacheError(f"{self.path}: {damage.describe()}. They are never used for training: recompute "
+                                 f"them with `{repair_command(self.path, self.provenance, self.modality)}` (or "
+                                 "rerun the extract command that made the file); `python cli.py cache verify "
+                                 f"{self.path.parent}` lists every damaged row")
+        else:
+            arrays = {}
+            for name in names:
+                ds = self._f[name]
+                arrays[name] = np.empty(ds.shape, dtype=ds.dtype)
+                ds.read_direct(arrays[name])
+        return {name: arrays[name] if (dtype is None or name == "mask") else arrays[name].astype(dtype, copy=False)
+                for name in fields}
+
+    def verify(self, fields=None) -> Damage:
+        """Check every done row of ``fields`` (default: all arrays) without keeping them."""
+        if fields is None:
+            fields = CHECKSUM_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in self._f)
+        return scan_file(self._f, self.path, tuple(fields))[1]
+
+    def nbytes_on_disk(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def describe(path: str | Path, *, locking: bool | None = None, verify: bool = True) -> dict[str, Any]:
+    """Everything `cache info` shows about one file (index or features). ``verify``: check the
+    small arrays (cls, mean, mask, valid; not tokens) against their checksums: ``damaged_rows``."""
+    path = Path(path)
+    if path.name == INDEX_NAME:
+        idx = read_index(path)
+        info = idx.split_info()
+        return {"path": str(path), "kind": "index", "dataset": idx.dataset, "samples": len(idx),
+                "classes": idx.classes, "splits": info["counts"], "split_source": info["source"],
+                "split_spec": info["spec"], "split_fingerprint": info["fingerprint"],
+                "split_history": idx.split_history, "fingerprint": idx.fingerprint,
+                "size_bytes": path.stat().st_size}
+    with FeatureFile(path, locking=locking) as ff:
+        f = ff._f
+        done, valid, attrs = ff.done, ff.valid, ff.attrs  # each read once (cache info lists many files)
+        damage = ff.verify(("cls", "mean", "mask", "valid")) if verify else None
+        return {
+            "path": str(path), "kind": "features", "modality": ff.modality,
+            "model": ff.provenance.get("model_id") or ff.config.get("model"), "name": ff.provenance.get("name"),
+            "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(done.sum()),
+            "valid": int(valid.sum()), "failed": int((done & ~valid).sum()),
+            "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)}
+                       for k in FEATURE_FIELDS + OPTIONAL_FIELDS if k in f},
+            "hidden_size": ff.hidden_size, "num_tokens": ff.num_tokens, "dtype": ff.dtype,
+            "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
+            "index_fingerprint": ff.index_fingerprint,
+            "config_fingerprint": attrs.get("config_fingerprint"),
+            "created": attrs.get("created"), "updated": attrs.get("updated"),
+            "last_run": json_attr(f.attrs, "last_run"),
+            "config": ff.config, "provenance": ff.provenance, "checksums": ff.has_checksums,
+            "damaged_rows": None if damage is None else int(damage.rows.size),
+        }
+
+
+def write_failures_csv(dataset_dir: str | Path) -> Path:
+    """(Re)write ``failures.csv`` from every modality file in the folder: modality, file, id, reason."""
+    d = Path(dataset_dir)
+    out = d / FAILURES_NAME
+    tmp = out.with_suffix(".csv.tmp")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["modality", "file", "id", "reason"])
+            for p in list_feature_files(d):
+                with FeatureFile(p) as ff:
+                    for sid, reason in ff.failures():
+                        w.writerow([ff.modality, p.name, sid, reason])
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return out
+
