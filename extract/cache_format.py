@@ -51,6 +51,7 @@ from mmcache.extract.cache_integrity import (  # noqa: F401 -- part of this modu
     scan_file,
 )
 
+from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, CacheError
 
 log = logging.getLogger(__name__)
@@ -875,7 +876,7 @@ def write_failures_csv(dataset_dir: str | Path) -> Path:
             for p in list_feature_files(d):
                 with FeatureFile(p) as ff:
                     for sid, reason in ff.failures():
-                        w.writerow([ff.modality, p.name, sid, reason])
+                        w.writerow(csv_row([ff.modality, p.name, sid, reason]))  # ids and reasons are data
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
