@@ -29,6 +29,7 @@ only :mod:`mmcache.cache`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -48,7 +49,7 @@ from mmcache.extract.images import (
 
 from mmcache import cache as cf
 from mmcache.cache.lock import folder_lock
-from mmcache.errors import BadInputError, Interrupted, ResumableError
+from mmcache.errors import BadInputError, Interrupted, PipelineError, ResumableError
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +345,7 @@ def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInf
     ids = [s.id for s in samples]
     texts = [s.text or "" for s in samples]
     files: list[str | None] = [str(s.image_path) if s.image_path else None for s in samples]
-    rel = []
-    for f in files:
-        if f is None:
-            rel.append("")
-            continue
-        try:
-            rel.append(Path(f).resolve().relative_to(base).as_posix())
-        except ValueError:
-            rel.append(str(Path(f).resolve()))
+    rel = ["" if f is None else _stored_image_path(f, base) for f in files]
     labels = [int(s.label) for s in samples]
     split_list = [splits.assignment[s.id] for s in samples]
     keys: list[str] = []
@@ -382,6 +375,23 @@ def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInf
     return IndexInfo(path=path, dataset_dir=dataset_dir, status=status, fingerprint=fp, num_samples=len(ids),
                      ids=ids, texts=texts, image_files=files, split_status=splits.status,
                      split_notes=list(splits.warnings), split_summary=_split_summary(splits))
+
+
+def _stored_image_path(file: str, base: Path) -> str:
+    """``file`` relative to ``base`` (absolute if outside it), as the index stores it. A path that cannot
+    be resolved (a symlink loop) is kept as written: extraction records it as an unreadable image."""
+    path = Path(file)
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # symlink loop: RuntimeError before Python 3.13, OSError after
+        try:
+            resolved = path.parent.resolve() / path.name  # the loop is the file itself (the usual case)
+        except (RuntimeError, OSError):  # ... or a folder on its way
+            resolved = Path(os.path.normpath(os.path.abspath(path)))
+    try:
+        return resolved.relative_to(base).as_posix()
+    except ValueError:
+        return str(resolved)
 
 
 def _split_summary(splits) -> str:
@@ -840,6 +850,22 @@ def _kept(cfg: ExtractConfig, paths: dict[str, Path], stopped: str) -> str:
     return "extraction stopped; kept " + ", ".join(parts)
 
 
+def _refuse_if_nothing_usable(summaries: list[ModalitySummary], failures_csv: str) -> None:
+    """Raise :class:`PipelineError` when no requested modality has a single row with features (every row a
+    failure, e.g. every image missing): a cache nothing can train on is not a success. The files (failures
+    included) are kept, and ``failures.csv`` already lists why each row failed."""
+    if not summaries or any(m.valid for m in summaries):
+        return
+    reasons = Counter()
+    for m in summaries:
+        reasons.update({f"{m.modality}: {why}": n for why, n in m.failures.items()})
+    common = (f"; most common failure: {reasons.most_common(1)[0][0]} ({reasons.most_common(1)[0][1]} of "
+              f"{sum(reasons.values())})" if reasons else "")
+    rows = max(m.total for m in summaries)
+    raise PipelineError(f"nothing usable was written: every one of the {rows} rows failed for "
+                        f"{' and '.join(m.modality for m in summaries)}{common}; see {failures_csv}")
+
+
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """Index, then each requested modality (image before text), then ``failures.csv`` (unsharded
     runs only: a sharded run leaves that to the merge). Returns the summary; raises
@@ -861,6 +887,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         failures_csv = None
         if n == 1:
             failures_csv = str(cf.write_failures_csv(index.dataset_dir))
+            _refuse_if_nothing_usable([results[m] for m in cfg.modalities], failures_csv)
     return ExtractSummary(
         dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
         index_status=index.status, num_samples=index.num_samples, shard=(i, n),

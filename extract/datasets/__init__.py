@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmcache.extract.textio import MAX_TEXT_CHARS, cap_text
+
 from mmcache.errors import BadInputError
 
 SENTIMENT3 = ("positive", "neutral", "negative")  # index = label id; matches the MVSA split files (0=pos)
@@ -25,6 +27,9 @@ MAX_EXAMPLES = 5  # ids kept per reason in a report, enough to go and look witho
 MISSING = -1  # the sample has no value for the target (empty cell)
 OUTSIDE = -2  # the value is not one of the target's declared classes
 TARGET_REASONS = {MISSING: "missing", OUTSIDE: "outside_classes"}
+# Options every reader takes (``-o name=value``), handled by :func:`load_dataset` itself.
+COMMON_OPTIONS = {"max_text_chars": (int, MAX_TEXT_CHARS, "longest text kept, in characters; a longer one is cut "
+                                                          "and flagged text_truncated")}
 
 
 @dataclass
@@ -215,24 +220,45 @@ def resolve_data_dir(spec: DatasetSpec, data_dir: str | Path | None) -> Path:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) -> LoadResult:
     """Read dataset ``name`` from ``data_dir`` (or its default folder). Raises :class:`BadInputError` on
-    an unknown dataset/option or a folder that does not have the expected layout."""
+    an unknown dataset/option or a folder that does not have the expected layout.
+
+    Every reader also takes :data:`COMMON_OPTIONS` (``max_text_chars``: a longer text is cut to it and
+    the sample flagged ``text_truncated``)."""
     spec = get_dataset(name)
+    max_chars = _max_text_chars(options.pop("max_text_chars", MAX_TEXT_CHARS))
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        known = ", ".join(sorted(spec.options)) or "none"
+        known = ", ".join(sorted({*spec.options, *COMMON_OPTIONS}))
         raise BadInputError(f"dataset {name!r} has no option {unknown[0]!r} (options: {known})")
     resolved = {k: _coerce(k, t, options.get(k, default)) for k, (t, default, _h) in spec.options.items()}
     root = resolve_data_dir(spec, data_dir)
     if spec.name != "demo" and not (root.is_dir() or (spec.name == "folder" and root.is_file())):
         raise BadInputError(f"data folder {str(root)!r} for dataset {name!r} does not exist")
     result = spec.loader(root, **resolved)
-    result.options = resolved
+    _cap_texts(result, max_chars)
+    # Stored with the reader's options (index provenance): a different cap is a different index.
+    result.options = {**resolved, **({"max_text_chars": max_chars} if max_chars != MAX_TEXT_CHARS else {})}
     if not result.targets:
         result.targets = tuple(dataclasses.replace(t, classes=t.classes or tuple(result.classes)) for t in spec.targets)
     result.tasks = dict(result.tasks or spec.tasks)
     if not result.samples:
         raise BadInputError(f"dataset {name!r} at {str(root)!r}: no usable samples ({dict(result.report.dropped)})")
     return result
+
+
+def _max_text_chars(value: Any) -> int:
+    n = _coerce("max_text_chars", int, value)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BadInputError(f"option max_text_chars={value!r} must be a positive integer")
+    return n
+
+
+def _cap_texts(result: LoadResult, max_chars: int) -> None:
+    """Cut every text longer than ``max_chars`` (in place) and flag its sample ``text_truncated``."""
+    for s in result.samples:
+        s.text, cut = cap_text(s.text or "", max_chars)
+        if cut:
+            result.report.flag("text_truncated", s.id)
 
 
 def replace_samples(result: LoadResult, samples: list[Sample]) -> LoadResult:

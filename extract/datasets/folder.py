@@ -9,7 +9,10 @@ rare derived class is reported as a warning (a typo must not become a class sile
 Malformed input never becomes a sample: a row with more or fewer cells than the header, a JSONL line
 without a required key, or an empty id is dropped as ``malformed_row``. The header is matched ignoring case
 and surrounding spaces, with ``,``, ``;`` or tab as separator (UTF-16 with a byte-order mark is decoded);
-anything else is an error that lists the columns found and the ones needed. Extra columns become targets
+anything else is an error that lists the columns found and the ones needed. A text cell is kept as written
+(whitespace collapsed) unless it is an HTML document (flagged ``html_in_text``: only its visible text is
+kept) or shows nothing (only whitespace / zero-width characters: ``empty_text``); a cell of any length is
+read, and one over ``max_text_chars`` cut and flagged ``text_truncated``. Extra columns become targets
 with the ``targets`` option (``col1,col2``, or ``col:a|b|c`` to fix a column's classes and their order).
 """
 
@@ -30,7 +33,14 @@ from mmcache.extract.datasets import (
     Target,
     register_dataset,
 )
-from mmcache.extract.textio import clean_text, csv_table, decode_bytes, jsonl_records, safe_child
+from mmcache.extract.textio import (
+    clean_text,
+    csv_table,
+    decode_bytes,
+    jsonl_records,
+    looks_like_html,
+    safe_child,
+)
 
 from mmcache.errors import BadInputError
 
@@ -200,7 +210,10 @@ def _sample(sid: str, row: dict, lbl: str, class_names: tuple[str, ...], base: P
         return None
     if img is None or not img.is_file():
         report.flag("missing_image", sid)
-    text = clean_text(str(row.get("text") or ""))
+    raw_text = str(row.get("text") or "")
+    if looks_like_html(raw_text):  # an HTML document: only its visible text is kept, and that is said
+        report.flag("html_in_text", sid)
+    text = clean_text(raw_text)
     if not text:
         report.flag("empty_text", sid)
     split = str(row.get("split") or "").strip().lower() or None

@@ -19,7 +19,13 @@ from mmcache.extract.datasets import (
     degree_mapping,
     register_dataset,
 )
-from mmcache.extract.textio import clean_text, decode_bytes, looks_like_html, safe_child
+from mmcache.extract.textio import (
+    allow_long_csv_fields,
+    clean_text,
+    decode_bytes,
+    looks_like_html,
+    safe_child,
+)
 
 from mmcache.errors import BadInputError
 
@@ -53,6 +59,7 @@ def load_memotion(root: Path) -> LoadResult:
     if not path.is_file():
         raise BadInputError(f"{str(root)!r} is not a Memotion folder: labels.csv not found")
     text, enc = decode_bytes(path.read_bytes())
+    allow_long_csv_fields()  # a huge cell is capped by load_dataset, never a csv error
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows or any(c not in rows[0] for c in REQUIRED):
         raise BadInputError(f"{path}: expected columns {', '.join(REQUIRED)}")

@@ -19,7 +19,7 @@ from mmcache.extract.datasets import (
     Target,
     register_dataset,
 )
-from mmcache.extract.textio import clean_text, decode_bytes, safe_child
+from mmcache.extract.textio import clean_text, decode_bytes, looks_like_html, safe_child
 
 from mmcache.errors import BadInputError
 
@@ -104,6 +104,8 @@ def _load_mvsa(root: Path, *, annotators: int, name: str, strict_agree: bool) ->
             report.decoded_with[enc] += 1
             if enc != "utf-8":
                 report.flag(f"text_decoded_{enc}", sid)
+            if looks_like_html(text):  # the same rule, and the same flag, as every reader
+                report.flag("html_in_text", sid)
             text = clean_text(text)
             if not text:
                 report.flag("empty_text", sid)

@@ -21,6 +21,7 @@ from mmcache.cache.h5io import attrs_dict, json_attr, open_h5, read_strs
 from mmcache.cache.index import read_index
 from mmcache.cache.integrity import CHECKSUM, CHECKSUM_FIELDS, Damage, scan_file
 from mmcache.cache.names import FAILURES_NAME, FEATURE_FIELDS, INDEX_NAME, OPTIONAL_FIELDS, list_feature_files
+from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, CacheError
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def write_failures_csv(dataset_dir: str | Path) -> Path:
             for p in list_feature_files(d):
                 with FeatureFile(p) as ff:
                     for sid, reason in ff.failures():
-                        w.writerow([ff.modality, p.name, sid, reason])
+                        w.writerow(csv_row([ff.modality, p.name, sid, reason]))  # ids and reasons are data
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
