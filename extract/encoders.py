@@ -11,7 +11,8 @@ Mask convention everywhere: boolean, True = real token.
 
 What differs between families (which class loads the checkpoint, what ``cls`` is, leading non-patch
 tokens, padding) lives in the adapters of :mod:`extract.adapters`, recognised by ``config.model_type``;
-this module holds what is common: devices, precision, padding, layer choice, the patch grid.
+this module holds what is common: devices, precision, padding, layer choice, patch pooling (the grid
+geometry is each family's ``ImageAdapter.grid`` hook).
 
 This module imports torch and transformers; :mod:`extract` itself stays import-light.
 """
@@ -586,16 +587,6 @@ class ImageEncoder:
         }
 
 
-def _patch_size(config) -> tuple[int, int] | None:
-    config = getattr(config, "vision_config", None) or config
-    p = getattr(config, "patch_size", None)
-    if isinstance(p, int):
-        return p, p
-    if isinstance(p, (list, tuple)) and len(p) == 2:
-        return int(p[0]), int(p[1])
-    return None
-
-
 def _image_parts(model: str, revision: str | None):
     """(config, adapter, processor, local_only): everything checked before the weights are read."""
     config, local_only = _load_config(model, "image", revision)
@@ -605,30 +596,13 @@ def _image_parts(model: str, revision: str | None):
 
 
 def _layout(adapter, config, hidden: torch.Tensor, input_hw, model: str) -> tuple[int, tuple[int, int], int]:
-    """(hidden size, raw grid, prefix tokens) of a dummy forward's ``last_hidden_state``."""
-    mtype = getattr(config, "model_type", "")
-    if adapter.kind == "cnn":
-        if hidden.ndim != 4:
-            raise BadInputError(f"image model {model!r} ({mtype}): expected a (B, C, h, w) feature map, "
-                                f"got {tuple(hidden.shape)}")
-        return int(hidden.shape[1]), (int(hidden.shape[2]), int(hidden.shape[3])), 0
-    if hidden.ndim != 3:
-        raise BadInputError(f"image model {model!r} ({mtype}): expected a (B, T, D) token sequence, "
-                            f"got {tuple(hidden.shape)}")
-    prefix = adapter.prefix_tokens(getattr(config, "vision_config", None) or config)
-    n_patches = int(hidden.shape[1]) - prefix
-    ps = _patch_size(config)
-    if ps is not None:
-        raw_grid = (input_hw[0] // ps[0], input_hw[1] // ps[1])
-    else:
-        side = math.isqrt(max(n_patches, 0))
-        raw_grid = (side, side)
-    if raw_grid[0] * raw_grid[1] != n_patches:
-        raise BadInputError(
-            f"image model {model!r} ({mtype}) returned {hidden.shape[1]} tokens, which do not form "
-            f"{prefix} leading token(s) + a {raw_grid[0]}x{raw_grid[1]} patch grid; unsupported backbone"
-        )
-    return int(hidden.shape[2]), raw_grid, prefix
+    """(hidden size, raw grid, prefix tokens) of a dummy forward's ``last_hidden_state``, from the
+    family's :meth:`~extract.adapters.ImageAdapter.grid` hook; its errors name the model here."""
+    try:
+        prefix, raw_grid, hidden_size = adapter.grid(config, hidden, input_hw)
+    except BadInputError as e:
+        raise BadInputError(f"image model {model!r} ({getattr(config, 'model_type', '')}): {e}") from None
+    return hidden_size, raw_grid, prefix
 
 
 def load_image_encoder(

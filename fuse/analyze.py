@@ -9,7 +9,7 @@ Writes ``<run>/analysis/`` (see :func:`analyze_run`):
   after temperature scaling. The temperature T is fitted on the validation split (minimum NLL of
   softmax(log p / T)) and stored in the run (``calibration.json``, :func:`fuse.runs.write_calibration`);
   ``predict --calibrated`` applies it;
-* ``attention`` (self_attention, dual_attention heads): the share of attention the fusion token puts on
+* ``attention`` (heads whose ``explains`` hook is set: self_attention, dual_attention): the share of attention the fusion token puts on
   text vs image tokens (self-attention), or the share of each stream's update that comes from the other
   modality (dual attention: |cross-attention output| / (|own state| + |cross-attention output|), as its
   weights always sum to one over the other modality), per class and, where the index has
@@ -36,11 +36,8 @@ from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnalysisResult", "analyze_run", "apply_temperature", "expected_calibration_error", "fit_temperature",
-           "format_analysis", "reliability"]
-
-ATTENTION_HEADS = ("self_attention", "dual_attention")
-
+__all__ = ["AnalysisResult", "analyze_run", "apply_temperature", "expected_calibration_error", "explaining_heads",
+           "fit_temperature", "format_analysis", "reliability"]
 
 @dataclass
 class AnalysisResult:
@@ -124,56 +121,32 @@ def curves(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
 
 # --------------------------------------------------------------------------------------------- attention
 
-def _stream_hooks(model) -> tuple[list, dict[str, list]]:
-    """Hooks on the last cross layer of each dual-attention stream: record |cross output| and |own state|
-    per query token, (B, Lq) each."""
-    got: dict[str, list] = {"text": [], "image": []}
-    handles = []
-    for stream, layers in (("text", model.text_layers), ("image", model.image_layers)):
-        layer = layers[-1]
-        state: dict[str, torch.Tensor] = {}
-        handles.append(layer.register_forward_pre_hook(lambda _m, args, s=state: s.update(q=args[0].norm(dim=-1))))
-        handles.append(layer.attn.register_forward_hook(
-            lambda _m, _a, out, s=state, k=stream: got[k].append((s["q"], out[0].norm(dim=-1)))))
-    return handles, got
+def explaining_heads() -> list[str]:
+    """Registered heads that can explain their predictions (their ``explains`` hook), sorted."""
+    from mmcache.fuse.heads import get_head, list_heads
+
+    return [h for h in list_heads() if get_head(h).explains]
 
 
 @torch.inference_mode()
-def attention_maps(model, data, rows: torch.Tensor, head: str, batch_size: int = 64) -> dict[str, Any]:
-    """Per post (in ``rows`` order): ``text_share`` / ``image_share`` (and for self-attention the
-    fusion token's weight on itself), plus the last layer's weights over each modality's real tokens
-    (``text_weights`` (Lt,), ``image_weights`` (Li,)) for heat maps."""
+def attention_maps(model, data, rows: torch.Tensor, head: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Per post (in ``rows`` order), from the head's :meth:`~fuse.heads.FusionHead.explain` hook:
+    ``text_share`` / ``image_share`` / ``self_share`` (None where the head has no such token), plus the
+    weights over each modality's real tokens (``text_weights`` (Lt,), ``image_weights`` (Li,)) for heat
+    maps. ``head``: unused, kept for existing callers (the model itself says how it explains)."""
+    if not model.explains:
+        raise BadInputError(f"fusion head {model.name!r} cannot explain its predictions; heads that can: "
+                            f"{', '.join(explaining_heads())}")
     model.eval()
     out: dict[str, list] = {"text_share": [], "image_share": [], "self_share": [], "text_weights": [], "image_weights": []}
-    handles, streams = _stream_hooks(model) if head == "dual_attention" else ([], None)
-    try:
-        for start in range(0, rows.numel(), batch_size):
-            text, tmask, image, imask = data.batch(rows[start:start + batch_size])
-            _, attn = model(text, tmask, image, imask, return_attention=True)
-            lt = text.shape[1]
-            if head == "self_attention":
-                w = attn[f"layer{len(model.layers) - 1}"][:, :, 0, :].mean(1)  # (B, 1+Lt+Li) fusion token's row
-                t, i = w[:, 1:1 + lt], w[:, 1 + lt:]
-                out["self_share"] += w[:, 0].tolist()
-                out["text_share"] += t.sum(1).tolist()
-                out["image_share"] += i.sum(1).tolist()
-            else:
-                n = len(model.text_layers) - 1
-                t = attn[f"image_to_text{n}"].mean(1)  # (B, Li, Lt): image queries over text tokens
-                i = attn[f"text_to_image{n}"].mean(1)  # (B, Lt, Li)
-                t = (t * imask[:, :, None]).sum(1) / imask.sum(1, keepdim=True).clamp(min=1)  # (B, Lt)
-                i = (i * tmask[:, :, None]).sum(1) / tmask.sum(1, keepdim=True).clamp(min=1)  # (B, Li)
-                for stream, mask, key in (("text", tmask, "image_share"), ("image", imask, "text_share")):
-                    q, a = streams[stream].pop()
-                    share = (a / (a + q).clamp(min=1e-12) * mask).sum(1) / mask.sum(1).clamp(min=1)
-                    out[key] += share.tolist()  # text stream's share from the image, and vice versa
-                out["self_share"] += [None] * text.shape[0]
-            for b in range(text.shape[0]):
-                out["text_weights"].append(t[b][tmask[b]].cpu().numpy())
-                out["image_weights"].append(i[b][imask[b]].cpu().numpy())
-    finally:
-        for h in handles:
-            h.remove()
+    for start in range(0, rows.numel(), batch_size):
+        text, tmask, image, imask = data.batch(rows[start:start + batch_size])
+        got = model.explain(text, tmask, image, imask)
+        for key in ("text_share", "image_share", "self_share"):
+            out[key] += [None] * text.shape[0] if got[key] is None else got[key].tolist()
+        for b in range(text.shape[0]):
+            out["text_weights"].append(got["text_weights"][b][tmask[b]].cpu().numpy())
+            out["image_weights"].append(got["image_weights"][b][imask[b]].cpu().numpy())
     return out
 
 
@@ -258,14 +231,14 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
         "gallery": {k: [str(data.ids[test_rows[p]]) for p in v] for k, v in _gallery(probs["test"], ys["test"], gallery).items()},
     }
     att = None
-    if config.head in ATTENTION_HEADS:
-        att = attention_maps(model, data, data.split_rows["test"], config.head)
+    if model.explains:
+        att = attention_maps(model, data, data.split_rows["test"])
         groups = {"all": np.ones(len(test_rows), bool),
                   **{f"true {c}": ys["test"] == k for k, c in enumerate(data.classes)}}
         if "labels_agree" in index.extra:
             agree = np.asarray(index.extra["labels_agree"])[test_rows].astype(bool)
             groups.update({"labels agree": agree, "labels disagree": ~agree})
-        summary["attention"] = {"kind": "fusion token" if config.head == "self_attention" else "stream update",
+        summary["attention"] = {"kind": model.explain_kind,
                                 "shares": _share_table(att, groups)}
     from mmcache.fuse.analysis_report import write_analysis
 

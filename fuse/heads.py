@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmcache.errors import BadInputError
+from mmcache.plugins import load_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ __all__ = [
     "FusionHead",
     "count_parameters",
     "create_head",
+    "get_head",
     "head_uses",
     "list_heads",
     "register_head",
@@ -74,11 +77,18 @@ def register_head(name: str):
 
 
 def list_heads() -> list[str]:
-    """Names of all registered heads, sorted."""
+    """Names of all registered heads (built-in and ``mmcache.heads`` plugins), sorted."""
+    load_plugins("mmcache.heads")
     return sorted(_HEADS)
 
 
+def get_head(name: str) -> type[FusionHead]:
+    """The class registered as ``name`` (for its hooks: ``uses``, ``explains``, ``stacked_overrides``)."""
+    return _lookup(name)
+
+
 def _lookup(name: str) -> type[FusionHead]:
+    load_plugins("mmcache.heads")
     try:
         return _HEADS[name]
     except KeyError:
@@ -260,6 +270,10 @@ class FusionHead(nn.Module):
     # True: with one used modality missing (all-False mask row) the head still gives a meaningful
     # answer from the other (attention just has fewer keys); predict marks such answers.
     handles_missing: bool = False
+    # True: the head implements :meth:`explain` (analyze's attention section, Predictor.explain);
+    # ``explain_kind`` names what its shares measure, for reports.
+    explains: bool = False
+    explain_kind: str = ""
 
     def __init__(
         self,
@@ -334,6 +348,23 @@ class FusionHead(nn.Module):
 
     def _forward(self, text, text_mask, image, image_mask) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def explain(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor) -> dict[str, Tensor | None]:
+        """What the head attends to, per post (only where :attr:`explains`; inputs as for ``forward``,
+        masks required). Returns ``text_share`` / ``image_share`` (B,) float32 in [0, 1], ``self_share``
+        (B,) float32 or None (weight a head keeps on its own summary token), and ``text_weights``
+        (B, Lt) / ``image_weights`` (B, Li) float32 over the tokens (padded positions: ignore)."""
+        raise NotImplementedError(f"fusion head {self.name!r} does not explain its predictions")
+
+    @classmethod
+    def stacked_overrides(cls) -> dict[str, Callable]:
+        """Method name -> replacement, bound on the stacked copy of this head in :mod:`fuse.stack`.
+
+        The stack turns every Linear / LayerNorm into a member-batched one; a head with parameters
+        of its own (outside those modules) must say how its code uses them with a leading member
+        axis (M, ...). None needed (the default): the head stacks as is. Without an override, a head
+        with its own parameters is trained one model per run."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -458,6 +489,35 @@ class SelfAttentionHead(FusionHead):
             x, attn[f"layer{n}"] = layer(x, mask, queries=1 if (fast and n == last) else None)
         return self.classifier(self.norm(x[:, 0])), attn
 
+    explains = True
+    explain_kind = "fusion token"
+
+    @torch.inference_mode()
+    def explain(self, text, text_mask, image, image_mask):
+        """Shares = the fusion token's last-layer attention (mean over heads) on text / image / itself:
+        the three add up to 1. Weights: that same row over each modality's tokens."""
+        _, attn = self(text, text_mask, image, image_mask, return_attention=True)
+        lt = text.shape[1]
+        w = attn[f"layer{len(self.layers) - 1}"][:, :, 0, :].mean(1)  # (B, 1+Lt+Li) fusion token's row
+        t, i = w[:, 1:1 + lt], w[:, 1 + lt:]
+        return {"text_share": t.sum(1), "image_share": i.sum(1), "self_share": w[:, 0],
+                "text_weights": t, "image_weights": i}
+
+    @classmethod
+    def stacked_overrides(cls):
+        # fusion_token and modality_embed are parameters outside Linear/LayerNorm
+        return {"_embed": _stacked_embed}
+
+
+def _stacked_embed(self: SelfAttentionHead, text: Tensor, image: Tensor) -> Tensor:
+    """SelfAttentionHead._embed in a stack (fuse.stack): per-member fusion token (M, 1, 1, D) and
+    modality embeddings (M, 3, D); text / image (M*b, L, D) member-major -> (M*b, 1+Lt+Li, D)."""
+    m = self.modality_embed.shape[0]
+    b = text.shape[0] // m
+    emb = self.modality_embed[:, None].expand(m, b, 3, -1).reshape(m * b, 3, -1)  # (M*b, 3, D)
+    tok = self.fusion_token.reshape(m, 1, 1, -1).expand(m, b, 1, -1).reshape(m * b, 1, -1)
+    return torch.cat([tok + emb[:, None, 0], text + emb[:, None, 1], image + emb[:, None, 2]], dim=1)
+
 
 class _CrossLayer(nn.Module):
     """One cross-attention stream layer: q + CA(LN(q), LN(kv)), then q + FF(LN(q)).
@@ -522,3 +582,42 @@ class DualAttentionHead(FusionHead):
             [_masked_mean(self.text_norm(t), text_mask), _masked_mean(self.image_norm(i), image_mask)], dim=-1
         )
         return self.classifier(pooled), attn
+
+    explains = True
+    explain_kind = "stream update"
+
+    def _stream_hooks(self) -> tuple[list, dict[str, list]]:
+        """Hooks on the last cross layer of each stream: record |own state| and |cross output| per query
+        token, (B, Lq) float32 each."""
+        got: dict[str, list] = {"text": [], "image": []}
+        handles = []
+        for stream, layers in (("text", self.text_layers), ("image", self.image_layers)):
+            layer, state = layers[-1], {}
+            handles.append(layer.register_forward_pre_hook(lambda _m, args, s=state: s.update(q=args[0].norm(dim=-1))))
+            handles.append(layer.attn.register_forward_hook(
+                lambda _m, _a, out, s=state, k=stream: got[k].append((s["q"], out[0].norm(dim=-1)))))
+        return handles, got
+
+    @torch.inference_mode()
+    def explain(self, text, text_mask, image, image_mask):
+        """Share of each stream's last update that comes from the other modality: |cross output| /
+        (|own state| + |cross output|), mean over the stream's real tokens (its weights always sum to
+        one over the other modality, so they cannot say this). ``text_share`` is the image stream's
+        share from the text, and vice versa. Weights: last layer's cross attention (mean over heads,
+        over the real query tokens) on each modality's tokens."""
+        handles, streams = self._stream_hooks()
+        try:
+            _, attn = self(text, text_mask, image, image_mask, return_attention=True)
+        finally:
+            for h in handles:
+                h.remove()
+        n = len(self.text_layers) - 1
+        t = attn[f"image_to_text{n}"].mean(1)  # (B, Li, Lt): image queries over text tokens
+        i = attn[f"text_to_image{n}"].mean(1)  # (B, Lt, Li)
+        t = (t * image_mask[:, :, None]).sum(1) / image_mask.sum(1, keepdim=True).clamp(min=1)  # (B, Lt)
+        i = (i * text_mask[:, :, None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)  # (B, Li)
+        out = {"self_share": None, "text_weights": t, "image_weights": i}
+        for stream, mask, key in (("text", text_mask, "image_share"), ("image", image_mask, "text_share")):
+            q, a = streams[stream][-1]
+            out[key] = (a / (a + q).clamp(min=1e-12) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return out

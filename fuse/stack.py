@@ -24,9 +24,9 @@ With dropout 0, a member's numbers equal ``train``'s up to float reduction order
 in ``tests/test_stack.py``); with dropout, the masks are drawn from one generator for the whole stack
 (seeded by the first member's seed), so they follow the same distribution but not the same draws.
 
-Heads whose parameters are not all inside Linear / LayerNorm modules need an adapter here (self
-attention's fusion token and modality embeddings have one, :func:`_stacked_embed`); a head without one
-is reported by :func:`can_stack` and trained one model per run.
+Heads whose parameters are not all inside Linear / LayerNorm modules say how to stack them with their
+``stacked_overrides()`` hook (:class:`~fuse.heads.FusionHead`; self attention's fusion token and modality
+embeddings have one); a head without one is reported by :func:`can_stack` and trained one model per run.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
-from mmcache.fuse.heads import FusionHead, SelfAttentionHead, _Attention
+from mmcache.fuse.heads import FusionHead, _Attention
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
 from mmcache.fuse.train import finish_run, open_run
 from torch import Tensor, nn
@@ -169,22 +169,12 @@ def _stacked_values(self: _Attention, kv_in: Tensor) -> Tensor:
     return self.kv.rows(kv_in, kv_in.shape[-1], 2 * kv_in.shape[-1])
 
 
-def _stacked_embed(self: SelfAttentionHead, text: Tensor, image: Tensor) -> Tensor:
-    """SelfAttentionHead._embed with per-member fusion token (M, 1, 1, D) and embeddings (M, 3, D)."""
-    m = self.modality_embed.shape[0]
-    b = text.shape[0] // m
-    emb = self.modality_embed[:, None].expand(m, b, 3, -1).reshape(m * b, 3, -1)  # (M*b, 3, D)
-    tok = self.fusion_token.reshape(m, 1, 1, -1).expand(m, b, 1, -1).reshape(m * b, 1, -1)
-    return torch.cat([tok + emb[:, None, 0], text + emb[:, None, 1], image + emb[:, None, 2]], dim=1)
-
-
-_ADAPTERS = {SelfAttentionHead: ("_embed", _stacked_embed)}  # heads with parameters outside Linear/LayerNorm
 _SUPPORTED_LEAVES = (nn.Linear, nn.LayerNorm)
 
 
 def _unsupported(model: FusionHead) -> list[str]:
     """Parameters the stacked conversion cannot handle (empty: the head can be stacked)."""
-    adapted = type(model) in _ADAPTERS
+    adapted = bool(type(model).stacked_overrides())  # the head's own parameters are handled by its overrides
     bad = []
     for name, mod in model.named_modules():
         if isinstance(mod, _SUPPORTED_LEAVES) or not mod._parameters:
@@ -237,8 +227,7 @@ class _Stack:
         for mod in model.modules():  # what is left (adapter heads' own parameters) becomes plain attributes
             for attr in list(mod._parameters):
                 del mod._parameters[attr]
-        if type(model) in _ADAPTERS:
-            attr, fn = _ADAPTERS[type(model)]
+        for attr, fn in type(model).stacked_overrides().items():
             setattr(model, attr, types.MethodType(fn, model))
         return model
 

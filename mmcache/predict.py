@@ -469,10 +469,10 @@ class Predictor:
         import torch
 
         from mmcache.extract import cache_format as cf
-        from mmcache.fuse.analyze import ATTENTION_HEADS, attention_maps
+        from mmcache.fuse.analyze import attention_maps, explaining_heads
 
-        if self.config.head not in ATTENTION_HEADS:
-            raise BadInputError(f"explain needs an attention head ({', '.join(ATTENTION_HEADS)}); this run is "
+        if not self.model.explains:
+            raise BadInputError(f"explain needs an attention head ({', '.join(explaining_heads())}); this run is "
                                 f"{self.config.head!r}")
         posts = posts_from_lists(texts, images, ids)
         with tempfile.TemporaryDirectory(prefix="mmcache-explain-") as tmp:
@@ -483,7 +483,7 @@ class Predictor:
             data, answer, _notes = self._load_encoded(files, index, posts)
             if not answer:
                 return out
-            att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device), self.config.head)
+            att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device))
         from mmcache.api import _recorded_tokenizer
 
         tokenize = _recorded_tokenizer(self.run_dir)

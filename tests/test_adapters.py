@@ -33,6 +33,17 @@ from mmcache.errors import BadInputError, ModelLoadError
 
 TEXTS = ["good", "i love this movie , it is great and happy !", "awful weather , i hate it so much"]
 
+def _build_swin(out):
+    """Random 2-stage SwinModel (patch 4, one 2x2 merge: a 32x32 image -> a 4x4 grid) + its processor."""
+    from transformers import SwinConfig, SwinModel, ViTImageProcessor
+
+    torch.manual_seed(8)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2)
+    SwinModel(config).save_pretrained(out)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    return out
+
+
 #: family -> builder of a tiny random checkpoint (folder) of that family. Two-tower families share one.
 TINY = {
     "bert": lambda d: tm.build_bert(d / "bert", hidden_size=24, num_heads=2, seed=1),
@@ -45,6 +56,7 @@ TINY = {
     "cnn": lambda d: tm.build_resnet(d / "resnet", hidden_sizes=(8, 12), depths=(1, 1), image_size=32, seed=7),
     "clip-vision": lambda d: tm.build_clip(d / "clip", seed=3),
     "siglip-vision": lambda d: tm.build_siglip(d / "siglip", seed=4),
+    "swin": lambda d: _build_swin(d / "swin"),
 }
 
 
@@ -262,3 +274,20 @@ def test_identity_rule():
     assert cf.encoder_difference(hub, {**hub, "revision": "c1"}) == ""
     assert "commit_hash" in cf.encoder_difference(hub, {**hub, "commit_hash": "c2"})
     assert "model" in cf.encoder_difference(hub, {**hub, "model": "roberta-base"})
+
+
+def test_swin_grid_is_its_own_geometry(ckpt):
+    """Swin's grid (patches merged 2x2 per later stage, odd sides rounded up) comes from its adapter's
+    grid hook alone: input / 32 for the standard four stages of patch 4, no prefix tokens."""
+    from transformers import SwinConfig
+
+    swin, hidden = get_adapter("swin"), lambda n, d: torch.zeros(1, n, d)
+    standard = SwinConfig()  # patch 4, depths (2, 2, 6, 2)
+    assert swin.grid(standard, hidden(49, 768), (224, 224)) == (0, (7, 7), 768)
+    assert swin.grid(standard, hidden(8, 768), (100, 60)) == (0, (4, 2), 768)  # 25x15 -> 13x8 -> 7x4 -> 4x2
+    with pytest.raises(BadInputError, match="49 tokens"):
+        swin.grid(standard, hidden(49, 768), (256, 256))
+    enc = load_image_encoder(str(ckpt("swin")))
+    assert (enc.raw_grid, enc.num_prefix_tokens, enc.hidden_size) == ((4, 4), 0, 16)
+    with pytest.raises(BadInputError, match="last layer"):  # stages differ in width
+        load_image_encoder(str(ckpt("swin")), layer=-2)

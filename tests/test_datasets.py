@@ -742,3 +742,62 @@ def test_demo_groups_classes_and_words(tmp_path):
 def test_demo_non_positive_n_is_bad_input(tmp_path, n):
     with pytest.raises(BadInputError):
         load_dataset("demo", tmp_path / "demo", n=n)
+
+
+# --------------------------------------------------------------------------- reader contract (every registered reader)
+
+#: reader name -> builder of a small dataset folder of that reader's layout: tmp_path -> (path, options).
+#: A reader module without an entry here fails test_every_reader_has_a_contract_fixture: adding a reader
+#: is its module plus one line here.
+FIXTURES = {
+    "demo": lambda d: (d / "demo", {"n": 12, "seed": 1}),  # generated on first use (generates_data)
+    "folder": lambda d: (_write_csv(_folder_fixture(d / "folder") / "manifest.csv", FOLDER_ROWS), {}),
+    "memotion": lambda d: (_make_memotion(d / "memotion", MEMOTION_ROWS), {}),
+    "mvsa_single": lambda d: (_make_mvsa(d / "mvsa_single", [f"{i}\t{t},{m}" for i, (t, m) in enumerate(COMBOS)]), {}),
+    "mvsa_multiple": lambda d: (_make_mvsa(d / "mvsa_multiple", [_multi_row(*r[:3]) for r in MULTI_ROWS],
+                                           header="ID\ttext,image\ttext,image\ttext,image"), {}),
+}
+
+
+def test_every_reader_has_a_contract_fixture():
+    assert set(FIXTURES) == set(list_datasets())
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_reader_contract(tmp_path, name):
+    """Each reader: its samples carry the declared fields, every row it saw is kept or dropped with a
+    reason, and every target it declares has classes that its samples' codes index."""
+    from mmcache.extract.datasets import TARGET_REASONS
+
+    spec = get_dataset(name)
+    path, options = FIXTURES[name](tmp_path)
+    res = load_dataset(name, path, **options)
+    assert res.dataset == name and res.samples
+    _accounted(res)
+    assert len({s.id for s in res.samples}) == len(res.samples), "ids must be unique"
+    for s in res.samples:
+        assert isinstance(s.id, str) and s.id and isinstance(s.text, str)
+        assert s.image_path is None or isinstance(s.image_path, Path)
+        assert 0 <= s.label < len(res.classes) and s.label_name == res.classes[s.label]
+    declared = [t.name for t in spec.targets]
+    assert [t.name for t in res.targets][:len(declared)] == declared and res.targets[0].field is None
+    for t in res.targets:
+        assert t.classes, f"target {t.name!r} has no classes"
+        if t.field is not None:
+            assert all(t.field in s.extra for s in res.samples), f"samples lack the declared field {t.field!r}"
+    for target, codes in res.target_codes().items():
+        n = len(next(t for t in res.targets if t.name == target).classes)
+        assert all(0 <= c < n or c in TARGET_REASONS for c in codes), target
+    for task, members in res.tasks.items():
+        assert set(members) <= {t.name for t in res.targets}, task
+
+
+def test_spec_properties_replace_name_checks(tmp_path):
+    """What used to be `name == "demo"` / `name == "folder"` is what the specs declare."""
+    assert {n for n in list_datasets() if get_dataset(n).generates_data} == {"demo"}
+    assert {n for n in list_datasets() if get_dataset(n).accepts_file} == {"folder"}
+    manifest, _ = FIXTURES["folder"](tmp_path)
+    assert load_dataset("folder", manifest).samples  # a file path, accepted
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_dataset("mvsa_single", manifest)  # a file where a folder is needed
+    assert load_dataset("demo", tmp_path / "new" / "demo", n=6).samples  # a folder that is not there yet

@@ -7,12 +7,12 @@ that mixes up the two projections fails loudly.
 
 import pytest
 import torch
-from mmcache.fuse.heads import count_parameters, create_head, head_uses, list_heads
+from mmcache.fuse.heads import count_parameters, create_head, get_head, head_uses, list_heads
 
 from mmcache.errors import BadInputError
 
 HEADS = list_heads()
-ATTENTION_HEADS = {"self_attention", "dual_attention"}
+EXPLAINING = [h for h in HEADS if get_head(h).explains]  # the hook, not a list of names
 KINDS = ["vector", "token"]
 DT, DI, C, B, DIM, NHEADS = 24, 40, 3, 5, 32, 4
 TEXT_LENS = [7, 3, 1, 5, 2]  # ragged: Lt = 7
@@ -156,7 +156,7 @@ def test_return_attention(name, kind):
         logits, attn = model(text, tm, image, im, return_attention=True)
         # The plain call takes the fused kernel: same values up to float rounding.
         torch.testing.assert_close(logits, model(text, tm, image, im), atol=1e-5, rtol=0)
-    if name not in ATTENTION_HEADS:
+    if not get_head(name).explains:
         assert attn == {}
         return
     Lt, Li = tm.shape[1], im.shape[1]
@@ -269,3 +269,35 @@ def test_fused_attention_path_matches_explicit_one(name, kind):
         fast = model(text, tm, image, im)
         slow, _ = model(text, tm, image, im, return_attention=True)
     assert torch.allclose(fast, slow, atol=1e-5), (fast - slow).abs().max()
+
+
+def test_attention_heads_explain_and_others_do_not():
+    assert set(EXPLAINING) >= {"self_attention", "dual_attention"}
+    assert not {"basic", "text_only", "image_only"} & set(EXPLAINING)
+    text, tm, image, im = _inputs("token")
+    with pytest.raises(NotImplementedError, match="basic"):
+        _build("basic").explain(text, tm, image, im)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", EXPLAINING)
+def test_explain_contract(name, kind):
+    """Every head that explains: shares in [0, 1] per post, weights over each modality's tokens that
+    are zero on padding, a missing modality gets share 0, and explaining never changes the logits."""
+    model = _build(name).eval()
+    text, tm, image, im = _inputs(kind)
+    tm = tm.clone()
+    tm[1] = False  # one post without text
+    with torch.no_grad():
+        before = model(text, tm, image, im)
+    got = model.explain(text, tm, image, im)
+    assert got["text_weights"].shape == tm.shape and got["image_weights"].shape == im.shape
+    for key in ("text_share", "image_share"):
+        assert got[key].shape == (B,) and ((got[key] >= 0) & (got[key] <= 1 + 1e-6)).all(), key
+    assert got["text_share"][1] == 0 and (got["text_weights"][1] == 0).all()
+    assert (got["text_weights"][~tm] == 0).all() and (got["image_weights"][~im] == 0).all()
+    if got["self_share"] is not None:  # a summary token: the three shares are the whole attention
+        torch.testing.assert_close(got["text_share"] + got["image_share"] + got["self_share"], torch.ones(B))
+    with torch.no_grad():  # no hook or attention-weights switch left behind
+        torch.testing.assert_close(model(text, tm, image, im), before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -17,7 +17,7 @@ import torch
 from mmcache.fuse.data import load_data
 from mmcache.fuse.engine import build_head
 from mmcache.fuse.evaluate import evaluate
-from mmcache.fuse.heads import BasicFusionHead
+from mmcache.fuse.heads import BasicFusionHead, list_heads
 from mmcache.fuse.runs import RUN_FILES
 from mmcache.fuse.stack import _unsupported, can_stack, stack_key, train_stack
 from mmcache.fuse.synthetic import make_cache
@@ -45,11 +45,12 @@ def _probs(run_dir) -> np.ndarray:
 
 # CUDA where present (the GPU machine runs this file too), in float32 there: bf16 is checked below
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every registered head the stack takes (asked of the registry: a new head is checked without an edit here).
+STACKABLE = [h for h in list_heads() if can_stack(dataclasses.replace(TINY, head=h))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("head,features", [("basic", "cls"), ("self_attention", "tokens"), ("dual_attention", "tokens"),
-                                           ("dual_attention", "cls")])
+@pytest.mark.parametrize("head,features", [(h, "tokens") for h in STACKABLE] + [("basic", "cls"), ("dual_attention", "cls")])
 def test_member_of_a_stack_scores_as_trained_alone(cache, tmp_path, head, features, device):
     data = load_data("synth", modalities=["text", "image"], features=features, cache_dir=cache, device=device)
     base = dataclasses.replace(TINY, head=head, features=features, dropout=0.0, epochs=6, patience=2, dataset="synth",
@@ -108,8 +109,7 @@ def test_what_may_share_a_stack(cache):
     assert stack_key(a) != stack_key(dataclasses.replace(a, dropout=0.3))
     with pytest.raises(BadInputError):
         train_stack([a, dataclasses.replace(a, dim=16)])
-    assert all(can_stack(dataclasses.replace(a, head=h)) for h in
-               ("text_only", "image_only", "basic", "self_attention", "dual_attention"))
+    assert set(STACKABLE) >= {"text_only", "image_only", "basic", "self_attention", "dual_attention"}
 
     class WithOwnParameter(BasicFusionHead):  # a parameter outside Linear/LayerNorm, no adapter: not stackable
         def __init__(self, **kw):
@@ -217,7 +217,7 @@ def test_token_features_train_one_model_per_run_on_cpu(cache, tmp_path):
     assert sorted((u[0].features, len(u)) for u in units) == [("cls", 3), ("tokens", 1), ("tokens", 1), ("tokens", 1)]
 
 
-@pytest.mark.parametrize("head", ["basic", "self_attention", "dual_attention"])
+@pytest.mark.parametrize("head", STACKABLE)
 def test_stacked_step_under_bf16_autocast_matches_single_models(cache, head):
     # CUDA trains under bf16 autocast (engine.autocast); CPU autocast runs the same casting rules, so the
     # stacked Linear's mixed-precision forward and backward are checked here without a GPU.
@@ -247,7 +247,7 @@ def test_stacked_step_under_bf16_autocast_matches_single_models(cache, head):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("head", ["basic", "self_attention", "dual_attention"])
+@pytest.mark.parametrize("head", STACKABLE)
 def test_bf16_member_on_cuda_scores_close_to_trained_alone(cache, tmp_path, head):
     data = load_data("synth", modalities=["text", "image"], features="tokens", cache_dir=cache, device="cuda")
     base = dataclasses.replace(TINY, head=head, features="tokens", dropout=0.0, epochs=2, patience=0, dataset="synth",

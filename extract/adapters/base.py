@@ -3,19 +3,23 @@
 An adapter knows one family of checkpoints (recognised by ``config.model_type``): how to load the
 network and its tokenizer / image processor (always ``trust_remote_code=False``), how to run it, and
 what ``cls`` / ``mean`` / ``tokens`` / ``proj`` mean for it. :mod:`extract.encoders` does everything
-that is the same for all families (devices, precision, padding, layer choice, patch grid, storage).
+that is the same for all families (devices, precision, padding, layer choice, storage); an image family's
+patch-grid geometry is its :meth:`ImageAdapter.grid` hook.
 
-Adding a family = one module in this package with a ``@register_encoder`` class, plus one tiny
-checkpoint builder entry in ``tests/test_adapters.py`` (see the README, "Add an encoder family").
+Adding a family = one module in this package with a ``@register_encoder`` class (found by the package
+without a list; an installed plugin registers through the ``mmcache.encoders`` entry-point group), plus
+one tiny checkpoint builder entry in ``tests/test_adapters.py`` (see the README, "Add an encoder family").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import ClassVar
 
 from mmcache.errors import BadInputError, ModelLoadError
+from mmcache.plugins import load_plugins
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,45 @@ class ImageAdapter(EncoderAdapter):
     def run(self, net, pixel_values, hidden: bool):
         return self.tower(net)(pixel_values=pixel_values, output_hidden_states=hidden)
 
+    def grid(self, config, hidden, input_hw: tuple[int, int]) -> tuple[int, tuple[int, int], int]:
+        """The layout of ``last_hidden_state`` of a dummy forward on an ``input_hw`` (H, W) image:
+        ``(prefix tokens, raw grid (gh, gw), hidden size)``; :class:`BadInputError` (without the model's
+        name: the caller adds it) when the output does not fit this family's geometry.
+
+        Default, for a plain ViT: ``hidden`` (1, prefix + gh*gw, D) float32 with one patch per
+        ``patch_size`` pixels (a square grid when the config has no patch size). A family with another
+        geometry (a CNN's feature map, Swin's merged patches) overrides this in its own module."""
+        if hidden.ndim != 3:
+            raise BadInputError(f"expected a (B, T, D) token sequence, got {tuple(hidden.shape)}")
+        prefix = self.prefix_tokens(getattr(config, "vision_config", None) or config)
+        n_patches = int(hidden.shape[1]) - prefix
+        ps = patch_size(config)
+        if ps is not None:
+            raw_grid = (input_hw[0] // ps[0], input_hw[1] // ps[1])
+        else:
+            side = math.isqrt(max(n_patches, 0))
+            raw_grid = (side, side)
+        check_grid(hidden, prefix, raw_grid)
+        return prefix, raw_grid, int(hidden.shape[2])
+
+
+def patch_size(config) -> tuple[int, int] | None:
+    """(ph, pw) pixels per patch of a vision config (or a two-tower config's ``vision_config``)."""
+    config = getattr(config, "vision_config", None) or config
+    p = getattr(config, "patch_size", None)
+    if isinstance(p, int):
+        return p, p
+    if isinstance(p, (list, tuple)) and len(p) == 2:
+        return int(p[0]), int(p[1])
+    return None
+
+
+def check_grid(hidden, prefix: int, raw_grid: tuple[int, int]) -> None:
+    """:class:`BadInputError` unless ``hidden`` (B, T, D) holds ``prefix`` tokens + the ``raw_grid`` patches."""
+    if raw_grid[0] * raw_grid[1] != int(hidden.shape[1]) - prefix:
+        raise BadInputError(f"returned {hidden.shape[1]} tokens, which do not form {prefix} leading token(s) + a "
+                            f"{raw_grid[0]}x{raw_grid[1]} patch grid; unsupported backbone")
+
 
 def auto_load(auto_cls, source: str, **kw):
     """``auto_cls.from_pretrained`` with sdpa attention where the architecture supports it, float32,
@@ -201,11 +244,13 @@ def register_encoder(cls: type[EncoderAdapter]) -> type[EncoderAdapter]:
 
 
 def list_encoders(modality: str | None = None) -> list[str]:
-    """Registered family names (of one modality), sorted."""
+    """Registered family names (of one modality; built-in and ``mmcache.encoders`` plugins), sorted."""
+    load_plugins("mmcache.encoders")
     return sorted(n for n, a in _REGISTRY.items() if modality in (None, a.modality))
 
 
 def get_adapter(name: str) -> EncoderAdapter:
+    load_plugins("mmcache.encoders")
     if name not in _REGISTRY:
         raise UnknownFamilyError(f"unknown encoder family {name!r}; known: {', '.join(list_encoders())}")
     return _REGISTRY[name]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from mmcache.extract.adapters.base import ImageAdapter, register_encoder
 
+from mmcache.errors import BadInputError
+
 CNN_POOLING = {
     "cls": "global average pool of the final feature map (pooler_output flattened); same as mean",
     "mean": "global average pool of the final feature map (pooler_output flattened)",
@@ -23,3 +25,9 @@ class CnnImage(ImageAdapter):
 
     def prefix_tokens(self, config) -> int:
         return 0
+
+    def grid(self, config, hidden, input_hw):
+        """A (1, C, h, w) feature map: no prefix tokens, grid (h, w), width C."""
+        if hidden.ndim != 4:
+            raise BadInputError(f"expected a (B, C, h, w) feature map, got {tuple(hidden.shape)}")
+        return 0, (int(hidden.shape[2]), int(hidden.shape[3])), int(hidden.shape[1])

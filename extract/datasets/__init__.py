@@ -1,5 +1,9 @@
 """Dataset readers behind a small registry (timm-style register / get / list).
 
+Every module of this package registers its readers when imported, and the registry imports them all
+(``pkgutil``) on first use, then the ``mmcache.datasets`` plugins (:mod:`mmcache.plugins`): adding a
+reader is one module with a ``register_dataset(DatasetSpec(...))`` call, plus its contract-test fixture.
+
 Every reader turns a dataset folder into a :class:`LoadResult`: the kept :class:`Sample` s, in a stable
 order, plus a :class:`LoadReport` that accounts for every row it saw. Two kinds of problems:
 
@@ -11,6 +15,8 @@ order, plus a :class:`LoadReport` that accounts for every row it saw. Two kinds 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ from typing import Any
 from mmcache.extract.textio import MAX_TEXT_CHARS, cap_text
 
 from mmcache.errors import BadInputError
+from mmcache.plugins import load_plugins
 
 SENTIMENT3 = ("positive", "neutral", "negative")  # index = label id; matches the MVSA split files (0=pos)
 MAX_EXAMPLES = 5  # ids kept per reason in a report, enough to go and look without flooding it
@@ -160,6 +167,10 @@ class DatasetSpec:
     # A target with classes () takes the dataset's own (folder manifests: known only once read).
     targets: tuple[Target, ...] = ()
     tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # named multi-target tasks -> members
+    # The reader writes its own data (a generator): its default folder need not exist beforehand.
+    generates_data: bool = False
+    # The data path may name a file (a manifest) as well as a folder.
+    accepts_file: bool = False
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -179,12 +190,13 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 
 
 def list_datasets() -> list[str]:
-    _load_builtin()
+    """Names of every reader: the modules of this package and ``mmcache.datasets`` plugins, sorted."""
+    _discover()
     return sorted(_REGISTRY)
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    _load_builtin()
+    _discover()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -212,7 +224,7 @@ def resolve_data_dir(spec: DatasetSpec, data_dir: str | Path | None) -> Path:
     if data_dir is not None:
         return Path(data_dir)
     for cand in spec.default_dirs:
-        if Path(cand).exists() or spec.name == "demo":
+        if Path(cand).exists() or spec.generates_data:
             return Path(cand)
     tried = ", ".join(spec.default_dirs) or "none"
     raise BadInputError(f"no --data-dir given for {spec.name!r} and no default folder exists (tried: {tried})")
@@ -232,7 +244,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **options: Any) 
         raise BadInputError(f"dataset {name!r} has no option {unknown[0]!r} (options: {known})")
     resolved = {k: _coerce(k, t, options.get(k, default)) for k, (t, default, _h) in spec.options.items()}
     root = resolve_data_dir(spec, data_dir)
-    if spec.name != "demo" and not (root.is_dir() or (spec.name == "folder" and root.is_file())):
+    if not (spec.generates_data or root.is_dir() or (spec.accepts_file and root.is_file())):
         raise BadInputError(f"data folder {str(root)!r} for dataset {name!r} does not exist")
     result = spec.loader(root, **resolved)
     _cap_texts(result, max_chars)
@@ -265,12 +277,20 @@ def replace_samples(result: LoadResult, samples: list[Sample]) -> LoadResult:
     return dataclasses.replace(result, samples=samples)
 
 
-_BUILTIN_LOADED = False
+_DISCOVERED = False
 
 
-def _load_builtin() -> None:
-    # Import for the side effect of registration; done lazily so importing this module is cheap.
-    global _BUILTIN_LOADED
-    if not _BUILTIN_LOADED:
-        _BUILTIN_LOADED = True
-        from mmcache.extract.datasets import demo, folder, memotion, mvsa  # noqa: F401
+def _discover() -> None:
+    """Import every reader module of this package, then the plugins; once, on first registry use.
+
+    Each module registers its readers at import (``register_dataset(DatasetSpec(...))``), so adding a
+    reader is adding a module: there is no list of them to keep. Done lazily so that importing this
+    package stays cheap."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True  # first: a reader module importing this package must not start a second round
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    load_plugins("mmcache.datasets")

@@ -145,6 +145,6 @@ register_dataset(DatasetSpec(
     layout="generated on first use into the data folder (default cache/demo/data)",
     loader=load_demo,
     options={"n": (int, 600, "number of posts"), "seed": (int, 0, "generator seed")},
-    default_dirs=("cache/demo/data",),
+    default_dirs=("cache/demo/data",), generates_data=True,
     targets=(Target("sentiment", SENTIMENT3, description="the post's sentiment"),),
 ))

@@ -233,6 +233,6 @@ register_dataset(DatasetSpec(
     loader=load_folder,
     options={"classes": (str, "", "comma-separated class names in label-id order (default: from the labels)"),
              "targets": (str, "", "extra label columns as targets: col1,col2 or col:a|b|c to fix a column's classes")},
-    default_dirs=("data/folder",),
+    default_dirs=("data/folder",), accepts_file=True,
     targets=(Target("label", (), description="the manifest's label column"),),
 ))
