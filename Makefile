@@ -42,7 +42,7 @@ endif
 STAMP := .make/installed-$(shell printf '%s' '$(PY)' | cksum | cut -d' ' -f1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo extract cache-info train ablate bench clean
+.PHONY: help install test test-fast lint docs demo extract cache-info train ablate bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ test-fast: $(STAMP) ## the tests not marked slow (a quick check while editing; C
 
 lint: $(STAMP) ## ruff
 	$(PY) -m ruff check .
+
+docs: $(STAMP) ## regenerate docs/cli.md from the --help of every command
+	$(PY) -m mmcache.cli.docs > docs/cli.md
 
 demo: $(STAMP) ## end to end on the built-in demo data with tiny local encoders (~1-2 min on CPU)
 	$(PY) cli.py demo

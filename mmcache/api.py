@@ -19,17 +19,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CacheArrays", "ablate", "analyze", "evaluate", "extract", "load_cache", "predict", "train_fusion"]
+__all__ = ["CacheArrays", "ablate", "analyze", "bench", "cache_info", "datasets", "demo", "evaluate", "extract",
+           "inspect", "load_cache", "merge_cache", "predict", "train_fusion", "verify_cache"]
 
 
-def extract(dataset: str, **options: Any):
+def extract(dataset: str, *, keep_shards: bool = False, dist_backend: str = "auto",
+            dist_timeout_s: float | None = None, **options: Any):
     """Stage one: encode ``dataset`` into ``cache_dir/<dataset>/`` (any
     :class:`~mmcache.extract.extraction.ExtractConfig` field as a keyword: ``data_dir``, ``text_model``,
     ``image_model``, ``device``, ``batch_size``, ``dtype``, ...). Resumes, or is a no-op when up to date.
-    Returns the :class:`~mmcache.extract.extraction.ExtractSummary`."""
-    from mmcache.extract.extraction import ExtractConfig, run_extract
+    ``shard`` may be ``"i/n"`` (or ``"i"`` with ``num_shards=n``) as on the command line. Under torchrun
+    (``RANK`` / ``WORLD_SIZE`` set) each rank extracts its part and rank 0 merges them
+    (``keep_shards``, ``dist_backend``, ``dist_timeout_s``: :mod:`mmcache.extract.distributed`).
+    Returns the :class:`~mmcache.extract.extraction.ExtractSummary` (rank 0: of the merged files)."""
+    from mmcache.extract.distributed import DEFAULT_TIMEOUT_S, run_distributed_extract
+    from mmcache.extract.extraction import ExtractConfig, parse_shard
 
-    return run_extract(ExtractConfig(dataset=dataset, **options))
+    shard, num_shards = options.pop("shard", None), options.pop("num_shards", None)
+    if shard is None or isinstance(shard, str):  # the command line's form; None -> (0, 1)
+        shard = parse_shard(shard, num_shards)
+    cfg = ExtractConfig(dataset=dataset, shard=tuple(shard), **options)
+    return run_distributed_extract(cfg, keep_shards=keep_shards, backend=dist_backend,
+                                   timeout_s=DEFAULT_TIMEOUT_S if dist_timeout_s is None else dist_timeout_s)
 
 
 def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress: bool | None = False, data=None,
@@ -54,15 +65,99 @@ def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", *
     return _evaluate(run, dataset, split, **options)
 
 
-def ablate(datasets: list[str] | None = None, *, base: dict[str, Any] | None = None, **options: Any):
+def ablate(datasets: list[str] | None = None, *, base: str | Path | dict[str, Any] | None = None,
+           overrides: dict[str, Any] | None = None, **options: Any):
     """A grid of heads x features x encoders x seeds (:class:`~mmcache.fuse.ablate.AblationConfig`
-    fields as keywords: ``heads``, ``features``, ``seeds``, ``jobs``, ``cache_dir``, ...); ``base``: the
-    training config every run starts from. Returns the :class:`~mmcache.fuse.ablate.AblationResult`
-    (``tables`` as written to ``results/ablation_<dataset>.*``)."""
+    fields as keywords: ``heads``, ``features``, ``seeds``, ``jobs``, ``cache_dir``, ``shard`` (``"i/n"``
+    or ``(i, n)``), ...); ``base``: the training config every run starts from (a JSON file or dict),
+    ``overrides``: TrainConfig fields that replace the base's. Returns the
+    :class:`~mmcache.fuse.ablate.AblationResult` (``tables`` as written to ``results/ablation_<dataset>.*``)."""
+    from mmcache.extract.extraction import parse_shard
     from mmcache.fuse.ablate import AblationConfig, run_ablation
     from mmcache.fuse.train import TrainConfig
 
-    return run_ablation(AblationConfig(datasets=datasets, base=TrainConfig.from_dict(base or {}), **options))
+    start = TrainConfig.from_json(base).to_dict() if isinstance(base, (str, Path)) else dict(base or {})
+    if isinstance(options.get("shard"), str):
+        options["shard"] = parse_shard(options["shard"])
+    config = TrainConfig.from_dict({**start, **(overrides or {})})
+    return run_ablation(AblationConfig(datasets=datasets, base=config, **options))
+
+
+def datasets() -> dict[str, Any]:
+    """Every known dataset reader by name: its :class:`~mmcache.extract.datasets.DatasetSpec`
+    (description, folder layout, options, default folders, download hint)."""
+    from mmcache.extract.datasets import get_dataset, list_datasets
+
+    return {name: get_dataset(name) for name in list_datasets()}
+
+
+def inspect(dataset: str, *, data_dir: str | Path | None = None, options: dict[str, Any] | None = None,
+            split_file: str | Path | None = None, seed: int | None = None,
+            cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """What a dataset holds before any extraction: counts per class and split, dropped samples by
+    reason, decode fallbacks. ``cache_dir``: also compare with the split that cache root holds for the
+    dataset (what ``extract`` would keep; key ``cache_split``). Returns the summary dict."""
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.datasets import load_dataset
+    from mmcache.extract.extraction import ExtractConfig, _cache_name
+    from mmcache.extract.split_policy import preview_split
+    from mmcache.extract.summary import summarize
+
+    result = load_dataset(dataset, data_dir, **(options or {}))
+    index_path = stored = None
+    if cache_dir is not None:
+        index_path = Path(cache_dir) / _cache_name(ExtractConfig(dataset=dataset), Path(result.root)) / cf.INDEX_NAME
+        stored = cf.read_index(index_path) if index_path.is_file() else None
+    split, note = preview_split(result.samples, stored, split_file=split_file, seed=seed, index_path=index_path)
+    summary = summarize(result, split)
+    summary["cache_split"] = note
+    return summary
+
+
+def cache_info(path: str | Path = "cache") -> list[dict[str, Any]]:
+    """Every cache file under ``path`` (a file, a dataset folder or the cache root): shapes, dtypes,
+    size on disk, provenance, completeness, failure count."""
+    from mmcache.extract.cache_info import collect
+
+    return collect(path)
+
+
+def verify_cache(path: str | Path = "cache") -> list[dict[str, Any]]:
+    """Read every feature file under ``path`` whole; each entry's ``status`` says ``ok``, ``damaged``
+    (checksum mismatch, NaN/Inf) or ``unreadable``."""
+    from mmcache.extract.cache_info import verify
+
+    return verify(path)
+
+
+def merge_cache(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False) -> list:
+    """Combine the shard files of ``extract --shard i/n`` runs into the normal feature files
+    (:func:`mmcache.extract.cache_format.merge_paths`); returns one MergeResult per shard set."""
+    from mmcache.extract.cache_format import merge_paths
+
+    return merge_paths(paths, keep_shards=keep_shards, force=force)
+
+
+def bench(**options: Any) -> dict[str, Any]:
+    """Measure both stages (:class:`~mmcache.bench.run.BenchConfig` fields as keywords; ``only``: a
+    list of sections, ``extraction`` standing for extraction, cache_io, training and memory). Writes
+    ``out_dir/results.json`` and ``results.md``; returns the results dict."""
+    from mmcache.bench.run import BenchConfig, run_bench
+
+    only = options.pop("only", None)
+    cfg = BenchConfig(**options)
+    if only:
+        group = ("extraction", "cache_io", "training", "memory")
+        cfg.sections = tuple(dict.fromkeys(s for n in only for s in (group if n == "extraction" else (n,))))
+    return run_bench(cfg)
+
+
+def demo(**options: Any):
+    """Both stages end to end on the built-in demo data with tiny local encoders
+    (:class:`~mmcache.fuse.demo.DemoConfig` fields as keywords). Returns the DemoResult."""
+    from mmcache.fuse.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(**options))
 
 
 @dataclass

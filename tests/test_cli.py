@@ -254,3 +254,178 @@ def test_resume_command_repeats_the_call(monkeypatch):
     assert cmd.endswith("cli.py extract -d demo --text-model 'my models/bert'")
     monkeypatch.setattr(sys, "argv", ["/usr/bin/mmcache"])
     assert cli.resume_command(["ablate", "-j", "2"]) == "mmcache ablate -j 2"
+
+
+# --------------------------------------------------------------------------------------------- one CLI
+
+def _commands() -> list[list[str]]:
+    from mmcache.cli.docs import command_paths
+
+    return command_paths()
+
+
+def test_version_prints_the_package_version(capsys):
+    import mmcache
+
+    code, out, err = _run(capsys, "--version")
+    assert code == 0, err
+    assert out.strip() == f"mmcache {mmcache.__version__}"
+
+
+def test_dash_h_is_help_on_every_command(capsys):
+    paths = _commands()
+    assert ["cache", "verify"] in paths and ["train-fusion"] in paths
+    for path in paths:
+        code, out, err = _run(capsys, *path, "-h")
+        assert code == 0, (path, err)
+        assert "Usage:" in out and " ".join(path) in out, path
+
+
+@pytest.mark.parametrize("argv, flag, valid", [
+    (["train-fusion", "--features", "pooled"], "--features", "cls, mean, tokens, proj"),
+    (["train-fusion", "--head", "transformer"], "--head", "dual_attention"),
+    (["train-fusion", "--device", "gpu"], "--device", "auto, cpu, cuda, cuda:N"),
+    (["ablate", "--heads", "basic,nope"], "--heads", "self_attention"),
+    (["ablate", "--features", "cls", "--features", "tokens,pooled"], "--features", "tokens"),
+    (["extract", "-d", "demo", "--precision", "int8"], "--precision", "fp32, bf16, fp16"),
+    (["extract", "-d", "demo", "--modality", "audio"], "--modality", "text, image, both"),
+    (["extract", "-d", "demo", "--dtype", "int8"], "--dtype", "float16, float32"),
+    (["evaluate", "--run", "r", "--split", "dev"], "--split", "train, val, test"),
+    (["predict", "--run", "r", "--split", "dev"], "--split", "test, all"),
+    (["bench", "--precision", "fp8"], "--precision", "auto"),
+])
+def test_unknown_choice_is_a_usage_error_listing_the_values(capsys, argv, flag, valid):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, err
+    _assert_one_line_error(err)
+    assert flag in err and valid in err, err
+    assert out == ""
+
+
+def test_choices_accept_their_values_and_cuda_n():
+    from mmcache.cli.options import Device, choice
+
+    parse = choice(Device, also=r"cuda:\d+", also_shown="cuda:N")
+    assert [parse(v) for v in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+
+
+def test_choice_enums_match_the_library():
+    from mmcache.extract import cache_format as cf
+    from mmcache.extract.encoders import PRECISIONS
+    from mmcache.extract.splits import SPLITS
+    from mmcache.fuse.data import FEATURES
+
+    from mmcache.cli.options import Dtype, Features, Modality, Precision, Split
+
+    assert [m.value for m in Features] == list(FEATURES)
+    assert [m.value for m in Precision] == list(PRECISIONS)
+    assert [m.value for m in Split] == list(SPLITS)
+    assert [m.value for m in Dtype] == list(cf.DTYPES)
+    assert [m.value for m in Modality] == [*cf.MODALITIES, "both"]
+
+
+def test_a_plugin_head_is_a_valid_choice_and_shown_in_help(capsys):
+    from mmcache.fuse import heads as fh
+
+    @fh.register_head("plugin_probe")
+    class PluginProbe(fh.TextOnlyHead):
+        pass
+
+    try:
+        for command in ("train-fusion", "ablate"):
+            code, out, _err = _run(capsys, command, "--help")
+            assert code == 0 and "plugin_probe" in out, command
+        from mmcache.cli.options import HeadsOpt
+
+        parse = HeadsOpt.__metadata__[0].parser
+        assert parse("basic,plugin_probe") == "basic,plugin_probe"
+    finally:
+        fh._HEADS.pop("plugin_probe")
+
+
+def test_shared_options_are_declared_once():
+    """Every command offering --cache-dir, --device, --seed, ... gets the same type and help, and
+    --device shows the one default, auto."""
+    import typer
+
+    from mmcache.cli import app
+
+    root = typer.main.get_command(app)
+    seen: dict[str, set] = {}
+    for path in _commands():
+        cmd = root
+        for word in path:
+            cmd = cmd.get_command(typer.Context(root), word)
+        ctx = typer.Context(cmd)
+        for p in cmd.params:
+            for opt in p.opts:
+                seen.setdefault(opt, set()).add((p.display_type_rich(ctx), p.help, p.multiple))
+        dev = next((p for p in cmd.params if "--device" in p.opts), None)
+        if dev is not None:
+            assert dev.show_default == "auto", path
+    for flag in ("--cache-dir", "--device", "--seed", "--json", "--threads", "--epochs", "--runs-dir",
+                 "--config", "--run", "--option", "--split-file", "--data-dir"):
+        assert len(seen[flag]) == 1, (flag, seen[flag])
+    assert "--heads" in seen and "--attention-heads" in seen
+
+
+def test_train_fusion_heads_flag_is_attention_heads_now(capsys):
+    code, _out, err = _run(capsys, "train-fusion", "--head", "basic", "--heads", "2")
+    assert code == 2
+    _assert_one_line_error(err)
+    assert "--heads" in err
+
+
+def test_log_file_that_cannot_be_opened_is_bad_input(capsys, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for bad in (tmp_path, a_file / "sub" / "x.log"):  # a directory; a file where a folder should be
+        code, out, err = _run(capsys, "--log-file", str(bad), "datasets")
+        assert code == 2, err
+        _assert_one_line_error(err)
+        assert "--log-file" in err and out == ""
+    code, out, err = _run(capsys, "--log-file", str(tmp_path / "new" / "x.log"), "datasets")
+    assert code == 0 and "demo" in out  # a missing folder for a new log file is created
+    assert (tmp_path / "new" / "x.log").is_file()
+
+
+def test_log_file_directory_in_a_real_process_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "--log-file", str(tmp_path), "datasets"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --log-file") and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["ablate", "--help"], ["--help"], ["datasets"]])
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path, argv):
+    # `cli.py ablate --help | head`: here the reader is gone before anything is written (rich's help
+    # and click's echo meet the closed pipe in different places; both must end the same way)
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *argv], cwd=tmp_path,
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_cache_verify_cache_dir_alone_verifies_that_root(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()  # ./cache: empty, would say nothing is damaged
+    bad = tmp_path / "other" / "demo" / "text--bert.h5"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an HDF5 file")
+    code, out, _err = _run(capsys, "cache", "verify", "--cache-dir", "other", "--json")
+    assert code == 1
+    assert [e["path"] for e in json.loads(out)] == [str(Path("other") / "demo" / "text--bert.h5")]
+    assert json.loads(out)[0]["status"] == "unreadable"
+    code, out, _err = _run(capsys, "cache", "verify", "--cache-dir", "other", "-d", "demo", "--json")
+    assert code == 1 and len(json.loads(out)) == 1
+    code, _out, err = _run(capsys, "cache", "verify", "other", "-d", "demo")
+    assert code == 2
+    _assert_one_line_error(err)

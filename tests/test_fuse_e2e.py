@@ -38,7 +38,7 @@ def test_train_fusion_on_extracted_demo_cache(demo_cache, capsys, features):
         # no --dataset, no --text-cache/--image-cache: the only cached dataset and its only files are found
         code, out, err = _run(capsys, "train-fusion", "--head", head, "--features", features, "--cache-dir",
                               str(demo_cache / "cache"), "--runs-dir", str(runs), "--epochs", "3", "--dim", "16",
-                              "--heads", "2", "--lr", "0.003", "--threads", "1", "--run-name", f"{head}-{features}", "--quiet", "--json")
+                              "--attention-heads", "2", "--lr", "0.003", "--threads", "1", "--run-name", f"{head}-{features}", "--quiet", "--json")
         assert code == 0, err
         m = json.loads(out)
         assert m["dataset"] == "demo" and m["epochs_run"] >= 1 and m["dropped"]["total"] == 0
