@@ -465,6 +465,7 @@ def ablate(
     lrs: str | None = typer.Option(None, "--lrs", help="learning rates a,b,c: each trained, the best on validation reported per head"),
     dims: str | None = typer.Option(None, "--dims", help="latent widths a,b: a table row each"),
     dropouts: str | None = typer.Option(None, "--dropouts", help="dropout values a,b: a table row each"),
+    wait_timeout: float = typer.Option(86400.0, "--wait-timeout", help="seconds to wait for runs another ablate process is training before the tables are written (they count as unfinished after it)"),
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
     from mmcache.extract.extraction import parse_shard
@@ -485,7 +486,8 @@ def ablate(
                          results_dir=results_dir, jobs=jobs, threads=threads,
                          shard=parse_shard(shard) if shard else None, force=force, aggregate_only=aggregate_only,
                          plots=plots, allow_no_val=allow_no_val, stack=stack, lrs=_numbers(lrs, float, "--lrs"),
-                         dims=_numbers(dims, int, "--dims"), dropouts=_numbers(dropouts, float, "--dropouts"))
+                         dims=_numbers(dims, int, "--dims"), dropouts=_numbers(dropouts, float, "--dropouts"),
+                         wait_timeout=wait_timeout)
     result = run_ablation(cfg)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
