@@ -239,7 +239,7 @@ def test_run_lock_of_a_dead_process_is_recovered(cache, tmp_path, caplog):
     assert locks.holder(lock) is None
 
 
-def test_held_run_is_left_alone_and_waited_for(cache, tmp_path):
+def test_held_run_is_left_alone_and_waited_for(cache, tmp_path, caplog):
     """A run another holder has is not trained, not removed, not marked failed; the wait times out."""
     runs = ab.expand_grid(TINY, datasets=["synth"], heads=["text_only"], features=["cls"], seeds=2,
                           cache_dir=cache, runs_dir=tmp_path / "runs")
@@ -251,8 +251,11 @@ def test_held_run_is_left_alone_and_waited_for(cache, tmp_path):
         assert out["elsewhere"] == [runs[0].name] and out["trained"] == [runs[1].name] and not out["failed"]
         assert sorted(p.name for p in runs[0].run_dir.iterdir()) == ["UNFINISHED"]
         t0 = time.monotonic()
-        assert ab.wait_for_elsewhere([runs[0]], timeout=1.0) == [runs[0].name]
+        with caplog.at_level("INFO", logger="mmcache.fuse.ablate.execute"):
+            assert ab.wait_for_elsewhere([runs[0]], timeout=1.5, heartbeat=0.2) == [runs[0].name]
         assert time.monotonic() - t0 < 5
+        beats = [r.getMessage() for r in caplog.records if "running elsewhere" in r.getMessage()]
+        assert any(f"pid {os.getpid()}" in b for b in beats) and "still running elsewhere" in beats[-1]
     finally:
         held.release()
     assert ab.wait_for_elsewhere([runs[0]], timeout=1.0) == []

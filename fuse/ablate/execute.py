@@ -143,6 +143,7 @@ def _claim(runs: list[GridRun], force: bool) -> tuple[list[GridRun], list[str], 
     (its folder is never read as failed nor removed); every other unfinished run is locked by this
     process, then its folder removed."""
     todo, reused, stale, elsewhere, locks = [], [], [], [], {}
+    _room_for_fds(len(runs))
     for r in runs:
         if not force and run_status(r) == "finished":
             reused.append(r.name)
@@ -167,6 +168,22 @@ def _claim(runs: list[GridRun], force: bool) -> tuple[list[GridRun], list[str], 
         logger.info("ablation: %d runs are being trained by another process (running elsewhere): left to it",
                     len(elsewhere))
     return todo, reused, stale, elsewhere, locks
+
+
+def _room_for_fds(n: int) -> None:
+    """Each claimed run holds an open lock file until its outcome: raise the soft limit on open files
+    (often 1024) towards the hard one for big grids."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover -- not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 512
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logger.warning("a grid of %d runs may exceed the open-file limit (%d)", n, new)
 
 
 def wait_for_elsewhere(runs: list[GridRun], timeout: float | None, heartbeat: float = 10.0) -> list[str]:

@@ -173,7 +173,8 @@ def _markdown(table: dict[str, Any]) -> str:
            *(f"- {line[0].upper()}{line[1:]}." for line in _split_lines(table)), "",
            f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
            f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
-           f"**bold**. Reference rows hold published figures, not measured here."
+           f"**bold**. Macro-F1 averages over the classes present in the scored labels (a class without a test "
+           f"post is left out, not counted as 0). Reference rows hold published figures, not measured here."
            + (" Each row trained every learning rate of `--lrs`; the one with the best mean validation macro-F1 "
               "is chosen (its column lists each lr's), and test is reported for it only." if _sweeps(table)[1] else ""),
            "", _md_table(headers, rows)]
