@@ -39,7 +39,9 @@ class CacheError(PipelineError):
 
 
 class DiskFullError(ResumableError):
-    """Not enough disk space for a cache file (checked before allocating, or ENOSPC while writing)."""
+    """Not enough disk space: for a cache file (checked before allocating), or ENOSPC while writing any
+    file (:func:`mmcache.common.atomic_write`: a run's files, an ablation's tables, an analysis). The
+    message names the bytes needed and available; what finished is kept, the same command resumes."""
 
 
 class MissingCacheError(CacheError, BadInputError):

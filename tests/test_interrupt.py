@@ -107,7 +107,7 @@ def test_sigint_ablate_keeps_finished_runs_and_the_hint_resumes(tmp_path):
     m = re.search(r"kept (\d+) of 9 finished runs in runs/grid/synth", line)
     assert m and int(m.group(1)) == len(finished) >= 1, line
     # run folders the interrupt cut short (marked UNFINISHED unless killed before the marker was written)
-    unfinished = [d for d in grid.iterdir() if d.is_dir() and not is_finished(d)]
+    unfinished = [d for d in grid.iterdir() if d.is_dir() and not d.name.startswith(".") and not is_finished(d)]  # .locks: run locks
     assert all((d / UNFINISHED_MARKER).is_file() for d in unfinished if (d / "metrics.json").is_file())
     # anything that scans the runs lists them as unfinished
     agg = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--aggregate-only"], cwd=tmp_path, env=ENV,

@@ -24,6 +24,16 @@ group it loaded). ``jobs`` = 1 runs them one after the other in this process (al
 GPU). A run that raises is recorded as failed (``error.json`` in its folder, the message in the results
 JSON) and the grid goes on.
 
+Two processes on one runs folder (two ``ablate`` calls, or shards sharing a grid) never train one run
+twice: each run is claimed with a lock (``<runs_dir>/<dataset>/.locks/<run name>.lock``, see
+:mod:`mmcache.locks`; a dead holder's lock is free at once) before its folder is removed and trained.
+A run another live process holds is counted as *running elsewhere*, never written to, and waited for
+(an info line every 10 s, up to ``wait_timeout``) before the tables are computed. The results folder
+is locked (``<results_dir>/.lock``) while its tables are computed and written, as one set (a disk
+full leaves the old set unchanged). A worker process that dies (``kill -9``, the OOM killer) fails
+only the run(s) it was training ("worker killed by signal 9 (out of memory?)"); the pool is rebuilt and
+the rest of the grid goes on.
+
 ``shard`` = (i, n) runs only configs i, i+n, i+2n, ... of the sorted grid (machines, job arrays);
 aggregation always covers the whole grid and reads whatever runs have finished, so the last shard to
 end (or ``aggregate_only``) writes the complete tables.
@@ -46,7 +56,7 @@ from typing import Any
 
 from mmcache.fuse.ablate.aggregate import REPORTED, REPORTED_LABEL, aggregate, mean_std
 from mmcache.fuse.ablate.best import analyze_best
-from mmcache.fuse.ablate.execute import resolve_jobs, run_grid
+from mmcache.fuse.ablate.execute import resolve_jobs, run_grid, run_lock_path, wait_for_elsewhere
 from mmcache.fuse.ablate.grid import (
     DEFAULT_FEATURES,
     DEFAULT_SEEDS,
@@ -60,9 +70,12 @@ from mmcache.fuse.ablate.tables import format_tables, write_results
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.metrics import METRICS
 
+from mmcache.errors import PipelineError
+from mmcache.locks import describe, locked
+
 __all__ = ["DEFAULT_FEATURES", "METRICS", "REPORTED", "REPORTED_LABEL", "AblationConfig", "AblationResult", "GridRun", "aggregate",
            "default_results_dir", "expand_grid", "format_ablation", "format_tables", "mean_std", "run_ablation",
-           "run_grid", "run_key", "run_status", "shard_runs", "write_results"]
+           "run_grid", "run_key", "run_lock_path", "run_status", "shard_runs", "wait_for_elsewhere", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +108,7 @@ class AblationConfig:
     lrs: list[float] | None = None  # learning rates chosen between on validation
     dims: list[int] | None = None
     dropouts: list[float] | None = None
+    wait_timeout: float | None = 24 * 3600.0  # seconds to wait for runs another process trains (None: no limit)
 
 
 def default_results_dir(runs_dir: str | Path) -> Path:
@@ -115,6 +129,8 @@ class AblationResult:
     seconds: float
     stale: list[str] = field(default_factory=list)  # runs made on another split of the cache: rerun by this call
     layout: dict[str, Any] | None = None  # processes x threads (and what was measured to choose them)
+    elsewhere: list[str] = field(default_factory=list)  # runs another process was training: left to it, waited for
+    still_running: list[str] = field(default_factory=list)  # of those, still held after wait_timeout
 
 
 def run_ablation(config: AblationConfig) -> AblationResult:
@@ -127,21 +143,30 @@ def run_ablation(config: AblationConfig) -> AblationResult:
                        targets=config.targets, lrs=config.lrs, dims=config.dims, dropouts=config.dropouts)
     selected = shard_runs(runs, config.shard)
     if config.aggregate_only:
-        done = {"trained": [], "reused": [], "failed": {}, "stale": []}
+        done = {"trained": [], "reused": [], "failed": {}, "stale": [], "elsewhere": []}
     else:
         jobs = resolve_jobs(config.jobs, config.base.device)
         if config.stack and config.jobs == 0 and config.threads is None and jobs > 1:
             jobs = 0  # CPU: threads vs processes measured by run_grid
         done = run_grid(selected, jobs=jobs, threads=config.threads, force=config.force,
                         allow_no_val=config.allow_no_val, stack=config.stack)
-    tables = aggregate(runs, skipped)
-    if config.analyze:
-        for table in tables.values():
-            table["analysis"] = analyze_best(table)
-    files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
+    elsewhere = [r for r in selected if r.name in set(done["elsewhere"])]
+    still = wait_for_elsewhere(elsewhere, config.wait_timeout) if elsewhere else []
+    results_dir = Path(config.results_dir or default_results_dir(config.runs_dir))
+    # One writer of a results folder at a time, and the tables computed under the lock: the last
+    # process to write them has seen every run the earlier one had.
+    with locked(results_dir / ".lock", timeout=config.wait_timeout, what=f"results folder {results_dir}",
+                busy=lambda h: PipelineError(f"results folder {results_dir} still in use by {describe(h)} after "
+                                             f"{config.wait_timeout:.0f}s; rerun with --aggregate-only later")):
+        tables = aggregate(runs, skipped)
+        if config.analyze:
+            for table in tables.values():
+                table["analysis"] = analyze_best(table)
+        files = write_results(tables, results_dir, plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
-                          stale=done["stale"], layout=done.get("layout"))
+                          stale=done["stale"], layout=done.get("layout"), elsewhere=done["elsewhere"],
+                          still_running=still)
 
 
 def format_ablation(result: AblationResult) -> str:
@@ -149,7 +174,11 @@ def format_ablation(result: AblationResult) -> str:
     shard = "" if len(result.selected) == len(result.runs) else f" (this shard: {len(result.selected)})"
     lines = [format_tables(result.tables), "",
              f"{len(result.runs)} runs in the grid{shard}: {len(result.trained)} trained, {len(result.reused)} "
-             f"reused, {len(result.failed)} failed, in {result.seconds:.1f}s"
+             f"reused, {len(result.failed)} failed"
+             + (f", {len(result.elsewhere)} running elsewhere (another process; waited for"
+                + (f", {len(result.still_running)} still running" if result.still_running else "") + ")"
+                if result.elsewhere else "")
+             + f", in {result.seconds:.1f}s"
              + (f" ({len(result.stale)} of them rerun: made on another split)" if result.stale else "")]
     for dataset, paths in result.files.items():
         lines.append(f"{dataset}: {', '.join(str(p) for p in paths)}")

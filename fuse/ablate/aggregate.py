@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.fuse.ablate.grid import GridRun, run_status
-from mmcache.fuse.metrics import METRICS
+from mmcache.fuse.metrics import METRICS, compute_metrics
 from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
 from mmcache.fuse.targets import resolve_target
 
@@ -52,15 +52,14 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _subset_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | None]:
-    """Scores on a subset of the test posts; macro-F1 averages over the classes present in it (true or
-    predicted), so a class the subset lacks does not count as F1 0."""
+    """Scores on a subset of the test posts (class names, (n,) object): :func:`compute_metrics`, so
+    macro-F1 averages over the classes present in the subset, as every other score does."""
     if y_true.size == 0:
         return {m: None for m in METRICS}
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0))}
+    classes = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    code = {c: i for i, c in enumerate(classes)}
+    m = compute_metrics(np.asarray([code[c] for c in y_true]), np.asarray([code[c] for c in y_pred]), classes)
+    return {k: m[k] for k in METRICS}
 
 
 def _agreement_scores(run_dir: Path, agree: dict[str, bool]) -> dict[str, dict[str, Any]] | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -15,7 +16,7 @@ from mmcache.fuse.ablate.aggregate import REPORTED_LABEL
 from mmcache.fuse.ablate.best import markdown_section
 from mmcache.fuse.metrics import METRIC_NAMES, METRICS
 
-from mmcache.common import atomic_write
+from mmcache.common import atomic_write_many, disk_full_error
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ def _markdown(table: dict[str, Any]) -> str:
            *(f"- {line[0].upper()}{line[1:]}." for line in _split_lines(table)), "",
            f"Test split; mean ± sample standard deviation (ddof=1) over the finished seeds "
            f"({', '.join(map(str, table['seeds']))}); `-` = only one seed finished. Best mean per column in "
-           f"**bold**. Reference rows hold published figures, not measured here."
+           f"**bold**. Macro-F1 averages over the classes present in the scored labels (a class without a test "
+           f"post is left out, not counted as 0). Reference rows hold published figures, not measured here."
            + (" Each row trained every learning rate of `--lrs`; the one with the best mean validation macro-F1 "
               "is chosen (its column lists each lr's), and test is reported for it only." if _sweeps(table)[1] else ""),
            "", _md_table(headers, rows)]
@@ -253,20 +255,29 @@ def _csv(table: dict[str, Any]) -> str:
 
 def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *, plots: bool = True) -> dict[str, list[Path]]:
     """``results/ablation_<dataset>.md|.csv|.json`` (+ ``.png`` and ``_confusion.png`` when matplotlib is
-    installed and ``plots``); returns the paths per dataset."""
+    installed and ``plots``); returns the paths per dataset.
+
+    The text files of every table are written as one set (:func:`atomic_write_many`): on a failure (disk
+    full: :class:`~mmcache.errors.DiskFullError`) no temp file is left and the old set is unchanged, so a
+    ``.md`` never disagrees with its ``.json``. Figures follow once the set is in place."""
     results_dir = Path(results_dir)
     written: dict[str, list[Path]] = {}
+    files: dict[Path, str] = {}
     for dataset, table in tables.items():
         stem = results_dir / f"ablation_{table.get('name', dataset)}"
         paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".json")]
-        atomic_write(paths[0], _markdown(table))
-        atomic_write(paths[1], _csv(table))
-        atomic_write(paths[2], json.dumps(table, indent=2, default=str) + "\n")
-        if plots:
-            from mmcache.fuse.plots import plot_table
-
-            paths += plot_table(table, results_dir)
+        files.update(zip(paths, (_markdown(table), _csv(table), json.dumps(table, indent=2, default=str) + "\n"),
+                         strict=True))
         written[dataset] = paths
+    atomic_write_many(files)
+    if plots:
+        from mmcache.fuse.plots import plot_table
+
+        for dataset, table in tables.items():
+            try:
+                written[dataset] += plot_table(table, results_dir)
+            except OSError as e:  # matplotlib writes the PNG itself: ENOSPC as the text files report it
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full_error(results_dir / f"ablation_{table.get('name', dataset)}.png", None, e) from e
+                raise
     return written
-
-
