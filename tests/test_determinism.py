@@ -161,13 +161,22 @@ def test_killed_and_resumed_grid_writes_the_same_table(cache, tmp_path, monkeypa
     assert _write_table(runs, tmp_path / "res_cut") == expected
 
 
-def test_no_stack_and_stacked_grids_write_the_same_table(cache, tmp_path):
-    stacked, single = _grid(cache, tmp_path / "stacked", seeds=2), _grid(cache, tmp_path / "single", seeds=2)
+def test_no_stack_stacked_and_chunked_grids_write_the_same_table(cache, tmp_path, monkeypatch):
+    stacked, single = _grid(cache, tmp_path / "stacked", seeds=3), _grid(cache, tmp_path / "single", seeds=3)
+    chunked = _grid(cache, tmp_path / "chunked", seeds=3)
     ab.run_grid(stacked, threads=1, stack=True)
     ab.run_grid(single, threads=1, stack=False)
-    assert _write_table(stacked, tmp_path / "r1") == _write_table(single, tmp_path / "r2")
-    for a, b in zip(stacked, single, strict=True):
+    sizes = []
+    real = sched.train_stack
+    monkeypatch.setattr(sched, "max_members", lambda config, data: 2)  # "memory" for 2 members: stacks of 2 + 1
+    monkeypatch.setattr(sched, "train_stack", lambda c, d=None, **kw: (sizes.append(len(c)), real(c, d, **kw))[1])
+    ab.run_grid(chunked, threads=1, stack=True)
+    assert sorted(sizes) == [1, 1, 1, 2, 2, 2]
+    table = _write_table(stacked, tmp_path / "r1")
+    assert table == _write_table(single, tmp_path / "r2") == _write_table(chunked, tmp_path / "r3")
+    for a, b, c in zip(stacked, single, chunked, strict=True):
         _same_run(a.run_dir, b.run_dir)
+        _same_run(a.run_dir, c.run_dir)
 
 
 def test_run_dropout_draws_each_members_slice_from_its_own_generator():
