@@ -40,12 +40,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FusionHead",
+    "RunDropout",
     "count_parameters",
     "create_head",
+    "dropout_generator",
     "get_head",
     "head_uses",
     "list_heads",
     "register_head",
+    "set_dropout_generators",
 ]
 
 _HEADS: dict[str, type[FusionHead]] = {}
@@ -163,18 +166,61 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / m.sum(1).clamp(min=1).to(x.dtype)
 
 
+class RunDropout(nn.Dropout):
+    """Dropout whose masks come from the run's own ``torch.Generator`` (or each stack member's own).
+
+    A run's numbers must be a function of its config, data and seed alone: masks drawn from the global
+    RNG would depend on whatever else drew from it (for a stacked member: which other members share its
+    stack). The trainer hands the generators over with :func:`set_dropout_generators`: one per member of
+    a batch laid out member-major (rows ``m*b .. (m+1)*b - 1`` are member m's), each drawing its slice of
+    the mask with the same shape and in the same call order as the single model, so a member's masks do
+    not depend on the stack it is in. Without generators (a head used outside the trainers) it is
+    ``nn.Dropout``. Identity in eval mode. No parameters or buffers: state_dict keys are unchanged.
+
+    forward(x (B, ...) float) -> (B, ...) same dtype.
+    """
+
+    generators: list[torch.Generator] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if not self.generators:
+            return super().forward(x)
+        gens = self.generators
+        b = x.shape[0] // len(gens)
+        keep = torch.empty((len(gens), b, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for k, g in enumerate(gens):
+            keep[k].bernoulli_(1.0 - self.p, generator=g)
+        return x * keep.view(x.shape) * (1.0 / (1.0 - self.p))
+
+
+def set_dropout_generators(model: nn.Module, generators: list[torch.Generator] | None) -> None:
+    """Draw every :class:`RunDropout` mask of ``model`` from ``generators`` (one per member, member-major
+    rows; one for a single model); None: back to the global RNG."""
+    for mod in model.modules():
+        if isinstance(mod, RunDropout):
+            mod.generators = list(generators) if generators else None
+
+
+def dropout_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The dropout generator of the run with ``seed``, on ``device``: its own stream, not the shuffle's
+    (``Generator().manual_seed(seed)``), so masks and batch order are not drawn from one sequence."""
+    return torch.Generator(device=device).manual_seed((seed * 2654435761 + 0x5EED) % 2**63)
+
+
 def _projection(in_dim: int, dim: int, dropout: float) -> nn.Sequential:
     """Per-modality projection to the shared width, as in the paper: Linear + LayerNorm + Dropout.
 
     (B, L, in_dim) float32 -> (B, L, dim) float32.
     """
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim), RunDropout(dropout))
 
 
 def _classifier(in_dim: int, dim: int, num_classes: int, dropout: float) -> nn.Sequential:
     """MLP classifier Linear-GELU-Dropout-Linear. (B, in_dim) float32 -> (B, C) float32."""
     return nn.Sequential(
-        nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_classes)
+        nn.Linear(in_dim, dim), nn.GELU(), RunDropout(dropout), nn.Linear(dim, num_classes)
     )
 
 
@@ -183,9 +229,9 @@ def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(dim, 4 * dim),
         nn.GELU(),
-        nn.Dropout(dropout),
+        RunDropout(dropout),
         nn.Linear(4 * dim, dim),
-        nn.Dropout(dropout),
+        RunDropout(dropout),
     )
 
 
@@ -212,7 +258,7 @@ class _Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = RunDropout(dropout)
 
     # Set by FusionHead.forward: False (training, plain prediction) takes the fused SDPA kernel, which
     # never materialises the (B, H, Lq, Lk) weights; True takes the explicit path below that returns them.
@@ -237,11 +283,12 @@ class _Attention(nn.Module):
             return self.out(y) * has_any.to(y.dtype)[:, None, None], (w if self.need_weights else None)
         q = self.q(q_in).view(B, Lq, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
         k, v = self.kv(kv_in).view(B, Lk, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if not self.need_weights:
+        # SDPA's own attention dropout draws from the global RNG; with dropout in training the explicit path
+        # below takes its masks from the run's generator (RunDropout) instead.
+        if not self.need_weights and not (self.training and self.drop.p > 0):
             # Rows without any real key would be all -inf (NaN); give them one dummy key and zero them after.
             allowed = (key_mask | ~has_any[:, None])[:, None, None, :]  # (B, 1, 1, Lk) True = attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                               dropout_p=self.drop.p if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
             y = y.transpose(1, 2).reshape(B, Lq, D)
             return self.out(y) * has_any.to(y.dtype)[:, None, None], None
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # (B, H, Lq, Lk)
@@ -249,7 +296,7 @@ class _Attention(nn.Module):
         has_key = key_mask.any(-1).to(scores.dtype)  # (B,) 0.0 for a missing modality
         weights = scores.softmax(-1) * has_key[:, None, None, None]
         y = (self.drop(weights) @ v).transpose(1, 2).reshape(B, Lq, D)
-        return self.out(y) * has_key[:, None, None], weights
+        return self.out(y) * has_key[:, None, None], (weights if self.need_weights else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -419,7 +466,7 @@ class _EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = _Attention(dim, heads, dropout)
         self.ff = _feed_forward(dim, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = RunDropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor, queries: int | None = None) -> tuple[Tensor, Tensor | None]:
         """``queries``: update only the first ``queries`` positions (all attend over every key); the
@@ -532,7 +579,7 @@ class _CrossLayer(nn.Module):
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = _Attention(dim, heads, dropout)
         self.ff = _feed_forward(dim, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = RunDropout(dropout)
 
     def forward(self, q: Tensor, kv: Tensor, kv_mask: Tensor) -> tuple[Tensor, Tensor]:
         a, w = self.attn(self.norm_q(q), self.norm_kv(kv), kv_mask)

@@ -20,9 +20,14 @@ pooling) runs once for all members; every Linear is one ``baddbmm``. The optimiz
 element-wise ops on ``(M, P)``, the per-member grad norm one reduction. (Measured on this 2-core CPU,
 ``torch.func.vmap`` over ``functional_call`` was 1.2-3x SLOWER than separate models, so it is not used.)
 
-With dropout 0, a member's numbers equal ``train``'s up to float reduction order (the equivalence test
-in ``tests/test_stack.py``); with dropout, the masks are drawn from one generator for the whole stack
-(seeded by the first member's seed), so they follow the same distribution but not the same draws.
+A run's numbers are a function of its config, data and seed alone, not of the stack it was trained in:
+every member draws its init, batch order and dropout masks (:class:`~mmcache.fuse.heads.RunDropout`) from
+its own seed, and on CPU every Linear runs one ``addmm`` per member (the kernel a plain Linear runs), so a
+member is bit for bit the same alone, in a stack of any size and composition, or retrained after a resume.
+:func:`fuse.train.train` trains a stackable head as a stack of one (:func:`fit_members`), so
+``train-fusion --config`` reproduces an ablation run bit for bit (``tests/test_determinism.py``). On CUDA
+the float32 Linear is one ``baddbmm`` for all members (one launch), whose sums may differ from a stack of
+another size in the last bits (tolerance: probabilities within 1e-4, ``tests/test_stack.py``).
 
 Heads whose parameters are not all inside Linear / LayerNorm modules say how to stack them with their
 ``stacked_overrides()`` hook (:class:`~fuse.heads.FusionHead`; self attention's fusion token and modality
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
-from mmcache.fuse.heads import FusionHead, _Attention
+from mmcache.fuse.heads import FusionHead, _Attention, dropout_generator, set_dropout_generators
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
 from mmcache.fuse.train import finish_run, open_run
 from torch import Tensor, nn
@@ -56,7 +61,7 @@ from mmcache.errors import BadInputError, PipelineError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STACK_AXES", "MemberResult", "can_stack", "max_members", "member_bytes", "probe_step_seconds", "stack_key",
+__all__ = ["STACK_AXES", "Fit", "MemberResult", "can_stack", "fit_members", "max_members", "member_bytes", "probe_step_seconds", "stack_key",
            "train_stack"]
 
 # Config fields that may differ inside one stack (plus where the run goes).
@@ -102,6 +107,8 @@ class _BatchedLinear(torch.autograd.Function):
         kind = x.device.type
         if not torch.is_autocast_enabled(kind):  # float32: no casts, no context on the hot path
             ctx.save_for_backward(x, w)
+            if kind == "cpu":
+                return _per_member_linear(x, w, b)
             return torch.baddbmm(b[:, None], x, w.transpose(1, 2))
         dtype = torch.get_autocast_dtype(kind)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
@@ -115,6 +122,8 @@ class _BatchedLinear(torch.autograd.Function):
         gw, gb = ctx.out
         g = g.to(x.dtype)
         gx = torch.bmm(g, w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        if g.device.type == "cpu" and g.dtype == x.dtype == torch.float32:
+            return _per_member_linear_backward(g, x, w, gw, gb, ctx.needs_input_grad[0])
         if gw is None:
             gw, gb = torch.bmm(g.transpose(1, 2), x).float(), g.float().sum(1)
         elif g.dtype == gw.dtype:
@@ -124,6 +133,49 @@ class _BatchedLinear(torch.autograd.Function):
             gw.copy_(torch.bmm(g.transpose(1, 2), x))
             gb.copy_(g.float().sum(1))
         return gx, gw, gb, None, None
+
+
+_ALIGN = 64  # bytes; torch's CPU allocator aligns every new tensor to this
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t`` itself when it starts on a 64-byte boundary (as a fresh tensor does), else an aligned copy.
+    MKL's gemm may sum in another order for operands at another alignment (measured: member 1's weight
+    gradient in a stack of 3 differed from the same member alone in the last bits, with identical inputs),
+    and a member's slice of a stacked tensor starts wherever the members before it end."""
+    return t if t.data_ptr() % _ALIGN == 0 else t.clone()
+
+
+def _per_member_linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x (M, N, in), w (M, out, in), b (M, out) -> (M, N, out) float32, one ``addmm`` per member on aligned
+    operands: the kernel and shapes ``F.linear`` runs for one model, so member m's rows are bit for bit those
+    of a plain Linear and cannot depend on M. (One ``baddbmm`` for all members is not: with 2 threads MKL
+    splits the batch by M, and member results then differ in the last bits with the stack's size.)"""
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], x.shape[1], w.shape[1])
+    for k in range(x.shape[0]):
+        out = torch.addmm(_aligned(b[k]), _aligned(x[k]), _aligned(w[k]).t())
+        y[k].copy_(out)
+    return y
+
+
+def _per_member_linear_backward(g: Tensor, x: Tensor, w: Tensor, gw: Tensor | None, gb: Tensor | None,
+                                need_gx: bool) -> tuple:
+    """Backward of :func:`_per_member_linear` member by member, with the ops autograd runs for a plain
+    Linear (dx = g W, dW = g^T x, db = sum over rows) on aligned operands, so the gradients are
+    grouping-independent too."""
+    # Contiguous first: the incoming gradient's strides can differ with M (size-1 dims).
+    m, g, x = x.shape[0], g.contiguous(), x.contiguous()
+    gx = torch.empty_like(x) if need_gx else None
+    if gw is None:
+        gw, gb = x.new_empty(m, g.shape[2], x.shape[2]), x.new_empty(m, g.shape[2])
+    for k in range(m):
+        gk, xk = _aligned(g[k]), _aligned(x[k])
+        if gx is not None:
+            gx[k].copy_(torch.mm(gk, _aligned(w[k])))
+        gw[k].copy_(torch.mm(gk.t(), xk))
+        gb[k].copy_(gk.sum(0))
+    return gx, gw, gb, None, None
 
 
 class _StackedLinear(nn.Module):
@@ -358,8 +410,8 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
                 allow_no_val: bool = False) -> list[MemberResult]:
     """Train ``configs`` (one stack, see :func:`stack_key`) together; one run folder per member.
 
-    ``data`` and ``allow_no_val`` as for :func:`~mmcache.fuse.train.train`. ``eval_rows``: samples x members per
-    evaluation forward. A member whose loss becomes non-finite fails alone (its result carries the error,
+    ``data`` and ``allow_no_val`` as for :func:`~mmcache.fuse.train.train`. ``eval_rows``: at most this many
+    samples (each times the members) per evaluation forward. A member whose loss becomes non-finite fails alone (its result carries the error,
     its folder has no metrics.json); the others go on. Returns the members' results in input order.
     """
     _check_stack(configs)
@@ -389,46 +441,65 @@ def _build_stack(configs: list[TrainConfig], data: FusionData, device: torch.dev
 
 def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, device: torch.device, threads: int | None,
                   t_start: float, eval_rows: int) -> list[MemberResult]:
-    configs = [c for c, _ in opened]
-    cfg = configs[0]
+    configs, run_dirs = [c for c, _ in opened], [d for _, d in opened]
     with deterministic(device, threads):
-        stack = _build_stack(configs, data, device)
-        seed_everything(cfg.seed)  # dropout masks of the whole stack
-        results = _train_loop(stack, configs, [d for _, d in opened], data, device, t_start, eval_rows)
-    return results
+        stack, fit = fit_members(configs, run_dirs, data, eval_rows)
+        errors = {i: f"PipelineError: {msg}" for i, msg in fit.errors.items()}
+        return _finish_members(stack, configs, run_dirs, data, fit.best, fit.best_epoch, fit.histories, errors,
+                               fit.done_at, t_start)
 
 
-def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData,
-                device: torch.device, t_start: float, eval_rows: int) -> list[MemberResult]:
+@dataclass
+class Fit:
+    """What :func:`fit_members` leaves: per member (input order) its best weights ``best`` (M, P) rows, best
+    epoch, history, the error text of a member that failed, and when each member left the stack."""
+
+    best: Tensor
+    best_epoch: list[int]
+    histories: list[list[dict[str, Any]]]
+    errors: dict[int, str]
+    done_at: dict[int, float]
+
+
+def fit_members(configs: list[TrainConfig], run_dirs: list[Path], data: FusionData, eval_rows: int = 4096,
+                histories: list[list[dict[str, Any]]] | None = None, on_step=None) -> tuple[_Stack, Fit]:
+    """Build and train the stack of ``configs`` (opened runs, in ``run_dirs``; call inside
+    :func:`~mmcache.fuse.engine.deterministic`). Also :func:`fuse.train.train`'s trainer for a stackable head,
+    as a stack of one: every member draws its init, batch order and dropout masks from its own seed and is
+    computed by per-member kernels on CPU, so its numbers are the same alone, in any stack, and resumed.
+    ``histories``: lists to append the epochs' rows to (train's interrupt handling reads them);
+    ``on_step(epoch)``: called after every optimizer step (a progress bar)."""
+    stack = _build_stack(configs, data, data.device)
+    return stack, _fit(stack, configs, run_dirs, data, eval_rows, histories, on_step)
+
+
+def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData, eval_rows: int,
+         histories: list[list[dict[str, Any]]] | None, on_step) -> Fit:
     from mmcache.fuse.runs import write_json
 
-    cfg, n_all = configs[0], len(configs)
+    cfg, n_all, device = configs[0], len(configs), data.device
     train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]
     n_train = train_rows.numel()
-    labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
-    val_labels = labels_np[val_rows.cpu().numpy()]
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    val_labels = data.target_labels.cpu().numpy()[val_rows.cpu().numpy()]  # (n_val, T), < 0 = masked
+    total = math.ceil(n_train / cfg.batch_size) * cfg.epochs
     schedule = lr_lambda(total, round(cfg.warmup_frac * total))
-    weight = None
-    if cfg.class_balanced:
-        weight = class_weights(data.target_labels[train_rows], data.target.sizes)
-    gens = [torch.Generator().manual_seed(c.seed) for c in configs]
+    weight = class_weights(data.target_labels[train_rows], data.target.sizes) if cfg.class_balanced else None
+    gens = [torch.Generator().manual_seed(c.seed) for c in configs]  # batch order, as train() always drew it
+    drop_gens = [dropout_generator(c.seed, device) for c in configs]
+    lengths = _run_lengths(data)
     with torch.no_grad():
         stack.set_flat(stack.flat.to(device))
     state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
-    best = stack.flat.clone()
+    fit = Fit(stack.flat.clone(), [0] * n_all, histories if histories is not None else [[] for _ in configs], {}, {})
     active = list(range(n_all))  # member ids, in stack row order
-    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
-    best_f1, best_epoch, since = [-1.0] * n_all, [0] * n_all, [0] * n_all
-    done_at: dict[int, float] = {}
-    errors: dict[int, str] = {}
+    best_f1, since = [-1.0] * n_all, [0] * n_all
     step = 0
     logger.info("training a stack of %d %s on %s (%s features): %d train samples, %s", n_all, cfg.head, data.dataset,
                 cfg.features, n_train, device)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         stack.module.train()
+        set_dropout_generators(stack.module, [drop_gens[i] for i in active])
         m = len(active)
         orders = torch.stack([train_rows[torch.randperm(n_train, generator=gens[i]).to(device)] for i in active])
         loss_sum = torch.zeros(m, device=device)
@@ -436,9 +507,12 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         for start in range(0, n_train, cfg.batch_size):
             rows = orders[:, start:start + cfg.batch_size]  # (M, b)
             f = schedule(step)
-            loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1)
+            loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1,
+                               lengths)
             step += 1
             loss_sum += loss * rows.shape[1]
+            if on_step is not None:
+                on_step(epoch)
         train_loss = (loss_sum / n_train).tolist()
         lr_now = [lr * schedule(step) for lr in lr_m]
         val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
@@ -446,8 +520,7 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
         leaving = []
         for k, i in enumerate(active):
             if not math.isfinite(train_loss[k]):
-                errors[i] = (f"PipelineError: training loss became {train_loss[k]} in epoch {epoch}; "
-                             "try a lower --lr")
+                fit.errors[i] = f"training loss became {train_loss[k]} in epoch {epoch}; try a lower --lr"
                 leaving.append(k)
                 continue
             row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss[k]}
@@ -460,17 +533,17 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
                     row["val_target_macro_f1"] = {t: v["macro_f1"] for t, v in vm["targets"].items()}
                 improved = vm["macro_f1"] > best_f1[i]
             row.update(lr=lr_now[k], seconds=seconds / m)
-            histories[i].append(row)
-            write_json(run_dirs[i] / "history.json", histories[i])
+            fit.histories[i].append(row)
+            write_json(run_dirs[i] / "history.json", fit.histories[i])
             if improved:
-                best_f1[i], best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
-                best[i] = stack.flat[k]
+                best_f1[i], fit.best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
+                fit.best[i] = stack.flat[k]
             else:
                 since[i] += 1
             if (configs[i].patience and since[i] >= configs[i].patience) or epoch == cfg.epochs:
                 leaving.append(k)
         for k in leaving:
-            done_at[active[k]] = time.perf_counter()
+            fit.done_at[active[k]] = time.perf_counter()
         if leaving:
             keep = [k for k in range(len(active)) if k not in leaving]
             active = [active[k] for k in keep]
@@ -480,15 +553,46 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
             with torch.no_grad():
                 stack.keep(keep)
             state = {k: v[idx] for k, v in state.items()}
-    return _finish_members(stack, configs, run_dirs, data, best, best_epoch, histories, errors, done_at, t_start)
+    return fit
+
+
+def _run_lengths(data: FusionData) -> dict[str, int]:
+    """Token length each trimmed modality's training batches are cut to: the longest real length over the
+    training split. ``FusionData.batch`` cuts to the batch's longest, which in a stack is the longest over
+    every member's rows: the tensors' shapes, so dropout mask draws and reduction orders, would depend on
+    the other members. A length fixed per run keeps most of the saving (caches pad to a maximum no sample
+    of the split may reach)."""
+    rows, out = data.split_rows["train"], {}
+    for name, md in (("text", data.text), ("image", data.image)):
+        if md is not None and md.trim:
+            used = md.mask[rows].any(0)
+            out[name] = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    return out
+
+
+def _train_batch(data: FusionData, rows: Tensor, lengths: dict[str, int] | None) -> tuple:
+    """``data.batch(rows)`` with token sequences cut to ``lengths`` (:func:`_run_lengths`) instead of the
+    batch's own longest; ``lengths`` None: ``data.batch``."""
+    if lengths is None:
+        return data.batch(rows)
+    out: list[Tensor | None] = []
+    for name, md in (("text", data.text), ("image", data.image)):
+        if md is None:
+            out += [None, None]
+            continue
+        n = lengths.get(name, md.x.shape[1])
+        out += [md.x[rows, :n].float(), md.mask[rows, :n]]
+    return tuple(out)
 
 
 def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: list | None,
-                state: dict[str, Tensor], lr: list[float], wd: list[float], step: int) -> Tensor:
-    """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,)."""
+                state: dict[str, Tensor], lr: list[float], wd: list[float], step: int,
+                lengths: dict[str, int] | None = None) -> Tensor:
+    """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,).
+    ``lengths``: token lengths to cut to (:func:`_train_batch`)."""
     m, b = rows.shape
     with autocast(data.device, cfg.amp):
-        logits = stack.module(*data.batch(rows.reshape(-1)))
+        logits = stack.module(*_train_batch(data, rows.reshape(-1), lengths))
     loss = _member_losses(logits.float().view(m, b, -1), data.target_labels[rows], data.target.sizes, weight,
                           cfg.label_smoothing)
     grad = stack.gradient(loss.sum())
@@ -514,16 +618,17 @@ def probe_step_seconds(configs: list[TrainConfig], data: FusionData, threads: in
     device = data.device
     with deterministic(device, threads):
         stack = _build_stack(configs, data, device)
+        set_dropout_generators(stack.module, [dropout_generator(c.seed, device) for c in configs])
         state = {"m": torch.zeros_like(stack.flat), "v": torch.zeros_like(stack.flat)}
         lr, wd = [c.lr for c in configs], [c.weight_decay for c in configs]
         train_rows = data.split_rows["train"]
         gen = torch.Generator().manual_seed(0)
-        times = []
+        lengths, times = _run_lengths(data), []
         for k in range(steps + 1):
             rows = torch.stack([train_rows[torch.randperm(train_rows.numel(), generator=gen)[:cfg.batch_size]
                                 .to(device)] for _ in configs])
             t0 = time.perf_counter()
-            _train_step(stack, data, rows, cfg, None, state, lr, wd, k + 1)
+            _train_step(stack, data, rows, cfg, None, state, lr, wd, k + 1, lengths)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
@@ -557,7 +662,9 @@ def _predict_stack(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConf
     """Every active member's class probabilities of ``rows``: M arrays (n, C) float32."""
     stack.module.eval()
     m = stack.members
-    chunk = max(1, min(cfg.eval_batch_size, eval_rows // m))
+    # Samples per forward, the same whatever the stack's size: a member's val numbers (and so its early
+    # stopping) must not depend on how many members share its forward. Memory: M x chunk rows.
+    chunk = max(1, min(cfg.eval_batch_size, eval_rows))
     out = []
     for start in range(0, rows.numel(), chunk):
         part = rows[start:start + chunk]

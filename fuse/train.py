@@ -7,9 +7,11 @@ ONCE with them. Every run writes a folder (see :func:`train`). ``train(config, d
 tensors already in memory, so an ablation can run many heads/seeds in one process without re-reading
 HDF5. Scoring a saved run again is :mod:`fuse.evaluate`.
 
-Determinism: python/numpy/torch are seeded from ``config.seed``, deterministic algorithms are switched
-on for the duration of a run, and shuffling uses its own ``torch.Generator``; the same config, seed
-and machine give identical numbers. Mixed precision (bf16 autocast) is used on CUDA only.
+Determinism: a run's numbers are a function of its config, data and seed alone. Init is seeded from
+``config.seed``, shuffling and dropout masks come from the run's own ``torch.Generator`` s, deterministic
+algorithms are switched on for the duration of a run; a head that can be stacked is trained as a stack of
+one (:func:`fuse.stack.fit_members`), the path every ablation stack takes, so the same config, seed and
+machine give identical numbers alone, in a stack, or resumed. Mixed precision (bf16 autocast) is used on CUDA only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from mmcache.fuse.engine import (
     predict,
     seed_everything,
 )
-from mmcache.fuse.heads import FusionHead, count_parameters, head_uses
+from mmcache.fuse.heads import (
+    FusionHead,
+    count_parameters,
+    dropout_generator,
+    head_uses,
+    set_dropout_generators,
+)
 from mmcache.fuse.runs import (
     attach_run_log,
     detach_run_log,
@@ -201,8 +209,13 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
     labels_np = data.target_labels.cpu().numpy()  # (N, T), < 0 = masked
 
     with deterministic(device, threads):
+        from mmcache.fuse.stack import can_stack  # fuse.stack imports this module
+
+        if can_stack(config):
+            return _train_as_stack_of_one(config, data, run_dir, progress, state, t_start)
         seed_everything(config.seed)
         model = build_head(config, data.dims(), target.num_outputs).to(device)
+        set_dropout_generators(model, [dropout_generator(config.seed, device)])
         n_params = count_parameters(model)
         optimizer = adamw(model, config)
         steps_per_epoch = math.ceil(train_rows.numel() / config.batch_size)
@@ -272,6 +285,34 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
 
         model.load_state_dict(best_state)
         metrics = finish_run(run_dir, config, data, model, history, best_epoch, t_start)
+    return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
+
+
+def _train_as_stack_of_one(config: TrainConfig, data: FusionData, run_dir: Path, progress: bool | None,
+                           state: dict[str, Any], t_start: float) -> TrainResult:
+    """Train a stackable head through the stacked trainer as a stack of one member: the same kernels, loss,
+    clipping and AdamW as every stack, so this run's numbers are bit for bit those of the same config in
+    an ablation's stack of any size (and ``train-fusion --config runs/R/config.json`` reproduces R)."""
+    from mmcache.fuse.stack import fit_members
+
+    history: list[dict[str, Any]] = []
+    state["history"] = history
+    total = math.ceil(data.split_rows["train"].numel() / config.batch_size) * config.epochs
+    bar = reporter(total, f"train {config.head} on {data.dataset}", "step", enabled=progress)
+    state["bar"] = bar
+    logger.info("training %s on %s, target %s (%s features): %s train / %s val / %s test samples, %s", config.head,
+                data.dataset, data.target.name, config.features, *(data.split_rows[s].numel()
+                                                                   for s in ("train", "val", "test")), data.device)
+    stack, fit = fit_members([config], [run_dir], data, histories=[history],
+                             on_step=lambda epoch: bar.update(1, epoch=f"{epoch}/{config.epochs}"))
+    if 0 in fit.errors:
+        raise PipelineError(fit.errors[0])
+    bar.close()
+    if len(history) < config.epochs:
+        logger.info("early stop after epoch %d (best at epoch %d)", len(history), fit.best_epoch[0])
+    model = build_head(config, data.dims(), data.target.num_outputs).to(data.device)
+    model.load_state_dict(stack.state_dict(fit.best[0]))
+    metrics = finish_run(run_dir, config, data, model, history, fit.best_epoch[0], t_start)
     return TrainResult(run_dir=run_dir, config=config, metrics=metrics, history=history)
 
 
