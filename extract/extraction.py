@@ -710,9 +710,10 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     t0 = time.perf_counter()
     index = index or prepare_index(cfg)
     rows = shard_rows(index.num_samples, shard_index, num_shards)
-    model = cfg.encoder(modality).model
+    asked = cfg.encoder(modality)
+    model = asked.model
     enc = encoder or _load_encoder(modality, cfg)
-    conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=cfg.encoder(modality).revision)
+    conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=asked.revision)
     path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
     if paths is not None:
         paths[modality] = path
