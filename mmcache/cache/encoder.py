@@ -166,9 +166,10 @@ class EncoderSpec:
 
     def identity(self) -> dict[str, Any]:
         """The keys of this spec that :func:`~mmcache.cache.encoder_difference` compares, named as in a
-        feature file's config: ``model`` is the weights' location (the resolved folder of a local model,
-        else the model as given), plus ``revision``, ``commit_hash``, ``weights_sha256``, ``layer``, ``proj_size`` (the last
-        two only when not at their defaults, as in configs) and ``max_length`` / ``patch_pool``.
+        feature file's config: ``model`` is the weights' location (the resolved folder of a local
+        model, else the model as given), plus ``revision``, ``commit_hash``, ``weights_sha256``,
+        ``layer`` and ``proj_size`` (these two only when not at their defaults, as in configs) and
+        ``max_length`` / ``patch_pool``.
         Compare two specs with ``encoder_difference(a.identity(), b.identity(), storage=False)``."""
         local = self.model and not self.resolved_path and os.path.isdir(self.model)
         where = str(Path(self.model).resolve()) if local else (self.resolved_path or self.model)
