@@ -19,7 +19,6 @@ This module imports torch and transformers; :mod:`extract` itself stays import-l
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from mmcache.extract.adapters import find_adapter, get_adapter, parse_layer, select_layer
 from mmcache.extract.adapters.base import one_line as _one_line
 
+from mmcache.cache.encoder import EncoderSpec, readable_name  # noqa: F401 -- readable_name: public here too
 from mmcache.common import resolve_device
 from mmcache.errors import BadInputError, ModelLoadError
 
@@ -43,9 +43,11 @@ __all__ = [
     "ImageEncoder",
     "ImagePreprocessor",
     "TextEncoder",
+    "load_encoder",
     "load_encoder_from_provenance",
     "load_image_encoder",
     "load_text_encoder",
+    "load_tokenizer",
     "readable_name",
     "resolve_device",
     "resolve_precision",
@@ -155,34 +157,6 @@ def _load_config(model: str, what: str, revision: str | None):
             f"could not load {what} model {model!r}: not a local folder and not loadable from the "
             f"Hugging Face hub ({reason}). {hint}"
         ) from e
-
-
-_MEANINGFUL = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
-
-
-def readable_name(model: str, name: str | None = None) -> str:
-    """What files and tables call an encoder: ``name`` when given; a hub id itself; a local folder by its
-    config's ``_name_or_path`` when that is meaningful, else by ``parent/folder`` (never just ``model``).
-
-    ``_name_or_path`` is meaningful when it is a hub-style id (``name`` or ``owner/name``, not a path,
-    not the folder's own name) and the folder is not a sentence-transformers export (whose config
-    names the model it was fine-tuned *from*)."""
-    import re
-
-    if name:
-        return name
-    if not os.path.isdir(model):
-        return model
-    try:
-        raw = json.loads(Path(model, "config.json").read_text(encoding="utf-8")).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        raw = None
-    fine_tuned = os.path.isfile(os.path.join(model, "config_sentence_transformers.json"))
-    if (isinstance(raw, str) and re.match(_MEANINGFUL, raw) and not os.path.isdir(raw) and not fine_tuned
-            and raw != Path(model).resolve().name):
-        return raw
-    p = Path(model).resolve()
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
 def _source_info(model: str, config) -> dict:
@@ -678,45 +652,59 @@ def validate_encoder(modality: str, model: str, revision: str | None = None) -> 
     return parts[1].name
 
 
-def load_encoder_from_provenance(modality: str, provenance: dict, *, config: dict | None = None,
-                                 device: str = "cpu", precision: str | None = None):
-    """Rebuild the exact encoder a feature file was made with, from its recorded ``provenance`` (and
-    ``config``, to verify: :func:`mmcache.cache.encoder_difference`).
+def load_encoder(spec: EncoderSpec, *, device: str = "cpu", precision: str | None = None):
+    """Load the encoder ``spec`` describes, asked or recorded: from :attr:`~EncoderSpec.source` at
+    :attr:`~EncoderSpec.load_revision`, with its layer, name and max length (text) / patch pool (image).
+    ``precision`` defaults to the spec's (fp32 when it has none)."""
+    if not spec.source:
+        raise BadInputError(f"the {spec.modality} provenance names no model (model_id / resolved_path)")
+    kw: dict[str, Any] = dict(device=device, precision=precision or spec.precision or "fp32",
+                              revision=spec.load_revision, layer=spec.layer or "last", name=spec.name or None)
+    if spec.modality == "text":
+        return load_text_encoder(spec.source, max_length=int(spec.max_length or 128), **kw)
+    return load_image_encoder(spec.source, patch_pool=int(spec.patch_pool or 1), **kw)
 
-    The model is loaded from the recorded folder (``resolved_path``, else ``model_id``) at the recorded
-    hub commit, with the recorded max length / patch pool / layer / name. With ``config`` (the
-    file's ``config`` attribute), the rebuilt encoder's identity must match it: weights hash (local
-    folders), hub id + commit, tokenizer / processor settings, pooling, layer; otherwise
-    :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on CUDA
-    (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
+
+def load_tokenizer(spec: EncoderSpec):
+    """The tokenizer of a text encoder ``spec`` (``AutoTokenizer`` from :attr:`~EncoderSpec.source` at
+    :attr:`~EncoderSpec.load_revision`, the same rule as :func:`load_encoder`; never remote code).
+    Raises what transformers raises when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    if not spec.source:
+        raise BadInputError("the text provenance names no model (model_id / resolved_path)")
+    return AutoTokenizer.from_pretrained(spec.source, revision=spec.load_revision, trust_remote_code=False)
+
+
+def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict | None = None, *,
+                                 config: dict | None = None, device: str = "cpu", precision: str | None = None):
+    """Rebuild the exact encoder a feature file was made with, from its recorded ``provenance`` (and
+    ``config``, to verify: :func:`mmcache.cache.encoder_difference`); or pass an
+    :class:`~mmcache.cache.EncoderSpec` (:meth:`~mmcache.cache.EncoderSpec.from_provenance`) instead of
+    ``modality, provenance``.
+
+    The model is loaded as :func:`load_encoder` does (the recorded folder while it exists, else the
+    model as given, at the recorded hub commit) with the recorded max length / patch pool / layer /
+    name. With ``config`` (the file's ``config`` attribute), the rebuilt encoder's identity must match
+    it: weights hash (local folders), hub id + commit, tokenizer / processor settings, pooling, layer;
+    otherwise :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on
+    CUDA (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
     """
     from mmcache.extract.identity import encoder_config
 
     from mmcache import cache as cf
 
-    src = provenance.get("resolved_path")
-    src = src if src and os.path.isdir(src) else provenance.get("model_id")
-    if not src:
-        raise BadInputError(f"the {modality} provenance names no model (model_id / resolved_path)")
-    revision = provenance.get("commit_hash") if not os.path.isdir(src) else None
-    kw: dict[str, Any] = dict(device=device, precision=precision or provenance.get("precision") or "fp32",
-                              revision=revision, layer=provenance.get("layer") or "last",
-                              name=provenance.get("name") or None)
-    if modality == "text":
-        enc = load_text_encoder(src, max_length=int(provenance.get("max_length") or 128), **kw)
-    elif modality == "image":
-        enc = load_image_encoder(src, patch_pool=int(provenance.get("patch_pool") or 1), **kw)
-    else:
-        raise BadInputError(f"modality must be text or image, got {modality!r}")
-    fam = provenance.get("family")
-    if fam and fam != enc.family:
-        get_adapter(fam)  # an unknown recorded family is its own error
-        raise BadInputError(f"{src!r} now loads as family {enc.family!r}; the cache was made with {fam!r}")
+    spec = modality if isinstance(modality, EncoderSpec) else EncoderSpec.from_provenance(modality, provenance, config)
+    enc = load_encoder(spec, device=device, precision=precision)
+    if spec.family and spec.family != enc.family:
+        get_adapter(spec.family)  # an unknown recorded family is its own error
+        raise BadInputError(f"{spec.source!r} now loads as family {enc.family!r}; the cache was made with "
+                            f"{spec.family!r}")
     if config is not None:
-        mine = encoder_config(enc, modality, dtype=config.get("dtype", "float16"), revision=config.get("revision"))
+        mine = encoder_config(enc, spec.modality, dtype=config.get("dtype", "float16"), revision=config.get("revision"))
         diff = cf.encoder_difference(config, mine, storage=False)
         if diff:
-            raise BadInputError(f"{src!r} is not the {modality} encoder the cache was made with: {diff}")
+            raise BadInputError(f"{spec.source!r} is not the {spec.modality} encoder the cache was made with: {diff}")
     return enc
 
 
@@ -726,5 +714,5 @@ def load_encoder_for_cache(path: str | os.PathLike, *, device: str = "cpu", prec
     from mmcache import cache as cf
 
     with cf.FeatureFile(path) as ff:
-        modality, prov, conf = ff.modality, ff.provenance, ff.config
-    return load_encoder_from_provenance(modality, prov, config=conf, device=device, precision=precision)
+        spec, conf = cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config), ff.config
+    return load_encoder_from_provenance(spec, config=conf, device=device, precision=precision)

@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.extract.identity import DECODE_POLICY, image_config, text_config  # noqa: F401 -- public here too
+from mmcache.extract.identity import (  # noqa: F401 -- DECODE_POLICY, image_config, text_config: public here too
+    DECODE_POLICY,
+    encoder_config,
+    image_config,
+    text_config,
+)
 from mmcache.extract.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_RESIZED_PIXELS,
@@ -155,11 +160,30 @@ class ExtractConfig:
 
     @property
     def text_bs(self) -> int:
-        return self.text_batch_size or self.batch_size
+        return self.batch_size_for("text")
 
     @property
     def image_bs(self) -> int:
-        return self.image_batch_size or self.batch_size
+        return self.batch_size_for("image")
+
+    def batch_size_for(self, modality: str) -> int:
+        """``--text-batch-size`` / ``--image-batch-size``, else ``--batch-size``."""
+        return getattr(self, f"{_checked(modality)}_batch_size") or self.batch_size
+
+    def encoder(self, modality: str) -> cf.EncoderSpec:
+        """The encoder asked for ``modality``: ``--text-model``, ``--text-revision``, ``--text-layer``,
+        ``--text-name``, ``--text-max-length`` (or the image twins and ``--patch-pool``), as one record."""
+        m = _checked(modality)
+        size = {"text": {"max_length": self.text_max_length}, "image": {"patch_pool": self.patch_pool}}[m]
+        return cf.EncoderSpec(modality=m, model=str(getattr(self, f"{m}_model")),
+                              revision=getattr(self, f"{m}_revision"), layer=getattr(self, f"{m}_layer"),
+                              name=getattr(self, f"{m}_name"), precision=self.precision, **size)
+
+
+def _checked(modality: str) -> str:
+    if modality not in cf.MODALITIES:
+        raise BadInputError(f"unknown modality {modality!r}; expected one of {', '.join(cf.MODALITIES)}")
+    return modality
 
 
 def parse_shard(spec: str | None, num_shards: int | None = None) -> tuple[int, int]:
@@ -637,22 +661,16 @@ def _torch_threads(enc, modality: str, cfg: ExtractConfig):
 
 
 def _load_encoder(modality: str, cfg: ExtractConfig):
-    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
+    from mmcache.extract.encoders import load_encoder
 
-    if modality == "text":
-        return load_text_encoder(cfg.text_model, device=cfg.device, max_length=cfg.text_max_length,
-                                 precision=cfg.precision, revision=cfg.text_revision, layer=cfg.text_layer,
-                                 name=cfg.text_name)
-    return load_image_encoder(cfg.image_model, device=cfg.device, precision=cfg.precision,
-                              patch_pool=cfg.patch_pool, revision=cfg.image_revision, layer=cfg.image_layer,
-                              name=cfg.image_name)
+    return load_encoder(cfg.encoder(modality), device=cfg.device)
 
 
 def file_slug(enc, cfg: ExtractConfig, modality: str) -> str:
     """The ``<slug>`` of ``<modality>--<slug>.h5``: the encoder's readable name (``--text-name`` /
     ``--image-name``, else :func:`extract.encoders.readable_name`), plus ``.<layer>`` when not the last."""
     slug = cf.name_slug(enc.name)
-    layer = cfg.text_layer if modality == "text" else cfg.image_layer
+    layer = cfg.encoder(modality).layer
     if layer == "last":
         return slug
     return f"{slug}.{layer}" if layer.startswith("mean") else f"{slug}.layer{layer}"
@@ -661,16 +679,18 @@ def file_slug(enc, cfg: ExtractConfig, modality: str) -> str:
 def _feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_index: int, num_shards: int) -> Path:
     """Where this modality's file goes: the readable name's file, or a file of the same encoder under
     its older name (the model folder's last component) when only that exists."""
-    model = cfg.text_model if modality == "text" else cfg.image_model
-    path = cf.shard_path(cfg.cache_dir, dataset, modality, model, shard_index, num_shards,
+    spec = cfg.encoder(modality)
+    path = cf.shard_path(cfg.cache_dir, dataset, modality, spec.model, shard_index, num_shards,
                          slug=file_slug(enc, cfg, modality))
-    legacy = cf.shard_path(cfg.cache_dir, dataset, modality, model, shard_index, num_shards)
-    layer = cfg.text_layer if modality == "text" else cfg.image_layer
-    named = cfg.text_name if modality == "text" else cfg.image_name
-    if legacy != path and legacy.exists() and not path.exists() and layer == "last" and not named:
+    legacy = cf.shard_path(cfg.cache_dir, dataset, modality, spec.model, shard_index, num_shards)
+    if legacy != path and legacy.exists() and not path.exists() and spec.layer == "last" and not spec.name:
         log.info("using %s (named before encoders had readable names)", legacy.name)
         return legacy
     return path
+
+
+#: modality -> (tokens per row, patch grid or None) of a loaded encoder
+_TOKEN_LAYOUT = {"text": lambda enc: (enc.max_length, None), "image": lambda enc: (enc.num_tokens, tuple(enc.grid))}
 
 
 def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_shards: int = 1,
@@ -690,10 +710,10 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     t0 = time.perf_counter()
     index = index or prepare_index(cfg)
     rows = shard_rows(index.num_samples, shard_index, num_shards)
-    model = cfg.text_model if modality == "text" else cfg.image_model
+    asked = cfg.encoder(modality)
+    model = asked.model
     enc = encoder or _load_encoder(modality, cfg)
-    revision = cfg.text_revision if modality == "text" else cfg.image_revision
-    conf = (text_config if modality == "text" else image_config)(enc, dtype=cfg.dtype, revision=revision)
+    conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=asked.revision)
     path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
     if paths is not None:
         paths[modality] = path
@@ -703,8 +723,7 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
             merged.seconds = time.perf_counter() - t0
             return merged
     ids = [index.ids[r] for r in rows]
-    num_tokens = enc.max_length if modality == "text" else enc.num_tokens
-    grid = None if modality == "text" else tuple(enc.grid)
+    num_tokens, grid = _TOKEN_LAYOUT[modality](enc)
     summary = ModalitySummary(modality=modality, model=model, path=str(path), total=len(rows), forced=cfg.force)
     needed = cf.planned_bytes(len(rows), enc.hidden_size, num_tokens, cfg.dtype)
     with _lock(index.dataset_dir, shard_index, num_shards), _disk_full_as_error(path, needed):
@@ -790,7 +809,7 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
             writer.finalize({"last_run": {
                 "encoded": summary.encoded, "failed": summary.failed, "seconds": round(loop_s, 3),
                 "samples_per_s": round(summary.samples_per_s, 2), "device": str(enc.device),
-                "batch_size": cfg.text_bs if modality == "text" else cfg.image_bs,
+                "batch_size": cfg.batch_size_for(modality),
                 "num_workers": cfg.num_workers, "threads": threads, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
 
@@ -828,9 +847,9 @@ def validate_models(cfg: ExtractConfig) -> None:
 
     for modality in ("image", "text"):
         if modality in cfg.modalities:
-            model = cfg.text_model if modality == "text" else cfg.image_model
-            revision = cfg.text_revision if modality == "text" else cfg.image_revision
-            log.debug("%s model %s: %s family", modality, model, validate_encoder(modality, model, revision))
+            spec = cfg.encoder(modality)
+            log.debug("%s model %s: %s family", modality, spec.model,
+                      validate_encoder(modality, spec.model, spec.revision))
 
 
 def _kept(cfg: ExtractConfig, paths: dict[str, Path], stopped: str) -> str:

@@ -83,5 +83,9 @@ def image_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
     }
 
 
+_CONFIGS = {"text": text_config, "image": image_config}
+
+
 def encoder_config(enc, modality: str, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    return (text_config if modality == "text" else image_config)(enc, dtype=dtype, revision=revision)
+    """:func:`text_config` or :func:`image_config`, by ``modality``."""
+    return _CONFIGS[modality](enc, dtype=dtype, revision=revision)

@@ -260,7 +260,7 @@ def _file_info(ff: cf.FeatureFile) -> dict[str, Any]:
 
 
 def _model_of(ff: cf.FeatureFile) -> str | None:
-    return ff.provenance.get("model_id") or ff.config.get("model")
+    return cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config).model
 
 
 def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str) -> ModalityData:

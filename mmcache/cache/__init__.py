@@ -1,11 +1,12 @@
 """The HDF5 cache contract: what stage one writes and stage two reads (h5py + numpy; never torch).
 
 ``from mmcache import cache as cf`` gives the whole contract: names and paths (:mod:`.names`),
-identity and fingerprints (:mod:`.identity`), the sample index (:mod:`.index`), feature files
-(:mod:`.writer`, :mod:`.reader`), integrity (:mod:`.integrity`), shard merging (:mod:`.merge`), the
+identity and fingerprints (:mod:`.identity`), the encoder record (:mod:`.encoder`), the sample index
+(:mod:`.index`), feature files (:mod:`.writer`, :mod:`.reader`), integrity (:mod:`.integrity`), shard merging (:mod:`.merge`), the
 folder's write lock (:mod:`.lock`) and what ``cache info`` / ``cache verify`` show (:mod:`.info`).
 """
 
+from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.identity import (
     CONFIG_DEFAULTS,
     SPLIT_NAMES,
@@ -59,7 +60,7 @@ from mmcache.errors import BadInputError, CacheError
 
 __all__ = [
     "BadInputError", "CHECKSUM", "CHECKSUM_FIELDS", "CONFIG_DEFAULTS", "CacheBusyError", "CacheError",
-    "CacheMismatchError", "DTYPES", "Damage", "FAILURES_NAME", "FEATURE_FIELDS", "FORMAT_VERSION",
+    "CacheMismatchError", "DTYPES", "Damage", "EncoderSpec", "FAILURES_NAME", "FEATURE_FIELDS", "FORMAT_VERSION",
     "FeatureFile", "FeatureWriter", "INDEX_NAME", "LOCK_NAME", "MODALITIES", "MergeResult", "OPTIONAL_FIELDS",
     "REASON", "REASON_BYTES", "SPLIT_NAMES", "STORAGE_KEYS", "STR", "SampleIndex", "UNRECORDED_SPLIT",
     "check_free_space", "collect", "describe", "describe_holder", "disk_full_error", "encoder_difference",

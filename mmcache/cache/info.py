@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.lock import CacheBusyError
 from mmcache.cache.names import FAILURES_NAME, INDEX_NAME, list_feature_files, list_shard_files
 from mmcache.cache.reader import FeatureFile, describe, repair_command
@@ -114,10 +115,10 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
         for name, a in e["arrays"].items():
             out.append(f"  {name:<7} {tuple(a['shape'])} {a['dtype']}")
         out.append("  valid   (N,) bool   done (N,) bool   failure (N,) utf-8[160]   id (N,) str   row (N,) int64")
-        rev = prov.get("commit_hash") or prov.get("resolved_path") or "-"
-        fam = f", family {prov['family']}, layer {prov.get('layer', 'last')}" if prov.get("family") else ""
-        out.append(f"  model {prov.get('model_id') or conf.get('model')} ({prov.get('class_name')}{fam}, "
-                   f"revision/path {rev})")
+        spec = EncoderSpec.from_provenance(e["modality"], prov, conf)
+        rev = spec.commit_hash or spec.resolved_path or "-"
+        fam = f", family {spec.family}, layer {spec.layer or 'last'}" if spec.family else ""
+        out.append(f"  model {spec.model} ({prov.get('class_name')}{fam}, revision/path {rev})")
         extra = f", grid {e['grid']}, patch_pool {conf.get('patch_pool')}" if e["modality"] == "image" else \
             f", max_length {conf.get('max_length')}"
         out.append(f"  hidden {e['hidden_size']}, tokens {e['num_tokens']}{extra}, dtype {e['dtype']}, "

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.h5io import attrs_dict, json_attr, open_h5, read_strs
 from mmcache.cache.index import read_index
 from mmcache.cache.integrity import CHECKSUM, CHECKSUM_FIELDS, Damage, scan_file
@@ -44,12 +45,12 @@ def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, m
     if folder.name != dataset:
         parts.append(f"--name {folder.name}")
     if modality:
-        model = prov.get("model_id") or prov.get("resolved_path")
-        parts.append(f"--modality {modality}" + (f" --{modality}-model {model}" if model else ""))
-        if prov.get("layer") not in (None, "last"):
-            parts.append(f"--{modality}-layer {prov['layer']}")
-        if prov.get("name"):  # the file's name comes from it: the same file is found again
-            parts.append(f"--{modality}-name {prov['name']}")
+        spec = EncoderSpec.from_provenance(modality, prov)
+        parts.append(f"--modality {modality}" + (f" --{modality}-model {spec.model}" if spec.model else ""))
+        if spec.layer not in (None, "last"):
+            parts.append(f"--{modality}-layer {spec.layer}")
+        if spec.name:  # the file's name comes from it: the same file is found again
+            parts.append(f"--{modality}-name {spec.name}")
     return " ".join(parts) + " --repair"
 
 
@@ -184,9 +185,10 @@ def describe(path: str | Path, *, locking: bool | None = None, verify: bool = Tr
         f = ff._f
         done, valid, attrs = ff.done, ff.valid, ff.attrs  # each read once (cache info lists many files)
         damage = ff.verify(("cls", "mean", "mask", "valid")) if verify else None
+        spec = EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config)
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
-            "model": ff.provenance.get("model_id") or ff.config.get("model"), "name": ff.provenance.get("name"),
+            "model": spec.model, "name": spec.name,
             "complete": ff.complete, "samples": int(f["id"].shape[0]), "done": int(done.sum()),
             "valid": int(valid.sum()), "failed": int((done & ~valid).sum()),
             "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)}
