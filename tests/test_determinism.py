@@ -31,6 +31,7 @@ from mmcache.fuse.train import TrainConfig, train
 from safetensors.torch import load_file
 
 from mmcache import cli
+from mmcache.common import small_model_threads
 
 TINY = TrainConfig(dim=8, heads=2, epochs=3, batch_size=16, eval_batch_size=64, lr=3e-3, patience=0, device="cpu",
                    threads=1, dropout=0.1)
@@ -245,3 +246,17 @@ def test_train_own_loop_for_heads_that_cannot_stack_is_repeatable(cache, tmp_pat
     torch.rand(7)
     second = train(dataclasses.replace(c, run_name="b"), data).run_dir
     _same_run(first, second)
+
+
+def test_layout_never_sets_a_runs_thread_count(cache, tmp_path):
+    # A run's thread count can change the last bits of small matmuls, so the grid's layout (processes,
+    # and what was left to train after a resume) must never pick it: without --threads every run of an
+    # ablation computes with small_model_threads(), in one process or in two.
+    base = dataclasses.replace(TINY, threads=None)
+    grids = [ab.expand_grid(base, datasets=["synth"], heads=["basic"], features=["cls"], seeds=2, cache_dir=cache,
+                            runs_dir=tmp_path / name) for name in ("one", "two")]
+    ab.run_grid(grids[0], jobs=1, stack=True)
+    ab.run_grid(grids[1], jobs=2, stack=False)
+    for a, b in zip(*grids, strict=True):
+        assert json.loads((a.run_dir / "config.json").read_text())["threads"] == small_model_threads()
+        _same_run(a.run_dir, b.run_dir)

@@ -18,9 +18,10 @@ Every head of one (dataset, encoder, features) group trains on the same samples:
 loaded once with BOTH modalities (a sample missing either is dropped for every head) and handed to
 :func:`fuse.train.train`; HDF5 is never re-read per run.
 
-``jobs`` > 1 runs configs in that many spawned worker processes, each with ``cores // jobs`` torch
-threads, each loading a group's data once (runs are dispatched group by group; a worker keeps the last
-group it loaded). ``jobs`` = 1 runs them one after the other in this process (also the path for one
+``jobs`` > 1 runs configs in that many spawned worker processes, each loading a group's data once (runs are dispatched group by group; a worker keeps the last
+group it loaded); every run computes with ``threads`` torch threads (``--threads``, else the base
+config's, else :func:`~mmcache.common.small_model_threads`: fixed per machine, never chosen from the
+layout, since the thread count can change the last bits of a run's numbers). ``jobs`` = 1 runs them one after the other in this process (also the path for one
 GPU). A run that raises is recorded as failed (``error.json`` in its folder, the message in the results
 JSON) and the grid goes on.
 
@@ -84,7 +85,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class AblationConfig:
     """What :func:`run_ablation` runs. ``base``: the TrainConfig every run starts from (default:
-    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: cores // jobs.
+    train-fusion's defaults). ``jobs`` 1: in this process; ``threads`` None: the base config's, else small_model_threads().
     ``results_dir`` None: :func:`default_results_dir` of ``runs_dir``."""
 
     datasets: list[str] | None = None
@@ -146,9 +147,9 @@ def run_ablation(config: AblationConfig) -> AblationResult:
         done = {"trained": [], "reused": [], "failed": {}, "stale": [], "elsewhere": []}
     else:
         jobs = resolve_jobs(config.jobs, config.base.device)
-        if config.stack and config.jobs == 0 and config.threads is None and jobs > 1:
-            jobs = 0  # CPU: threads vs processes measured by run_grid
-        done = run_grid(selected, jobs=jobs, threads=config.threads, force=config.force,
+        if config.stack and config.jobs == 0 and jobs > 1:
+            jobs = 0  # CPU: run_grid packs the stacks onto processes from measured step costs
+        done = run_grid(selected, jobs=jobs, threads=config.threads or config.base.threads, force=config.force,
                         allow_no_val=config.allow_no_val, stack=config.stack)
     elsewhere = [r for r in selected if r.name in set(done["elsewhere"])]
     still = wait_for_elsewhere(elsewhere, config.wait_timeout) if elsewhere else []

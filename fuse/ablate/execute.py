@@ -6,11 +6,13 @@ How an ablation grid is packed onto the machine when runs are stacked (see :mod:
 * :func:`plan_units`: runs of one data group whose configs differ only in seed / lr / weight decay (and
   whose head can be stacked) become one *stack unit*; every other run is a unit of its own, trained by
   :func:`fuse.train.train` as before.
-* :func:`choose_cpu_layout`: on a CPU, one process with every core's threads per stack, or one single-
-  threaded process per core running stacks side by side? Measured, not guessed: one stacked step of each
-  unit of the first group at 1 thread (the unit costs), and the costliest unit again at all cores (the
-  thread speed-up); threads win when sum(costs) / speed-up <= the makespan of the costs spread over the
-  cores (longest first). On CUDA the grid runs in one process, stacks back to back.
+* :func:`choose_cpu_layout`: on a CPU, how many processes and which stacks to cut into parts. The thread
+  count of a run is NOT a layout choice: it is ``--threads``, else the base config's, else
+  :func:`~mmcache.common.small_model_threads` (fixed per machine), because float sums of small matmuls
+  can differ in the last bits between thread counts and a run's numbers must depend on its key alone
+  (not on how a grid, or what was left of it after a resume, was packed). Processes = cores // threads;
+  a stack costing more than an even share of the measured step costs is cut into parts (members are
+  independent, so cutting changes no number). On CUDA the grid runs in one process, stacks back to back.
 * :func:`execute_unit`: train one unit in this process (a worker or the main one); never raises for a
   failing run. A stack larger than the free memory allows (:func:`fuse.stack.max_members`) is trained in
   consecutive chunks.
@@ -38,7 +40,7 @@ from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json
 from mmcache.fuse.stack import can_stack, max_members, probe_step_seconds, stack_key, train_stack
 from mmcache.fuse.train import train
 
-from mmcache.common import atomic_write, cpu_cores, disk_full_error
+from mmcache.common import atomic_write, cpu_cores, disk_full_error, small_model_threads
 from mmcache.errors import BadInputError, DiskFullError, Interrupted, PipelineError
 from mmcache.locks import FileLock, describe, holder, try_lock
 from mmcache.progress import progress as reporter
@@ -214,7 +216,7 @@ def run_grid(runs: list[GridRun], *, jobs: int = 1, threads: int | None = None, 
 
     ``stack``: runs that differ only in seed / lr / weight decay train as one stacked model
     (:mod:`fuse.stack`, same run folders and numbers); ``jobs`` 0 with ``stack`` on a CPU measures whether
-    threads or processes are faster (:func:`fuse.schedule.choose_cpu_layout`).
+    how to pack the stacks onto processes (:func:`choose_cpu_layout`).
     Returns ``{"trained": [...], "reused": [...], "failed": {name: message}, "stale": [...], "elsewhere":
     [...], "seconds", "layout"}``. Each run to train is locked first (:func:`run_lock_path`); runs another
     live process holds are "elsewhere": not trained, not touched. Unfinished and stale folders (and
@@ -244,11 +246,11 @@ def _run_claimed(runs, todo, reused, jobs, threads, allow_no_val, progress, stac
     group_order = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in todo))}
     todo.sort(key=lambda r: (group_order[r.group], _SLOW_FIRST.get(r.head, len(_SLOW_FIRST)), r.head, r.seed))
     layout = None
-    if jobs == 0:  # stacked, auto: measured (a GPU never gets here: resolve_jobs gives it 1)
-        jobs, auto_threads, layout = choose_cpu_layout(plan_units(todo, stack), cpu_cores())
-        threads = threads or auto_threads
+    # The thread count is part of how a run computes (see choose_cpu_layout), never a layout choice.
+    threads = threads or small_model_threads()
+    if jobs == 0:  # stacked, auto (a GPU never gets here: resolve_jobs gives it 1)
+        jobs, layout = choose_cpu_layout(plan_units(todo, stack), cpu_cores(), threads)
         logger.info("ablation layout: %s", layout)
-    threads = threads or max(1, cpu_cores() // jobs)
     todo = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads)) for r in todo]
     units = plan_units(todo, stack, (layout or {}).get("split"))
     jobs = min(jobs, len(units)) or 1
@@ -460,33 +462,26 @@ def _makespan(costs: list[float], workers: int) -> float:
     return max(loads)
 
 
-def choose_cpu_layout(units: list[list], cores: int) -> tuple[int, int, dict[str, Any]]:
-    """(processes, threads per process, what was measured) for ``units`` on ``cores`` CPU cores."""
-    if cores <= 1 or len(units) <= 1:
-        return 1, max(1, cores), {"reason": "one core or one unit"}
+def choose_cpu_layout(units: list[list], cores: int, threads: int = 1) -> tuple[int, dict[str, Any]]:
+    """(processes, what was measured) for ``units`` on ``cores`` CPU cores, each run using ``threads``."""
+    procs = max(1, cores // threads)
+    if procs <= 1 or len(units) <= 1:
+        return 1, {"reason": "one process fits or one unit", "split": {}}
     first = units[0][0].group
     probe = [u for u in units if u[0].group == first and len(u) > 1]
     if not probe:
-        return min(cores, len(units)), 1, {"reason": "no stack to measure"}
+        return min(procs, len(units)), {"reason": "no stack to measure", "split": {}}
     data = _group_data(probe[0][0], probe[0][0].config.cache_dir)
-    costs = [probe_step_seconds([r.config for r in u], data, threads=1) for u in probe]
-    heavy = probe[max(range(len(probe)), key=costs.__getitem__)]
-    t_all = probe_step_seconds([r.config for r in heavy], data, threads=cores)
-    speedup = max(costs) / t_all
-    threads_time = sum(costs) / speedup
-    # Processes: a stack costing more than an even share of the total is cut into parts (members are
-    # independent), or one big stack would keep one core busy long after the others ran out of work.
-    share = sum(costs) / cores
+    costs = [probe_step_seconds([r.config for r in u], data, threads=threads) for u in probe]
+    # A stack costing more than an even share of the total is cut into parts, or one big stack would
+    # keep one process busy long after the others ran out of work.
+    share = sum(costs) / procs
     split = {u[0].head: min(len(u), max(1, round(c / share))) for u, c in zip(probe, costs, strict=True) if c > share}
     parts = [c / split.get(u[0].head, 1) for u, c in zip(probe, costs, strict=True)
              for _ in range(split.get(u[0].head, 1))]
-    procs_time = _makespan(parts, cores)
-    info = {"unit_step_seconds_1_thread": costs, "thread_speedup": speedup, "threads_estimate": threads_time,
-            "processes_estimate": procs_time, "split": split}
-    if threads_time <= procs_time:
-        return 1, cores, {**info, "split": {}, "choice": f"1 process x {cores} threads"}
-    return cores, 1, {**info, "choice": f"{cores} processes x 1 thread" + (
-        f", stacks of {', '.join(split)} cut in {', '.join(map(str, split.values()))}" if split else "")}
+    return procs, {"unit_step_seconds": costs, "processes_estimate": _makespan(parts, procs), "split": split,
+                   "choice": f"{procs} processes x {threads} thread{'s' if threads > 1 else ''}" + (
+                       f", stacks of {', '.join(split)} cut in {', '.join(map(str, split.values()))}" if split else "")}
 
 
 def execute_unit(unit: list, allow_no_val: bool = False) -> list[dict[str, Any]]:
