@@ -23,7 +23,7 @@ DEMO_DINOV2 = dict(hidden_size=32, num_layers=2, num_heads=2, patch_size=8, imag
 
 
 def _ensure(folder: Path, kind: str, builder, kwargs: dict) -> Path:
-    if tm._is_complete(folder, kind, tm._full_kwargs(builder, kwargs)):
+    if tm.is_complete(folder, kind, tm.full_kwargs(builder, kwargs)):
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -37,10 +37,10 @@ from mmcache.extract.extraction import (
     ExtractConfig,
     ExtractSummary,
     ModalitySummary,
-    _reason_kind,
     extract_shard,
     load_index_info,
     prepare_index,
+    reason_kind,
     run_extract,
     validate_models,
 )
@@ -231,7 +231,7 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
         notes.append(f"{modality}: {res.status} {world} shards into {target.name} in {res.seconds:.1f} s"
                      + (f" ({left})" if left else ""))
         with cf.FeatureFile(target) as ff:
-            failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
+            failures = dict(Counter(reason_kind(r) for _sid, r in ff.failures()))
             complete = ff.complete
         modalities.append(ModalitySummary(
             modality=modality, model=model, path=str(target), total=res.num_samples,

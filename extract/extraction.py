@@ -282,7 +282,7 @@ class ExtractSummary:
         return d
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "failed"
 
 
@@ -734,7 +734,7 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     with cf.FeatureFile(path) as ff:
         summary.complete = ff.complete
         summary.valid = int(ff.valid.sum())
-        summary.failures = dict(Counter(_reason_kind(r) for _sid, r in ff.failures()))
+        summary.failures = dict(Counter(reason_kind(r) for _sid, r in ff.failures()))
     summary.size_bytes = path.stat().st_size
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -830,7 +830,7 @@ def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndar
             if cfg.retry_failed and (done & ~valid).any():
                 return None
             mine = set(ff.ids[rows])
-            failures = dict(Counter(_reason_kind(r) for sid, r in ff.failures() if sid in mine))
+            failures = dict(Counter(reason_kind(r) for sid, r in ff.failures() if sid in mine))
     except cf.CacheError:
         return None
     log.info("%s already holds shard rows %d..%d: up to date", full, int(rows[0]) if rows.size else 0,

@@ -478,7 +478,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-def _is_complete(folder: Path, kind: str, kwargs: dict) -> bool:
+def is_complete(folder: Path, kind: str, kwargs: dict) -> bool:
     marker = folder / MARKER_NAME
     if not marker.is_file():
         return False
@@ -507,8 +507,8 @@ def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
         builder = builders[kind]
         kwargs = dict(PRESETS[name][kind])
         folder = root / (name if kind in ("clip", "siglip") else f"{kind}-{name}")
-        full = _full_kwargs(builder, kwargs)
-        if _is_complete(folder, kind, full):
+        full = full_kwargs(builder, kwargs)
+        if is_complete(folder, kind, full):
             log.info("reusing %s", folder)
         else:
             if folder.exists():
@@ -519,7 +519,7 @@ def build_preset(name: str, root: str | Path) -> tuple[Path, Path]:
     return dirs[0], dirs[-1]
 
 
-def _full_kwargs(builder, kwargs: dict) -> dict:
+def full_kwargs(builder, kwargs: dict) -> dict:
     """The builder's keyword defaults overlaid with ``kwargs``, as the builder records them."""
     import inspect
 

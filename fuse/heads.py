@@ -19,7 +19,7 @@ code path serves both cached feature kinds.
 
 Mask convention, everywhere: boolean, True = real token. A row whose mask is all False is a
 missing sample for that modality; heads must still return finite logits for it (see
-``_masked_mean`` and ``_Attention``). Padded positions are zeroed on entry, so garbage
+``_masked_mean`` and ``Attention``). Padded positions are zeroed on entry, so garbage
 there (even NaN/inf) can never leak into a prediction or a gradient.
 """
 
@@ -235,7 +235,7 @@ def _feed_forward(dim: int, dropout: float) -> nn.Sequential:
     )
 
 
-class _Attention(nn.Module):
+class Attention(nn.Module):
     """Multi-head attention that returns its per-head weights.
 
     Written out instead of ``nn.MultiheadAttention`` so the mask stays in our convention
@@ -383,7 +383,7 @@ class FusionHead(nn.Module):
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """See module docstring. Returns logits (B, C) float32 [, attn dict]."""
         if not hasattr(self, "_attn_modules"):  # found once: walking the module tree every step costs ~1.5%
-            self._attn_modules = [m for m in self.modules() if isinstance(m, _Attention)]
+            self._attn_modules = [m for m in self.modules() if isinstance(m, Attention)]
         for m in self._attn_modules:
             m.need_weights = return_attention
         t = self._prep(text, text_mask, "text")
@@ -464,7 +464,7 @@ class _EncoderLayer(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout)
         self.ff = _feed_forward(dim, dropout)
         self.drop = RunDropout(dropout)
 
@@ -570,14 +570,14 @@ class _CrossLayer(nn.Module):
     """One cross-attention stream layer: q + CA(LN(q), LN(kv)), then q + FF(LN(q)).
 
     q: (B, Lq, D) float32, kv: (B, Lk, D) float32, kv_mask: (B, Lk) bool -> (B, Lq, D), weights.
-    If all of a sample's keys are padding, the cross-attention term is zero (see _Attention):
+    If all of a sample's keys are padding, the cross-attention term is zero (see Attention):
     that stream keeps its own features and only the FF block updates it.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout)
         self.ff = _feed_forward(dim, dropout)
         self.drop = RunDropout(dropout)
 

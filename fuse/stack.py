@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
-from mmcache.fuse.heads import FusionHead, _Attention, dropout_generator, set_dropout_generators
+from mmcache.fuse.heads import Attention, FusionHead, dropout_generator, set_dropout_generators
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
 from mmcache.fuse.train import finish_run, open_run
 from torch import Tensor, nn
@@ -217,7 +217,7 @@ class _StackedLayerNorm(nn.Module):
         return torch.addcmul(self.bias[:, None], y, self.weight[:, None]).reshape(x.shape)
 
 
-def _stacked_values(self: _Attention, kv_in: Tensor) -> Tensor:
+def _stacked_values(self: Attention, kv_in: Tensor) -> Tensor:
     return self.kv.rows(kv_in, kv_in.shape[-1], 2 * kv_in.shape[-1])
 
 
@@ -274,7 +274,7 @@ class _Stack:
                 new = _StackedLinear() if isinstance(mod, nn.Linear) else _StackedLayerNorm(mod.eps)
                 owner, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(owner) if owner else model, attr, new)
-            elif isinstance(mod, _Attention):
+            elif isinstance(mod, Attention):
                 mod._values = types.MethodType(_stacked_values, mod)
         for mod in model.modules():  # what is left (adapter heads' own parameters) becomes plain attributes
             for attr in list(mod._parameters):

@@ -54,7 +54,7 @@ def _usage_error(e) -> str:
     return msg
 
 
-def _invoke(argv: list[str] | None, prog: str | None = None) -> int:
+def invoke(argv: list[str] | None, prog: str | None = None) -> int:
     """Run the click command without click's own error printing (boxes, "Aborted!"): exceptions
     reach :func:`main` unchanged. ``prog``: the name usage lines show (default: how we were started)."""
     command = typer.main.get_command(app)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s" if rank is None else
                         f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        return _invoke(argv)
+        return invoke(argv)
     except BrokenPipeError:
         return _stdout_gone()
     except _clickx.UsageError as e:

@@ -52,11 +52,11 @@ def _fixed_terminal():
 
 def help_text(path: list[str]) -> str:
     """The ``--help`` output of one command, as :func:`render` writes it."""
-    from mmcache.cli import _invoke
+    from mmcache.cli import invoke
 
     buf = io.StringIO()
     with _fixed_terminal(), contextlib.redirect_stdout(buf):
-        code = _invoke([*path, "--help"], prog=PROG)
+        code = invoke([*path, "--help"], prog=PROG)
     if code != 0:
         raise RuntimeError(f"`{PROG} {' '.join(path)} --help` exited {code}")
     lines = [line.rstrip() for line in buf.getvalue().splitlines()]
