@@ -95,6 +95,9 @@ class AblationConfig:
     lrs: list[float] | None = None  # learning rates chosen between on validation
     dims: list[int] | None = None
     dropouts: list[float] | None = None
+    probe: bool = True  # linear-probe rows (fuse/ablate/probe.py); predictions cached in <results>/probe/
+    baseline: str | None = None  # head every row's paired Δ is against (None: the best probe of its features)
+    bootstrap: int = 1000  # replicates of the intervals over test posts and seeds (fuse/ablate/stats.py)
 
 
 def default_results_dir(runs_dir: str | Path) -> Path:
@@ -134,11 +137,13 @@ def run_ablation(config: AblationConfig) -> AblationResult:
             jobs = 0  # CPU: threads vs processes measured by run_grid
         done = run_grid(selected, jobs=jobs, threads=config.threads, force=config.force,
                         allow_no_val=config.allow_no_val, stack=config.stack)
-    tables = aggregate(runs, skipped)
+    results_dir = config.results_dir or default_results_dir(config.runs_dir)
+    tables = aggregate(runs, skipped, probe=config.probe, probe_dir=Path(results_dir) / "probe",
+                       baseline=config.baseline, bootstrap=config.bootstrap)
     if config.analyze:
         for table in tables.values():
             table["analysis"] = analyze_best(table)
-    files = write_results(tables, config.results_dir or default_results_dir(config.runs_dir), plots=config.plots)
+    files = write_results(tables, results_dir, plots=config.plots)
     return AblationResult(runs=runs, selected=selected, trained=done["trained"], reused=done["reused"],
                           failed=done["failed"], tables=tables, files=files, seconds=time.perf_counter() - t0,
                           stale=done["stale"], layout=done.get("layout"))
