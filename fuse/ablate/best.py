@@ -55,7 +55,9 @@ def markdown_section(a: dict[str, Any]) -> list[str]:
     if a.get("error"):
         return [*head, f"Not available: {a['error']}"]
     c = a["calibration"]
-    lines = [*head, f"Run `{a['run']}`; full report: `{a['report']}`.", "",
+    lines = [*head, f"Run `{a['run']}` (the head row with the highest mean macro-F1, at its own chosen lr and "
+                    f"variant; whether it is distinguishable from the others: see the marks); full report: "
+                    f"`{a['report']}`.", "",
              "| class | AP | ROC AUC |", "|---|---|---|",
              *(f"| {k} | {f(v['ap'])} | {f(v['roc_auc'])} |" for k, v in a["curves"].items()),
              f"| macro | {f(a['macro_ap'])} | {f(a['macro_roc_auc'])} |", "",
