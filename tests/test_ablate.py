@@ -310,12 +310,17 @@ def test_cli_writes_tables_and_aggregate_only(caches, tmp_path, capsys, count_tr
     assert rc == 0 and len(count_trainings) == 6  # one model per run (stacking: tests/test_stack.py)
     assert "6 runs in the grid: 6 trained, 0 reused, 0 failed" in out and "dual_attention" in out
     res = tmp_path / "results"
-    assert sorted(p.name for p in res.iterdir()) == ["ablation_synth.csv", "ablation_synth.json", "ablation_synth.md"]
+    assert sorted(p.name for p in res.iterdir()) == ["ablation_synth.csv", "ablation_synth.json", "ablation_synth.md",
+                                                     "ablation_synth.tex", "probe"]  # probe: its cached predictions
     data = json.loads((res / "ablation_synth.json").read_text())
-    assert len(data["rows"]) == 3 and all(r["seeds_finished"] == 2 for r in data["rows"])
-    assert sum(r["best_macro_f1"] for r in data["rows"]) >= 1
-    assert len(list(csv.DictReader((res / "ablation_synth.csv").open()))) == 3
-    assert "| head | features | seeds |" in (res / "ablation_synth.md").read_text()
+    heads = [r for r in data["rows"] if r["kind"] == "measured"]
+    assert len(heads) == 3 and all(r["seeds_finished"] == 2 for r in heads)
+    assert [r["head"] for r in data["rows"] if r["kind"] == "probe"] == ["probe (text)", "probe (image)",
+                                                                          "probe (text+image)"]
+    # 8 test posts: the top row is rarely distinguishable, but it is always either best or tied
+    assert sum(r["best_macro_f1"] or r["tied_macro_f1"] for r in data["rows"]) >= 1
+    assert len(list(csv.DictReader((res / "ablation_synth.csv").open()))) == 6
+    assert "| head | features | test n | seeds |" in (res / "ablation_synth.md").read_text()
 
     count_trainings.clear()
     (res / "ablation_synth.md").unlink()
@@ -336,7 +341,8 @@ def test_cli_shards_then_aggregate(caches, tmp_path, capsys):
     assert table["counts"]["finished"] == 2 and table["counts"]["missing"] == 2
     assert _cli(caches, tmp_path, *args, "--shard", "1/2") == 0
     table = json.loads((tmp_path / "results" / "ablation_multi.json").read_text())
-    assert table["counts"]["finished"] == 4 and len(table["rows"]) == 2 and len(table["encoders"]) == 2
+    heads = [r for r in table["rows"] if r["kind"] == "measured"]  # + 3 probes per encoder pair
+    assert table["counts"]["finished"] == 4 and len(heads) == 2 and len(table["encoders"]) == 2
     assert "encoder" in capsys.readouterr().out  # two encoder pairs: the column is shown
 
 
@@ -359,12 +365,12 @@ def test_plots_optional(caches, tmp_path, monkeypatch):
     tables = ab.aggregate(runs)
     pytest.importorskip("matplotlib")
     paths = ab.write_results(tables, tmp_path / "res")["synth"]
-    assert [p.name for p in paths[3:]] == ["ablation_synth.png", "ablation_synth_confusion.png"]
-    assert all(p.stat().st_size > 1000 for p in paths[3:])
+    assert [p.name for p in paths[4:]] == ["ablation_synth.png", "ablation_synth_confusion.png"]
+    assert all(p.stat().st_size > 1000 for p in paths[4:])
     import mmcache.fuse.plots
 
     monkeypatch.setattr(mmcache.fuse.plots, "_pyplot", lambda: None)  # as without matplotlib
-    assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 3
+    assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 4  # md, csv, json, tex
 
 
 def test_jobs_2_gives_the_same_numbers_as_jobs_1(caches, tmp_path):

@@ -271,3 +271,11 @@ def test_mvsa_single_sample_tables(tmp_path, capsys):
     assert table["reference"]["published"] == {"accuracy": "0.73"} and "another test set" in table["reference"]["scored_on"]
     md = (tmp_path / "results" / "ablation_mvsa_single.md").read_text()
     assert "| 0.73 |" in md and "agree vs disagree" in md
+
+
+def test_a_perfect_predictor_has_a_point_interval():
+    """A draw that misses a class entirely must not count that class's F1 as 0 (which would put a perfect
+    predictor's macro-F1 interval down at 2/3 on small test sets)."""
+    y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])  # class 2 is missed by ~1/3 of the draws
+    reps = stats.table_replicates([stats.RowPredictions([y], [y[None, :]], [3])])[0]
+    assert all(stats.interval(reps[k]) == [1.0, 1.0] for k in ab.METRICS)

@@ -78,15 +78,21 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, c: int, w: np.ndarray) ->
 
 
 def _scores(conf: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, macro-F1 (over every class: an absent class scores 0, as fuse.metrics) and weighted-F1
-    from confusion counts (..., C, C); each (...,)."""
+    """accuracy, macro-F1 and weighted-F1 from confusion counts (..., C, C); each (...,).
+
+    Macro-F1 averages over the classes that occur (true or predicted): a class a bootstrap draw happens to
+    miss entirely has no F1 (counting it 0, as fuse.metrics does for a class absent from a whole test
+    set, would pull a perfect predictor's interval down to 2/3). On a test set where every class
+    occurs this equals fuse.metrics' macro-F1."""
     tp = np.diagonal(conf, axis1=-2, axis2=-1)
     support, predicted = conf.sum(-1), conf.sum(-2)
     total = support.sum(-1)
     denom = support + predicted
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
     safe = np.where(total > 0, total, 1)
-    return {"accuracy": tp.sum(-1) / safe, "macro_f1": f1.mean(-1), "weighted_f1": (f1 * support).sum(-1) / safe}
+    occurs = (denom > 0).sum(-1)
+    macro = f1.sum(-1) / np.where(occurs > 0, occurs, 1)
+    return {"accuracy": tp.sum(-1) / safe, "macro_f1": macro, "weighted_f1": (f1 * support).sum(-1) / safe}
 
 
 def replicate_scores(row: RowPredictions, pw: np.ndarray, sw: np.ndarray) -> dict[str, np.ndarray]:

@@ -170,8 +170,10 @@ def _heading(table: dict[str, Any]) -> str:
     members = table.get("targets") or {}
     if len(members) > 1:
         what += f" ({', '.join(members)})"
-    text = (f"{what}: {len(table['rows'])} configs x {len(table['seeds'])} seeds, encoders {enc}; "
-            f"{c['finished']} runs finished")
+    heads = sum(r["kind"] == "measured" for r in table["rows"])
+    probes = len(table["rows"]) - heads
+    text = (f"{what}: {heads} configs x {len(table['seeds'])} seeds" + (f" (+ {probes} linear probes)" if probes else "")
+            + f", encoders {enc}; {c['finished']} runs finished")
     if c["failed"]:
         text += f", {c['failed']} failed"
     if c["unfinished"]:
