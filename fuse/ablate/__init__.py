@@ -31,9 +31,13 @@ end (or ``aggregate_only``) writes the complete tables.
 Aggregation (:func:`aggregate`): one row per (head, features, encoder): accuracy, macro-F1 and
 weighted-F1 on the test split as mean and sample standard deviation (ddof=1) over the finished seeds
 (std is None with one seed, shown as ``-``), finished / failed seed counts, parameter count, mean
-training seconds. The best mean per metric is marked (ties: all of them). MVSA caches (index field
+training seconds, each metric's 95% bootstrap interval over test posts and seeds, n scored / dropped and a
+paired Δ against a baseline row (:mod:`fuse.ablate.stats`); linear-probe rows (:mod:`fuse.ablate.probe`)
+are the default baseline. The top row is marked best only when its paired interval against the
+runner-up excludes 0, else the rows tied with it are marked tied. MVSA caches (index field
 ``labels_agree``) get the same metrics on the test posts whose text and image labels agree and on those
-where they disagree. A reference row holds the paper's reported figures where it has one for the dataset.
+where they disagree. A reference row holds the paper's reported figures (as published, with the test
+set they were scored on) where it has one for the dataset.
 """
 
 from __future__ import annotations
