@@ -139,7 +139,13 @@ def _fit_group(run: GridRun) -> list[dict[str, Any]]:
     if not len(rows["val"]) or not len(rows["train"]):
         raise PipelineError("no train or validation samples: the probe's C cannot be chosen")
     sets = [(m,) for m in data.modalities] + ([tuple(data.modalities)] if len(data.modalities) > 1 else [])
-    return [{"modalities": list(mods), **_probe_one(data, mods, rows)} for mods in sets]
+    import sklearn.linear_model  # noqa: F401 - loads scipy's / sklearn's thread pools before they are limited
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    # One thread: these problems are small, and sklearn's OpenMP / BLAS threads cost ~10x the work itself
+    # (measured on the demo: 1.8 s CPU for one probe's C sweep with 2 threads, 0.19 s with 1).
+    with threadpool_limits(1):
+        return [{"modalities": list(mods), **_probe_one(data, mods, rows)} for mods in sets]
 
 
 def probe_records(druns: list[GridRun], cache_dir: str | Path | None) -> tuple[list[dict[str, Any]], list[str]]:
