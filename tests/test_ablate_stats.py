@@ -279,3 +279,25 @@ def test_a_perfect_predictor_has_a_point_interval():
     y = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])  # class 2 is missed by ~1/3 of the draws
     reps = stats.table_replicates([stats.RowPredictions([y], [y[None, :]], [3])])[0]
     assert all(stats.interval(reps[k]) == [1.0, 1.0] for k in ab.METRICS)
+
+
+def test_probe_and_intervals_on_a_task_of_two_targets(tmp_path):
+    """A task (several targets, missing labels masked): one probe per member, the task score the mean of
+    the members' macro-F1, intervals computed per member and averaged."""
+    n = 200
+    make_cache(tmp_path / "c", "memotion", n=n, dt=8, di=8, lt=3, li=2, signal=1.0,
+               targets={"humour_b": (["a", "b"], [i % 2 if i % 7 else -1 for i in range(n)]),
+                        "sarcasm_b": (["a", "b"], [(i // 2) % 2 for i in range(n)])},
+               tasks={"task_b": ["humour_b", "sarcasm_b"]})
+    runs = ab.expand_grid(TINY, heads=["basic"], features=["cls"], seeds=1, cache_dir=tmp_path / "c",
+                          runs_dir=tmp_path / "runs", targets=["task_b"])
+    ab.run_grid(runs, threads=1)
+    table = ab.aggregate(runs, probe=True)["memotion-task_b"]
+    probes = [r for r in table["rows"] if r["kind"] == "probe"]
+    assert len(probes) == 3 and all(set(r["C"]) == {"humour_b", "sarcasm_b"} for r in probes)
+    for r in table["rows"]:
+        assert r["macro_f1"]["mean"] == pytest.approx(np.mean([r["targets"][t]["mean"] for t in r["targets"]]))
+        lo, hi = r["macro_f1"]["ci"]
+        assert lo <= r["macro_f1"]["mean"] <= hi
+    assert table["references"][0]["published"] == {"macro_f1": "0.51"}
+    assert "| 0.51 |" in ab.tables._markdown(table) and "1,878 memes" in ab.tables._latex(table)
