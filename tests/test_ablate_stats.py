@@ -20,7 +20,7 @@ from mmcache.fuse.synthetic import make_cache
 from mmcache.fuse.train import TrainConfig
 
 from mmcache import cli
-from mmcache.errors import PipelineError
+from mmcache.errors import BadInputError, PipelineError
 
 TINY = TrainConfig(dim=8, heads=2, epochs=1, batch_size=16, eval_batch_size=64, lr=3e-3, patience=0, device="cpu",
                    threads=1)
@@ -301,3 +301,11 @@ def test_probe_and_intervals_on_a_task_of_two_targets(tmp_path):
         assert lo <= r["macro_f1"]["mean"] <= hi
     assert table["references"][0]["published"] == {"macro_f1": "0.51"}
     assert "| 0.51 |" in ab.tables._markdown(table) and "1,878 memes" in ab.tables._latex(table)
+
+
+def test_bad_bootstrap_count_is_refused_before_training(cache, tmp_path):
+    with pytest.raises(BadInputError, match="bootstrap"):
+        ab.run_ablation(ab.AblationConfig(datasets=["synth"], heads=["text_only"], features=["cls"], seeds=1,
+                                          base=TINY, cache_dir=str(cache), runs_dir=str(tmp_path / "runs"),
+                                          bootstrap=0, plots=False))
+    assert not (tmp_path / "runs").exists()

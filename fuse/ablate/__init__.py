@@ -64,6 +64,8 @@ from mmcache.fuse.ablate.tables import format_tables, write_results
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.metrics import METRICS
 
+from mmcache.errors import BadInputError
+
 __all__ = ["DEFAULT_FEATURES", "METRICS", "REPORTED", "REPORTED_LABEL", "AblationConfig", "AblationResult", "GridRun", "aggregate",
            "default_results_dir", "expand_grid", "format_ablation", "format_tables", "mean_std", "run_ablation",
            "run_grid", "run_key", "run_status", "shard_runs", "write_results"]
@@ -128,6 +130,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     """Expand the grid, train this shard's unfinished runs, aggregate every finished run of the grid and
     write the result files."""
     t0 = time.perf_counter()
+    if config.bootstrap < 1:  # checked before any training: aggregation would fail after it
+        raise BadInputError(f"bootstrap replicates must be >= 1, got {config.bootstrap}")
     skipped: list[dict[str, Any]] = []
     runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
                        seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,

@@ -365,11 +365,13 @@ def _to_arrays(parsed, ids: list[str], target) -> RowPredictions:
 
 
 def _baseline_index(rows: list[dict[str, Any]], i: int, baseline: str | None) -> int | None:
-    """The row row ``i`` is compared with: head ``baseline`` of the same features and encoder, else the best
-    probe (mean macro-F1) of the same features and encoder."""
+    """The row row ``i`` is compared with: head ``baseline`` of the same features and encoder (the best
+    variant by mean macro-F1), else (no such head: the Δ column names what it is against) the best probe
+    of the same features and encoder."""
     r = rows[i]
-    cand = [j for j, x in enumerate(rows) if x["features"] == r["features"] and x["encoder"] == r["encoder"]
-            and (x["head"] == baseline if baseline else x["kind"] == "probe") and x["macro_f1"]["mean"] is not None]
+    same = [j for j, x in enumerate(rows) if x["features"] == r["features"] and x["encoder"] == r["encoder"]
+            and x["macro_f1"]["mean"] is not None]
+    cand = [j for j in same if rows[j]["head"] == baseline] or [j for j in same if rows[j]["kind"] == "probe"]
     return max(cand, key=lambda j: rows[j]["macro_f1"]["mean"], default=None)
 
 

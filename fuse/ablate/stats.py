@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from mmcache.fuse.metrics import METRICS
 
+from mmcache.errors import BadInputError
+
 __all__ = ["DEFAULT_B", "DEFAULT_SEED", "RowPredictions", "interval", "mark_rows", "paired_delta", "point_scores",
            "post_weights", "replicate_scores", "seed_weights", "table_replicates"]
 
@@ -123,6 +125,8 @@ def table_replicates(rows: list[RowPredictions | None], b: int = DEFAULT_B,
                      seed: int = DEFAULT_SEED) -> list[dict[str, np.ndarray] | None]:
     """Replicates of every row of one table (None where a row has no predictions), all on the SAME drawn
     test posts, so differences between rows are paired."""
+    if b < 1:
+        raise BadInputError(f"bootstrap replicates must be >= 1, got {b}")
     have = [r for r in rows if r is not None]
     if not have:
         return [None] * len(rows)

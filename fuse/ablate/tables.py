@@ -1,5 +1,5 @@
-"""The ablation tables as text: terminal, Markdown and CSV, and the result files
-(``results/ablation_<table>.md|csv|json`` and figures)."""
+"""The ablation tables as text: terminal, Markdown, CSV and LaTeX (booktabs), and the result files
+(``results/ablation_<table>.md|csv|json|tex`` and figures)."""
 
 from __future__ import annotations
 
