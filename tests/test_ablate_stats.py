@@ -148,6 +148,9 @@ def test_probe_is_deterministic_beats_chance_and_is_in_every_format(cache, tmp_p
     paths = ab.write_results({"synth": one}, tmp_path / "res", plots=False)["synth"]
     md, csv_text, js, tex = (p.read_text() for p in paths[:4])
     assert paths[3].suffix == ".tex" and "\\toprule" in tex and "probe (text+image)" in tex
+    body = [line for line in tex.splitlines() if line.endswith("\\\\")]
+    spec = tex.split("\\begin{tabular}{")[1].split("}")[0]
+    assert len(body) == 1 + 2 + 6 and all(line.count(" & ") == len(spec) - 1 for line in body)  # header, 2 heads, 6 probes
     assert "| probe (text+image), C=" in md and "probe (text+image)" in csv_text
     assert [r["kind"] for r in csv.DictReader(paths[1].open())].count("probe") == 6
     assert sum(r["kind"] == "probe" for r in json.loads(js)["rows"]) == 6
