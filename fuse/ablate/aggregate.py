@@ -268,19 +268,7 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None, 
                     _mark_best(rows, (part, k, "mean"), f"best_{part}_{k}")
         default = druns[0].target in (None, druns[0].default_target)
         references = _references(dataset, target, default, n_split_test)
-        measured = [(row, recs) for row, recs in zip(rows, chosen, strict=True) if row["kind"] == "measured"]
-        best = max(((row, recs) for row, recs in measured if row["macro_f1"]["mean"] is not None),
-                   key=lambda p: p[0]["macro_f1"]["mean"], default=None)
-        confusion = None
-        if best is not None:
-            row, recs = best
-            mats = [np.asarray(x["confusion_matrix"]) for x in recs
-                    if x["status"] == "finished" and x.get("confusion_matrix")]
-            if mats:
-                confusion = {"head": row["head"], "features": row["features"], "encoder": row["encoder"],
-                             "variant": row["variant"], "lr": row["lr"], "runs": row["runs"],
-                             "seeds": len(mats), "how": f"summed over its {len(mats)} finished seed(s), test split",
-                             "matrix": np.sum(mats, axis=0).tolist()}
+        confusion = _top_confusion(rows, chosen)
         encoders = sorted({r.encoder.label for r in druns})
         tables[table_name] = {
             "split": {"source": split["source"], "fingerprint": split["fingerprint"], "counts": split["counts"]},
@@ -311,6 +299,22 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None, 
                                    "marked (no interval)"},
         }
     return tables
+
+
+def _top_confusion(rows: list[dict[str, Any]], chosen: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The confusion matrix of the head row with the highest mean macro-F1, summed over its chosen runs
+    (its own lr and variant: ``runs`` names them, for :func:`fuse.ablate.best.analyze_best`)."""
+    measured = [(row, recs) for row, recs in zip(rows, chosen, strict=True)
+                if row["kind"] == "measured" and row["macro_f1"]["mean"] is not None]
+    if not measured:
+        return None
+    row, recs = max(measured, key=lambda p: p[0]["macro_f1"]["mean"])
+    mats = [np.asarray(x["confusion_matrix"]) for x in recs if x["status"] == "finished" and x.get("confusion_matrix")]
+    if not mats:
+        return None
+    return {"head": row["head"], "features": row["features"], "encoder": row["encoder"], "variant": row["variant"],
+            "lr": row["lr"], "runs": row["runs"], "seeds": len(mats),
+            "how": f"summed over its {len(mats)} finished seed(s), test split", "matrix": np.sum(mats, axis=0).tolist()}
 
 
 # --------------------------------------------------------------------------------------------- uncertainty
