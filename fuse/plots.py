@@ -4,7 +4,8 @@ matplotlib is imported lazily; without it :func:`plot_table` logs one warning an
 the tables never depend on it. Figures per dataset:
 
 * ``ablation_<dataset>.png``: each metric (accuracy, macro-F1, weighted-F1) per head, one bar per
-  features / encoder variant, error bars = sample std over seeds (none with one seed).
+  features / encoder variant (probe rows as their own bars), error bars = the 95% bootstrap interval
+  over test posts and seeds (the sample std over seeds where runs left no predictions).
 * ``ablation_<dataset>_confusion.png``: the confusion matrix of the best config (highest mean
   macro-F1), summed over its finished seeds (test split).
 """
@@ -38,6 +39,14 @@ def _pyplot():
     return plt
 
 
+def _error_bar(s: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) the mean: the 95% bootstrap interval (test posts and seeds) when the table has it,
+    else the std over seeds (symmetric; 0 with one seed)."""
+    if s.get("ci"):
+        return max(s["mean"] - s["ci"][0], 0.0), max(s["ci"][1] - s["mean"], 0.0)
+    return (s["std"] or 0.0, s["std"] or 0.0)
+
+
 def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the figures of one dataset's table (see the module doc); returns their paths."""
     plt = _pyplot()
@@ -64,9 +73,9 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
                         continue
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(row[metric]["mean"])
-                    es.append(row[metric]["std"] or 0.0)
+                    es.append(_error_bar(row[metric]))
                 label = f"{feat} ({enc})" if show_enc else feat
-                ax.bar(xs, ys, width=width, yerr=es, capsize=3, label=label)
+                ax.bar(xs, ys, width=width, yerr=list(zip(*es, strict=True)) or None, capsize=3, label=label)
             ref = table.get("reference")
             if ref and ref.get(metric) is not None:
                 ax.axhline(ref[metric], color="k", linestyle="--", linewidth=1, label="reported (paper)")
@@ -76,7 +85,8 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
             ax.set_ylim(0, 1)
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{table.get('name', table['dataset'])}: test, mean ± std over seeds")
+        fig.suptitle(f"{table.get('name', table['dataset'])}: test, mean over seeds; error bars: 95% bootstrap "
+                     "interval over test posts and seeds (std over seeds without predictions)")
         fig.tight_layout()
         path = out_dir / f"ablation_{table.get('name', table['dataset'])}.png"
         fig.savefig(path, dpi=120)

@@ -227,17 +227,18 @@ def test_aggregation_math_against_hand_computation(caches, tmp_path):
     assert b["accuracy"]["std"] == pytest.approx(math.sqrt(2 * 0.05 ** 2))  # ddof=1 with two seeds
     assert b["accuracy"]["std"] == pytest.approx(statistics.stdev([0.8, 0.9]))
     assert (b["seeds_finished"], b["seeds_total"], b["seeds_failed"]) == (2, 3, 0)
-    # best per column
-    assert b["best_accuracy"] and not t["best_accuracy"]
-    assert t["best_macro_f1"] and not b["best_macro_f1"]
-    assert b["best_weighted_f1"] and not t["best_weighted_f1"]
+    # fabricated runs have no predictions.csv: no interval, and no row is marked on its mean alone
+    # (marks need paired intervals: tests/test_ablate_stats.py)
+    assert t["accuracy"]["ci"] is None and t["n_test"] is None
+    assert not any(r[f"{p}_{k}"] for r in (t, b) for p in ("best", "tied") for k in ab.METRICS)
     # confusion matrix of the best config by mean macro-F1 (text_only), summed over its 3 seeds
     assert table["confusion"]["head"] == "text_only" and table["confusion"]["seeds"] == 3
     assert table["confusion"]["matrix"] == [[3, 0, 0], [0, 6, 0], [0, 3, 12]]
     assert ab.mean_std([0.3]) == (0.3, None) and ab.mean_std([]) == (None, None)
     # terminal: best marked with *, std '-' nowhere here
     text = ab.format_tables({"synth": table})
-    assert "0.8500 ± 0.0707 *" in text and "0.6000 ± 0.1000" in text and "2/3" in text
+    assert "0.8500 ± 0.0707" in text and "0.8500 ± 0.0707 *" not in text and "0.6000 ± 0.1000" in text
+    assert "2/3" in text
 
 
 def test_reference_row_only_where_the_paper_reports(tmp_path):
@@ -254,7 +255,9 @@ def test_reference_row_only_where_the_paper_reports(tmp_path):
     assert "dual_attention: reported (paper), not measured" in md and "0.3552" in md and "**0.8000" not in md
     rows = list(csv.DictReader(paths[1].open()))
     rep = [r for r in rows if r["kind"] == "reported"]
-    assert [r["macro_f1_mean"] for r in rep] == ["0.355200", "0.350000"]  # the paper's; SemEval-2020 Task 8 best
+    assert [r["macro_f1_mean"] for r in rep] == ["0.3552", "0.35"]  # as published: the paper's; SemEval's best
+    assert "1,878 memes" in rep[1]["scored_on"] and "another test set" in rep[0]["scored_on"]
+    assert "| 0.35 |" in md and "0.3500" not in md and "scored on" in md
     assert all(r["best_macro_f1"] == "False" for r in rep) and "SemEval-2020 Task 8" in rep[1]["encoder"]
     assert "± -" in ab.format_tables({"memotion": table})  # one seed: std shown as '-'
 
@@ -307,14 +310,18 @@ def test_cli_writes_tables_and_aggregate_only(caches, tmp_path, capsys, count_tr
     assert rc == 0 and len(count_trainings) == 6  # one model per run (stacking: tests/test_stack.py)
     assert "6 runs in the grid: 6 trained, 0 reused, 0 failed" in out and "dual_attention" in out
     res = tmp_path / "results"
-    # .lock: the results folder lock (empty when free; see tests/test_ablate_faults.py)
-    assert sorted(p.name for p in res.iterdir() if p.name != ".lock") == ["ablation_synth.csv", "ablation_synth.json",
-                                                                       "ablation_synth.md"]
+    # .lock: the results folder lock (empty when free; see tests/test_ablate_faults.py); probe: its cached predictions
+    assert sorted(p.name for p in res.iterdir() if p.name != ".lock") == [
+        "ablation_synth.csv", "ablation_synth.json", "ablation_synth.md", "ablation_synth.tex", "probe"]
     data = json.loads((res / "ablation_synth.json").read_text())
-    assert len(data["rows"]) == 3 and all(r["seeds_finished"] == 2 for r in data["rows"])
-    assert sum(r["best_macro_f1"] for r in data["rows"]) >= 1
-    assert len(list(csv.DictReader((res / "ablation_synth.csv").open()))) == 3
-    assert "| head | features | seeds |" in (res / "ablation_synth.md").read_text()
+    heads = [r for r in data["rows"] if r["kind"] == "measured"]
+    assert len(heads) == 3 and all(r["seeds_finished"] == 2 for r in heads)
+    assert [r["head"] for r in data["rows"] if r["kind"] == "probe"] == ["probe (text)", "probe (image)",
+                                                                          "probe (text+image)"]
+    # 8 test posts: the top row is rarely distinguishable, but it is always either best or tied
+    assert sum(r["best_macro_f1"] or r["tied_macro_f1"] for r in data["rows"]) >= 1
+    assert len(list(csv.DictReader((res / "ablation_synth.csv").open()))) == 6
+    assert "| head | features | test n | seeds |" in (res / "ablation_synth.md").read_text()
 
     count_trainings.clear()
     (res / "ablation_synth.md").unlink()
@@ -335,7 +342,8 @@ def test_cli_shards_then_aggregate(caches, tmp_path, capsys):
     assert table["counts"]["finished"] == 2 and table["counts"]["missing"] == 2
     assert _cli(caches, tmp_path, *args, "--shard", "1/2") == 0
     table = json.loads((tmp_path / "results" / "ablation_multi.json").read_text())
-    assert table["counts"]["finished"] == 4 and len(table["rows"]) == 2 and len(table["encoders"]) == 2
+    heads = [r for r in table["rows"] if r["kind"] == "measured"]  # + 3 probes per encoder pair
+    assert table["counts"]["finished"] == 4 and len(heads) == 2 and len(table["encoders"]) == 2
     assert "encoder" in capsys.readouterr().out  # two encoder pairs: the column is shown
 
 
@@ -358,12 +366,12 @@ def test_plots_optional(caches, tmp_path, monkeypatch):
     tables = ab.aggregate(runs)
     pytest.importorskip("matplotlib")
     paths = ab.write_results(tables, tmp_path / "res")["synth"]
-    assert [p.name for p in paths[3:]] == ["ablation_synth.png", "ablation_synth_confusion.png"]
-    assert all(p.stat().st_size > 1000 for p in paths[3:])
+    assert [p.name for p in paths[4:]] == ["ablation_synth.png", "ablation_synth_confusion.png"]
+    assert all(p.stat().st_size > 1000 for p in paths[4:])
     import mmcache.fuse.plots
 
     monkeypatch.setattr(mmcache.fuse.plots, "_pyplot", lambda: None)  # as without matplotlib
-    assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 3
+    assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 4  # md, csv, json, tex
 
 
 def test_jobs_2_gives_the_same_numbers_as_jobs_1(caches, tmp_path):

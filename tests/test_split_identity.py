@@ -399,7 +399,7 @@ def test_ablate_on_a_text_only_cache_runs_the_text_heads(synth, tmp_path, capsys
                           "--no-plots", "--dim", "8", "--epochs", "1", "--device", "cpu", "--json")
     assert code == 0, err
     table = json.loads(out)["synth"]
-    assert [r["head"] for r in table["rows"]] == ["text_only"]
+    assert [r["head"] for r in table["rows"]] == ["text_only", "probe (text)"]  # the probe: text only too
     assert table["rows"][0]["seeds_finished"] == 1
     skipped = {x["head"]: x["reason"] for x in table["skipped"]}
     assert set(skipped) == {h for h in list_heads() if "image" in head_uses(h)}  # every head that reads images

@@ -145,7 +145,7 @@ def test_stacked_grid_gives_the_same_folders_and_tables(cache, tmp_path):
     for x, y in zip(_table_numbers(t1), _table_numbers(t2), strict=True):
         assert x[:2] == y[:2] and x[2] == pytest.approx(y[2], abs=1e-6) and x[3] == pytest.approx(y[3], abs=1e-6)
     ab.write_results(t2, tmp_path / "res", plots=False)
-    assert "| head | features | seeds |" in (tmp_path / "res" / "ablation_synth.md").read_text()
+    assert "| head | features | test n | seeds |" in (tmp_path / "res" / "ablation_synth.md").read_text()
     assert ab.run_grid(stacked, threads=1, stack=True)["reused"] == [r.name for r in stacked]
 
 
@@ -156,8 +156,9 @@ def test_lrs_best_on_validation_is_reported(cache, tmp_path, capsys):
                    "--jobs", "1", "--no-plots", "--lrs", "1e-7,3e-3", "--dropouts", "0,0.2"])
     assert rc == 0
     table = json.loads((tmp_path / "res" / "ablation_synth.json").read_text())
-    assert len(table["runs"]) == 8 and len(table["rows"]) == 2  # a row per dropout, the lrs are a choice
-    for row in table["rows"]:
+    heads = [r for r in table["rows"] if r["kind"] == "measured"]  # the others: linear probes
+    assert len(table["runs"]) == 8 and len(heads) == 2  # a row per dropout, the lrs are a choice
+    for row in heads:
         recs = [x for x in table["runs"] if x["variant"] == row["variant"]]
         val = {lr: np.mean([x["val_macro_f1"] for x in recs if x["lr"] == lr]) for lr in (1e-7, 3e-3)}
         assert row["lr"] == max(val, key=val.get) == 3e-3

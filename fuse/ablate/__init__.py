@@ -42,9 +42,13 @@ end (or ``aggregate_only``) writes the complete tables.
 Aggregation (:func:`aggregate`): one row per (head, features, encoder): accuracy, macro-F1 and
 weighted-F1 on the test split as mean and sample standard deviation (ddof=1) over the finished seeds
 (std is None with one seed, shown as ``-``), finished / failed seed counts, parameter count, mean
-training seconds. The best mean per metric is marked (ties: all of them). MVSA caches (index field
+training seconds, each metric's 95% bootstrap interval over test posts and seeds, n scored / dropped and a
+paired Δ against a baseline row (:mod:`fuse.ablate.stats`); linear-probe rows (:mod:`fuse.ablate.probe`)
+are the default baseline. The top row is marked best only when its paired interval against the
+runner-up excludes 0, else the rows tied with it are marked tied. MVSA caches (index field
 ``labels_agree``) get the same metrics on the test posts whose text and image labels agree and on those
-where they disagree. A reference row holds the paper's reported figures where it has one for the dataset.
+where they disagree. A reference row holds the paper's reported figures (as published, with the test
+set they were scored on) where it has one for the dataset.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from mmcache.fuse.ablate.tables import format_tables, write_results
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.metrics import METRICS
 
-from mmcache.errors import PipelineError
+from mmcache.errors import BadInputError, PipelineError
 from mmcache.locks import describe, locked
 
 __all__ = ["DEFAULT_FEATURES", "METRICS", "REPORTED", "REPORTED_LABEL", "AblationConfig", "AblationResult", "GridRun", "aggregate",
@@ -110,6 +114,9 @@ class AblationConfig:
     dims: list[int] | None = None
     dropouts: list[float] | None = None
     wait_timeout: float | None = 24 * 3600.0  # seconds to wait for runs another process trains (None: no limit)
+    probe: bool = True  # linear-probe rows (fuse/ablate/probe.py); predictions cached in <results>/probe/
+    baseline: str | None = None  # head every row's paired Δ is against (None: the best probe of its features)
+    bootstrap: int = 1000  # replicates of the intervals over test posts and seeds (fuse/ablate/stats.py)
 
 
 def default_results_dir(runs_dir: str | Path) -> Path:
@@ -138,6 +145,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     """Expand the grid, train this shard's unfinished runs, aggregate every finished run of the grid and
     write the result files."""
     t0 = time.perf_counter()
+    if config.bootstrap < 1:  # checked before any training: aggregation would fail after it
+        raise BadInputError(f"bootstrap replicates must be >= 1, got {config.bootstrap}")
     skipped: list[dict[str, Any]] = []
     runs = expand_grid(config.base, datasets=config.datasets, heads=config.heads, features=config.features,
                        seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,
@@ -159,7 +168,8 @@ def run_ablation(config: AblationConfig) -> AblationResult:
     with locked(results_dir / ".lock", timeout=config.wait_timeout, what=f"results folder {results_dir}",
                 busy=lambda h: PipelineError(f"results folder {results_dir} still in use by {describe(h)} after "
                                              f"{config.wait_timeout:.0f}s; rerun with --aggregate-only later")):
-        tables = aggregate(runs, skipped)
+        tables = aggregate(runs, skipped, probe=config.probe, probe_dir=results_dir / "probe",
+                           baseline=config.baseline, bootstrap=config.bootstrap)
         if config.analyze:
             for table in tables.values():
                 table["analysis"] = analyze_best(table)

@@ -16,19 +16,22 @@ __all__ = ["analyze_best", "markdown_section"]
 
 
 def analyze_best(table: dict[str, Any], *, device: str = "cpu") -> dict[str, Any] | None:
-    """For an ablation table: analyse the best config's (highest mean macro-F1) first finished seed and
-    return the figures its markdown shows (``table["analysis"]``); None when nothing finished. A failure
-    is recorded in the result, never raised: the tables must not depend on it."""
+    """For an ablation table: analyse the first finished seed of the best config (highest mean macro-F1),
+    among the row's own runs (its chosen lr and its variant), and return the figures its markdown shows
+    (``table["analysis"]``); None when nothing finished. A failure is recorded in the result, never
+    raised: the tables must not depend on it."""
     best = table.get("confusion")
     if not best:
         return None
-    runs = sorted((r for r in table["runs"] if r["status"] == "finished" and
-                   (r["head"], r["features"], r["encoder"]) == (best["head"], best["features"], best["encoder"])),
-                  key=lambda r: r["seed"])
+    # the row's OWN runs: with --lrs / --dims / --dropouts the head, features and encoder match runs of
+    # other learning rates and variants too, whose figures are not the row's
+    own = set(best.get("runs") or [])
+    runs = sorted((r for r in table["runs"] if r["status"] == "finished" and r["run"] in own), key=lambda r: r["seed"])
     if not runs:
         return None
     out: dict[str, Any] = {"run": runs[0]["run"], "run_dir": runs[0]["run_dir"], "seed": runs[0]["seed"],
-                           "head": best["head"], "features": best["features"], "encoder": best["encoder"]}
+                           "head": best["head"], "features": best["features"], "encoder": best["encoder"],
+                           "lr": runs[0].get("lr"), "variant": best.get("variant") or ""}
     try:
         res = analyze_run(runs[0]["run_dir"], device=device)
     except (PipelineError, OSError, ValueError) as e:
@@ -46,11 +49,15 @@ def analyze_best(table: dict[str, Any], *, device: str = "cpu") -> dict[str, Any
 def markdown_section(a: dict[str, Any]) -> list[str]:
     """The ablation markdown's analysis section for :func:`analyze_best`'s result."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    head = [f"## Analysis of the best config ({a['head']}, {a['features']}, {a['encoder']}; seed {a['seed']})", ""]
+    what = [a["head"], a["features"], a["encoder"], *([a["variant"]] if a.get("variant") else []),
+            *([f"lr {a['lr']:g}"] if a.get("lr") is not None else [])]
+    head = [f"## Analysis of the best config ({', '.join(what)}; seed {a['seed']})", ""]
     if a.get("error"):
         return [*head, f"Not available: {a['error']}"]
     c = a["calibration"]
-    lines = [*head, f"Run `{a['run']}`; full report: `{a['report']}`.", "",
+    lines = [*head, f"Run `{a['run']}` (the head row with the highest mean macro-F1, at its own chosen lr and "
+                    f"variant; whether it is distinguishable from the others: see the marks); full report: "
+                    f"`{a['report']}`.", "",
              "| class | AP | ROC AUC |", "|---|---|---|",
              *(f"| {k} | {f(v['ap'])} | {f(v['roc_auc'])} |" for k, v in a["curves"].items()),
              f"| macro | {f(a['macro_ap'])} | {f(a['macro_roc_auc'])} |", "",
