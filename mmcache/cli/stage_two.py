@@ -256,6 +256,9 @@ def ablate(
     dims: Annotated[str | None, typer.Option(help="latent widths a,b: a table row each")] = None,
     dropouts: Annotated[str | None, typer.Option(help="dropout values a,b: a table row each")] = None,
     wait_timeout: Annotated[float, typer.Option(help="seconds to wait for runs another ablate process is training before the tables are written (they count as unfinished after it)")] = 86400.0,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="linear-probe baseline rows (logistic regression on the same features)")] = True,
+    baseline: Annotated[str | None, typer.Option(help="head every row's paired delta is against (default: the best probe of its features)")] = None,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap replicates of the 95% intervals over test posts and seeds")] = 1000,
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
     from mmcache.fuse.ablate import DEFAULT_FEATURES, default_results_dir, format_ablation
@@ -267,7 +270,8 @@ def ablate(
         cache_dir=_text(cache_dir or DEFAULT_CACHE_DIR), runs_dir=_text(runs_dir), results_dir=_text(results_dir),
         jobs=jobs, threads=threads, shard=shard, force=force, aggregate_only=aggregate_only, plots=plots,
         allow_no_val=allow_no_val, stack=stack, lrs=numbers(lrs, float, "--lrs"), dims=numbers(dims, int, "--dims"),
-        dropouts=numbers(dropouts, float, "--dropouts"), wait_timeout=wait_timeout)
+        dropouts=numbers(dropouts, float, "--dropouts"), wait_timeout=wait_timeout, probe=probe,
+        baseline=baseline, bootstrap=bootstrap)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
         results = _text(results_dir) or default_results_dir(_text(runs_dir))
