@@ -98,15 +98,16 @@ def inspect(dataset: str, *, data_dir: str | Path | None = None, options: dict[s
     reason, decode fallbacks. ``cache_dir``: also compare with the split that cache root holds for the
     dataset (what ``extract`` would keep; key ``cache_split``). Returns the summary dict."""
     from mmcache.extract import cache_format as cf
+    from mmcache.extract.config import ExtractConfig
     from mmcache.extract.datasets import load_dataset
-    from mmcache.extract.extraction import ExtractConfig, _cache_name
+    from mmcache.extract.index_prep import cache_name
     from mmcache.extract.split_policy import preview_split
     from mmcache.extract.summary import summarize
 
     result = load_dataset(dataset, data_dir, **(options or {}))
     index_path = stored = None
     if cache_dir is not None:
-        index_path = Path(cache_dir) / _cache_name(ExtractConfig(dataset=dataset), Path(result.root)) / cf.INDEX_NAME
+        index_path = Path(cache_dir) / cache_name(ExtractConfig(dataset=dataset), Path(result.root)) / cf.INDEX_NAME
         stored = cf.read_index(index_path) if index_path.is_file() else None
     split, note = preview_split(result.samples, stored, split_file=split_file, seed=seed, index_path=index_path)
     summary = summarize(result, split)

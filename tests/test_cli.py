@@ -340,7 +340,7 @@ def test_a_plugin_head_is_a_valid_choice_and_shown_in_help(capsys):
         parse = HeadsOpt.__metadata__[0].parser
         assert parse("basic,plugin_probe") == "basic,plugin_probe"
     finally:
-        fh._HEADS.pop("plugin_probe")
+        fh.unregister_head("plugin_probe")
 
 
 def test_shared_options_are_declared_once():

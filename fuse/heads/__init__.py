@@ -41,9 +41,10 @@ from mmcache.fuse.heads.registry import (
     head_uses,
     list_heads,
     register_head,
+    unregister_head,
 )
 from mmcache.fuse.heads.self_attention import SelfAttentionHead
 
 __all__ = ["Attention", "BasicFusionHead", "DualAttentionHead", "FusionHead", "ImageOnlyHead", "RunDropout",
            "SelfAttentionHead", "TextOnlyHead", "count_parameters", "create_head", "dropout_generator", "get_head",
-           "head_uses", "list_heads", "masked_mean", "register_head", "set_dropout_generators"]
+           "head_uses", "list_heads", "masked_mean", "register_head", "set_dropout_generators", "unregister_head"]

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["count_parameters", "create_head", "get_head", "head_uses", "list_heads", "register_head"]
+__all__ = ["count_parameters", "create_head", "get_head", "head_uses", "list_heads", "register_head",
+           "unregister_head"]
 
 _FAMILIES_LOADED = False
 
@@ -65,6 +66,11 @@ def register_head(name: str):
         return cls
 
     return wrap
+
+
+def unregister_head(name: str) -> None:
+    """Remove head ``name`` from the registry (a test's or a notebook's temporary head); unknown: no-op."""
+    _HEADS.pop(name, None)
 
 
 def list_heads() -> list[str]:
