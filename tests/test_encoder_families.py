@@ -191,7 +191,7 @@ def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
     import socket
 
     import huggingface_hub.constants as hub_constants
-    from mmcache.extract import encoders
+    from mmcache.extract import encoders, hub
 
     from mmcache.errors import ModelLoadError
 
@@ -201,7 +201,7 @@ def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(encoders, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "_REACHABLE", {})
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert not encoders.hub_reachable()
     with pytest.raises(ModelLoadError) as e:
