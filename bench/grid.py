@@ -30,7 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LRS = [1e-4, 3e-4, 1e-3]
-DEMO_TRAINING = dict(dim=64, lr=1e-3, epochs=40, patience=10, batch_size=32)  # as fuse/demo.py
+DEMO_TRAINING = dict(dim=64, lr=1e-3, epochs=40, patience=10, batch_size=32)  # as mmcache/demo.py
 
 
 def _child(args: dict[str, Any]) -> dict[str, Any]:

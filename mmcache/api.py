@@ -155,8 +155,8 @@ def bench(**options: Any) -> dict[str, Any]:
 
 def demo(**options: Any):
     """Both stages end to end on the built-in demo data with tiny local encoders
-    (:class:`~mmcache.fuse.demo.DemoConfig` fields as keywords). Returns the DemoResult."""
-    from mmcache.fuse.demo import DemoConfig, run_demo
+    (:class:`~mmcache.demo.DemoConfig` fields as keywords). Returns the DemoResult."""
+    from mmcache.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(**options))
 

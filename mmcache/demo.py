@@ -1,4 +1,5 @@
-"""`make demo`: both stages end to end on the built-in demo data with tiny local encoders.
+"""`make demo`: both stages end to end on the built-in demo data with tiny local encoders (the facade:
+it is the one place that runs stage one and stage two together, so it lives above both).
 
 1. build (or reuse) a tiny random BERT whose vocabulary knows the demo words and a tiny DINOv2;
 2. extract the generated demo posts into ``cache/demo/`` (the real extraction path: DataLoader
