@@ -178,9 +178,11 @@ class CacheArrays:
 
 def load_cache(dataset: str | None = None, *, fields: tuple[str, ...] = ("cls",), cache_dir: str | Path = "cache",
                text_cache: str | Path | None = None, image_cache: str | Path | None = None,
-               modalities: tuple[str, ...] = ("text", "image"), dtype: str | None = "float32") -> CacheArrays:
+               modalities: tuple[str, ...] = ("text", "image"), dtype: str | None = None) -> CacheArrays:
     """A cached dataset's arrays and sample index as numpy (``dataset`` None: the only one cached).
-    ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``; ``dtype`` None keeps the stored one."""
+    ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``. ``dtype`` None (the default) keeps the
+    stored dtype (float16 for a default cache: half the memory of float32); ``dtype="float32"`` casts
+    the float arrays (``mask`` stays bool)."""
     from mmcache.extract import cache_format as cf
     from mmcache.fuse.data import find_cache, resolve_dataset
 
