@@ -64,6 +64,18 @@ class Dtype(str, Enum):
     float32 = "float32"
 
 
+class ExportFormat(str, Enum):
+    """`cache export` formats (parquet, hf: the optional pyarrow / datasets packages)."""
+    npy = "npy"
+    parquet = "parquet"
+    hf = "hf"
+
+
+class OneModality(str, Enum):
+    text = "text"
+    image = "image"
+
+
 def _values(choices: type[Enum] | Callable[[], Iterable[str]]) -> list[str]:
     return [m.value for m in choices] if isinstance(choices, type) else list(choices())
 
