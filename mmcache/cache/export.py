@@ -461,6 +461,24 @@ def _existing_is_same(path: Path, sha: str, force: bool) -> bool:
     return True
 
 
+def _records(source: Source, arrays: dict[str, np.ndarray], derived: dict[str, str], name: str, dataset: str,
+             sha: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The imported file's ``config`` (what its identity is compared on: the name, family, widths) and
+    ``provenance`` (where the features came from, what was derived, the exporter's own records)."""
+    dtype = "float16" if arrays["cls"].dtype == np.float16 else "float32"
+    n_tok, d = arrays["tokens"].shape[1:]
+    proj = arrays.get("proj")
+    config = {"model": f"imported:{name}", "family": IMPORTED_FAMILY, "dtype": dtype, "hidden_size": int(d),
+              "num_tokens": int(n_tok), **({"proj_size": int(proj.shape[1])} if proj is not None else {})}
+    origin = (source.meta.get("modalities") or {}).get(source.modality) or {}
+    provenance = {"family": IMPORTED_FAMILY, "name": name, "dataset": dataset, "source_format": source.fmt,
+                  "imported_from": [str(p.resolve()) for p in source.files], "source_sha256": sha,
+                  "identity": "not verifiable: features imported from outside mmcache; the encoder that made "
+                              "them was not loaded, so its weights cannot be checked", "derived": derived,
+                  "origin": {k: origin.get(k) for k in ("path", "config", "provenance")} if origin else None}
+    return config, provenance
+
+
 def _import_one(folder: Path, idx: SampleIndex, source: Source, name: str, force: bool,
                 index_status: str) -> ImportResult:
     arrays, derived = _complete_fields(source)
@@ -471,20 +489,13 @@ def _import_one(folder: Path, idx: SampleIndex, source: Source, name: str, force
         with FeatureFile(path) as ff:
             ok = int(ff.valid.sum())
         return ImportResult(path, source.modality, "up to date", len(idx), ok, len(idx) - ok, index_status)
-    dtype = "float16" if arrays["cls"].dtype == np.float16 else "float32"
-    n_tok, d = arrays["tokens"].shape[1:]
-    proj = arrays.get("proj")
-    config = {"model": f"imported:{name}", "family": IMPORTED_FAMILY, "dtype": dtype, "hidden_size": int(d),
-              "num_tokens": int(n_tok), **({"proj_size": int(proj.shape[1])} if proj is not None else {})}
-    origin = (source.meta.get("modalities") or {}).get(source.modality) or {}
-    provenance = {"family": IMPORTED_FAMILY, "name": name, "dataset": idx.dataset, "source_format": source.fmt,
-                  "imported_from": [str(p.resolve()) for p in source.files], "source_sha256": sha,
-                  "identity": "not verifiable: features imported from outside mmcache; the encoder that made "
-                              "them was not loaded, so its weights cannot be checked", "derived": derived,
-                  "origin": {k: origin.get(k) for k in ("path", "config", "provenance")} if origin else None}
+    config, provenance = _records(source, arrays, derived, name, idx.dataset, sha)
+    dtype, (n_tok, d), proj = config["dtype"], arrays["tokens"].shape[1:], arrays.get("proj")
     valid = np.ones(len(rows), dtype=bool) if "valid" not in arrays else np.asarray(arrays["valid"], bool)
-    finite = np.isfinite(arrays["cls"].astype(np.float32)).all(1) & np.isfinite(arrays["mean"].astype(np.float32)).all(1)
-    finite &= np.isfinite(arrays["tokens"].astype(np.float32)).reshape(len(rows), -1).all(1)
+    finite = np.ones(len(rows), dtype=bool)  # a NaN/Inf row is a failure, never stored as values
+    for key in ("cls", "mean", "tokens", "proj"):
+        if key in arrays:
+            finite &= np.isfinite(arrays[key].astype(np.float32)).reshape(len(rows), -1).all(1)
     ok = valid & finite
     with FeatureWriter.open(path, ids=list(map(str, idx.ids)), index_fp=idx.fingerprint, modality=source.modality,
                             hidden_size=int(d), num_tokens=int(n_tok), dtype=dtype, config=config,
