@@ -102,8 +102,11 @@ def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict |
     from mmcache.extract.identity import encoder_config
 
     from mmcache import cache as cf
+    from mmcache.cache.export import imported_encoder_error
 
     spec = modality if isinstance(modality, EncoderSpec) else EncoderSpec.from_provenance(modality, provenance, config)
+    if msg := imported_encoder_error(spec.modality, spec.to_provenance()):  # `cache import`: no encoder to load
+        raise BadInputError(msg)
     enc = load_encoder(spec, device=device, precision=precision)
     if spec.family and spec.family != enc.family:
         get_adapter(spec.family)  # an unknown recorded family is its own error

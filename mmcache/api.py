@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CacheArrays", "ablate", "analyze", "bench", "cache_info", "datasets", "demo", "evaluate", "extract",
-           "inspect", "load_cache", "merge_cache", "predict", "train_fusion", "verify_cache"]
+__all__ = ["CacheArrays", "ablate", "analyze", "bench", "cache_info", "datasets", "demo", "evaluate", "export_cache",
+           "extract", "import_cache", "inspect", "load_cache", "merge_cache", "predict", "train_fusion",
+           "verify_cache"]
 
 
 def extract(dataset: str, *, keep_shards: bool = False, dist_backend: str = "auto",
@@ -178,9 +179,11 @@ class CacheArrays:
 
 def load_cache(dataset: str | None = None, *, fields: tuple[str, ...] = ("cls",), cache_dir: str | Path = "cache",
                text_cache: str | Path | None = None, image_cache: str | Path | None = None,
-               modalities: tuple[str, ...] = ("text", "image"), dtype: str | None = "float32") -> CacheArrays:
+               modalities: tuple[str, ...] = ("text", "image"), dtype: str | None = None) -> CacheArrays:
     """A cached dataset's arrays and sample index as numpy (``dataset`` None: the only one cached).
-    ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``; ``dtype`` None keeps the stored one."""
+    ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``. ``dtype`` None (the default) keeps the
+    stored dtype (float16 for a default cache: half the memory of float32); ``dtype="float32"`` casts
+    the float arrays (``mask`` stays bool)."""
     from mmcache.extract import cache_format as cf
     from mmcache.fuse.data import find_cache, resolve_dataset
 
@@ -195,6 +198,47 @@ def load_cache(dataset: str | None = None, *, fields: tuple[str, ...] = ("cls",)
             feats[m], valid[m] = ff.load(fields, dtype=dtype), ff.valid
             info[m] = {"path": str(ff.path), "config": ff.config, "provenance": ff.provenance, "grid": ff.grid}
     return CacheArrays(dataset=dataset, classes=list(idx.classes), index=index, features=feats, valid=valid, info=info)
+
+
+def export_cache(dataset: str | None = None, *, out: str | Path, format: str = "npy",
+                 fields: tuple[str, ...] = ("cls", "mean"), cache_dir: str | Path = "cache",
+                 text_cache: str | Path | None = None, image_cache: str | Path | None = None,
+                 modalities: tuple[str, ...] | None = None):
+    """Write a cached dataset's ids, labels, split and ``fields`` (``cls``, ``mean``, ``tokens``,
+    ``mask``, ``proj``) per modality to the folder ``out`` as ``format`` ``npy`` (one .npy per array +
+    metadata.json), ``parquet`` (one file per modality) or ``hf`` (a ``datasets.Dataset`` saved to disk),
+    with every feature file's provenance in the metadata (:mod:`mmcache.cache.export`). ``modalities``
+    None: each modality that has a feature file. parquet / hf need ``pip install mmcache[export]``.
+    Returns an :class:`~mmcache.cache.export.ExportResult`."""
+    from mmcache.cache.export import export_features
+    from mmcache.errors import BadInputError, CacheError
+    from mmcache.fuse.data import find_cache, resolve_dataset
+
+    dataset = resolve_dataset(cache_dir, dataset)
+    given = {"text": text_cache, "image": image_cache}
+    files = {}
+    for m in modalities or ("text", "image"):
+        try:
+            files[m] = find_cache(cache_dir, dataset, m, given[m])
+        except CacheError:  # no file of this modality: exported only when asked for by name
+            if modalities:
+                raise
+    if not files:
+        raise BadInputError(f"no feature files in {Path(cache_dir) / dataset}/ to export")
+    return export_features(Path(cache_dir) / dataset / "index.h5", files, out, fmt=format, fields=list(fields))
+
+
+def import_cache(dataset: str, paths: list[str | Path], *, cache_dir: str | Path = "cache",
+                 modality: str | None = None, name: str | None = None, force: bool = False) -> list:
+    """Bring features made elsewhere into ``cache_dir/<dataset>/`` as feature files stage two trains on:
+    ``paths`` are npy folders (``ids.npy`` + ``<modality>.<field>.npy``, an ``npy`` export's layout) or
+    parquet files (an ``id`` column + feature columns). The ids must be in the dataset's sample index,
+    unless there is none and the input is an mmcache export (then its ids, labels, split and classes
+    become the index). Provenance records ``family: "imported"``: encoder identity cannot be checked.
+    Returns one :class:`~mmcache.cache.export.ImportResult` per modality."""
+    from mmcache.cache.export import import_features
+
+    return import_features(cache_dir, dataset, list(paths), modality=modality, name=name, force=force)
 
 
 def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | None = None,

@@ -310,9 +310,10 @@ def test_cli_writes_tables_and_aggregate_only(caches, tmp_path, capsys, count_tr
     assert rc == 0 and len(count_trainings) == 6  # one model per run (stacking: tests/test_stack.py)
     assert "6 runs in the grid: 6 trained, 0 reused, 0 failed" in out and "dual_attention" in out
     res = tmp_path / "results"
-    # .lock: the results folder lock (empty when free; see tests/test_ablate_faults.py); probe: its cached predictions
+    # .lock: the results folder lock (empty when free; see tests/test_ablate_faults.py); probe: its cached predictions;
+    # ablation_config.yaml: the resolved settings (tests/test_configfile.py)
     assert sorted(p.name for p in res.iterdir() if p.name != ".lock") == [
-        "ablation_synth.csv", "ablation_synth.json", "ablation_synth.md", "ablation_synth.tex", "probe"]
+        "ablation_config.yaml", "ablation_synth.csv", "ablation_synth.json", "ablation_synth.md", "ablation_synth.tex", "probe"]
     data = json.loads((res / "ablation_synth.json").read_text())
     heads = [r for r in data["rows"] if r["kind"] == "measured"]
     assert len(heads) == 3 and all(r["seeds_finished"] == 2 for r in heads)

@@ -3,10 +3,20 @@
 ``from mmcache import cache as cf`` gives the whole contract: names and paths (:mod:`.names`),
 identity and fingerprints (:mod:`.identity`), the encoder record (:mod:`.encoder`), the sample index
 (:mod:`.index`), feature files (:mod:`.writer`, :mod:`.reader`), integrity (:mod:`.integrity`), shard merging (:mod:`.merge`), the
-folder's write lock (:mod:`.lock`) and what ``cache info`` / ``cache verify`` show (:mod:`.info`).
+folder's write lock (:mod:`.lock`), what ``cache info`` / ``cache verify`` show (:mod:`.info`) and
+features out of and into the cache as numpy / parquet / Hugging Face datasets (:mod:`.export`).
 """
 
 from mmcache.cache.encoder import EncoderSpec
+from mmcache.cache.export import (
+    EXPORT_FORMATS,
+    IMPORTED_FAMILY,
+    ExportResult,
+    ImportResult,
+    export_features,
+    import_features,
+    imported_encoder_error,
+)
 from mmcache.cache.identity import (
     CONFIG_DEFAULTS,
     SPLIT_NAMES,
@@ -60,7 +70,8 @@ from mmcache.errors import BadInputError, CacheError
 
 __all__ = [
     "BadInputError", "CHECKSUM", "CHECKSUM_FIELDS", "CONFIG_DEFAULTS", "CacheBusyError", "CacheError",
-    "CacheMismatchError", "DTYPES", "Damage", "EncoderSpec", "FAILURES_NAME", "FEATURE_FIELDS", "FORMAT_VERSION",
+    "CacheMismatchError", "DTYPES", "Damage", "EXPORT_FORMATS", "EncoderSpec", "ExportResult", "IMPORTED_FAMILY",
+    "ImportResult", "export_features", "import_features", "imported_encoder_error", "FAILURES_NAME", "FEATURE_FIELDS", "FORMAT_VERSION",
     "FeatureFile", "FeatureWriter", "INDEX_NAME", "LOCK_NAME", "MODALITIES", "MergeResult", "OPTIONAL_FIELDS",
     "REASON", "REASON_BYTES", "SPLIT_NAMES", "STORAGE_KEYS", "STR", "SampleIndex", "UNRECORDED_SPLIT",
     "check_free_space", "collect", "describe", "describe_holder", "disk_full_error", "encoder_difference",

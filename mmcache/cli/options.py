@@ -64,6 +64,18 @@ class Dtype(str, Enum):
     float32 = "float32"
 
 
+class ExportFormat(str, Enum):
+    """`cache export` formats (parquet, hf: the optional pyarrow / datasets packages)."""
+    npy = "npy"
+    parquet = "parquet"
+    hf = "hf"
+
+
+class OneModality(str, Enum):
+    text = "text"
+    image = "image"
+
+
 def _values(choices: type[Enum] | Callable[[], Iterable[str]]) -> list[str]:
     return [m.value for m in choices] if isinstance(choices, type) else list(choices())
 
@@ -152,7 +164,8 @@ Patience = Annotated[int | None, typer.Option(
 TrainBatchSize = Annotated[int | None, typer.Option("--batch-size", show_default="32", help="batch size")]
 EncodeBatchSize = Annotated[int, typer.Option("--batch-size", help="samples per encoder forward pass")]
 Config = Annotated[Path | None, typer.Option(
-    "--config", help="JSON training config (e.g. a run's config.json); flags override it")]
+    "--config", help="YAML or JSON config file: a run's config.json, a cache's extract-config.yaml, a results "
+                     "folder's ablation_config.yaml, or your own; options given override it")]
 AllowNoVal = Annotated[bool, typer.Option(
     "--allow-no-val", help="train without a validation split (no early stopping; the last epoch is kept)")]
 Jobs = Annotated[int, typer.Option("--jobs", "-j", help="parallel training processes (0 = auto)")]
@@ -236,3 +249,17 @@ def numbers(text: str | None, kind: type, flag: str) -> list | None:
 def given(**values) -> dict:
     """The keyword arguments the user actually gave (None = not given: the callee's default applies)."""
     return {k: v for k, v in values.items() if v is not None}
+
+
+def was_given(ctx: typer.Context, param: str) -> bool:
+    """Whether the user gave option ``param`` (the function parameter's name) on the command line or
+    through the environment; False when typer filled in its default (a --config file's value wins then)."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def given_by_user(ctx: typer.Context, values: dict, params: dict[str, str] | None = None) -> dict:
+    """The entries of ``values`` (config key -> value) whose option the user gave; ``params`` maps a
+    config key to its parameter's name where they differ (``options`` -> ``option``)."""
+    params = params or {}
+    return {k: v for k, v in values.items() if was_given(ctx, params.get(k, k))}

@@ -10,12 +10,13 @@ from typing import Annotated
 
 import typer
 
-from mmcache import api
+from mmcache import api, configfile
 from mmcache.cli.app import CALL, app, cache_app, resume_command
 from mmcache.cli.options import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DEVICE,
     CacheDir,
+    Config,
     DataDir,
     Dataset,
     DatasetOptions,
@@ -30,6 +31,7 @@ from mmcache.cli.options import (
     SplitFile,
     Threads,
     given,
+    given_by_user,
     key_values,
 )
 from mmcache.errors import BadInputError
@@ -74,7 +76,10 @@ _NAMES = "name in cache files and tables (default: hub id, config _name_or_path,
 
 @app.command()
 def extract(
-    dataset: Dataset,
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", show_default=False, help="dataset name (see `datasets`); required unless --config names one")] = None,
+    config: Config = None,
     data_dir: DataDir = None,
     modality: ModalityOpt = "both",
     text_model: Annotated[str, typer.Option(help="text encoder hub id or local folder (BERT, RoBERTa-style, CLIP, SigLIP ...)")] = "bert-base-uncased",
@@ -114,11 +119,14 @@ def extract(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
     as_json: Json = False,
 ) -> None:
-    """Run the encoders once over a dataset into the resumable HDF5 cache (cache/<dataset>/...)."""
+    """Run the encoders once over a dataset into the resumable HDF5 cache (cache/<dataset>/...).
+
+    Options left out keep the --config file's values, else the defaults shown. The resolved settings
+    are written to cache/<dataset>/extract-config.yaml: `extract --config` that file repeats the call."""
     from mmcache.extract.extraction import format_extract_summary
 
-    summary = api.extract(
-        dataset, data_dir=data_dir, options=key_values(option), cache_dir=cache_dir, name=name,
+    values = dict(
+        dataset=dataset, data_dir=data_dir, options=key_values(option), cache_dir=cache_dir, name=name,
         modality=modality, text_model=text_model, image_model=image_model, text_revision=text_revision,
         image_revision=image_revision, text_layer=text_layer, image_layer=image_layer, text_name=text_name,
         image_name=image_name, text_max_length=text_max_length, dtype=dtype, precision=precision,
@@ -126,10 +134,17 @@ def extract(
         image_batch_size=image_batch_size, num_workers=num_workers, threads=threads, patch_pool=patch_pool,
         force=force, retry_failed=retry_failed, repair=repair, split_file=split_file, seed=seed,
         resplit=resplit, shard=shard, num_shards=num_shards, progress=False if no_progress else None,
-        command=resume_command(CALL[0]), keep_shards=keep_shards, dist_backend=dist_backend,
-        dist_timeout_s=dist_timeout_hours * 3600,
+        keep_shards=keep_shards, dist_backend=dist_backend, dist_timeout_hours=dist_timeout_hours,
         **given(max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels))
+    flags = given_by_user(ctx, values, {"options": "option", "progress": "no_progress"})
+    resolved = configfile.resolve_extract(values, configfile.read_extract(config) if config else {}, flags)
+    settings = {k: v for k, v in resolved.items() if k not in configfile.EXTRACT_RUN_KEYS}
+    summary = api.extract(
+        settings.pop("dataset"), **settings, command=resume_command(CALL[0]),
+        keep_shards=resolved["keep_shards"], dist_backend=resolved["dist_backend"],
+        dist_timeout_s=resolved["dist_timeout_hours"] * 3600)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints (the merged files)
+        configfile.save_extract_config(summary.index_path, resolved)
         typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mmcache import api
+from mmcache import api, configfile
 from mmcache.cli.app import CALL, app, resume_command
 from mmcache.cli.options import (
     DEFAULT_CACHE_DIR,
@@ -49,6 +49,7 @@ from mmcache.cli.options import (
     Threads,
     TrainBatchSize,
     given,
+    given_by_user,
     json_values,
     key_values,
     names,
@@ -109,9 +110,8 @@ def train_fusion(
     Flags left out keep the --config file's values, else the defaults shown."""
     from mmcache.fuse.report import format_train
     from mmcache.fuse.runs import read_split
-    from mmcache.fuse.train import TrainConfig
 
-    base = TrainConfig.from_json(config).to_dict() if config is not None else {}
+    base = configfile.read_training(config) if config is not None else {}
     flags = given(head=head, dataset=dataset, features=features, target=target, text_cache=text_cache,
                   image_cache=image_cache, dim=dim, layers=layers, heads=attention_heads, dropout=dropout,
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
@@ -228,6 +228,7 @@ def analyze(
 
 @app.command(cls=LazyHelpCommand)
 def ablate(
+    ctx: typer.Context,
     dataset: Datasets = None,
     heads: HeadsOpt = None,
     features: FeaturesOpt = None,
@@ -260,20 +261,27 @@ def ablate(
     baseline: Annotated[str | None, typer.Option(help="head every row's paired delta is against (default: the best probe of its features)")] = None,
     bootstrap: Annotated[int, typer.Option(help="bootstrap replicates of the 95% intervals over test posts and seeds")] = 1000,
 ) -> None:
-    """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*"""
-    from mmcache.fuse.ablate import DEFAULT_FEATURES, default_results_dir, format_ablation
+    """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*
 
-    overrides = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
-    result = api.ablate(
-        names(dataset), base=config, overrides=overrides, heads=names(heads),
-        features=names(features) or list(DEFAULT_FEATURES), seeds=seeds, targets=names(targets),
-        cache_dir=_text(cache_dir or DEFAULT_CACHE_DIR), runs_dir=_text(runs_dir), results_dir=_text(results_dir),
-        jobs=jobs, threads=threads, shard=shard, force=force, aggregate_only=aggregate_only, plots=plots,
-        allow_no_val=allow_no_val, stack=stack, lrs=numbers(lrs, float, "--lrs"), dims=numbers(dims, int, "--dims"),
-        dropouts=numbers(dropouts, float, "--dropouts"), wait_timeout=wait_timeout, probe=probe,
-        baseline=baseline, bootstrap=bootstrap)
+    Options left out keep the --config file's values, else the defaults shown. The resolved settings
+    are written to the results folder as ablation_config.yaml: `ablate --config` that file repeats the call."""
+    from mmcache.fuse.ablate import format_ablation
+
+    values = dict(datasets=names(dataset), heads=names(heads), features=names(features), seeds=seeds,
+                  targets=names(targets), jobs=jobs, threads=threads, shard=shard, force=force,
+                  aggregate_only=aggregate_only, cache_dir=_text(cache_dir or DEFAULT_CACHE_DIR),
+                  runs_dir=_text(runs_dir), results_dir=_text(results_dir), plots=plots, allow_no_val=allow_no_val,
+                  stack=stack, lrs=numbers(lrs, float, "--lrs"), dims=numbers(dims, int, "--dims"),
+                  dropouts=numbers(dropouts, float, "--dropouts"), wait_timeout=wait_timeout, probe=probe,
+                  baseline=baseline, bootstrap=bootstrap)
+    flags = given_by_user(ctx, values, {"datasets": "dataset"})
+    training = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
+    resolved = configfile.resolve_ablation(values, configfile.read_ablation(config) if config else {}, flags, training)
+    options = {k: v for k, v in resolved.items() if k not in ("datasets", "base")}
+    result = api.ablate(resolved["datasets"], base=resolved["base"], **options)
+    configfile.save_ablation_config(resolved)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
-        results = _text(results_dir) or default_results_dir(_text(runs_dir))
+        results = configfile.ablation_results_dir(resolved)
         raise PipelineError(f"{len(result.failed)} of {len(result.selected)} runs failed (listed in the tables and "
                             f"{results}/ablation_<dataset>.json); retry them with: {resume_command(CALL[0])}")

@@ -1,25 +1,35 @@
-"""Both stages at once: ``demo`` (end to end on built-in data) and ``bench`` (measure both stages).
-Each parses, calls :mod:`mmcache.api`, and formats."""
+"""Both stages at once: ``demo`` (end to end on built-in data) and ``bench`` (measure both stages);
+features in and out of the cache: ``cache export`` and ``cache import``. Each parses, calls
+:mod:`mmcache.api`, and formats."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mmcache import api
-from mmcache.cli.app import app
+from mmcache.cli.app import app, cache_app
 from mmcache.cli.options import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DEVICE,
     CacheDir,
     DeviceOpt,
     Epochs,
+    ExportFormat,
+    ImageCache,
     Jobs,
+    Json,
+    OneModality,
+    OptDataset,
     Plots,
     PrecisionOpt,
     RunsDir,
+    TextCache,
+    choice,
+    metavar,
     names,
     numbers,
 )
@@ -78,3 +88,63 @@ def bench(
                        grid_tokens_large=grid_tokens_large, only=names([only] if only else None))
     typer.echo(format_report(report))
     typer.echo(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+
+
+_EXPORT_FIELDS = "cls,mean,tokens,mask,proj"
+
+
+@cache_app.command("export")
+def cache_export(
+    out: Annotated[Path, typer.Option("--out", help="folder the files go to (created)")],
+    dataset: OptDataset = None,
+    format: Annotated[str, typer.Option(
+        "--format", parser=choice(ExportFormat), metavar=metavar(ExportFormat),
+        help="npy: one .npy per array + metadata.json; parquet: one file per modality; hf: a datasets.Dataset "
+             "saved to disk (parquet, hf: pip install mmcache[export])")] = "npy",
+    fields: Annotated[str, typer.Option(
+        "--fields", help=f"arrays per modality, a,b of {_EXPORT_FIELDS}")] = "cls,mean",
+    modality: Annotated[str | None, typer.Option(
+        "--modality", parser=choice(OneModality), metavar=metavar(OneModality),
+        show_default="every modality cached", help="only this modality")] = None,
+    text_cache: TextCache = None,
+    image_cache: ImageCache = None,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    as_json: Json = False,
+) -> None:
+    """Write a cached dataset's ids, labels, split and feature arrays as numpy, parquet or a Hugging Face dataset."""
+    result = api.export_cache(dataset, out=out, format=format, fields=tuple(names([fields]) or ()),
+                              cache_dir=cache_dir or DEFAULT_CACHE_DIR, text_cache=text_cache,
+                              image_cache=image_cache, modalities=(modality,) if modality else None)
+    if as_json:
+        typer.echo(json.dumps({**result.__dict__, "out": str(result.out), "files": [str(f) for f in result.files]}, indent=2))
+        return
+    typer.echo(f"exported {result.num_samples} samples ({', '.join(result.modalities)}: {', '.join(result.fields)}) "
+               f"as {result.format} to {result.out}")
+
+
+@cache_app.command("import")
+def cache_import(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="cache folder name under --cache-dir")],
+    sources: Annotated[list[Path], typer.Option(
+        "--from", metavar="PATH", help="npy folder (ids.npy, <modality>.<field>.npy) or .parquet file (id column + feature "
+                       "columns); repeatable, one per modality")],
+    modality: Annotated[str | None, typer.Option(
+        "--modality", parser=choice(OneModality), metavar=metavar(OneModality),
+        show_default="from the file names / metadata", help="the modality of the input")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", show_default="imported/<exported encoder> or imported",
+        help="what files and tables call these features (the file is <modality>--<name>.h5)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing feature file of that name")] = False,
+    cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+    as_json: Json = False,
+) -> None:
+    """Bring features you already have into the cache (ids matched to its index); stage two trains on them."""
+    results = api.import_cache(dataset, sources, cache_dir=cache_dir or DEFAULT_CACHE_DIR, modality=modality,
+                               name=name, force=force)
+    if as_json:
+        typer.echo(json.dumps([{**r.__dict__, "path": str(r.path)} for r in results], indent=2))
+        return
+    for r in results:
+        typer.echo(f"{r.status}: {r.path} ({r.modality}, {r.imported} of {r.num_samples} index rows with features, "
+                   f"{r.missing} without; index {r.index_status})")
+    typer.echo("encoder identity cannot be checked for imported features (provenance family: imported)")
