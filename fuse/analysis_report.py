@@ -196,10 +196,18 @@ features, {s['n_test']} test posts.</p>
 <table><tr><th>class</th><th>test posts</th><th>AP</th><th>ROC AUC</th></tr>{rows}</table>
 <p>macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}</p>
 <h2>Calibration</h2>{img('reliability')}
-<p>Temperature {c['temperature']:.3f} fitted on {c['n_val']} validation posts. Test ECE {f(c['ece_test_before'])} before,
+<p>{_temperature_line(c)} Test ECE {f(c['ece_test_before'])} before,
 {f(c['ece_test_after'])} after; test NLL {f(c['nll_test_before'])} before, {f(c['nll_test_after'])} after.</p>
 {att}<h2>Error gallery</h2>{gallery_html}</body></html>
 """
+
+
+def _temperature_line(c: dict[str, Any]) -> str:
+    """Never says "fitted" for a temperature that was not (search bound, no errors, no val posts)."""
+    if c.get("fitted", True):
+        return f"Temperature {c['temperature']:.3f} fitted on {c['n_val']} validation posts."
+    why = html.escape(str(c.get("not_fitted_because") or "not identifiable"))
+    return f"No temperature: it could not be estimated ({why}); T = 1 is shown and none is stored."
 
 
 def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: np.ndarray, test_rows: np.ndarray,

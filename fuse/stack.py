@@ -411,7 +411,7 @@ def _train_opened(opened: list[tuple[TrainConfig, Path]], data: FusionData, devi
 
 def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData,
                 device: torch.device, t_start: float, eval_rows: int) -> list[MemberResult]:
-    from mmcache.fuse.runs import write_json
+    from mmcache.fuse.runs import RunFolder
 
     cfg, n_all = configs[0], len(configs)
     train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]
@@ -472,7 +472,7 @@ def _train_loop(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path],
                 improved = vm["macro_f1"] > best_f1[i]
             row.update(lr=lr_now[k], seconds=seconds / m)
             histories[i].append(row)
-            write_json(run_dirs[i] / "history.json", histories[i])
+            RunFolder(run_dirs[i]).write_history(histories[i])
             if improved:
                 best_f1[i], best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
                 best[i] = stack.flat[k]

@@ -14,7 +14,7 @@ import numpy as np
 from mmcache.extract import cache_format as cf
 from mmcache.fuse.ablate.grid import GridRun, run_status
 from mmcache.fuse.metrics import METRICS
-from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
+from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import resolve_target
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _subset_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | 
 
 def _agreement_scores(run_dir: Path, agree: dict[str, bool]) -> dict[str, dict[str, Any]] | None:
     """Test metrics of one run on the posts whose text and image labels agree / disagree."""
-    text = (run_dir / "predictions.csv").read_text(encoding="utf-8") if (run_dir / "predictions.csv").is_file() else None
+    text = RunFolder(run_dir).predictions_text()
     if text is None:
         return None
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -117,9 +117,9 @@ def _stale_elsewhere(druns: list[GridRun], split_fp: str) -> list[str]:
     out = []
     for folder in sorted({r.run_dir.parent for r in druns}):
         for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if d.name in names or not (d / FINISHED_MARKER).is_file():
+            if d.name in names or RunFolder(d).saved_metrics() is None:
                 continue
-            rec = read_split(d)
+            rec = RunFolder(d).split()
             if rec is not None and rec["fingerprint"] != split_fp:
                 out.append(d.name)
     return out
@@ -148,7 +148,7 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                                    "features": r.features, "encoder": r.encoder.label, "seed": r.seed,
                                    "lr": r.config.lr, "variant": r.variant, "status": status, "error": None}
             if status == "finished":
-                m = read_json(r.run_dir / FINISHED_MARKER) or {}
+                m = RunFolder(r.run_dir).saved_metrics() or {}
                 test = m.get("test") or {}
                 rec.update({k: test.get(k) for k in METRICS}, n_test=test.get("n"), seconds=m.get("seconds"),
                            num_parameters=(m.get("model") or {}).get("num_parameters"), best_epoch=m.get("best_epoch"),
@@ -160,7 +160,7 @@ def aggregate(runs: list[GridRun], skipped: list[dict[str, Any]] | None = None) 
                 if agree is not None:
                     rec["agreement"] = _agreement_scores(r.run_dir, agree)
             elif status == "failed":
-                rec["error"] = (read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
+                rec["error"] = RunFolder(r.run_dir).error() or "unknown error"
             records.append(rec)
             groups.setdefault(r.row_key, []).append(rec)
         rows, chosen = [], {}

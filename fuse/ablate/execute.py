@@ -22,7 +22,6 @@ import concurrent.futures as cfut
 import contextlib
 import dataclasses
 import heapq
-import json
 import logging
 import multiprocessing
 import shutil
@@ -32,11 +31,11 @@ from typing import Any
 
 from mmcache.fuse.ablate.grid import GridRun, run_status
 from mmcache.fuse.data import FusionData, load_data
-from mmcache.fuse.runs import ERROR_FILE
+from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.stack import can_stack, max_members, probe_step_seconds, stack_key, train_stack
 from mmcache.fuse.train import train
 
-from mmcache.common import atomic_write, cpu_cores
+from mmcache.common import cpu_cores
 from mmcache.errors import BadInputError, Interrupted, PipelineError
 from mmcache.progress import progress as reporter
 
@@ -46,10 +45,7 @@ logger = logging.getLogger(__name__)
 
 def _record_failure(run: GridRun, err: BaseException | str) -> str:
     msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run.run_dir / "config.json").is_file():
-        atomic_write(run.run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
-    atomic_write(run.run_dir / ERROR_FILE, json.dumps({"run": run.name, "error": msg}, indent=2) + "\n")
+    RunFolder(run.run_dir).write_error(run.name, msg, run.config.to_dict())
     return msg
 
 
