@@ -427,6 +427,11 @@ class RunFolder:
 
 # -- module-level helpers (kept for callers that hold a path)
 
+def finished_runs(runs_dir: str | Path) -> list[RunFolder]:
+    """Every folder under ``runs_dir`` (any depth) holding a run's metrics, sorted by path."""
+    return [RunFolder(p.parent) for p in sorted(Path(runs_dir).glob(f"**/{FINISHED_MARKER}"))]
+
+
 def mark_unfinished(run_dir: str | Path, why: str) -> None:
     """Write (or rewrite) the ``UNFINISHED`` marker with a line saying why, when and which process."""
     RunFolder(run_dir).mark_unfinished(why)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mmcache.extract import cache_format as cf
 
 from mmcache import cli
 from mmcache.errors import BadInputError
-from mmcache.extract import cache_format as cf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=8, heads=2, epochs=2, batch_size=16, lr=3e-3, patience=0, device="cpu", threads=1)
@@ -149,9 +149,10 @@ def _resplit_index(cache: Path, seed: int) -> None:
 
 
 def test_analyze_after_a_resplit_refuses_as_evaluate_does(trained, capsys):
-    from mmcache.api import analyze
     from mmcache.fuse.evaluate import evaluate
     from mmcache.fuse.runs import RunFolder
+
+    from mmcache.api import analyze
 
     r, cache = trained
     before = RunFolder(r.run_dir).calibration()
@@ -171,8 +172,9 @@ def test_analyze_after_a_resplit_refuses_as_evaluate_does(trained, capsys):
 
 
 def test_scoring_uses_the_runs_recorded_cache_root_not_the_working_folder(tmp_path, monkeypatch):
-    from mmcache.api import analyze
     from mmcache.fuse.evaluate import evaluate
+
+    from mmcache.api import analyze
 
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir()
@@ -196,9 +198,10 @@ def test_scoring_uses_the_runs_recorded_cache_root_not_the_working_folder(tmp_pa
 def test_a_reextract_with_other_weights_in_the_same_folder_is_refused(trained):
     """Stage one records each file's encoder identity (weights sha256): a cache rewritten with other
     weights is refused by analyze and evaluate, naming the weights."""
-    from mmcache.api import analyze
     from mmcache.fuse.evaluate import evaluate
     from mmcache.fuse.runs import RunFolder
+
+    from mmcache.api import analyze
 
     r, cache = trained
     prov = RunFolder(r.run_dir).provenance()
@@ -242,6 +245,7 @@ def test_analyze_swaps_its_folder_in_and_drops_stale_files(trained):
 
 def test_predict_calibrated_refuses_a_run_without_a_fitted_temperature(trained):
     from mmcache.fuse.runs import RunFolder
+
     from mmcache.predict import Predictor
 
     r, _cache = trained
