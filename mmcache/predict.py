@@ -58,6 +58,7 @@ class PredictionResult:
     probs: np.ndarray
     metrics: dict[str, Any] | None = None
     cache_dir: Path | None = None  # where the encoded posts were kept (cache_features)
+    scored: dict[str, Any] | None = None  # encoders used (path + identity), n scored, n dropped by reason
 
     @property
     def labelled(self) -> bool:
@@ -433,7 +434,25 @@ class Predictor:
             notes.update(more)
         rows = self._rows(posts, probs, notes)
         return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
-                                cache_dir=cache_dir / name)
+                                cache_dir=cache_dir / name, scored=self._scored(rows))
+
+    def _scored(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """What was scored: the run, each encoder (folder + identity), n answered, n without an answer by
+        reason (the row's note)."""
+        from collections import Counter
+
+        from mmcache.extract import cache_format as cf
+
+        encoders = {}
+        for m, rec in self.recorded.items():
+            conf, prov = rec.get("config") or {}, rec.get("provenance") or {}
+            encoders[m] = {"path": prov.get("resolved_path") or prov.get("model_id") or conf.get("model"),
+                           "weights_sha256": conf.get("weights_sha256"), "commit_hash": conf.get("commit_hash"),
+                           "config_fingerprint": cf.fingerprint(conf) if conf else None}
+        dropped = Counter(r["note"] or "no answer" for r in rows if r["predicted"] is None)
+        return {"run": str(self.run_dir), "encoders": encoders, "n_scored": sum(r["predicted"] is not None for r in rows),
+                "n_dropped": sum(dropped.values()), "dropped_by_reason": dict(dropped),
+                "calibrated": self.temperature is not None}
 
     def _load_encoded(self, files: dict[str, Path], index, posts: list[Post]):
         """The encoded posts as stage-two data (a failed modality = an all-padding row), the index rows

@@ -298,3 +298,89 @@ def test_no_module_outside_runs_names_the_run_files():
                     offenders.append(f"{rel}: {lit!r}")
     assert not offenders, offenders
     assert os.path.isfile(ROOT / "fuse" / "runs.py")
+
+
+# --------------------------------------------------------------------------------------------- real encoders
+
+N_DEMO = 30
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Tiny demo encoders, a demo cache of 30 posts and one basic run on it."""
+    from mmcache.extract.demo_models import ensure_demo_models
+
+    import mmcache
+
+    root = tmp_path_factory.mktemp("one-door")
+    text_dir, image_dir = ensure_demo_models(root / "models")
+    opts = dict(data_dir=root / "data", options={"n": N_DEMO}, cache_dir=root / "cache", text_model=str(text_dir),
+                image_model=str(image_dir), device="cpu", precision="fp32", num_workers=0, text_max_length=24,
+                progress=False)
+    mmcache.extract("demo", **opts)
+    run = mmcache.train_fusion(head="basic", features="mean", dataset="demo", dim=16, epochs=2, threads=1,
+                               cache_dir=str(root / "cache"), runs_dir=str(root / "runs"), run_name="basic-mean",
+                               device="cpu")
+    return {"root": root, "text": text_dir, "image": image_dir, "opts": opts, "run": run.run_dir}
+
+
+def test_predict_says_what_it_scored_and_checks_the_dataset_split(demo):
+    from mmcache import api
+
+    res = api.predict(demo["run"], dataset="demo", data_dir=demo["root"] / "data", options={"n": N_DEMO},
+                          device="cpu", num_workers=0)
+    split = json.loads((demo["run"] / "split.json").read_text())
+    assert sorted(r["id"] for r in res.rows) == sorted(split["ids"]["test"])
+    s = res.scored
+    assert s["n_scored"] + s["n_dropped"] == len(res.rows)
+    assert set(s["encoders"]) == {"text", "image"} and all(e["weights_sha256"] for e in s["encoders"].values())
+
+
+def test_predict_with_a_moved_encoder_folder_checks_its_weights(demo, tmp_path):
+    from mmcache.extract import tiny_models as tm
+    from mmcache.extract.demo_models import DEMO_BERT, demo_words
+
+    from mmcache import api
+
+    moved_text, moved_image = tmp_path / "bert-moved", tmp_path / "dino-moved"
+    shutil.copytree(demo["text"], moved_text)
+    shutil.copytree(demo["image"], moved_image)
+    res = api.predict(demo["run"], texts=["sunny day"], images=[None], device="cpu", text_model=moved_text,
+                          image_model=moved_image)
+    assert res.scored["encoders"]["text"]["path"] == str(moved_text.resolve())
+    other = tm.build_bert(tmp_path / "bert-other", **{**DEMO_BERT, "seed": 7, "vocab_words": demo_words()})
+    with pytest.raises(BadInputError, match="weights_sha256"):
+        api.predict(demo["run"], texts=["sunny day"], device="cpu", text_model=other, image_model=moved_image)
+
+
+def test_analyze_after_a_reextract_with_other_weights_in_the_same_folder_is_refused(demo, tmp_path, capsys):
+    """Build tiny models, train a run, rebuild the model folder with other random weights, re-extract:
+    analyze and evaluate refuse, naming the weights; nothing of the run is lost."""
+    from mmcache.extract import tiny_models as tm
+    from mmcache.extract.demo_models import DEMO_BERT, demo_words
+
+    import mmcache
+
+    root = tmp_path
+    shutil.copytree(demo["root"] / "cache", root / "cache")
+    shutil.copytree(demo["text"], root / "bert")
+    run = root / "runs" / "r"
+    shutil.copytree(demo["run"], run)
+    prov = json.loads((run / "provenance.json").read_text())
+    # the copied run points at the copied cache (as if trained there)
+    from mmcache.fuse.runs import RunFolder
+
+    prov["cache_root"] = str((root / "cache").resolve())
+    for rec in prov["caches"].values():
+        rec["path"] = str((root / "cache" / "demo" / Path(rec["path"]).name).resolve())
+    (run / "provenance.json").write_text(json.dumps(prov))
+    RunFolder(run).seal()
+    assert _run(capsys, "evaluate", "--run", run)[0] == 0
+    tm.build_bert(root / "bert", **{**DEMO_BERT, "seed": 11, "vocab_words": demo_words()})  # same folder, new weights
+    opts = {**demo["opts"], "cache_dir": root / "cache", "text_model": str(root / "bert"), "modality": "text",
+            "force": True}
+    mmcache.extract("demo", **opts)
+    for argv in (["analyze", "--run", run], ["evaluate", "--run", run]):
+        code, _out, err = _run(capsys, *argv)
+        assert code == 2 and "weights_sha256" in err and "Traceback" not in err, err
+    assert RunFolder(run).verify() == "verified"  # the run itself is intact

@@ -165,6 +165,13 @@ def test_cache_features_writes_a_normal_cache(demo32, capsys):
     np.testing.assert_allclose(arrays.features["image"]["mean"], own.features["image"]["mean"][rows], atol=1e-5)
 
 
+def _reseal(run):
+    """A run fabricated on purpose: seal its edited files into a new manifest."""
+    from mmcache.fuse.runs import RunFolder
+
+    RunFolder(run).seal()
+
+
 def test_a_different_encoder_is_refused(demo32, capsys, tmp_path):
     import shutil
 
@@ -173,6 +180,7 @@ def test_a_different_encoder_is_refused(demo32, capsys, tmp_path):
     prov = json.loads((run / "provenance.json").read_text())
     prov["caches"]["text"]["config"]["weights_sha256"] = "0" * 32
     (run / "provenance.json").write_text(json.dumps(prov))
+    _reseal(run)  # as if the run had recorded that encoder (the manifest would refuse an edited file)
     code, out, err = _run(capsys, "predict", "--run", run, "--text", "sunny", "--device", "cpu")
     assert code == 2 and "weights_sha256" in err and "Traceback" not in err
 
@@ -382,6 +390,7 @@ def test_dataset_split_comes_from_the_runs_split_json(demo32, capsys, tmp_path):
     prov = json.loads((run / "provenance.json").read_text())
     prov["index"]["path"] = str(tmp_path / "gone" / "index.h5")  # the cache index is no help: split.json decides
     (run / "provenance.json").write_text(json.dumps(prov))
+    _reseal(run)
     code, out, err = _run(capsys, "predict", "--run", run, "--dataset", "demo", "--data-dir", demo32 / "data",
                           "--option", f"n={N}", "--output", tmp_path / "p.csv", "--device", "cpu")
     assert code == 0, err
@@ -399,6 +408,7 @@ def test_a_multi_target_run_is_refused_with_a_reason(demo32, capsys, tmp_path):
     # two targets whose class counts still sum to the head's 3 outputs, so the weights load
     meta["target"], meta["model"]["targets"] = "task_x", {"a": ["x", "y"], "b": ["z"]}
     (run / "metrics.json").write_text(json.dumps(meta))
+    _reseal(run)
     for argv in (["predict", "--run", run, "--text", "hi", "--device", "cpu"], ["analyze", "--run", run]):
         code, out, err = _run(capsys, *argv)
         assert code == 2 and "single-target runs" in err and "Traceback" not in err
