@@ -364,5 +364,10 @@ def format_analysis(result: AnalysisResult) -> str:
                   format_table(["posts", "n", "text", "image"],
                                [[r["group"], r["n"], f(r["text_share"]), f(r["image_share"])]
                                 for r in s["attention"]["shares"]])]
+    if s.get("scored"):
+        sc = s["scored"]
+        lines += ["", f"scored {sc['n_scored']} test posts, {sc['n_dropped']} dropped "
+                      f"({', '.join(f'{k} {v}' for k, v in sc['dropped_by_reason'].items() if v) or 'none'}); features: "
+                      + "; ".join(f"{m} {f['path']}" for m, f in sc["features"].items())]
     lines += ["", f"written to {result.out_dir}/ ({', '.join(p.name for p in result.files)})"]
     return "\n".join(lines)

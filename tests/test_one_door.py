@@ -228,6 +228,11 @@ def test_a_temperature_at_its_search_bound_is_not_fitted():
     assert not fitted and t == 1.0 and "bound" in why
     ok = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]], dtype=np.float32)
     assert fit_temperature_checked(ok, np.array([0, 1, 1, 0]))[1]
+    from mmcache.fuse.analysis_report import _temperature_line
+
+    line = _temperature_line({"temperature": 1.0, "fitted": False, "not_fitted_because": why, "n_val": 40})
+    assert "fitted" not in line.replace("not fitted", "") and "bound" in line
+    assert "fitted on 40" in _temperature_line({"temperature": 1.3, "fitted": True, "n_val": 40})
 
 
 def test_analyze_swaps_its_folder_in_and_drops_stale_files(trained):
