@@ -264,7 +264,8 @@ def test_unfinished_run_is_not_evaluated(trained, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(trained.run_dir, broken)
-    (broken / "metrics.json").unlink()
+    (broken / "metrics.json").unlink()  # an unfinished run has neither its metrics nor its manifest
+    (broken / "manifest.json").unlink()
     with pytest.raises(BadInputError, match="did not finish"):
         evaluate(broken)
 
