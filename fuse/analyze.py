@@ -262,13 +262,15 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
         ys[split] = labels[rows[split].cpu().numpy()]
     if len(ys["test"]) == 0:
         raise BadInputError(f"run {sc.run.path}: its test split has no posts to analyse")
-    calib = _calibration(sc, probs, ys, bins)
-    summary = _summary(sc, probs, ys, rows, calib, gallery)
+    calib, scaled = _calibration(sc, probs, ys, bins)
+    summary = _summary(sc, probs, ys, rows, calib, scaled, gallery)
     return _write(sc, summary, probs, ys, rows, heatmaps, tokenize)
 
 
-def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray], bins: int) -> dict[str, Any]:
-    """Fit T on val; store it for ``predict --calibrated`` only when fitted (else drop an older one)."""
+def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray],
+                 bins: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Fit T on val; store it for ``predict --calibrated`` only when fitted (else drop an older one).
+    Returns the record and the scaled (N, C) probabilities per split."""
     t, fitted, why = fit_temperature_checked(probs["val"], ys["val"])
     scaled = {s: apply_temperature(p, t) for s, p in probs.items()}
     calib = {"temperature": t, "fitted": fitted, "not_fitted_because": why or None, "fitted_on": "val",
@@ -283,15 +285,13 @@ def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray], bi
     else:
         log.warning("run %s: temperature not fitted (%s); predict --calibrated stays unavailable", sc.run.path, why)
         sc.run.drop_calibration()
-    calib["reliability_scaled"] = scaled
-    return calib
+    return calib, scaled
 
 
-def _summary(sc, probs, ys, rows, calib, gallery: int) -> dict[str, Any]:
+def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]:
     from mmcache.extract import cache_format as cf
 
     config, data = sc.config, sc.data
-    scaled = calib.pop("reliability_scaled")
     index = cf.read_index(data.index_path)
     test_rows = rows["test"].cpu().numpy()
     bins = calib["bins"]

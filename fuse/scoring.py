@@ -102,7 +102,10 @@ def load_head(run: str | Path | RunFolder, device: str | torch.device = "cpu", *
     from mmcache.fuse.engine import build_head
 
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
-    folder.open(full=True) if verify else folder.require_finished()
+    if verify:
+        folder.open(full=True)
+    else:
+        folder.require_finished()
     config, meta = folder.config(), folder.metrics()
     info = meta["model"]
     outputs = sum(len(c) for c in info["targets"].values()) if info.get("targets") else len(info["classes"])
@@ -115,20 +118,25 @@ def load_head(run: str | Path | RunFolder, device: str | torch.device = "cpu", *
     return model.to(device).eval(), config, meta
 
 
-def _cache_paths(folder: RunFolder, config: TrainConfig, prov: dict[str, Any], root: Path, other: str, same: bool,
+def _cache_paths(config: TrainConfig, prov: dict[str, Any], root: Path, other: str, same: bool,
                  explicit_root: bool, given: dict[str, Any]) -> dict[str, Any]:
     """The feature file per modality: given explicitly; else (own dataset, no explicit cache_dir) the
-    run's own recorded file while it exists; else the file of the same name in ``root/other``, if
-    there; else None (load_data picks the dataset's only file of that modality)."""
+    run's own recorded file, which must still exist for a run that recorded its cache root (no other
+    file is silently taken in its place); else the file of the same name in ``root/other``, if there;
+    else None (load_data picks the dataset's only file of that modality)."""
     out = dict(given)
     for m in MODALITY_ORDER:
         own = getattr(config, f"{m}_cache")
         if out[m] is not None or not own:
             continue
         recorded = Path(str(((prov.get("caches") or {}).get(m) or {}).get("path") or own))
-        if same and not explicit_root and recorded.is_absolute() and recorded.is_file():
-            out[m] = recorded
-            continue
+        if same and not explicit_root and recorded.is_absolute():
+            if recorded.is_file():
+                out[m] = recorded
+                continue
+            if prov.get("cache_root"):
+                raise BadInputError(f"the run's {m} features {recorded} are gone; give the cache with --cache-dir "
+                                    f"(or the file with --{m}-cache)")
         twin = root / other / Path(own).name
         out[m] = twin if twin.is_file() else None
     return out
@@ -168,7 +176,7 @@ def open_for_scoring(run: str | Path | RunFolder, *, dataset: str | None = None,
     root = Path(cache_dir) if cache_dir is not None else (folder.cache_root() or Path(config.cache_dir))
     given = {"text": text_cache, "image": image_cache}
     if data is None:
-        caches = _cache_paths(folder, config, prov, root, other, same, cache_dir is not None, given)
+        caches = _cache_paths(config, prov, root, other, same, cache_dir is not None, given)
         data = load_data(other, modalities=config.modalities or sorted(head_uses(config.head)),
                          features=config.features, cache_dir=root, text_cache=caches["text"],
                          image_cache=caches["image"], device=dev, target=wanted)

@@ -195,6 +195,18 @@ def test_scoring_uses_the_runs_recorded_cache_root_not_the_working_folder(tmp_pa
     assert all(Path(f["path"]).is_relative_to(elsewhere.resolve()) for f in other["scored"]["features"].values())
 
 
+def test_the_runs_own_features_gone_is_refused_not_replaced(trained):
+    from mmcache.fuse.evaluate import evaluate
+    from mmcache.fuse.runs import RunFolder
+
+    r, cache = trained
+    path = Path(RunFolder(r.run_dir).provenance()["caches"]["text"]["path"])
+    shutil.copy(path, path.with_name("text--another.h5"))  # a file the run never used
+    path.unlink()
+    with pytest.raises(BadInputError, match="text features .* are gone"):
+        evaluate(r.run_dir, write=False)
+
+
 def test_a_reextract_with_other_weights_in_the_same_folder_is_refused(trained):
     """Stage one records each file's encoder identity (weights sha256): a cache rewritten with other
     weights is refused by analyze and evaluate, naming the weights."""
