@@ -212,14 +212,16 @@ def _share_table(shares: dict[str, list], groups: dict[str, np.ndarray]) -> list
 def _open(run_dir: str | Path, device: str, *, cache_dir: str | Path | None = None, split_choice: str | None = None):
     """The run and its checked data through the one door (:func:`fuse.scoring.open_for_scoring`):
     manifest, the run's recorded cache root, encoder identity, classes and split, as for evaluate."""
+    from mmcache.fuse.runs import RunFolder
     from mmcache.fuse.scoring import open_for_scoring
 
-    sc = open_for_scoring(run_dir, split="test", cache_dir=cache_dir, split_choice=split_choice, device=device)
-    targets = sc.meta["model"].get("targets") or {}
-    if len(targets) > 1:
-        raise BadInputError(f"run {sc.run.path} predicts the task {sc.meta.get('target')!r} ({', '.join(targets)}); "
+    folder = RunFolder(run_dir).open(full=True)
+    meta = folder.metrics()
+    targets = meta["model"].get("targets") or {}
+    if len(targets) > 1:  # before loading data: the task may not even be in the cache
+        raise BadInputError(f"run {folder.path} predicts the task {meta.get('target')!r} ({', '.join(targets)}); "
                             "analyze takes single-target runs")
-    return sc
+    return open_for_scoring(folder, split="test", cache_dir=cache_dir, split_choice=split_choice, device=device)
 
 
 def _load(run_dir: Path, device: str):
