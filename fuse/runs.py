@@ -221,9 +221,9 @@ class RunFolder:
         file that is missing or differs from the manifest. ``full``: hash every file (scoring); else the
         size + mtime fast path (ablate's reuse check), hashing only where the mtime moved."""
         manifest = self.manifest()
-        if manifest is None:
-            logger.warning("run %s has no %s (made before runs were sealed): its files are unverified", self.path,
-                           MANIFEST_FILE)
+        if manifest is None:  # warned when scoring; ablate's reuse check over many old runs stays quiet
+            logger.log(logging.WARNING if full else logging.DEBUG, "run %s has no %s (made before runs were "
+                       "sealed): its files are unverified", self.path, MANIFEST_FILE)
             return "unverified"
         for name, want in manifest["files"].items():
             path = self.path / name
