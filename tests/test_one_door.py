@@ -370,33 +370,26 @@ def test_predict_with_a_moved_encoder_folder_checks_its_weights(demo, tmp_path):
         api.predict(demo["run"], texts=["sunny day"], device="cpu", text_model=other, image_model=moved_image)
 
 
-def test_analyze_after_a_reextract_with_other_weights_in_the_same_folder_is_refused(demo, tmp_path, capsys):
-    """Build tiny models, train a run, rebuild the model folder with other random weights, re-extract:
-    analyze and evaluate refuse, naming the weights; nothing of the run is lost."""
+def test_analyze_after_a_reextract_with_other_weights_in_the_same_folder_is_refused(tmp_path, capsys):
+    """Build tiny models, train a run, rebuild the model folder with other random weights, re-extract
+    (same folder, so the same feature file is rewritten): analyze and evaluate refuse, naming the
+    weights; the run itself stays intact."""
     from mmcache.extract import tiny_models as tm
-    from mmcache.extract.demo_models import DEMO_BERT, demo_words
+    from mmcache.extract.demo_models import DEMO_BERT, demo_words, ensure_demo_models
+    from mmcache.fuse.runs import RunFolder
 
     import mmcache
 
-    root = tmp_path
-    shutil.copytree(demo["root"] / "cache", root / "cache")
-    shutil.copytree(demo["text"], root / "bert")
-    run = root / "runs" / "r"
-    shutil.copytree(demo["run"], run)
-    prov = json.loads((run / "provenance.json").read_text())
-    # the copied run points at the copied cache (as if trained there)
-    from mmcache.fuse.runs import RunFolder
-
-    prov["cache_root"] = str((root / "cache").resolve())
-    for rec in prov["caches"].values():
-        rec["path"] = str((root / "cache" / "demo" / Path(rec["path"]).name).resolve())
-    (run / "provenance.json").write_text(json.dumps(prov))
-    RunFolder(run).seal()
-    assert _run(capsys, "evaluate", "--run", run)[0] == 0
-    tm.build_bert(root / "bert", **{**DEMO_BERT, "seed": 11, "vocab_words": demo_words()})  # same folder, new weights
-    opts = {**demo["opts"], "cache_dir": root / "cache", "text_model": str(root / "bert"), "modality": "text",
-            "force": True}
+    text_dir, image_dir = ensure_demo_models(tmp_path / "models")
+    opts = dict(data_dir=tmp_path / "data", options={"n": N_DEMO}, cache_dir=tmp_path / "cache",
+                text_model=str(text_dir), image_model=str(image_dir), device="cpu", precision="fp32", num_workers=0,
+                text_max_length=24, progress=False)
     mmcache.extract("demo", **opts)
+    run = mmcache.train_fusion(head="basic", features="mean", dataset="demo", dim=16, epochs=2, threads=1,
+                               cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"), device="cpu").run_dir
+    assert _run(capsys, "evaluate", "--run", run)[0] == 0
+    tm.build_bert(text_dir, **{**DEMO_BERT, "seed": 11, "vocab_words": demo_words()})  # same folder, new weights
+    mmcache.extract("demo", **{**opts, "modality": "text", "force": True})
     for argv in (["analyze", "--run", run], ["evaluate", "--run", run]):
         code, _out, err = _run(capsys, *argv)
         assert code == 2 and "weights_sha256" in err and "Traceback" not in err, err
