@@ -98,7 +98,6 @@ def arithmetic_floor(runs_dir: Path, cache: Path, device: str, gflops_matmul: fl
     Optimizer, dropout and data movement are not counted: these runs cannot finish sooner on this
     machine unless their (small) matmuls ran faster than a plain large one does."""
 
-    from mmcache.fuse.config import load_run_config
     from mmcache.fuse.data import load_data
     from mmcache.fuse.stack import stack_key
 
@@ -107,14 +106,16 @@ def arithmetic_floor(runs_dir: Path, cache: Path, device: str, gflops_matmul: fl
     per_config: dict[str, tuple[float, float]] = {}  # FLOPs of a step and of one sample's forward
     step_gflop: dict[str, float] = {}
     total = 0.0
-    for metrics in sorted(Path(runs_dir).glob("**/metrics.json")):
-        cfg = load_run_config(metrics.parent)
+    from mmcache.fuse.runs import finished_runs
+
+    for run in finished_runs(runs_dir):
+        cfg = run.config()
         key = stack_key(cfg)  # seed, lr and weight decay change no FLOP
         if key not in per_config:
             per_config[key] = _config_flops(cfg, data)
             step_gflop[cfg.head] = per_config[key][0] / 1e9
         step, fwd = per_config[key]
-        epochs = json.loads(metrics.read_text())["epochs_run"]
+        epochs = (run.saved_metrics() or {})["epochs_run"]
         # FLOPs are linear in the batch size here, so the short last batch counts as its share of a step
         total += epochs * n["train"] / cfg.batch_size * step + (epochs * n["val"] + sum(n.values())) * fwd
     return {"tflop": total / 1e12, "floor_seconds": total / (gflops_matmul * 1e9), "gflops_matmul": gflops_matmul,

@@ -191,15 +191,35 @@ def _html(s: dict[str, Any], figs: dict[str, str], gallery_html: str, heat_html:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse;margin:8px 0}}</style></head><body>
 <h1>{html.escape(Path(s['run']).name)}</h1><p>{html.escape(s['head'])} on {html.escape(s['dataset'])}, {html.escape(s['features'])}
-features, {s['n_test']} test posts.</p>
+features, {s['n_test']} test posts.</p>{_scored_html(s.get('scored'))}
 <h2>Precision-recall and ROC AUC (test, one class vs rest)</h2>{img('pr_curves')}
 <table><tr><th>class</th><th>test posts</th><th>AP</th><th>ROC AUC</th></tr>{rows}</table>
 <p>macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}</p>
 <h2>Calibration</h2>{img('reliability')}
-<p>Temperature {c['temperature']:.3f} fitted on {c['n_val']} validation posts. Test ECE {f(c['ece_test_before'])} before,
+<p>{_temperature_line(c)} Test ECE {f(c['ece_test_before'])} before,
 {f(c['ece_test_after'])} after; test NLL {f(c['nll_test_before'])} before, {f(c['nll_test_after'])} after.</p>
 {att}<h2>Error gallery</h2>{gallery_html}</body></html>
 """
+
+
+def _scored_html(sc: dict[str, Any] | None) -> str:
+    """What was scored: each feature file (path, weights sha256 / config fingerprint), n dropped by reason."""
+    if not sc:
+        return ""
+    items = "".join(f"<li>{html.escape(m)}: {html.escape(str(f['path']))} (weights "
+                    f"{html.escape(str(f.get('weights_sha256') or f.get('commit_hash') or '-'))[:16]}, config "
+                    f"{html.escape(str(f.get('config_fingerprint') or '-'))})</li>" for m, f in sc["features"].items())
+    why = ", ".join(f"{html.escape(k)} {v}" for k, v in sc["dropped_by_reason"].items() if v) or "none"
+    return (f"<p>Scored {sc['n_scored']} posts; {sc['n_dropped']} dropped ({why}); run files "
+            f"{html.escape(str(sc.get('run_verified')))}.</p><ul>{items}</ul>")
+
+
+def _temperature_line(c: dict[str, Any]) -> str:
+    """Never says "fitted" for a temperature that was not (search bound, no errors, no val posts)."""
+    if c.get("fitted", True):
+        return f"Temperature {c['temperature']:.3f} fitted on {c['n_val']} validation posts."
+    why = html.escape(str(c.get("not_fitted_because") or "not identifiable"))
+    return f"No temperature: it could not be estimated ({why}); T = 1 is shown and none is stored."
 
 
 def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: np.ndarray, test_rows: np.ndarray,

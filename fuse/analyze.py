@@ -70,8 +70,27 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     from scipy.optimize import minimize_scalar
 
     res = minimize_scalar(lambda lt: _nll(apply_temperature(probs, float(np.exp(lt))), labels),
-                          bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
+                          bounds=(np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))
+
+
+T_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature_checked(probs: np.ndarray, labels: np.ndarray) -> tuple[float, bool, str]:
+    """(T, fitted, why): ``fitted`` is False when no temperature is identifiable (no val posts, none
+    misclassified) or the search stopped at a bound of :data:`T_BOUNDS` (the NLL still falls beyond it:
+    the number is the search's edge, not a fit). Then T = 1.0 is used and nothing is stored for
+    ``predict --calibrated``."""
+    if len(labels) == 0:
+        return 1.0, False, "no validation posts"
+    if bool((probs.argmax(-1) == labels).all()):
+        return 1.0, False, "no validation post misclassified"
+    t = fit_temperature(probs, labels)
+    lo, hi = T_BOUNDS
+    if t <= lo * 1.01 or t >= hi / 1.01:
+        return 1.0, False, f"the fit reached the search bound (T = {t:.3g}, bounds {lo:g}..{hi:g})"
+    return t, True, ""
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:
@@ -163,21 +182,25 @@ def _share_table(shares: dict[str, list], groups: dict[str, np.ndarray]) -> list
 
 # --------------------------------------------------------------------------------------------- the run
 
-def _load(run_dir: Path, device: str):
-    from mmcache.fuse.data import load_data
-    from mmcache.fuse.evaluate import load_head
-    from mmcache.fuse.heads import head_uses
+def _open(run_dir: str | Path, device: str, *, cache_dir: str | Path | None = None, split_choice: str | None = None):
+    """The run and its checked data through the one door (:func:`fuse.scoring.open_for_scoring`):
+    manifest, the run's recorded cache root, encoder identity, classes and split, as for evaluate."""
+    from mmcache.fuse.runs import RunFolder
+    from mmcache.fuse.scoring import open_for_scoring
 
-    model, config, meta = load_head(run_dir, device)
+    folder = RunFolder(run_dir).open(full=True)
+    meta = folder.metrics()
     targets = meta["model"].get("targets") or {}
-    if len(targets) > 1:
-        raise BadInputError(f"run {run_dir} predicts the task {meta.get('target')!r} ({', '.join(targets)}); "
+    if len(targets) > 1:  # before loading data: the task may not even be in the cache
+        raise BadInputError(f"run {folder.path} predicts the task {meta.get('target')!r} ({', '.join(targets)}); "
                             "analyze takes single-target runs")
-    caches = {m: (p if (p := getattr(config, f"{m}_cache")) and Path(p).is_file() else None) for m in ("text", "image")}
-    data = load_data(config.dataset, modalities=config.modalities or sorted(head_uses(config.head)),
-                     features=config.features, cache_dir=config.cache_dir, text_cache=caches["text"],
-                     image_cache=caches["image"], device=device, target=meta.get("target") or config.target)
-    return model, config, meta, data
+    return open_for_scoring(folder, split="test", cache_dir=cache_dir, split_choice=split_choice, device=device)
+
+
+def _load(run_dir: Path, device: str):
+    """(model, config, metrics.json, data) of a run, through :func:`_open`."""
+    sc = _open(run_dir, device)
+    return sc.model, sc.config, sc.meta, sc.data
 
 
 def _gallery(probs: np.ndarray, labels: np.ndarray, k: int) -> dict[str, list[int]]:
@@ -189,65 +212,107 @@ def _gallery(probs: np.ndarray, labels: np.ndarray, k: int) -> dict[str, list[in
 
 
 def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, device: str = "cpu", bins: int = 10,
-                tokenize: Callable[[list[str]], list[list[str]]] | None = None) -> AnalysisResult:
+                tokenize: Callable[[list[str]], list[list[str]]] | None = None, cache_dir: str | Path | None = None,
+                split_choice: str | None = None) -> AnalysisResult:
     """Analyse a finished run on its test split (temperature fitted on val); write ``<run>/analysis/``
-    and ``<run>/calibration.json``. ``tokenize``: texts -> token strings, for the text heat maps
-    (without it tokens are shown by position)."""
-    from mmcache.extract import cache_format as cf
+    (built in a staging folder, then swapped in: no stale figures, never half-written) and, when a
+    temperature could be fitted, ``<run>/calibration.json``. The run and data come through
+    :func:`fuse.scoring.open_for_scoring`, so a re-split cache is refused as by evaluate unless
+    ``split_choice`` is ``"original"`` / ``"current"``; ``cache_dir`` overrides the run's recorded
+    cache root. ``tokenize``: texts -> token strings, for the text heat maps (without it tokens are
+    shown by position)."""
     from mmcache.fuse.engine import predict
-    from mmcache.fuse.runs import analysis_dir, require_finished, write_calibration
 
-    from mmcache.common import resolve_device
-
-    run_dir = require_finished(run_dir)
     if gallery < 0 or heatmaps < 0 or bins < 1:
         raise BadInputError("--gallery and --heatmaps must be >= 0")
-    dev = str(resolve_device(device))
-    model, config, meta, data = _load(run_dir, dev)
+    from mmcache.common import resolve_device
+
+    sc = _open(run_dir, str(resolve_device(device)), cache_dir=cache_dir, split_choice=split_choice)
+    model, config, data = sc.model, sc.config, sc.data
     labels = data.labels.cpu().numpy()
-    probs, ys = {}, {}
+    probs, ys, rows = {}, {}, {}
     for split in ("val", "test"):
-        rows = data.split_rows[split]
-        probs[split] = predict(model, data, rows, config.eval_batch_size, config.amp)
-        ys[split] = labels[rows.cpu().numpy()]
+        rows[split], _scored = sc.rows_for(split)
+        probs[split] = predict(model, data, rows[split], config.eval_batch_size, config.amp)
+        ys[split] = labels[rows[split].cpu().numpy()]
     if len(ys["test"]) == 0:
-        raise BadInputError(f"run {run_dir}: its test split has no posts to analyse")
-    t = fit_temperature(probs["val"], ys["val"])
+        raise BadInputError(f"run {sc.run.path}: its test split has no posts to analyse")
+    calib, scaled = _calibration(sc, probs, ys, bins)
+    summary = _summary(sc, probs, ys, rows, calib, scaled, gallery)
+    return _write(sc, summary, probs, ys, rows, heatmaps, tokenize)
+
+
+def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray],
+                 bins: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Fit T on val; store it for ``predict --calibrated`` only when fitted (else drop an older one).
+    Returns the record and the scaled (N, C) probabilities per split."""
+    t, fitted, why = fit_temperature_checked(probs["val"], ys["val"])
     scaled = {s: apply_temperature(p, t) for s, p in probs.items()}
-    calib = {"temperature": t, "fitted_on": "val", "n_val": int(len(ys["val"])), "bins": bins,
+    calib = {"temperature": t, "fitted": fitted, "not_fitted_because": why or None, "fitted_on": "val",
+             "n_val": int(len(ys["val"])), "bins": bins,
              "val_errors": int((probs["val"].argmax(-1) != ys["val"]).sum()) if len(ys["val"]) else 0,
              **{f"ece_{s}_{w}": expected_calibration_error(p[s], ys[s], bins)
                 for s in ("val", "test") for w, p in (("before", probs), ("after", scaled))},
              **{f"nll_{s}_{w}": (_nll(p[s], ys[s]) if len(ys[s]) else None)
                 for s in ("val", "test") for w, p in (("before", probs), ("after", scaled))}}
-    write_calibration(run_dir, calib)
+    if fitted:
+        sc.run.write_calibration(calib)
+    else:
+        log.warning("run %s: temperature not fitted (%s); predict --calibrated stays unavailable", sc.run.path, why)
+        sc.run.drop_calibration()
+    return calib, scaled
+
+
+def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]:
+    from mmcache.extract import cache_format as cf
+
+    config, data = sc.config, sc.data
     index = cf.read_index(data.index_path)
-    test_rows = data.split_rows["test"].cpu().numpy()
+    test_rows = rows["test"].cpu().numpy()
+    bins = calib["bins"]
     summary: dict[str, Any] = {
-        "run": str(run_dir), "head": config.head, "features": config.features, "dataset": data.dataset,
+        "run": str(sc.run.path), "head": config.head, "features": config.features, "dataset": data.dataset,
         "classes": data.classes, "n_test": int(len(test_rows)), "curves": curves(probs["test"], ys["test"], data.classes),
         "calibration": {**calib, "reliability_before": reliability(probs["test"], ys["test"], bins),
                         "reliability_after": reliability(scaled["test"], ys["test"], bins)},
         "gallery": {k: [str(data.ids[test_rows[p]]) for p in v] for k, v in _gallery(probs["test"], ys["test"], gallery).items()},
+        "split_scored": sc.rows_for("test")[1], "scored": sc.what_was_scored("test", rows["test"]),
     }
-    att = None
-    if model.explains:
-        att = attention_maps(model, data, data.split_rows["test"])
+    if sc.model.explains:
+        att = attention_maps(sc.model, data, rows["test"])
         groups = {"all": np.ones(len(test_rows), bool),
                   **{f"true {c}": ys["test"] == k for k, c in enumerate(data.classes)}}
         if "labels_agree" in index.extra:
             agree = np.asarray(index.extra["labels_agree"])[test_rows].astype(bool)
             groups.update({"labels agree": agree, "labels disagree": ~agree})
-        summary["attention"] = {"kind": model.explain_kind,
+        summary["attention"] = {"kind": sc.model.explain_kind,
                                 "shares": _share_table(att, groups)}
+        summary["_attention_maps"] = att
+    summary["_index"] = index
+    return summary
+
+
+def _write(sc, summary, probs, ys, rows, heatmaps: int, tokenize) -> AnalysisResult:
+    """Write into a staging folder, then swap it in for ``analysis/``."""
     from mmcache.fuse.analysis_report import write_analysis
 
-    out_dir = analysis_dir(run_dir)
-    files = write_analysis(out_dir, summary, probs=probs["test"], labels=ys["test"], test_rows=test_rows,
-                           index=index, attention=att, heatmaps=heatmaps, tokenize=tokenize,
-                           grid=data.image.info.get("grid") if data.image is not None else None,
-                           processor=(data.image.info.get("config") or {}).get("processor") if data.image is not None else None)
-    return AnalysisResult(run_dir=run_dir, out_dir=out_dir, summary=summary, files=files)
+    att, index = summary.pop("_attention_maps", None), summary.pop("_index")
+    data = sc.data
+    staged = sc.run.staging_analysis_dir()
+    try:
+        files = write_analysis(staged, summary, probs=probs["test"], labels=ys["test"],
+                               test_rows=rows["test"].cpu().numpy(), index=index, attention=att, heatmaps=heatmaps,
+                               tokenize=tokenize, grid=data.image.info.get("grid") if data.image is not None else None,
+                               processor=(data.image.info.get("config") or {}).get("processor")
+                               if data.image is not None else None)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staged, ignore_errors=True)  # the previous analysis stays as it was
+        raise
+    out_dir = sc.run.publish_analysis(staged)
+    files = [out_dir / p.relative_to(staged) for p in files]
+    return AnalysisResult(run_dir=sc.run.path, out_dir=out_dir, summary=summary, files=files)
 
 
 def format_analysis(result: AnalysisResult) -> str:
@@ -262,7 +327,10 @@ def format_analysis(result: AnalysisResult) -> str:
                           [[c, v["positives"], f(v["ap"]), f(v["roc_auc"])] for c, v in cur.items()]),
              f"macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}", ""]
     c = s["calibration"]
-    fitted = f"fitted on {c['n_val']} val posts" if c.get("val_errors", 1) else "not fitted: no val post misclassified"
+    if c.get("fitted", bool(c.get("val_errors", 1))):
+        fitted = f"fitted on {c['n_val']} val posts"
+    else:
+        fitted = f"not fitted: {c.get('not_fitted_because') or 'no val post misclassified'}; T = 1 kept"
     lines.append(f"temperature {c['temperature']:.3f} ({fitted}): test ECE "
                  f"{f(c['ece_test_before'])} -> {f(c['ece_test_after'])}, NLL {f(c['nll_test_before'])} -> "
                  f"{f(c['nll_test_after'])}")
@@ -271,5 +339,10 @@ def format_analysis(result: AnalysisResult) -> str:
                   format_table(["posts", "n", "text", "image"],
                                [[r["group"], r["n"], f(r["text_share"]), f(r["image_share"])]
                                 for r in s["attention"]["shares"]])]
+    if s.get("scored"):
+        sc = s["scored"]
+        lines += ["", f"scored {sc['n_scored']} test posts, {sc['n_dropped']} dropped "
+                      f"({', '.join(f'{k} {v}' for k, v in sc['dropped_by_reason'].items() if v) or 'none'}); features: "
+                      + "; ".join(f"{m} {f['path']}" for m, f in sc["features"].items())]
     lines += ["", f"written to {result.out_dir}/ ({', '.join(p.name for p in result.files)})"]
     return "\n".join(lines)

@@ -148,6 +148,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The resolved config a run saved."""
-    return TrainConfig.from_json(Path(run_dir) / "config.json")
+    """The resolved config a run saved (read through :class:`~mmcache.fuse.runs.RunFolder`)."""
+    from mmcache.fuse.runs import RunFolder
+
+    return RunFolder(run_dir).config()
 

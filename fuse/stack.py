@@ -475,7 +475,7 @@ def fit_members(configs: list[TrainConfig], run_dirs: list[Path], data: FusionDa
 
 def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData, eval_rows: int,
          histories: list[list[dict[str, Any]]] | None, on_step) -> Fit:
-    from mmcache.fuse.runs import write_json
+    from mmcache.fuse.runs import RunFolder
 
     cfg, n_all, device = configs[0], len(configs), data.device
     train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]
@@ -534,7 +534,7 @@ def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: 
                 improved = vm["macro_f1"] > best_f1[i]
             row.update(lr=lr_now[k], seconds=seconds / m)
             fit.histories[i].append(row)
-            write_json(run_dirs[i] / "history.json", fit.histories[i])
+            RunFolder(run_dirs[i]).write_history(fit.histories[i])
             if improved:
                 best_f1[i], fit.best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
                 fit.best[i] = stack.flat[k]

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -48,21 +47,18 @@ from mmcache.fuse.heads import (
     set_dropout_generators,
 )
 from mmcache.fuse.runs import (
+    RunFolder,
     attach_run_log,
     detach_run_log,
     git_commit,
     library_versions,
     make_run_dir,
-    mark_finished,
     mark_unfinished,
-    predictions_csv,
-    write_json,
-    write_split,
 )
 from mmcache.fuse.targets import check_trainable, class_weights, score_targets, target_loss
 from torch import Tensor
 
-from mmcache.common import atomic_write, resolve_device, small_model_threads
+from mmcache.common import resolve_device, small_model_threads
 from mmcache.errors import BadInputError, Interrupted, PipelineError
 from mmcache.progress import progress as reporter
 
@@ -111,15 +107,19 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
 
 
 def _provenance(data: FusionData, device: torch.device, threads: int | None) -> dict[str, Any]:
+    """``cache_root`` and each feature file's ``path`` are ABSOLUTE: evaluate / analyze / predict find
+    the run's own cache from any working folder (:mod:`fuse.scoring`)."""
     caches = {}
     for m in MODALITY_ORDER:
         md = data.modality(m)
         if md is not None:
-            caches[m] = {"model": md.model, **md.info}
+            caches[m] = {"model": md.model, **md.info, "path": str(Path(md.path).resolve())}
+    index_path = Path(data.index_path).resolve()
     return {
         "dataset": data.dataset,
+        "cache_root": str(index_path.parent.parent),
         "split": {k: data.split.get(k) for k in ("source", "fingerprint", "counts")},
-        "index": {"path": str(data.index_path), "fingerprint": data.index_fingerprint,
+        "index": {"path": str(index_path), "fingerprint": data.index_fingerprint,
                   "attrs": {k: v for k, v in data.index_attrs.items()}},
         "caches": caches,
         "data": data.summary(),
@@ -269,7 +269,7 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
                 improved = True
             row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
             history.append(row)
-            write_json(run_dir / "history.json", history)
+            RunFolder(run_dir).write_history(history)
             if improved:
                 best_f1, best_epoch, since_best = row.get("val_macro_f1", -1.0), epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -339,10 +339,11 @@ def open_run(config: TrainConfig, data: FusionData | None, *, allow_no_val: bool
     config = dataclasses.replace(config, run_name=run_dir.name)
     if state is not None:
         state.update(run_dir=run_dir, epochs=config.epochs, log=attach_run_log(run_dir))
-    write_json(run_dir / "config.json", config.to_dict())
+    folder = RunFolder(run_dir)
+    folder.write_config(config.to_dict())
     threads = config.threads or (small_model_threads() if device.type == "cpu" else None)
-    write_json(run_dir / "provenance.json", _provenance(data, device, threads))
-    write_split(run_dir, data.split, data.split_ids)
+    folder.write_provenance(_provenance(data, device, threads))
+    folder.write_split(data.split, data.split_ids)
     return config, data, device, run_dir, threads
 
 
@@ -358,16 +359,12 @@ def finish_run(run_dir: Path, config: TrainConfig, data: FusionData, model: Fusi
     val_labels = labels_np[val_rows.cpu().numpy()]
     n_params = count_parameters(model)
 
-    from safetensors.torch import save_file
-
+    folder = RunFolder(run_dir)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".model.safetensors.tmp{os.getpid()}"
     # One metadata key: safetensors writes several in hash order, which would make equal runs' files differ.
-    save_file(tensors, str(tmp), metadata={"mmcache": json.dumps({"format": "mmcache-fusion-head", "head": config.head})})
-    os.replace(tmp, run_dir / "model.safetensors")
+    folder.write_model(tensors, {"mmcache": json.dumps({"format": "mmcache-fusion-head", "head": config.head})})
     test_np = test_rows.cpu().numpy()
-    atomic_write(run_dir / "predictions.csv",
-                  predictions_csv(data.ids[test_np], labels_np[test_np], split_probs["test"], target))
+    folder.write_predictions(data.ids[test_np], labels_np[test_np], split_probs["test"], target)
     metrics = {
         "run": run_dir.name,
         "dataset": data.dataset,
@@ -389,7 +386,7 @@ def finish_run(run_dir: Path, config: TrainConfig, data: FusionData, model: Fusi
         "seconds": time.perf_counter() - t_start,
         **(extra or {}),
     }
-    mark_finished(run_dir, metrics)
+    folder.finish(metrics)  # metrics.json, then the manifest (last)
     logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
                 _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
     return metrics

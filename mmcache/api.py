@@ -58,12 +58,15 @@ def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress:
                  expected_split=expected_split)
 
 
-def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", **options: Any):
+def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", *,
+             cache_dir: str | Path | None = None, **options: Any):
     """Score a finished run again, on its own test split or another cached dataset
-    (:func:`mmcache.fuse.train.evaluate`). Returns an :class:`~mmcache.fuse.train.EvalResult`."""
+    (:func:`mmcache.fuse.evaluate.evaluate`, through :func:`mmcache.fuse.scoring.open_for_scoring`).
+    ``cache_dir``: the cache root to read (default: the one the run recorded, as an absolute path).
+    Returns an :class:`~mmcache.fuse.evaluate.EvalResult`."""
     from mmcache.fuse.evaluate import evaluate as _evaluate
 
-    return _evaluate(run, dataset, split, **options)
+    return _evaluate(run, dataset, split, cache_dir=cache_dir, **options)
 
 
 def ablate(datasets: list[str] | None = None, *, base: str | Path | dict[str, Any] | None = None,
@@ -245,40 +248,66 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
             dataset: str | None = None, data_dir: str | Path | None = None, split: str | None = "test",
             options: dict[str, Any] | None = None, split_file: str | Path | None = None, seed: int = 0,
             ids=None, labels=None, device: str = "auto", calibrated: bool = False,
-            cache_features: str | Path | None = None, batch_size: int = 32, num_workers: int | None = None):
+            cache_features: str | Path | None = None, batch_size: int = 32, num_workers: int | None = None,
+            cache_dir: str | Path | None = None, text_model: str | Path | None = None,
+            image_model: str | Path | None = None):
     """Label posts with a finished run: parallel ``texts`` / ``images`` lists, a ``manifest`` (the
     ``folder`` format, label optional), or a ``dataset`` reader's ``split``. Returns a
-    :class:`~mmcache.predict.PredictionResult` (rows, probabilities, metrics when labelled)."""
+    :class:`~mmcache.predict.PredictionResult` (rows, probabilities, metrics when labelled).
+
+    The run's manifest is checked; with ``dataset`` (the run's own) its ``split.json`` decides the
+    posts of ``split`` (:func:`mmcache.fuse.scoring.split_for_posts`). ``cache_dir``: where the run's
+    cache index is (default: the run's recorded cache root). ``text_model`` / ``image_model``: the
+    encoder folders when they moved; their weights must still be the recorded ones."""
     from mmcache.errors import BadInputError
-    from mmcache.fuse.runs import read_provenance, read_split
+    from mmcache.fuse.runs import RunFolder
+    from mmcache.fuse.scoring import split_for_posts
     from mmcache.predict import Predictor, dataset_posts, posts_from_lists, read_manifest
 
     modes = [texts is not None or images is not None, manifest is not None, dataset is not None]
     if sum(modes) != 1:
         raise BadInputError("give exactly one input: one post (--text/--image), --manifest FILE, or --dataset NAME")
-    predictor = Predictor.from_run(run, device=device, calibrated=calibrated)
+    predictor = Predictor.from_run(run, device=device, calibrated=calibrated, text_model=text_model,
+                                   image_model=image_model)
     name = "posts"
     if manifest is not None:
         posts, name = read_manifest(manifest), "manifest"
     elif dataset is not None:
-        run_index = (read_provenance(run).get("index") or {}).get("path")
+        folder = RunFolder(run)
+        run_split = split_for_posts(folder, dataset, split_file=split_file, cache_dir=cache_dir)
+        run_index = _run_index(folder, cache_dir)
         posts, name = dataset_posts(dataset, data_dir, split, options=options, run_index=run_index,
-                                    split_file=split_file, seed=seed, run_split=read_split(run),
-                                    target=predictor.target), dataset
+                                    split_file=split_file, seed=seed, run_split=run_split,
+                                    target=predictor.target, require_run_split=run_split is not None), dataset
     else:
         posts = posts_from_lists(texts, images, ids, labels)
     return predictor.predict_posts(posts, cache_features=cache_features, name=name, batch_size=batch_size,
                                    num_workers=num_workers)
 
 
-def analyze(run: str | Path, **options: Any):
-    """Curves, calibration (temperature scaling fitted on val, stored in the run), attention shares and
-    the HTML report into ``<run>/analysis/`` (:func:`mmcache.fuse.analyze.analyze_run`). Token strings
-    for the text heat maps come from the run's recorded tokenizer when it can be loaded."""
+def _run_index(folder, cache_dir: str | Path | None) -> Path | None:
+    """The run's cache index: under ``cache_dir`` when given, else where the run recorded it."""
+    from mmcache.extract import cache_format as cf
+
+    prov = folder.provenance()
+    if cache_dir is not None:
+        return Path(cache_dir) / str(prov.get("dataset") or folder.config().dataset) / cf.INDEX_NAME
+    path = (prov.get("index") or {}).get("path")
+    return Path(path) if path else None
+
+
+def analyze(run: str | Path, *, cache_dir: str | Path | None = None, split_choice: str | None = None,
+            **options: Any):
+    """Curves, calibration (temperature scaling fitted on val, stored in the run when it could be
+    fitted), attention shares and the HTML report into ``<run>/analysis/``
+    (:func:`mmcache.fuse.analyze.analyze_run`, through :func:`mmcache.fuse.scoring.open_for_scoring`).
+    ``cache_dir``: the cache root (default: the run's recorded one); ``split_choice``: ``"original"`` /
+    ``"current"`` after a re-split, as for :func:`evaluate`. Token strings for the text heat maps come
+    from the run's recorded tokenizer when it can be loaded."""
     from mmcache.fuse.analyze import analyze_run
 
     options.setdefault("tokenize", _recorded_tokenizer(run))
-    return analyze_run(run, **options)
+    return analyze_run(run, cache_dir=cache_dir, split_choice=split_choice, **options)
 
 
 def _recorded_tokenizer(run: str | Path):

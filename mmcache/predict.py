@@ -58,6 +58,7 @@ class PredictionResult:
     probs: np.ndarray
     metrics: dict[str, Any] | None = None
     cache_dir: Path | None = None  # where the encoded posts were kept (cache_features)
+    scored: dict[str, Any] | None = None  # encoders used (path + identity), n scored, n dropped by reason
 
     @property
     def labelled(self) -> bool:
@@ -160,11 +161,13 @@ def _jsonl_rows(manifest: Path) -> list[dict | str]:
 
 def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, *, options: dict | None = None,
                   run_index: Path | None = None, split_file: str | Path | None = None, seed: int = 0,
-                  run_split: dict[str, Any] | None = None, target: str | None = None) -> list[Post]:
+                  run_split: dict[str, Any] | None = None, target: str | None = None,
+                  require_run_split: bool = False) -> list[Post]:
     """The posts of a dataset reader, restricted to ``split`` (None or "all": every post). Splits come
     from the run's ``split.json`` (``run_split``: the exact ids it trained, validated and tested on), else
     its sample index when that knows the posts, else the stratified split (``seed`` / ``split_file``)
-    as extraction makes it."""
+    as extraction makes it. ``require_run_split``: the run's ids must be found in the reader's posts
+    (the door's split check, :func:`mmcache.fuse.scoring.split_for_posts`), never a silent fallback."""
     from mmcache.extract import cache_format as cf
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.splits import resolve_splits
@@ -179,6 +182,9 @@ def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, 
     from_run = {sid: name for name, members in ids.items() for sid in members}
     if from_run and split_file is None and any(s.id in from_run for s in result.samples):
         assignment = from_run
+    elif from_run and require_run_split:
+        raise BadInputError(f"{dataset}: none of the run's split ids are among the posts read from {data_dir}; these "
+                            "are not the posts the run was trained and tested on")
     elif idx is not None:
         known = dict(zip(idx.ids.tolist(), idx.splits.tolist(), strict=True))
         if all(s.id in known for s in result.samples):
@@ -188,6 +194,11 @@ def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, 
     keep = [s for s in result.samples if split in (None, "all") or assignment.get(s.id) == split]
     if not keep:
         raise BadInputError(f"{dataset}: no posts in split {split!r}")
+    if require_run_split and from_run and split not in (None, "all"):
+        lost = sorted(set(ids.get(split, [])) - {s.id for s in keep})
+        if lost:
+            raise BadInputError(f"{dataset}: {len(lost)} of the run's {split} posts are not in the data read now "
+                                f"(e.g. {', '.join(lost[:3])}); the run's {split} split cannot be predicted as trained")
     labels = _target_labels(idx, target, keep)
     return [Post(id=s.id, text=s.text or "", image=s.image_path, label=labels.get(s.id, s.label_name)) for s in keep]
 
@@ -316,6 +327,17 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
 
 # --------------------------------------------------------------------------------------------- stage two
 
+def _moved(modality: str, recorded: dict[str, Any], folder: str | Path | None) -> dict[str, Any]:
+    """The run's record of a cache file, pointed at ``folder`` (an encoder that moved) when given. The
+    identity check of :func:`_load_verified_encoder` still compares its weights with the record."""
+    if folder is None:
+        return recorded
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        raise BadInputError(f"--{modality}-model {folder}: no such folder")
+    return {**recorded, "provenance": {**(recorded.get("provenance") or {}), "resolved_path": str(path)}}
+
+
 def _failure_reasons(path: Path) -> dict[str, str]:
     from mmcache.extract import cache_format as cf
 
@@ -331,7 +353,8 @@ class Predictor:
     """
 
     def __init__(self, run_dir: Path, model, config, meta: dict[str, Any], provenance: dict[str, Any],
-                 device: str = "cpu", calibrated: bool = False) -> None:
+                 device: str = "cpu", calibrated: bool = False, encoders: dict[str, str | Path | None] | None = None,
+                 ) -> None:
         from mmcache.fuse.heads import head_uses
 
         self.run_dir, self.model, self.config, self.meta = run_dir, model, config, meta
@@ -346,28 +369,34 @@ class Predictor:
         missing = [m for m in self.uses if not ((caches.get(m) or {}).get("config") and caches[m].get("provenance"))]
         if missing:
             raise BadInputError(f"run {run_dir}: provenance.json records no {', '.join(missing)} encoder")
-        self.recorded = {m: caches[m] for m in self.uses}
+        self.recorded = {m: _moved(m, caches[m], (encoders or {}).get(m)) for m in self.uses}
         self.device = device
         self.temperature: float | None = None
         if calibrated:
-            from mmcache.fuse.runs import read_calibration
+            from mmcache.fuse.runs import RunFolder
 
-            cal = read_calibration(run_dir)
+            cal = RunFolder(run_dir).calibration()
             if cal is None:
-                raise BadInputError(f"run {run_dir} has no temperature yet; run `analyze --run {run_dir}` first")
+                raise BadInputError(f"run {run_dir} has no fitted temperature (none yet, or analyze could not fit "
+                                    f"one); run `analyze --run {run_dir}` first")
             self.temperature = float(cal["temperature"])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto", calibrated: bool = False) -> Predictor:
-        """Load a finished run (its head, classes and the encoders its caches record)."""
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", calibrated: bool = False,
+                 text_model: str | Path | None = None, image_model: str | Path | None = None) -> Predictor:
+        """Load a finished run (manifest checked: :func:`~mmcache.fuse.scoring.load_head`), its head,
+        classes and the encoders its caches record. ``text_model`` / ``image_model``: the encoder's
+        folder when it moved since extraction; its identity (weights sha256 ...) must still be the
+        recorded one, else :class:`BadInputError`."""
         from mmcache.common import resolve_device
-        from mmcache.fuse.evaluate import load_head
-        from mmcache.fuse.runs import read_provenance, require_finished
+        from mmcache.fuse.runs import RunFolder
+        from mmcache.fuse.scoring import load_head
 
-        run_dir = require_finished(run_dir)
+        folder = RunFolder(run_dir)
         dev = str(resolve_device(device))
-        model, config, meta = load_head(run_dir, dev)
-        return cls(run_dir, model, config, meta, read_provenance(run_dir), device=dev, calibrated=calibrated)
+        model, config, meta = load_head(folder, dev)
+        return cls(folder.path, model, config, meta, folder.provenance(), device=dev, calibrated=calibrated,
+                   encoders={"text": text_model, "image": image_model})
 
     # -- public
     def predict(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None, *,
@@ -405,7 +434,25 @@ class Predictor:
             notes.update(more)
         rows = self._rows(posts, probs, notes)
         return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
-                                cache_dir=cache_dir / name)
+                                cache_dir=cache_dir / name, scored=self._scored(rows))
+
+    def _scored(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """What was scored: the run, each encoder (folder + identity), n answered, n without an answer by
+        reason (the row's note)."""
+        from collections import Counter
+
+        from mmcache.extract import cache_format as cf
+
+        encoders = {}
+        for m, rec in self.recorded.items():
+            conf, prov = rec.get("config") or {}, rec.get("provenance") or {}
+            encoders[m] = {"path": prov.get("resolved_path") or prov.get("model_id") or conf.get("model"),
+                           "weights_sha256": conf.get("weights_sha256"), "commit_hash": conf.get("commit_hash"),
+                           "config_fingerprint": cf.fingerprint(conf) if conf else None}
+        dropped = Counter(r["note"] or "no answer" for r in rows if r["predicted"] is None)
+        return {"run": str(self.run_dir), "encoders": encoders, "n_scored": sum(r["predicted"] is not None for r in rows),
+                "n_dropped": sum(dropped.values()), "dropped_by_reason": dict(dropped),
+                "calibrated": self.temperature is not None}
 
     def _load_encoded(self, files: dict[str, Path], index, posts: list[Post]):
         """The encoded posts as stage-two data (a failed modality = an all-padding row), the index rows

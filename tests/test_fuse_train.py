@@ -59,7 +59,7 @@ def test_every_head_trains_for_every_features_mode(cache, tmp_path, head, featur
     r = train(_cfg(cache, tmp_path, head=head, features=features, label_smoothing=0.1, class_balanced=True))
     assert sorted(p.name for p in r.run_dir.iterdir()) == sorted(
         ["config.json", "provenance.json", "split.json", "history.json", "model.safetensors", "predictions.csv",
-         "metrics.json", "train.log"])
+         "metrics.json", "manifest.json", "train.log"])
     assert len(r.history) == 2 and all(np.isfinite(h["train_loss"]) for h in r.history)
     assert r.history[0]["lr"] > 0 and r.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0
     assert r.config.modalities == sorted(head_uses(head), key=["text", "image"].index)
@@ -264,7 +264,8 @@ def test_unfinished_run_is_not_evaluated(trained, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(trained.run_dir, broken)
-    (broken / "metrics.json").unlink()
+    (broken / "metrics.json").unlink()  # an unfinished run has neither its metrics nor its manifest
+    (broken / "manifest.json").unlink()
     with pytest.raises(BadInputError, match="did not finish"):
         evaluate(broken)
 

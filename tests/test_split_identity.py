@@ -326,7 +326,8 @@ def test_run_without_a_split_record_is_not_trusted_after_the_index_changed(synth
     from mmcache.fuse.evaluate import evaluate
 
     r = _train(synth, tmp_path)
-    (r.run_dir / "split.json").unlink()  # a run made before runs recorded their split
+    (r.run_dir / "split.json").unlink()  # a run made before runs recorded their split (and before manifests)
+    (r.run_dir / "manifest.json").unlink()
     with pytest.raises(BadInputError, match="no split record"):
         evaluate(r.run_dir, write=False)
     assert evaluate(r.run_dir, write=False, split_choice="current").metrics["split_scored"]["which"] == "current"

@@ -23,7 +23,7 @@ from mmcache.fuse.ablate.stats import (
     table_replicates,
 )
 from mmcache.fuse.metrics import METRICS, compute_metrics
-from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json, read_split
+from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import resolve_target
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,9 @@ def _stale_elsewhere(druns: list[GridRun], split_fp: str) -> list[str]:
     out = []
     for folder in sorted({r.run_dir.parent for r in druns}):
         for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if d.name in names or not (d / FINISHED_MARKER).is_file():
+            if d.name in names or RunFolder(d).saved_metrics() is None:
                 continue
-            rec = read_split(d)
+            rec = RunFolder(d).split()
             if rec is not None and rec["fingerprint"] != split_fp:
                 out.append(d.name)
     return out
@@ -145,7 +145,7 @@ def _run_record(r: GridRun, agree: dict[str, bool] | None) -> dict[str, Any]:
                            "features": r.features, "encoder": r.encoder.label, "seed": r.seed,
                            "lr": r.config.lr, "variant": r.variant, "status": status, "error": None}
     if status == "finished":
-        m = read_json(r.run_dir / FINISHED_MARKER) or {}
+        m = RunFolder(r.run_dir).saved_metrics() or {}
         test = m.get("test") or {}
         rec.update({k: test.get(k) for k in METRICS}, n_test=test.get("n"), seconds=m.get("seconds"),
                    num_parameters=(m.get("model") or {}).get("num_parameters"), best_epoch=m.get("best_epoch"),
@@ -157,7 +157,7 @@ def _run_record(r: GridRun, agree: dict[str, bool] | None) -> dict[str, Any]:
         if agree is not None:
             rec["agreement"] = _agreement_scores(_read_predictions(r.run_dir), agree)
     elif status == "failed":
-        rec["error"] = (read_json(r.run_dir / ERROR_FILE) or {}).get("error", "unknown error")
+        rec["error"] = RunFolder(r.run_dir).error() or "unknown error"
     return rec
 
 
@@ -319,9 +319,8 @@ def _top_confusion(rows: list[dict[str, Any]], chosen: list[list[dict[str, Any]]
 # --------------------------------------------------------------------------------------------- uncertainty
 
 def _read_predictions(run_dir: str | Path) -> str | None:
-    """A run's predictions.csv text, None when absent (the one place runs' predictions are read)."""
-    p = Path(run_dir) / "predictions.csv"
-    return p.read_text(encoding="utf-8") if p.is_file() else None
+    """A run's predictions.csv text, None when absent (the one place the tables read runs' predictions)."""
+    return RunFolder(run_dir).predictions_text()
 
 
 def _parse_predictions(text: str, target) -> dict[str, list[tuple[int, int]]]:

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import errno
 import heapq
-import json
 import logging
 import multiprocessing
 import os
@@ -36,11 +35,11 @@ from typing import Any
 
 from mmcache.fuse.ablate.grid import GridRun, run_status
 from mmcache.fuse.data import FusionData, load_data
-from mmcache.fuse.runs import ERROR_FILE, FINISHED_MARKER, read_json
+from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.stack import can_stack, max_members, probe_step_seconds, stack_key, train_stack
 from mmcache.fuse.train import train
 
-from mmcache.common import atomic_write, cpu_cores, disk_full_error, small_model_threads
+from mmcache.common import cpu_cores, disk_full_error, small_model_threads
 from mmcache.errors import BadInputError, DiskFullError, Interrupted, PipelineError
 from mmcache.locks import FileLock, describe, holder, try_lock
 from mmcache.progress import progress as reporter
@@ -51,10 +50,7 @@ logger = logging.getLogger(__name__)
 
 def _record_failure(run: GridRun, err: BaseException | str) -> str:
     msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run.run_dir / "config.json").is_file():
-        atomic_write(run.run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
-    atomic_write(run.run_dir / ERROR_FILE, json.dumps({"run": run.name, "error": msg}, indent=2) + "\n")
+    RunFolder(run.run_dir).write_error(run.name, msg, run.config.to_dict())
     return msg
 
 
@@ -414,7 +410,7 @@ def _after_break(broken: dict[int, list[GridRun]], started: list[tuple[int, int]
         for r in unit:
             if run_status(r) == "finished":  # finished before the pool broke: kept, not retrained
                 report({"name": r.name, "status": "finished", "seconds": 0.0, "error": None,
-                        "macro_f1": ((read_json(r.run_dir / FINISHED_MARKER) or {}).get("test") or {}).get("macro_f1")})
+                        "macro_f1": ((RunFolder(r.run_dir).saved_metrics() or {}).get("test") or {}).get("macro_f1")})
                 continue
             if r.run_dir.exists():
                 shutil.rmtree(r.run_dir)  # stopped half-way by the pool: ours (we hold its lock), redone

@@ -18,7 +18,7 @@ from mmcache.extract import cache_format as cf
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FEATURES, extract_command, list_cached_datasets
 from mmcache.fuse.heads import head_uses, list_heads
-from mmcache.fuse.runs import ERROR_FILE, is_finished, read_json, read_split
+from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import available_targets, resolve_target
 
 from mmcache.errors import BadInputError, CacheError, MissingCacheError
@@ -302,25 +302,22 @@ def shard_runs(runs: list[GridRun], shard: tuple[int, int] | None) -> list[GridR
 # --------------------------------------------------------------------------------------------- run status
 
 def run_status(run: GridRun) -> str:
-    """``finished`` (metrics.json and a matching config.json), ``stale`` (finished, but its split.json
-    is not the cache's split: rerun), ``failed`` (error.json, no metrics), ``unfinished`` (a folder
-    without either, e.g. marked UNFINISHED by Ctrl-C, or a finished run whose config differs) or
-    ``missing``."""
-    d = run.run_dir
-    if not d.is_dir():
-        return "missing"
-    if is_finished(d):
-        saved = read_json(d / "config.json")
-        if not (isinstance(saved, dict) and (_comparable(saved, run.default_target)
-                                             == _comparable(run.config, run.default_target))):
-            return "unfinished"
-        rec = read_split(d)  # None: made before runs recorded their split; the key (it hashes the split) vouches
-        if run.split_fingerprint and rec is not None and rec["fingerprint"] != run.split_fingerprint:
-            return "stale"
-        return "finished"
-    if (d / ERROR_FILE).is_file():
-        return "failed"
-    return "unfinished"
-
-
-
+    """``finished`` (sealed, its files matching the manifest by the fast size + mtime check of
+    :meth:`~mmcache.fuse.runs.RunFolder.verify`, and a matching config.json), ``stale`` (finished, but
+    its split.json is not the cache's split: rerun), ``failed`` (error.json, no metrics), ``unfinished``
+    (a folder without either, e.g. marked UNFINISHED by Ctrl-C, a finished run whose config differs, or
+    one whose files no longer match its manifest: it is retrained) or ``missing``."""
+    folder = RunFolder(run.run_dir)
+    state = folder.state()
+    if state != "finished":
+        return state
+    saved = folder.saved_config()
+    if not (saved is not None and (_comparable(saved, run.default_target)
+                                   == _comparable(run.config, run.default_target))):
+        return "unfinished"
+    if not folder.is_intact():
+        return "unfinished"
+    rec = folder.split()  # None: made before runs recorded their split; the key (it hashes the split) vouches
+    if run.split_fingerprint and rec is not None and rec["fingerprint"] != run.split_fingerprint:
+        return "stale"
+    return "finished"
