@@ -262,7 +262,8 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     from mmcache.errors import BadInputError
     from mmcache.fuse.runs import RunFolder
     from mmcache.fuse.scoring import split_for_posts
-    from mmcache.predict import Predictor, dataset_posts, posts_from_lists, read_manifest
+    from mmcache.posts import dataset_posts, posts_from_lists, read_manifest
+    from mmcache.predict import Predictor
 
     modes = [texts is not None or images is not None, manifest is not None, dataset is not None]
     if sum(modes) != 1:
@@ -305,37 +306,7 @@ def analyze(run: str | Path, *, cache_dir: str | Path | None = None, split_choic
     ``"current"`` after a re-split, as for :func:`evaluate`. Token strings for the text heat maps come
     from the run's recorded tokenizer when it can be loaded."""
     from mmcache.fuse.analyze import analyze_run
+    from mmcache.predict import recorded_tokenizer
 
-    options.setdefault("tokenize", _recorded_tokenizer(run))
+    options.setdefault("tokenize", recorded_tokenizer(run))
     return analyze_run(run, cache_dir=cache_dir, split_choice=split_choice, **options)
-
-
-def _recorded_tokenizer(run: str | Path):
-    """A function texts -> token strings, from the tokenizer the run's text cache recorded; None when
-    the run has no text cache or the tokenizer cannot be loaded (the report then shows positions)."""
-    import logging
-    import os
-
-    from mmcache.fuse.runs import read_provenance
-
-    rec = (read_provenance(run).get("caches") or {}).get("text") or {}
-    conf, prov = rec.get("config") or {}, rec.get("provenance") or {}
-    src = prov.get("resolved_path") if prov.get("resolved_path") and os.path.isdir(prov["resolved_path"]) else None
-    src = src or prov.get("model_id") or conf.get("model")
-    if not src:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        revision = None if os.path.isdir(src) else (prov.get("commit_hash") or conf.get("revision"))
-        tok = AutoTokenizer.from_pretrained(src, revision=revision, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 -- optional: the analysis still runs with token positions
-        logging.getLogger(__name__).warning("token strings unavailable (%s): showing token positions", e)
-        return None
-    max_length = int(conf.get("max_length") or 128)
-
-    def tokenize(texts: list[str]) -> list[list[str]]:
-        ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        return [tok.convert_ids_to_tokens(x) for x in ids]
-
-    return tokenize

@@ -103,7 +103,7 @@ def test_bad_max_text_chars_is_bad_input(tmp_path, capsys, value):
 
 
 def test_predict_manifest_with_a_huge_cell_is_read(tmp_path):
-    from mmcache.predict import read_manifest
+    from mmcache.posts import read_manifest
 
     root = _write_manifest(tmp_path / "ds", [_row("a", LONG), _row("b", "fine")])
     posts = read_manifest(root / "manifest.csv")
