@@ -24,13 +24,14 @@ __all__ = ["ImageRows", "WriteBehind", "collate_image_rows", "progress_bar", "re
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def to_host(out: dict, dtype: str) -> dict:
+def to_host(out: dict, dtype: str, all_real: bool = False) -> dict:
     """Encoder fields on the device -> the storage dtype, cast *there*, padded token states zeroed
     there, then copied to the host once (asynchronously into pinned memory on CUDA: ``"ready"`` is
     the event the writer thread waits on before reading).
 
     ``out``: ``cls``/``mean`` (B, D), ``tokens`` (B, T, D), ``proj`` (B, P) float, ``mask`` (B, T)
-    bool. Returns the same keys as host tensors, ``dtype`` (float16 / float32), plus ``ready``."""
+    bool (``all_real``: known all True, as for images: no zeroing pass). Returns the same keys as host
+    tensors, ``dtype`` (float16 / float32), plus ``ready``."""
     import torch
 
     want = getattr(torch, dtype)
@@ -40,7 +41,7 @@ def to_host(out: dict, dtype: str) -> dict:
     for key in ("cls", "mean", "tokens", "proj"):
         if key in out:
             v = out[key].to(want)
-            if key == "tokens":
+            if key == "tokens" and not all_real:
                 v = v.masked_fill(~mask.unsqueeze(-1), 0)
             host[key] = v.to("cpu", non_blocking=cuda)
     host["ready"] = None
@@ -50,51 +51,78 @@ def to_host(out: dict, dtype: str) -> dict:
     return host
 
 
+def _finite_split(rows: np.ndarray, out: dict, dtype: str):
+    """-> (rows with finite values, their fields as numpy, [(row, reason)] for the others)."""
+    if "ready" not in out:
+        out = to_host(out, dtype)
+    if out["ready"] is not None:
+        out["ready"].synchronize()  # the device-to-host copy has landed
+    vals = {k: out[k].numpy() for k in ("cls", "mean", "tokens", "mask", "proj") if k in out}
+    finite = np.ones(len(rows), dtype=bool)
+    for k in ("cls", "mean", "tokens", "proj"):
+        if k in vals:
+            finite &= np.isfinite(vals[k].reshape(len(rows), -1)).all(1)
+    if finite.all():
+        return rows, vals, []
+    reason = f"non-finite features (overflow in {dtype} storage or reduced precision)"
+    return rows[finite], {k: v[finite] for k, v in vals.items()}, [(int(r), reason) for r in rows[~finite]]
+
+
+def _write_values(writer: cf.FeatureWriter, rows: np.ndarray, vals: dict) -> None:
+    if rows.size:
+        writer.write(rows, cls=vals["cls"], mean=vals["mean"], tokens=vals["tokens"], mask=vals["mask"],
+                     proj=vals.get("proj"))
+
+
 def write_batch(writer: cf.FeatureWriter, rows: np.ndarray, out: dict, dtype: str) -> tuple[int, list[tuple[int, str]]]:
     """Route non-finite rows to failures, write the rest.
 
     ``rows`` (B,) ascending file rows; ``out``: :func:`to_host` fields (already ``dtype``, padded
     token states zero), or an encoder's float32 fields (cast and zeroed here). Returns (rows written
     with features, [(row, reason)] failures)."""
-    if "ready" not in out:
-        out = to_host(out, dtype)
-    if out["ready"] is not None:
-        out["ready"].synchronize()  # the device-to-host copy has landed
-    mask = out["mask"].numpy()
-    cls, mean, tokens = out["cls"].numpy(), out["mean"].numpy(), out["tokens"].numpy()
-    proj = out["proj"].numpy() if "proj" in out else None
-    finite = (np.isfinite(cls).all(1) & np.isfinite(mean).all(1)
-              & np.isfinite(tokens.reshape(len(rows), -1)).all(1))
-    if proj is not None:
-        finite &= np.isfinite(proj).all(1)
-    failures: list[tuple[int, str]] = []
-    if not finite.all():
-        reason = f"non-finite features (overflow in {dtype} storage or reduced precision)"
-        failures = [(int(r), reason) for r in rows[~finite]]
-        rows, cls, mean, tokens, mask = rows[finite], cls[finite], mean[finite], tokens[finite], mask[finite]
-        proj = proj[finite] if proj is not None else None
-    if rows.size:
-        writer.write(rows, cls=cls, mean=mean, tokens=tokens, mask=mask, proj=proj)
+    rows, vals, failures = _finite_split(rows, out, dtype)
+    _write_values(writer, rows, vals)
     return int(rows.size), failures
+
+
+def _merge(parts: list[tuple[np.ndarray, dict]]) -> tuple[np.ndarray, dict]:
+    """Batches -> one block in ascending row order, token fields right-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = np.concatenate([r for r, _v in parts])
+    order = np.argsort(rows, kind="stable")
+    t = max(v["mask"].shape[1] for _r, v in parts)
+    vals = {}
+    for k in parts[0][1]:
+        if k in ("tokens", "mask"):
+            blocks = [np.pad(v[k], [(0, 0), (0, t - v[k].shape[1])] + [(0, 0)] * (v[k].ndim - 2)) for _r, v in parts]
+        else:
+            blocks = [v[k] for _r, v in parts]
+        vals[k] = np.concatenate(blocks)[order]
+    return rows[order], vals
 
 
 class WriteBehind:
     """Writes finished batches (checksums, NaN checks, HDF5) in one thread while the next forward runs.
 
     A bounded queue (``depth`` batches) keeps memory flat and lets the forward run at most ``depth``
-    batches ahead of the disk. The crash rule is :class:`~mmcache.cache.FeatureWriter`'s: a batch is
-    done only once its values, checksums and done bits are written, so ``kill -9`` loses at most the
-    queued batches (recomputed on resume). Leaving the ``with`` block -- normally, on an interrupt or
+    batches ahead of the disk. Whatever is waiting when the thread gets to it (up to ``block_bytes``)
+    is written as one block: a writer that keeps up writes batch by batch, one that falls behind
+    writes fewer, larger blocks (length-sorted text batches then land as longer runs of rows). The crash rule is :class:`~mmcache.cache.FeatureWriter`'s: a row is done only once its
+    values, checksums and done bits are written, so ``kill -9`` loses at most the queued and held
+    batches (recomputed on resume). Leaving the ``with`` block -- normally, on an interrupt or
     an error -- first writes every batch already queued (nothing finished is lost). A failure in the
     thread (disk full, ...) is raised in the caller, as the same exception, at its next :meth:`put`
     or at the end of the block; it is never swallowed.
     """
 
-    def __init__(self, writer: cf.FeatureWriter, dtype: str, bar, depth: int = 4) -> None:
+    def __init__(self, writer: cf.FeatureWriter, dtype: str, bar, depth: int = 8, block_bytes: int = 32 << 20) -> None:
         import queue
         import threading
 
-        self.writer, self.dtype, self.bar = writer, dtype, bar
+        self.writer, self.dtype, self.bar, self.block_bytes = writer, dtype, bar, block_bytes
+        self._held: list = []  # finished batches not yet written: (rows, fields, pending)
+        self._held_bytes = 0
         self.encoded = self.failed = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -119,26 +147,56 @@ class WriteBehind:
             raise self._error
 
     def _run(self) -> None:
+        import queue
+
         while True:
             item = self._queue.get()
+            while item is not None:
+                if self._error is None:  # after a failure: drain, write nothing more
+                    try:
+                        self._hold(*item)
+                    except BaseException as e:  # noqa: BLE001 -- handed to the caller by _raise_if_failed
+                        self._error = e
+                if self._held_bytes >= self.block_bytes:
+                    break
+                try:  # what else is already waiting joins this block; nothing waiting: write now
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._flush_unless_failed()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # after a failure: drain, write nothing more
-            try:
-                self._write(*item)
-            except BaseException as e:  # noqa: BLE001 -- handed to the caller by _raise_if_failed
-                self._error = e
 
-    def _write(self, rows, out, fails, pending) -> None:
-        n_ok = 0
+    def _hold(self, rows, out, fails, pending) -> None:
         if out is not None:
-            n_ok, more = write_batch(self.writer, rows, out, self.dtype)
+            rows, vals, more = _finite_split(rows, out, self.dtype)
             fails = fails + more
+            if rows.size:
+                self._held.append((rows, vals, pending))
+                self._held_bytes += sum(v.nbytes for v in vals.values())
         record_failures(self.writer, fails)
-        self.encoded += min(n_ok, pending)
         self.failed += len(fails)
-        self.bar.update(pending)
+        if out is None or not rows.size:
+            self.bar.update(pending)
+
+    def _flush(self) -> None:
+        """Write the held batches as one block (few large HDF5 writes instead of one per batch and
+        run), then their done bits: the crash rule of FeatureWriter.write, for the whole block."""
+        if not self._held:
+            return
+        rows, vals = _merge([(r, v) for r, v, _p in self._held])
+        _write_values(self.writer, rows, vals)
+        for r, _v, pending in self._held:
+            self.encoded += min(r.size, pending)
+            self.bar.update(pending)
+        self._held, self._held_bytes = [], 0
+
+    def _flush_unless_failed(self) -> None:
+        if self._error is None:
+            try:
+                self._flush()
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller by __exit__
+                self._error = e
 
     def __enter__(self) -> WriteBehind:
         return self
@@ -401,7 +459,7 @@ def run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extra
                                          "batches are saved") from e
                 out = None
                 if pixels is not None:  # inference mode: set by extract_shard around the loop
-                    out = to_host(enc.forward(pixels, non_blocking=cuda), cfg.dtype)
+                    out = to_host(enc.forward(pixels, non_blocking=cuda), cfg.dtype, all_real=True)
                 wb.put(rows, out, fails, int(redo[np.asarray(batch)].sum()))
     finally:
         del it  # shuts the worker processes down
