@@ -108,7 +108,8 @@ class WriteBehind:
     A bounded queue (``depth`` batches) keeps memory flat and lets the forward run at most ``depth``
     batches ahead of the disk. Whatever is waiting when the thread gets to it (up to ``block_bytes``)
     is written as one block: a writer that keeps up writes batch by batch, one that falls behind
-    writes fewer, larger blocks (length-sorted text batches then land as longer runs of rows). The crash rule is :class:`~mmcache.cache.FeatureWriter`'s: a row is done only once its
+    writes fewer, larger blocks (length-sorted text batches then land as longer runs of rows).
+    ``coalesce=False`` (image batches: already one contiguous block each) writes batch by batch. The crash rule is :class:`~mmcache.cache.FeatureWriter`'s: a row is done only once its
     values, checksums and done bits are written, so ``kill -9`` loses at most the queued and held
     batches (recomputed on resume). Leaving the ``with`` block -- normally, on an interrupt or
     an error -- first writes every batch already queued (nothing finished is lost). A failure in the
@@ -116,13 +117,17 @@ class WriteBehind:
     or at the end of the block; it is never swallowed.
     """
 
-    def __init__(self, writer: cf.FeatureWriter, dtype: str, bar, depth: int = 8, block_bytes: int = 32 << 20) -> None:
+    def __init__(self, writer: cf.FeatureWriter, dtype: str, bar, depth: int = 8, block_bytes: int = 32 << 20,
+                 coalesce: bool = True) -> None:
         import queue
         import threading
 
         self.writer, self.dtype, self.bar, self.block_bytes = writer, dtype, bar, block_bytes
         self._held: list = []  # finished batches not yet written: (rows, fields, pending)
         self._held_bytes = 0
+        self.coalesce = coalesce
+        self._stopping = False
+        self._finished = threading.Event()
         self.encoded = self.failed = 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -147,6 +152,12 @@ class WriteBehind:
             raise self._error
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._finished.set()
+
+    def _loop(self) -> None:
         import queue
 
         while True:
@@ -157,7 +168,7 @@ class WriteBehind:
                         self._hold(*item)
                     except BaseException as e:  # noqa: BLE001 -- handed to the caller by _raise_if_failed
                         self._error = e
-                if self._held_bytes >= self.block_bytes:
+                if self._held_bytes >= self.block_bytes or not self.coalesce:
                     break
                 try:  # what else is already waiting joins this block; nothing waiting: write now
                     item = self._queue.get_nowait()
@@ -201,9 +212,33 @@ class WriteBehind:
     def __enter__(self) -> WriteBehind:
         return self
 
+    def _stop(self) -> None:
+        """Hand over the end marker and wait until every queued batch is written."""
+        import queue
+
+        # Waits on an Event, not Thread.join: a Ctrl-C inside join() can leave the thread marked
+        # stopped while it still runs (CPython gh-90882), and the writes must finish first.
+        while not self._finished.is_set():  # the thread never ends before the marker: it always gets here
+            if not self._stopping:
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    self._stopping = True
+                except queue.Full:
+                    continue
+            self._finished.wait(timeout=0.1)
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._queue.put(None)  # the thread never dies before the sentinel: it always gets here
-        self._thread.join()
+        # A Ctrl-C that lands while we wait must not leave the thread writing as the process exits:
+        # the writes of batches already computed finish first (a bounded wait), then it is raised.
+        interrupt = None
+        while True:
+            try:
+                self._stop()
+                break
+            except KeyboardInterrupt as e:
+                interrupt = e
+        if interrupt is not None and exc is None:
+            raise interrupt
         if self._error is not None and exc is None:
             raise self._error
         if self._error is not None and exc is not self._error:
@@ -448,7 +483,7 @@ def run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extra
     )
     it = iter(loader)  # the workers fork here, before the writer thread starts
     try:
-        with WriteBehind(writer, cfg.dtype, bar) as wb:
+        with WriteBehind(writer, cfg.dtype, bar, coalesce=False) as wb:
             for batch in plan:
                 try:
                     rows, pixels, fails = next(it)

@@ -250,3 +250,31 @@ def test_workers_and_auto_give_the_same_file_as_the_main_process(models, referen
     got = _arrays(s.modalities[0].path)
     for k, v in reference["image"].items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_ctrl_c_while_waiting_for_the_writer_still_writes_every_queued_batch():
+    import _thread
+    import time
+
+    class SlowWriter:  # a FeatureWriter stand-in; the first write presses Ctrl-C in the main thread
+        def __init__(self):
+            self.rows = []
+
+        def write(self, rows, **kw):
+            time.sleep(0.05)  # meanwhile every batch is queued and the main thread waits in __exit__
+            if len(self.rows) == 2:
+                _thread.interrupt_main()
+            self.rows.extend(rows.tolist())
+
+        def write_failures(self, rows, reasons):
+            raise AssertionError("no failures here")
+
+    bar = type("Bar", (), {"update": lambda self, n: None})()
+    w = SlowWriter()
+    out = lambda b: eb.to_host({"cls": torch.ones(b, 2), "mean": torch.ones(b, 2),  # noqa: E731
+                                "tokens": torch.ones(b, 3, 2), "mask": torch.ones(b, 3, dtype=torch.bool)}, "float16")
+    with pytest.raises(KeyboardInterrupt):
+        with eb.WriteBehind(w, "float16", bar, coalesce=False) as wb:
+            for b0 in range(0, 12, 2):
+                wb.put(np.arange(b0, b0 + 2), out(2), [], 2)
+    assert sorted(w.rows) == list(range(12)) and wb.encoded == 12
