@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 #: near-free encoders: 1 layer, 32-d, but the real 224-px processor and 128-token texts
 IO_BERT = dict(hidden_size=32, num_layers=1, num_heads=2)
 IO_DINOV2 = dict(hidden_size=32, num_layers=1, num_heads=2, patch_size=14, image_size=224, resize_shortest_edge=256)
+#: torch threads of the extract runs: the near-free forward needs no parallelism, and a 2-thread OpenMP
+#: team on a shared 2-core machine waits on descheduled workers (measured: 200-290 texts/s at torch's
+#: default vs ~2,400 at 1 thread), which would measure the machine's load, not the path
+IO_THREADS = 1
 _MEAN = np.asarray([0.485, 0.456, 0.406], np.float32) * 255
 _STD = np.asarray([0.229, 0.224, 0.225], np.float32) * 255
 
@@ -104,9 +108,17 @@ def _generated(root: Path, n: int, seed: int) -> Path:
 
 
 def _forward_rate(enc, modality: str, items: list, bs: int) -> float:
+    """Forward-only samples/s on ready batches, with the extract runs' torch threads (CPU)."""
+    import torch
     from mmcache.bench.run import _image_limit, _text_limit
 
-    return (_text_limit if modality == "text" else _image_limit)(enc, items[: 8 * bs], bs, 1)
+    old = torch.get_num_threads()
+    if enc.device.type == "cpu":
+        torch.set_num_threads(IO_THREADS)
+    try:
+        return (_text_limit if modality == "text" else _image_limit)(enc, items[: 8 * bs], bs, 1)
+    finally:
+        torch.set_num_threads(old)
 
 
 def bench_io(cfg, work: Path, tmp: Path) -> dict[str, Any]:
@@ -141,7 +153,7 @@ def bench_io(cfg, work: Path, tmp: Path) -> dict[str, Any]:
             items = files if modality == "image" else texts
             ceiling, ours_decode = _ceiling(modality, enc, items, cores)
             ecfg = _extract_cfg(cfg, data_dir, tmp / "io_cache", models["bert"], models["dinov2"], modality=modality,
-                                batch_size=32, dataset=dataset, num_workers="auto")
+                                batch_size=32, dataset=dataset, num_workers="auto", threads=IO_THREADS)
             s = run_extract(ecfg).modalities[0]
             loop_s = (s.encoded + s.failed) / s.samples_per_s if s.samples_per_s else float("nan")
             out_bps = s.size_bytes / loop_s
@@ -162,7 +174,7 @@ def bench_io(cfg, work: Path, tmp: Path) -> dict[str, Any]:
         mine = [r for r in rows if r["modality"] == modality]
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0] if isinstance(mine[0][k], float)}
         summary.append({"modality": modality, **med, "limit_by": mine[0]["limit_by"], "repeats": len(mine)})
-    return {"data": source, "cores": cores, "rows": rows, "summary": summary,
+    return {"data": source, "cores": cores, "rows": rows, "summary": summary, "torch_threads": IO_THREADS,
             "load": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
@@ -191,7 +203,7 @@ def format_io(r: dict[str, Any]) -> list[str]:
 
     load = r.get("load")
     out = ["", "### io: extraction's input/output path (near-free encoders, median of repeats)", "",
-           f"data: {r['data']}; {r['cores']} cores; load average {', '.join(f'{x:.2f}' for x in load) if load else '-'}", ""]
+           f"data: {r['data']}; {r['cores']} cores; extract with --num-workers auto --threads {r.get('torch_threads')}; load average {', '.join(f'{x:.2f}' for x in load) if load else '-'}", ""]
     rows = []
     for s in r["summary"]:
         ceil = "decode (PIL, all cores)" if s["modality"] == "image" else "tokenizer (fast, all cores)"
