@@ -38,7 +38,7 @@ from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 BENCH_DIR = Path(__file__).resolve().parent
-SECTIONS = ("extraction", "cache_io", "training", "memory", "grid")
+SECTIONS = ("extraction", "cache_io", "training", "memory", "grid", "io")
 
 
 @dataclass
@@ -411,6 +411,10 @@ def format_report(r: dict[str, Any]) -> str:
            f"({m['torch_threads']} threads), {m['platform']}"]
     if r.get("extraction"):
         out += _format_stages(r)
+    if r.get("io"):
+        from mmcache.bench.iopath import format_io
+
+        out += format_io(r["io"])
     if r.get("grid"):
         from mmcache.bench.grid import format_grid
 
@@ -478,6 +482,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             result["cache_io"] = bench_cache_io(cfg, data_dir, text_dir, image_dir, tmp)
             result["training"] = bench_training(cfg, data_dir, text_dir, image_dir, tmp)
             result["memory"] = bench_memory(cfg, text_dir, image_dir, tmp) if cfg.memory else None
+        if "io" in cfg.sections:  # 5. the input/output path alone, with near-free encoders
+            from mmcache.bench.iopath import bench_io
+
+            result["io"] = bench_io(cfg, work, tmp)
         if "grid" in cfg.sections:
             from mmcache.bench.grid import bench_grid
 

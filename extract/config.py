@@ -51,7 +51,7 @@ class ExtractConfig:
     batch_size: int = 32
     text_batch_size: int | None = None  # default: batch_size
     image_batch_size: int | None = None  # default: batch_size
-    num_workers: int = 2  # image decoding processes (0 = in the main process)
+    num_workers: int | str = "auto"  # image decoding processes (0 = in the main process; auto: batches.resolve_workers)
     threads: int | None = None  # CPU device: torch threads for the forward; None = torch's default (all cores)
     patch_pool: int = 1
     force: bool = False
@@ -81,8 +81,10 @@ class ExtractConfig:
                 raise BadInputError(f"{key.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.threads is not None and self.threads < 1:
             raise BadInputError(f"--threads must be >= 1, got {self.threads}")
-        if self.num_workers < 0:
-            raise BadInputError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if isinstance(self.num_workers, str) and self.num_workers.strip().isdigit():
+            self.num_workers = int(self.num_workers)
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise BadInputError(f"--num-workers must be auto or an integer >= 0, got {self.num_workers!r}")
         if self.patch_pool < 1:
             raise BadInputError(f"--patch-pool must be >= 1, got {self.patch_pool}")
         if self.text_max_length < 2:

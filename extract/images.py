@@ -121,11 +121,14 @@ def check_resized(w: int, h: int, plan: tuple[int, int | None] | None, max_resiz
 
 def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                timeout_s: float | None = None, resize: tuple[int, int | None] | None = None,
-               max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> Image.Image:
+               max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS, draft=None) -> Image.Image:
     """Decode ``path`` fully into an RGB :class:`PIL.Image.Image`.
 
     ``resize``: the processor's :func:`resize_plan`; an image it would blow up past
-    ``max_resized_pixels`` is refused from its header, before decoding.
+    ``max_resized_pixels`` is refused from its header, before decoding. ``draft``: ``(w, h) -> (W, H)
+    or None``, the size the preprocessing will resize to when that is at most half the source
+    (:meth:`extract.image_encoder.FastPlan.draft_size`); a JPEG is then decoded at the largest
+    1/2, 1/4 or 1/8 scale still at least that big (``Image.draft``: 2-4x less decoding work).
 
     Raises:
         ImageFailure: with the reason: "no image path", "missing image file", "decompression bomb: ...",
@@ -149,6 +152,9 @@ def load_image(path: str | Path | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 if w < 1 or h < 1:
                     raise ImageFailure(f"unreadable image: empty {w}x{h} image")
                 check_resized(w, h, resize, max_resized_pixels)
+                target = draft(w, h) if draft is not None and im.format == "JPEG" else None
+                if target is not None:
+                    im.draft(None, target)  # mode kept: _to_rgb converts after
                 im.load()  # decodes every pixel now; truncated data raises here
                 out = _to_rgb(im)
                 out.load()

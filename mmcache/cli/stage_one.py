@@ -97,7 +97,7 @@ def extract(
     batch_size: EncodeBatchSize = 32,
     text_batch_size: Annotated[int | None, typer.Option(help="override --batch-size for text")] = None,
     image_batch_size: Annotated[int | None, typer.Option(help="override --batch-size for images")] = None,
-    num_workers: Annotated[int, typer.Option(help="image decoding processes (0: main process)")] = 2,
+    num_workers: Annotated[str, typer.Option(help="image decoding processes: auto (from the cores and the device) or a number (0: main process)")] = "auto",
     threads: Threads = None,
     patch_pool: Annotated[int, typer.Option(help="average-pool the patch grid K x K before storing")] = 1,
     force: Annotated[bool, typer.Option("--force", help="rebuild feature files made with other settings")] = False,
