@@ -362,12 +362,13 @@ class ImageRows:
     worker processes; holds only paths and the (picklable) preprocessor."""
 
     def __init__(self, files: list[str | None], preprocessor, max_pixels: int, timeout_s: float | None,
-                 max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS) -> None:
+                 max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS, draft: bool = True) -> None:
         self.files, self.preprocessor = files, preprocessor
         self.max_pixels, self.timeout_s = max_pixels, timeout_s
         self.resize, self.max_resized_pixels = resize_plan(preprocessor.settings()), max_resized_pixels
         fast = getattr(preprocessor, "fast", None)
-        self.draft = fast.draft_size if fast is not None else None  # JPEG decoded at reduced scale
+        # JPEG decoded at reduced scale, only under the "draft" decode policy the file records
+        self.draft = fast.draft_size if fast is not None and draft else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -475,7 +476,8 @@ def run_image(writer, enc, files: list[str | None], redo: np.ndarray, cfg: Extra
         return 0, 0
     workers = resolve_workers(cfg.num_workers, enc.device, len(plan))
     cuda = enc.device.type == "cuda"
-    rows_ds = ImageRows(files, enc.preprocessor, cfg.max_image_pixels, cfg.image_timeout_s, cfg.max_resized_pixels)
+    rows_ds = ImageRows(files, enc.preprocessor, cfg.max_image_pixels, cfg.image_timeout_s, cfg.max_resized_pixels,
+                        draft=cfg.decode == "draft")
     loader = DataLoader(
         _Batches(rows_ds), sampler=plan, batch_size=None, num_workers=workers, collate_fn=_as_is,
         pin_memory=cuda, timeout=cfg.loader_timeout_s if workers else 0,

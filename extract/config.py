@@ -51,6 +51,7 @@ class ExtractConfig:
     batch_size: int = 32
     text_batch_size: int | None = None  # default: batch_size
     image_batch_size: int | None = None  # default: batch_size
+    decode: str = "draft"  # image decoding: "draft" (JPEG at reduced scale where the resize allows) or "full"
     num_workers: int | str = "auto"  # image decoding processes (0 = in the main process; auto: batches.resolve_workers)
     threads: int | None = None  # CPU device: torch threads for the forward; None = torch's default (all cores)
     patch_pool: int = 1
@@ -81,6 +82,8 @@ class ExtractConfig:
                 raise BadInputError(f"{key.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.threads is not None and self.threads < 1:
             raise BadInputError(f"--threads must be >= 1, got {self.threads}")
+        if self.decode not in ("draft", "full"):
+            raise BadInputError(f"--decode must be draft or full, got {self.decode!r}")
         if isinstance(self.num_workers, str) and self.num_workers.strip().isdigit():
             self.num_workers = int(self.num_workers)
         if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or self.num_workers < 0):

@@ -99,7 +99,7 @@ def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict |
     otherwise :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on
     CUDA (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
     """
-    from mmcache.extract.identity import encoder_config
+    from mmcache.extract.identity import decode_mode, encoder_config
 
     from mmcache import cache as cf
     from mmcache.cache.export import imported_encoder_error
@@ -113,7 +113,9 @@ def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict |
         raise BadInputError(f"{spec.source!r} now loads as family {enc.family!r}; the cache was made with "
                             f"{spec.family!r}")
     if config is not None:
-        mine = encoder_config(enc, spec.modality, dtype=config.get("dtype", "float16"), revision=config.get("revision"))
+        decode = decode_mode(config.get("decode")) or "full"  # the recorded policy: predict decodes the same way
+        mine = encoder_config(enc, spec.modality, dtype=config.get("dtype", "float16"), revision=config.get("revision"),
+                              decode=decode)
         diff = cf.encoder_difference(config, mine, storage=False)
         if diff:
             raise BadInputError(f"{spec.source!r} is not the {spec.modality} encoder the cache was made with: {diff}")

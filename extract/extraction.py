@@ -28,6 +28,7 @@ only :mod:`mmcache.cache`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ from mmcache.extract.config import (
     reason_kind,
     shard_rows,
 )
-from mmcache.extract.identity import encoder_config
+from mmcache.extract.identity import decode_mode, encoder_config
 from mmcache.extract.index_prep import (
     disk_full_as_error,
     file_provenance,
@@ -58,7 +59,7 @@ from mmcache.extract.index_prep import (
 )
 
 from mmcache import cache as cf
-from mmcache.errors import BadInputError, Interrupted, PipelineError
+from mmcache.errors import BadInputError, CacheError, Interrupted, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,9 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     asked = cfg.encoder(modality)
     model = asked.model
     enc = encoder or _load_encoder(modality, cfg)
-    conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=asked.revision)
     path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
+    cfg = _keep_recorded_decode(cfg, modality, path)
+    conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=asked.revision, decode=cfg.decode)
     if paths is not None:
         paths[modality] = path
     if num_shards > 1 and not path.exists() and not cfg.force:
@@ -170,6 +172,23 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     summary.size_bytes = path.stat().st_size
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _keep_recorded_decode(cfg: ExtractConfig, modality: str, path: Path) -> ExtractConfig:
+    """``cfg`` with the image decode policy an existing file recorded (a file made before draft decoding
+    resumes with full decodes: one file never mixes the two); ``--force`` starts over with the asked one."""
+    if modality != "image" or cfg.force or not path.is_file():
+        return cfg
+    try:
+        with cf.FeatureFile(path) as ff:
+            recorded = decode_mode(ff.config.get("decode"))
+    except CacheError:  # unreadable: the usual checks in _write_shard say what to do
+        return cfg
+    if recorded and recorded != cfg.decode:
+        log.info("%s was made with %s image decoding: kept for this file (--force to redo it with %s)", path,
+                 recorded, cfg.decode)
+        return dataclasses.replace(cfg, decode=recorded)
+    return cfg
 
 
 def _set_aside_unreadable(path: Path) -> None:

@@ -21,6 +21,18 @@ from mmcache import cache as cf
 __all__ = ["encoder_config", "image_config", "model_identity", "text_config"]
 
 DECODE_POLICY = "PIL full decode; RGB; alpha composited on white; first frame; no EXIF transpose"
+# How images are decoded changes the pixels (draft decoding: mean |difference| ~1/255 on MVSA photos), so
+# the policy is part of a file's identity. "full" keeps the string every older file recorded.
+DECODE_POLICIES = {
+    "full": DECODE_POLICY,
+    "draft": "PIL decode, a JPEG at 1/2-1/8 scale (Image.draft) when the resize target is at most half the "
+             "source; RGB; alpha composited on white; first frame; no EXIF transpose",
+}
+
+
+def decode_mode(policy: str | None) -> str | None:
+    """``"full"`` / ``"draft"`` for a recorded decode policy string (None: unknown or not recorded)."""
+    return next((mode for mode, text in DECODE_POLICIES.items() if text == policy), None)
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "tokenizer.json", "vocab.txt", "*.model")
 _HASH_CACHE: dict[tuple, str] = {}
 
@@ -73,19 +85,21 @@ def text_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
     return conf
 
 
-def image_config(enc, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    """What determines an image file's values: its identity must match to resume."""
+def image_config(enc, *, dtype: str, revision: str | None, decode: str = "draft") -> dict[str, Any]:
+    """What determines an image file's values: its identity must match to resume. ``decode``: a key of
+    :data:`DECODE_POLICIES`."""
     return {
         **_model_config(enc, "image", dtype, revision), "kind": enc.kind,
         "input_hw": list(enc.input_hw), "raw_grid": list(enc.raw_grid), "grid": list(enc.grid),
         "num_prefix_tokens": enc.num_prefix_tokens, "patch_pool": enc.patch_pool,
-        "processor": enc.preprocessor.settings(), "decode": DECODE_POLICY,
+        "processor": enc.preprocessor.settings(), "decode": DECODE_POLICIES[decode],
     }
 
 
 _CONFIGS = {"text": text_config, "image": image_config}
 
 
-def encoder_config(enc, modality: str, *, dtype: str, revision: str | None) -> dict[str, Any]:
-    """:func:`text_config` or :func:`image_config`, by ``modality``."""
-    return _CONFIGS[modality](enc, dtype=dtype, revision=revision)
+def encoder_config(enc, modality: str, *, dtype: str, revision: str | None, decode: str = "draft") -> dict[str, Any]:
+    """:func:`text_config` or :func:`image_config`, by ``modality`` (``decode``: images only)."""
+    extra = {"decode": decode} if modality == "image" else {}
+    return _CONFIGS[modality](enc, dtype=dtype, revision=revision, **extra)

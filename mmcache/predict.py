@@ -97,8 +97,11 @@ def _load_verified_encoder(modality: str, recorded: dict[str, Any], device: str)
     conf = recorded.get("config") or {}
     spec = EncoderSpec.from_provenance(modality, recorded.get("provenance"), conf)
     enc = load_encoder_from_provenance(spec, config=conf, device=device)
+    from mmcache.extract.identity import decode_mode
+
     return enc, ExtractConfig(dataset="predict", dtype=conf.get("dtype", "float16"), precision=enc.precision,
-                              device=device, **spec.extract_options())
+                              device=device, decode=decode_mode(conf.get("decode")) or "full",
+                              **spec.extract_options())
 
 
 def recorded_tokenizer(run: str | Path):

@@ -278,3 +278,25 @@ def test_ctrl_c_while_waiting_for_the_writer_still_writes_every_queued_batch():
             for b0 in range(0, 12, 2):
                 wb.put(np.arange(b0, b0 + 2), out(2), [], 2)
     assert sorted(w.rows) == list(range(12)) and wb.encoded == 12
+
+
+def test_decode_policy_is_recorded_and_an_existing_file_keeps_its_own(models, tmp_path):
+    """Draft decoding changes pixels, so the policy is part of a file's identity: a file made with full
+    decodes (every file made before draft decoding existed) is resumed / kept with full decodes, never
+    mixed and never refused; --force redoes it with the asked policy; predict decodes as recorded."""
+    from mmcache.extract.identity import DECODE_POLICIES, decode_mode
+
+    from mmcache import cache as cf
+
+    first = run_extract(_cfg(tmp_path, models, modality="image", decode="full")).modalities[0]
+    with cf.FeatureFile(first.path) as ff:
+        assert decode_mode(ff.config["decode"]) == "full" and ff.config["decode"] == DECODE_POLICIES["full"]
+    again = run_extract(_cfg(tmp_path, models, modality="image")).modalities[0]  # asks for draft (the default)
+    assert again.path == first.path and again.up_to_date and again.encoded == 0  # kept as made, not refused
+    with cf.FeatureFile(first.path) as ff:
+        assert decode_mode(ff.config["decode"]) == "full"
+    run_extract(_cfg(tmp_path, models, modality="image", force=True))
+    with cf.FeatureFile(first.path) as ff:
+        assert decode_mode(ff.config["decode"]) == "draft"
+    with pytest.raises(BadInputError, match="--decode"):
+        _cfg(tmp_path, models, decode="fast").validate()
