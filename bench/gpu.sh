@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU session (one call of a lent GPU machine; see README "Performance"): stacked training's
+# The prepared GPU session (one call of a lent GPU machine; see docs/performance.md): stacked training's
 # CUDA checks (tests/test_stack.py: fp32 equal to one model per run, bf16 close), the grid section in
 # bf16 (cls and tokens grids, 4,500-post cache, stacked vs one model per run) and the extraction section
 # with base-size encoders. Everything goes under $OUT (default bench/gpu); each part has its own time limit

@@ -8,7 +8,7 @@ from typing import Any
 from mmcache.extract.datasets import LoadResult
 from mmcache.extract.splits import SPLITS, UNASSIGNED, SplitResult, empty_split_warnings
 
-from mmcache.tables import format_table, human_bytes  # noqa: F401 -- human_bytes: re-exported until fuse/ switches
+from mmcache.tables import format_table
 
 
 def summarize(result: LoadResult, splits: SplitResult) -> dict[str, Any]:

@@ -264,7 +264,7 @@ def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray],
 
 
 def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]:
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
 
     config, data = sc.config, sc.data
     index = cf.read_index(data.index_path)

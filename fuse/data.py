@@ -1,6 +1,6 @@
 """Stage-two data: find a dataset's caches, prove they line up, load them once into tensors.
 
-Reads only the cache (``extract.cache_format``: h5py + numpy), never images or encoders, and never
+Reads only the cache (:mod:`mmcache.cache`: h5py + numpy), never images or encoders, and never
 imports transformers. Every array a run needs is read whole, once, into a torch tensor; batches are
 then made by indexing those tensors (:meth:`FusionData.batch`), so no HDF5 read happens per batch.
 
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.targets import TargetSet, resolve_target, target_report
 from torch import Tensor
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)

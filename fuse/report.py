@@ -8,7 +8,7 @@ __all__ = ["format_eval", "format_metrics", "format_train"]
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    from mmcache.extract.summary import format_table  # stage-one module; pulls no encoders or torch
+    from mmcache.tables import format_table
 
     return format_table(headers, rows)
 

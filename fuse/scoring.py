@@ -8,7 +8,7 @@
    given explicitly overrides it. The run's own feature files are used where they still exist, else the
    ones found in that cache (or given explicitly);
 3. the features, the target and its classes, and the encoders: each opened feature file must be made
-   by the encoder the run was trained on (:func:`~mmcache.extract.cache_format.encoder_difference`:
+   by the encoder the run was trained on (:func:`~mmcache.cache.encoder_difference`:
    weights hash, tokenizer, pooling, layer ...);
 4. the split: on the run's own dataset its ``split.json`` must still be the cache's split, unless
    ``split_choice`` is ``"original"`` (score the run's own ids) or ``"current"`` (the cache's split,
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, head_uses
 from mmcache.fuse.runs import RunFolder
 from torch import Tensor
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from mmcache.extract import cache_format as cf
+
+from mmcache import cache as cf
 
 CLASSES = ["negative", "neutral", "positive"]
 

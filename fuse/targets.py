@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmcache.extract import cache_format as cf
 from torch import Tensor
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)

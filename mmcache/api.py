@@ -101,7 +101,7 @@ def inspect(dataset: str, *, data_dir: str | Path | None = None, options: dict[s
     """What a dataset holds before any extraction: counts per class and split, dropped samples by
     reason, decode fallbacks. ``cache_dir``: also compare with the split that cache root holds for the
     dataset (what ``extract`` would keep; key ``cache_split``). Returns the summary dict."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
     from mmcache.extract.config import ExtractConfig
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.index_prep import cache_name
@@ -122,7 +122,7 @@ def inspect(dataset: str, *, data_dir: str | Path | None = None, options: dict[s
 def cache_info(path: str | Path = "cache") -> list[dict[str, Any]]:
     """Every cache file under ``path`` (a file, a dataset folder or the cache root): shapes, dtypes,
     size on disk, provenance, completeness, failure count."""
-    from mmcache.extract.cache_info import collect
+    from mmcache.cache.info import collect
 
     return collect(path)
 
@@ -130,15 +130,15 @@ def cache_info(path: str | Path = "cache") -> list[dict[str, Any]]:
 def verify_cache(path: str | Path = "cache") -> list[dict[str, Any]]:
     """Read every feature file under ``path`` whole; each entry's ``status`` says ``ok``, ``damaged``
     (checksum mismatch, NaN/Inf) or ``unreadable``."""
-    from mmcache.extract.cache_info import verify
+    from mmcache.cache.info import verify
 
     return verify(path)
 
 
 def merge_cache(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False) -> list:
     """Combine the shard files of ``extract --shard i/n`` runs into the normal feature files
-    (:func:`mmcache.extract.cache_format.merge_paths`); returns one MergeResult per shard set."""
-    from mmcache.extract.cache_format import merge_paths
+    (:func:`mmcache.cache.merge_paths`); returns one MergeResult per shard set."""
+    from mmcache.cache import merge_paths
 
     return merge_paths(paths, keep_shards=keep_shards, force=force)
 
@@ -187,7 +187,7 @@ def load_cache(dataset: str | None = None, *, fields: tuple[str, ...] = ("cls",)
     ``fields``: any of ``cls``, ``mean``, ``tokens``, ``mask``. ``dtype`` None (the default) keeps the
     stored dtype (float16 for a default cache: half the memory of float32); ``dtype="float32"`` casts
     the float arrays (``mask`` stays bool)."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
     from mmcache.fuse.data import find_cache, resolve_dataset
 
     dataset = resolve_dataset(cache_dir, dataset)
@@ -288,7 +288,7 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
 
 def _run_index(folder, cache_dir: str | Path | None) -> Path | None:
     """The run's cache index: under ``cache_dir`` when given, else where the run recorded it."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
 
     prov = folder.provenance()
     if cache_dir is not None:

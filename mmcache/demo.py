@@ -50,7 +50,7 @@ class DemoResult:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from mmcache.extract.cache_format import CacheMismatchError
+    from mmcache.cache import CacheMismatchError
     from mmcache.extract.demo_models import IMAGE_NAME, TEXT_NAME, ensure_demo_models
     from mmcache.extract.extraction import ExtractConfig, run_extract
 

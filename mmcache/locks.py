@@ -5,7 +5,7 @@ kernel drops the flock when the holder dies (``kill -9`` and the OOM killer incl
 dead process is free again at once; its file, still naming the dead holder, is recovered (logged) by
 the next taker. Lock files are never deleted (deleting a locked file races with its next taker).
 
-Same model as the cache folder lock of stage one (``extract/cache_lock.py``), without its shard kinds
+Same model as the cache folder lock of stage one (``mmcache/cache/lock.py``), without its shard kinds
 and cache wording. Every ``open`` of a lock file is its own holder: two claims of one file in one
 process conflict too. Needs ``flock`` (POSIX); where it is missing, every claim succeeds (logged once).
 """

@@ -105,7 +105,7 @@ def dataset_posts(dataset: str, data_dir: str | Path | None, split: str | None, 
     its sample index when that knows the posts, else the stratified split (``seed`` / ``split_file``)
     as extraction makes it. ``require_run_split``: the run's ids must be found in the reader's posts
     (the door's split check, :func:`mmcache.fuse.scoring.split_for_posts`), never a silent fallback."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.splits import resolve_splits
 

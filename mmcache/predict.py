@@ -142,7 +142,7 @@ def _save_image(img: Any, folder: Path, i: int) -> str:
 def _refuse_other_posts(folder: Path, fingerprint: str) -> None:
     """A cache folder that already holds other posts is never overwritten (its features would no
     longer match its index): the same posts again are fine (their features are reused)."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
 
     path = folder / cf.INDEX_NAME
     if path.is_file() and cf.read_index(path).fingerprint != fingerprint:
@@ -156,7 +156,7 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
     ``config``, ``provenance``) into a normal cache ``cache_dir/name/`` (index.h5 + one feature file per
     modality), through stage one's own extraction code. Unlabelled posts get label -1 in the index.
     Returns the feature file written per modality."""
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
     from mmcache.extract.extraction import IndexInfo, extract_shard
 
     folder = Path(cache_dir) / name
@@ -206,7 +206,7 @@ def _moved(modality: str, recorded: dict[str, Any], folder: str | Path | None) -
 
 
 def _failure_reasons(path: Path) -> dict[str, str]:
-    from mmcache.extract import cache_format as cf
+    from mmcache import cache as cf
 
     with cf.FeatureFile(path) as ff:
         return dict(ff.failures())
@@ -285,7 +285,7 @@ class Predictor:
     # -- internals
     def _predict_in(self, posts: list[Post], cache_dir: Path, name: str, batch_size: int,
                     num_workers: int | None) -> PredictionResult:
-        from mmcache.extract import cache_format as cf
+        from mmcache import cache as cf
 
         encodable = [p for p in posts if "post" not in p.problem]
         probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
@@ -308,7 +308,7 @@ class Predictor:
         reason (the row's note)."""
         from collections import Counter
 
-        from mmcache.extract import cache_format as cf
+        from mmcache import cache as cf
 
         encoders = {}
         for m, rec in self.recorded.items():
@@ -326,7 +326,7 @@ class Predictor:
         the head can answer, and notes by post id."""
         import torch
 
-        from mmcache.extract import cache_format as cf
+        from mmcache import cache as cf
         from mmcache.fuse.data import FusionData, _load_modality
 
         loaded, reasons = {}, {}
@@ -382,7 +382,7 @@ class Predictor:
         ``image_weights`` over the patch ``grid`` (row-major) for ``tokens`` features."""
         import torch
 
-        from mmcache.extract import cache_format as cf
+        from mmcache import cache as cf
         from mmcache.fuse.analyze import attention_maps, explaining_heads
 
         if not self.model.explains:

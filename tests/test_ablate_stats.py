@@ -11,7 +11,6 @@ from pathlib import Path
 import mmcache.fuse.ablate as ab
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.ablate import best as best_mod
 from mmcache.fuse.ablate import probe as probe_mod
 from mmcache.fuse.ablate import stats
@@ -19,6 +18,7 @@ from mmcache.fuse.metrics import compute_metrics
 from mmcache.fuse.synthetic import make_cache
 from mmcache.fuse.train import TrainConfig
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError, PipelineError
 

@@ -310,11 +310,11 @@ def test_choices_accept_their_values_and_cuda_n():
 
 
 def test_choice_enums_match_the_library():
-    from mmcache.extract import cache_format as cf
     from mmcache.extract.encoders import PRECISIONS
     from mmcache.extract.splits import SPLITS
     from mmcache.fuse.data import FEATURES
 
+    from mmcache import cache as cf
     from mmcache.cli.options import Dtype, Features, Modality, Precision, Split
 
     assert [m.value for m in Features] == list(FEATURES)

@@ -14,12 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.datasets import load_dataset
 from mmcache.extract.textio import MAX_TEXT_CHARS, clean_text, is_blank, looks_like_html
 from PIL import Image
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.csvsafe import csv_cell, csv_dict, csv_row
 from mmcache.errors import BadInputError

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmcache.extract import cache_format as cf
 
+from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import BadInputError
 

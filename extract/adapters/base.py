@@ -274,4 +274,4 @@ def find_adapter(modality: str, config, source: str) -> EncoderAdapter:
     raise UnknownFamilyError(
         f"{modality} model {source!r} is a {mtype!r} checkpoint, which no {modality} encoder adapter knows. "
         f"Known {modality} families: {_known(modality)}. To add one, write one module in "
-        "extract/adapters/ with a @register_encoder class (README: 'Add an encoder family')")
+        "extract/adapters/ with a @register_encoder class (docs/extending.md: 'Add an encoder family')")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.ablate.grid import GridRun, run_status
 from mmcache.fuse.ablate.stats import (
     DEFAULT_B,
@@ -25,6 +24,8 @@ from mmcache.fuse.ablate.stats import (
 from mmcache.fuse.metrics import METRICS, compute_metrics
 from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import resolve_target
+
+from mmcache import cache as cf
 
 logger = logging.getLogger(__name__)
 

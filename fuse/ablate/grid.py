@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FEATURES, extract_command, list_cached_datasets
 from mmcache.fuse.heads import head_uses, list_heads
 from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import available_targets, resolve_target
 
+from mmcache import cache as cf
 from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)

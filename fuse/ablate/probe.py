@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.extract import cache_format as cf
 from mmcache.fuse.ablate.grid import GridRun, _index_fingerprint
 from mmcache.fuse.ablate.stats import _scores
 from mmcache.fuse.data import FusionData, load_data
 from mmcache.fuse.metrics import METRICS, compute_metrics
 from mmcache.fuse.runs import predictions_csv
 
+from mmcache import cache as cf
 from mmcache.common import atomic_write
 from mmcache.errors import PipelineError
 

@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmcache.extract.summary import format_table
 from mmcache.fuse.ablate.aggregate import REPORTED_LABEL
 from mmcache.fuse.ablate.best import markdown_section
 from mmcache.fuse.metrics import METRIC_NAMES, METRICS
 
 from mmcache.common import atomic_write_many, disk_full_error
+from mmcache.tables import format_table
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ dtypes only). Layout, one folder per dataset::
     cache/<dataset>/text--<slug>.shard-<i>-of-<n>.h5   shard i of n of a sharded run (see shard_path);
                                                         merge_shards copies a full set into text--<slug>.h5
 
-The schema is a public contract, documented in the README ("Cache format"); bump
+The schema is a public contract, documented in docs/cache-format.md; bump
 :data:`FORMAT_VERSION` on any incompatible change.
 """
 

@@ -155,7 +155,7 @@ def cache_info(
     as_json: Json = False,
 ) -> None:
     """Every cache file: shapes, dtypes, size on disk, provenance, completeness, failure count."""
-    from mmcache.extract.cache_info import format_info
+    from mmcache.cache.info import format_info
 
     entries = api.cache_info(path)
     typer.echo(json.dumps(entries, indent=2, default=str) if as_json else format_info(entries))
@@ -170,7 +170,7 @@ def cache_verify(
     as_json: Json = False,
 ) -> None:
     """Read every feature file whole and check each row's checksum and for NaN/Inf; exit 1 on damage."""
-    from mmcache.extract.cache_info import format_verify
+    from mmcache.cache.info import format_verify
 
     if path is not None and dataset is not None:
         raise BadInputError("give PATH or --dataset (a folder under --cache-dir), not both")
