@@ -106,10 +106,11 @@ def arithmetic_floor(runs_dir: Path, cache: Path, device: str, gflops_matmul: fl
     per_config: dict[str, tuple[float, float]] = {}  # FLOPs of a step and of one sample's forward
     step_gflop: dict[str, float] = {}
     total = 0.0
+    from mmcache.fuse.config import load_run_config
     from mmcache.fuse.runs import finished_runs
 
     for run in finished_runs(runs_dir):
-        cfg = run.config()
+        cfg = load_run_config(run)
         key = stack_key(cfg)  # seed, lr and weight decay change no FLOP
         if key not in per_config:
             per_config[key] = _config_flops(cfg, data)

@@ -102,7 +102,7 @@ def _disk_write_bps(folder: Path, nbytes: int) -> float:
 
 
 def _generated(root: Path, n: int, seed: int) -> Path:
-    from mmcache.bench.run import make_dataset
+    from mmcache.bench.common import make_dataset
 
     return make_dataset(root, n, seed, (600, 450))
 
@@ -110,20 +110,20 @@ def _generated(root: Path, n: int, seed: int) -> Path:
 def _forward_rate(enc, modality: str, items: list, bs: int) -> float:
     """Forward-only samples/s on ready batches, with the extract runs' torch threads (CPU)."""
     import torch
-    from mmcache.bench.run import _image_limit, _text_limit
+    from mmcache.bench.common import image_limit, text_limit
 
     old = torch.get_num_threads()
     if enc.device.type == "cpu":
         torch.set_num_threads(IO_THREADS)
     try:
-        return (_text_limit if modality == "text" else _image_limit)(enc, items[: 8 * bs], bs, 1)
+        return (text_limit if modality == "text" else image_limit)(enc, items[: 8 * bs], bs, 1)
     finally:
         torch.set_num_threads(old)
 
 
 def bench_io(cfg, work: Path, tmp: Path) -> dict[str, Any]:
     """The ``io`` section: per modality and repeat, extract vs decode/tokenize ceiling and vs disk."""
-    from mmcache.bench.run import _extract_cfg
+    from mmcache.bench.common import extract_cfg
     from mmcache.extract.datasets import load_dataset
     from mmcache.extract.encoders import load_image_encoder, load_text_encoder
     from mmcache.extract.extraction import run_extract
@@ -152,7 +152,7 @@ def bench_io(cfg, work: Path, tmp: Path) -> dict[str, Any]:
         for modality, enc in (("image", image_enc), ("text", text_enc)):
             items = files if modality == "image" else texts
             ceiling, ours_decode = _ceiling(modality, enc, items, cores)
-            ecfg = _extract_cfg(cfg, data_dir, tmp / "io_cache", models["bert"], models["dinov2"], modality=modality,
+            ecfg = extract_cfg(cfg, data_dir, tmp / "io_cache", models["bert"], models["dinov2"], modality=modality,
                                 batch_size=32, dataset=dataset, num_workers="auto", threads=IO_THREADS)
             s = run_extract(ecfg).modalities[0]
             loop_s = (s.encoded + s.failed) / s.samples_per_s if s.samples_per_s else float("nan")

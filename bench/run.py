@@ -17,22 +17,27 @@ Models are random-initialised BERT / DINOv2 of the preset's shapes, built locall
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mmcache.bench.common import (
+    extract_cfg,
+    image_limit,
+    machine_info,
+    make_dataset,
+    median_seconds,
+    sync,
+    text_limit,
+)
 
 from mmcache.errors import BadInputError
 
@@ -78,118 +83,6 @@ class BenchConfig:
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def make_dataset(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320, 240)) -> Path:
-    """``n`` posts as a `folder` dataset: JPEG photos-like images (smooth noise + shapes) and texts of
-    8-60 common words. Reused when it already exists with the same parameters."""
-    from mmcache.extract.tiny_models import DEFAULT_WORDS
-    from PIL import Image, ImageDraw
-
-    stamp = {"n": n, "seed": seed, "size": list(size), "v": 1}
-    marker = root / "bench.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return root
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    words = np.asarray(DEFAULT_WORDS)
-    rows = []
-    for i in range(n):
-        small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize(size, Image.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(3):
-            x0, y0 = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
-            draw.ellipse([x0, y0, x0 + 40, y0 + 40], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-        name = f"images/b{i:05d}.jpg"
-        img.save(root / name, quality=90)
-        text = " ".join(rng.choice(words, size=int(rng.integers(8, 61))))
-        rows.append({"id": f"b{i:05d}", "text": text, "image": name, "label": ("positive", "neutral", "negative")[i % 3]})
-    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    marker.write_text(json.dumps(stamp))
-    return root
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _sync(device) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize()
-
-
-def _machine(device: str) -> dict[str, Any]:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return info
-
-
-def _extract_cfg(cfg: BenchConfig, data_dir: Path, cache_dir: Path, text_dir: Path, image_dir: Path, **kw):
-    from mmcache.extract.extraction import ExtractConfig
-
-    base = dict(dataset="folder", data_dir=str(data_dir), cache_dir=str(cache_dir), name="bench",
-                text_model=str(text_dir), image_model=str(image_dir), device=cfg.device,
-                precision=cfg.precision, num_workers=cfg.num_workers, progress=False, force=True)
-    base.update(kw)
-    return ExtractConfig(**base)
-
-
-# ------------------------------------------------------------------------------------------ 1. extraction
-
-def _text_limit(enc, texts: list[str], bs: int, repeats: int) -> float:
-    """Samples/s of ``enc.encode`` alone on pre-tokenized batches, cut exactly as ``extract`` cuts
-    them (same length grouping), so the only difference from ours is everything around the forward."""
-    from mmcache.extract.extraction import text_batches
-
-    lengths = np.asarray([len(x) for x in enc.tokenizer(texts, truncation=True, max_length=enc.max_length)["input_ids"]])
-    plan = text_batches(lengths, bs, window=64 * bs)
-    batches = [enc.tokenize([texts[i] for i in rows]) for rows in plan]
-
-    def run():
-        for b in batches:
-            enc.encode(b)
-        _sync(enc.device)
-
-    return len(texts) / median_seconds(run, repeats)
-
-
-def _image_limit(enc, files: list[str], bs: int, repeats: int) -> float:
-    """Samples/s of ``enc.encode`` alone on pre-decoded, pre-processed batches in memory."""
-    from PIL import Image
-
-    pixels = []
-    for i in range(0, len(files), bs):
-        imgs = [Image.open(p).convert("RGB") for p in files[i:i + bs]]
-        pixels.append(enc.preprocess(imgs))
-
-    def run():
-        for px in pixels:
-            enc.encode(px)
-        _sync(enc.device)
-
-    return len(files) / median_seconds(run, repeats)
-
-
 def _naive(enc, items: list[str], modality: str) -> float:
     """Samples/s of a notebook-style loop: one sample at a time through the same model, results
     appended to a list (no batching, no workers, no file writes)."""
@@ -202,7 +95,7 @@ def _naive(enc, items: list[str], modality: str) -> float:
             out.append(enc.encode(enc.tokenize([item]))["cls"].numpy())
         else:
             out.append(enc.encode(enc.preprocess([Image.open(item).convert("RGB")]))["cls"].numpy())
-    _sync(enc.device)
+    sync(enc.device)
     return len(items) / (time.perf_counter() - t0)
 
 
@@ -221,10 +114,10 @@ def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir
     for modality, enc, items in (("text", text_enc, texts), ("image", image_enc, files)):
         naive = _naive(enc, items[: cfg.naive_samples], modality)
         for bs in cfg.batch_sizes:
-            limit = (_text_limit if modality == "text" else _image_limit)(enc, items, bs, cfg.repeats)
+            limit = (text_limit if modality == "text" else image_limit)(enc, items, bs, cfg.repeats)
             ours_runs = []
             for _ in range(cfg.repeats):
-                s = run_extract(_extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir,
+                s = run_extract(extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir,
                                              modality=modality, batch_size=bs))
                 ours_runs.append(s.modalities[0].samples_per_s)
             ours = statistics.median(ours_runs)
@@ -236,7 +129,7 @@ def bench_extraction(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir
                 best[modality] = row
     # Both modalities in one command, at each modality's best batch size.
     bs_t, bs_i = best["text"]["batch_size"], best["image"]["batch_size"]
-    s = run_extract(_extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir, modality="both",
+    s = run_extract(extract_cfg(cfg, data_dir, tmp / "cache", text_dir, image_dir, modality="both",
                                  text_batch_size=bs_t, image_batch_size=bs_i))
     rate = {m.modality: m.samples_per_s for m in s.modalities}
     combine = lambda a, b: 1.0 / (1.0 / a + 1.0 / b)  # noqa: E731  (samples/s of doing both, one after the other)
@@ -284,7 +177,7 @@ def bench_cache_io(cfg: BenchConfig, data_dir: Path, text_dir: Path, image_dir: 
     make_dataset(sub_dir, sub, cfg.seed, cfg.image_size)
     for modality, dtype, pool in (("text", "float16", 1), ("text", "float32", 1), ("image", "float16", 1),
                                   ("image", "float32", 1), ("image", "float16", 2), ("image", "float16", 4)):
-        s = run_extract(_extract_cfg(cfg, sub_dir, tmp / "sizes", text_dir, image_dir, modality=modality,
+        s = run_extract(extract_cfg(cfg, sub_dir, tmp / "sizes", text_dir, image_dir, modality=modality,
                                      dtype=dtype, patch_pool=pool, batch_size=32))
         with cf.FeatureFile(s.modalities[0].path) as ff:
             tokens = ff.num_tokens
@@ -333,7 +226,7 @@ def _encoders_in_loop_epoch(cfg: BenchConfig, data_dir: Path, text_dir: Path, im
         opt.zero_grad()
         loss.backward()
         opt.step()
-    _sync(te.device)
+    sync(te.device)
     return time.perf_counter() - t0, len(train)
 
 
@@ -476,7 +369,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         data_dir = make_dataset(work / f"data{cfg.samples}", cfg.samples, cfg.seed, cfg.image_size)
     with tempfile.TemporaryDirectory(dir=work, prefix="run") as t:
         tmp = Path(t)
-        result: dict[str, Any] = {"config": asdict(cfg), "machine": _machine(device)}
+        result: dict[str, Any] = {"config": asdict(cfg), "machine": machine_info(device)}
         if stages:
             result["extraction"] = bench_extraction(cfg, data_dir, text_dir, image_dir, tmp)
             result["cache_io"] = bench_cache_io(cfg, data_dir, text_dir, image_dir, tmp)

@@ -37,7 +37,7 @@ from mmcache.errors import BadInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "ImageEncoder", "ImagePreprocessor", "TextEncoder", "hub_reachable", "load_encoder",
+__all__ = ["PRECISIONS", "ImageEncoder", "ImagePreprocessor", "TextEncoder", "create_encoder", "hub_reachable", "load_encoder",
            "load_encoder_from_provenance", "load_image_encoder", "load_text_encoder", "load_tokenizer", "readable_name",
            "resolve_device", "resolve_precision", "validate_encoder"]
 
@@ -130,3 +130,13 @@ def load_encoder_for_cache(path: str | os.PathLike, *, device: str = "cpu", prec
     with cf.FeatureFile(path) as ff:
         spec, conf = cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config), ff.config
     return load_encoder_from_provenance(spec, config=conf, device=device, precision=precision)
+
+
+def create_encoder(modality: str, model: str, **kwargs):
+    """Load ``model`` (hub id or local folder) as a ``modality`` encoder through the adapter that
+    recognises its config: :func:`load_text_encoder` / :func:`load_image_encoder`."""
+    if modality == "text":
+        return load_text_encoder(model, **kwargs)
+    if modality == "image":
+        return load_image_encoder(model, **kwargs)
+    raise BadInputError(f"modality must be 'text' or 'image', got {modality!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER
 from mmcache.fuse.heads import head_uses, list_heads
-from mmcache.fuse.runs import check_run_name
+from mmcache.fuse.runs import RunFolder, check_run_name
 
 from mmcache.errors import BadInputError
 
@@ -147,9 +147,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The resolved config a run saved (read through :class:`~mmcache.fuse.runs.RunFolder`)."""
-    from mmcache.fuse.runs import RunFolder
-
-    return RunFolder(run_dir).config()
+def load_run_config(run_dir: str | Path | RunFolder) -> TrainConfig:
+    """The resolved config a run saved (``config.json``, read through :class:`~mmcache.fuse.runs.RunFolder`);
+    :class:`BadInputError` naming the file when it is not a valid config."""
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(run_dir)
+    try:
+        return TrainConfig.from_dict(folder.config_dict())
+    except (TypeError, ValueError) as e:
+        raise BadInputError(f"{folder.path / 'config.json'}: not a valid run config ({e})") from None
 

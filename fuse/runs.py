@@ -270,15 +270,6 @@ class RunFolder:
         d = read_json(self.path / CONFIG_FILE)
         return d if isinstance(d, dict) else None
 
-    def config(self):
-        """The run's :class:`~mmcache.fuse.config.TrainConfig`."""
-        from mmcache.fuse.config import TrainConfig
-
-        try:
-            return TrainConfig.from_dict(self.config_dict())
-        except (TypeError, ValueError) as e:
-            raise BadInputError(f"{self.path / CONFIG_FILE}: not a valid run config ({e})") from None
-
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path / CONFIG_FILE, config)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mmcache.fuse.config import TrainConfig
+from mmcache.fuse.config import TrainConfig, load_run_config
 from mmcache.fuse.data import MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.heads import FusionHead, head_uses
 from mmcache.fuse.runs import RunFolder
@@ -106,7 +106,7 @@ def load_head(run: str | Path | RunFolder, device: str | torch.device = "cpu", *
         folder.open(full=True)
     else:
         folder.require_finished()
-    config, meta = folder.config(), folder.metrics()
+    config, meta = load_run_config(folder), folder.metrics()
     info = meta["model"]
     outputs = sum(len(c) for c in info["targets"].values()) if info.get("targets") else len(info["classes"])
     model = build_head(config, {"text_dim": info.get("text_dim"), "image_dim": info.get("image_dim")}, outputs)
@@ -277,7 +277,7 @@ def split_for_posts(run: str | Path | RunFolder, dataset: str, *, split_file: st
     :func:`split_rows`; otherwise :class:`BadInputError`. Another dataset, or an explicit
     ``split_file``: None (that dataset's or file's own split)."""
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
-    config = folder.config()
+    config = load_run_config(folder)
     if dataset != config.dataset or split_file is not None:
         return None
     rec = folder.split()

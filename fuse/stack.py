@@ -8,8 +8,8 @@ A *stack* is a list of :class:`~mmcache.fuse.train.TrainConfig` that differ only
 * gets its own AdamW step (per-member lr, weight decay, warm-up + cosine schedule) and its own gradient
   clipping by its own gradient norm;
 * early-stops on its own validation macro-F1 (a finished member leaves the stack, its best weights kept);
-* writes its own run folder through ``train``'s :func:`~mmcache.fuse.train.open_run` /
-  :func:`~mmcache.fuse.train.finish_run`: same files, same ``config.json``, so tables, reuse, resume,
+* writes its own run folder through :func:`~mmcache.fuse.session.open_run` /
+  :func:`~mmcache.fuse.session.finish_run`: same files, same ``config.json``, so tables, reuse, resume,
   ``--shard`` and ``evaluate`` cannot tell a stacked run from a single one.
 
 How: all members' parameters live in ONE flat leaf tensor ``(M, P)`` (member x parameter). A copy of the
@@ -53,8 +53,9 @@ from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
 from mmcache.fuse.heads import Attention, FusionHead, dropout_generator, set_dropout_generators
+from mmcache.fuse.runs import RunFolder
+from mmcache.fuse.session import finish_run, open_run
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
-from mmcache.fuse.train import finish_run, open_run
 from torch import Tensor, nn
 
 from mmcache.errors import BadInputError, PipelineError
@@ -475,7 +476,6 @@ def fit_members(configs: list[TrainConfig], run_dirs: list[Path], data: FusionDa
 
 def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: FusionData, eval_rows: int,
          histories: list[list[dict[str, Any]]] | None, on_step) -> Fit:
-    from mmcache.fuse.runs import RunFolder
 
     cfg, n_all, device = configs[0], len(configs), data.device
     train_rows, val_rows = data.split_rows["train"], data.split_rows["val"]

@@ -289,10 +289,11 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
 def _run_index(folder, cache_dir: str | Path | None) -> Path | None:
     """The run's cache index: under ``cache_dir`` when given, else where the run recorded it."""
     from mmcache import cache as cf
+    from mmcache.fuse.config import load_run_config
 
     prov = folder.provenance()
     if cache_dir is not None:
-        return Path(cache_dir) / str(prov.get("dataset") or folder.config().dataset) / cf.INDEX_NAME
+        return Path(cache_dir) / str(prov.get("dataset") or load_run_config(folder).dataset) / cf.INDEX_NAME
     path = (prov.get("index") or {}).get("path")
     return Path(path) if path else None
 

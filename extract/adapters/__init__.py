@@ -1,8 +1,9 @@
-"""The encoder family registry (timm-style): ``register_encoder`` / ``list_encoders`` /
-``create_encoder``. One module per family; importing this package imports (and so registers) every
+"""The encoder family registry (timm-style): ``register_encoder`` / ``list_encoders`` / ``get_adapter``
+(loading a model through its family is :func:`mmcache.extract.encoders.create_encoder`). One module per family; importing this package imports (and so registers) every
 module in it, and the first registry use loads the ``mmcache.encoders`` plugins.
 
->>> from mmcache.extract.adapters import list_encoders, create_encoder
+>>> from mmcache.extract.adapters import list_encoders
+>>> from mmcache.extract.encoders import create_encoder
 >>> list_encoders("image")
 ['clip-vision', 'cnn', 'dinov2', 'siglip-vision', 'swin', 'vit']
 >>> enc = create_encoder("image", "openai/clip-vit-base-patch32")  # doctest: +SKIP
@@ -32,17 +33,5 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base" and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["EncoderAdapter", "ImageAdapter", "TextAdapter", "UnknownFamilyError", "create_encoder", "find_adapter",
+__all__ = ["EncoderAdapter", "ImageAdapter", "TextAdapter", "UnknownFamilyError", "find_adapter",
            "get_adapter", "list_encoders", "parse_layer", "register_encoder", "select_layer"]
-
-
-def create_encoder(modality: str, model: str, **kwargs):
-    """Load ``model`` (hub id or local folder) as a ``modality`` encoder through the adapter that
-    recognises its config: :func:`extract.encoders.load_text_encoder` / ``load_image_encoder``."""
-    from mmcache.extract.encoders import load_image_encoder, load_text_encoder
-
-    if modality == "text":
-        return load_text_encoder(model, **kwargs)
-    if modality == "image":
-        return load_image_encoder(model, **kwargs)
-    raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
