@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli as _run
 
 from mmcache import cli
 
@@ -15,11 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 NAMES = ("demo", "folder", "memotion", "mvsa_single", "mvsa_multiple")
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_one_line_error(err: str) -> None:

@@ -10,19 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli as _run
 from mmcache.fuse.synthetic import make_cache
 
-from mmcache import cli, configfile
+from mmcache import configfile
 from mmcache.errors import BadInputError
 
 TINY = {"dim": 8, "heads": 2, "epochs": 2, "batch_size": 16, "lr": 3e-3, "patience": 0, "device": "cpu",
         "threads": 1}
 
 
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

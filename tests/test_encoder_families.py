@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.encoders import load_encoder_for_cache
 
@@ -36,11 +37,6 @@ def _extract(env, cache, *args):
                      "--cache-dir", str(cache), *COMMON, *map(str, args)])
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.slow

@@ -13,11 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 from mmcache.fuse.synthetic import make_cache
 
 import mmcache.api as api
 from mmcache import cache as cf
-from mmcache import cli
 from mmcache.errors import BadInputError
 
 FIELDS = ("cls", "mean", "tokens", "mask")
@@ -25,10 +25,6 @@ TRAIN = ["--head", "basic", "--features", "cls", "--dim", "8", "--attention-head
          "--batch-size", "16", "--device", "cpu", "--threads", "1", "--quiet", "--json"]
 
 
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

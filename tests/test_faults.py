@@ -27,13 +27,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import one_error_line as _one_error_line
+from conftest import run_cli as _run
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.extraction import ExtractConfig, run_extract
 from mmcache.extract.images import ImageFailure, check_resized, load_image, resize_plan
 from PIL import Image
 
 from mmcache import cache as cf
-from mmcache import cli
 from mmcache.cache import integrity as ci
 from mmcache.cache import writer
 from mmcache.cache.lock import CacheBusyError, folder_lock
@@ -124,17 +125,8 @@ def cache(reference, tmp_path):
     return out
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error")]  # (transformers' own load bars aside)
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _flip(path: Path, name: str, row: int, nbytes: int = 4096) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli as _run
 from mmcache.fuse.heads import list_heads
 
 from mmcache import cli
@@ -24,11 +25,6 @@ def demo_cache(tmp_path_factory):
     return root
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("features", ["cls", "tokens"])

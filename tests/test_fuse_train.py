@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as _run
 from mmcache.fuse.data import load_data
 from mmcache.fuse.evaluate import evaluate
 from mmcache.fuse.heads import head_uses, list_heads
@@ -272,11 +273,6 @@ def test_unfinished_run_is_not_evaluated(trained, tmp_path):
 
 # --------------------------------------------------------------------------------------------- CLI
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_train_and_evaluate(cache, tmp_path, capsys):

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 
 from mmcache import cache as cf
-from mmcache import cli
 from mmcache.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=8, heads=2, epochs=2, batch_size=16, lr=3e-3, patience=0, device="cpu", threads=1)
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _make(cache: Path, seed: int = 0) -> Path:

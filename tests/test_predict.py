@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mmcache import cli
+from conftest import run_cli as _run
 
 N = 60
 
@@ -47,11 +46,6 @@ def demo32(tmp_path_factory):
     return _setup(tmp_path_factory.mktemp("predict-main"), "float32")
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _read_csv(path_or_text, is_text=False):

@@ -14,23 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as _run
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.datasets import Sample, load_dataset
 from mmcache.extract.split_policy import decide_split
 from mmcache.fuse.heads import head_uses, list_heads
 
 from mmcache import cache as cf
-from mmcache import cli
 from mmcache.errors import BadInputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------------------------- stage one
