@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mmcache.csvsafe import csv_dict
+
 __all__ = ["extract_cfg", "image_limit", "machine_info", "make_dataset", "median_seconds", "sync", "text_limit"]
 
 
@@ -46,7 +48,7 @@ def make_dataset(root: Path, n: int, seed: int = 0, size: tuple[int, int] = (320
     with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(csv_dict(r) for r in rows)
     marker.write_text(json.dumps(stamp))
     return root
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmcache.common import atomic_write
+from mmcache.csvsafe import csv_row
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def _png_b64(img, size: int = 160) -> str:
 def _csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
+    w.writerow(csv_row(header))
+    w.writerows(csv_row(r) for r in rows)  # ids and texts come from the data
     atomic_write(path, buf.getvalue())
     return path
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmcache.common import atomic_write
+from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, PipelineError
 
 if TYPE_CHECKING:
@@ -502,7 +503,7 @@ def predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, targ
     for m, classes in zip(target.members, target.classes, strict=True):
         pre = f"{m}:" if multi else ""
         head += [f"{pre}true", f"{pre}predicted", *(f"{pre}p_{c}" for c in classes)]
-    w.writerow(head)
+    w.writerow(csv_row(head))
     offsets = np.cumsum([0, *target.sizes])
     for i, sid in enumerate(ids):
         row = [sid]
@@ -510,7 +511,7 @@ def predictions_csv(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, targ
             block = probs[i, offsets[j]:offsets[j + 1]]
             y = int(labels[i, j])
             row += [classes[y] if y >= 0 else "", classes[int(block.argmax())], *(f"{v:.6f}" for v in block)]
-        w.writerow(row)
+        w.writerow(csv_row(row))  # ids and class names come from the data
     return buf.getvalue()
 
 

@@ -19,15 +19,29 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+def _risky(text: str) -> bool:
+    """A formula start (not a plain number), possibly behind quotes we added: those are prefixed again,
+    so :func:`csv_value` can undo exactly one quote and the round trip is lossless."""
+    bare = text.lstrip("'")
+    return bare.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(bare)
+
+
 def csv_cell(value: Any) -> Any:
     """``value`` made safe for a CSV cell.
 
     Only a *text* cell (a ``str``) that starts with one of :data:`FORMULA_STARTS` and is not a plain
-    decimal number gets a leading ``'``; numbers (``int`` / ``float``, or a ``str`` such as ``"-0.5"``),
-    ``None`` and every other text are returned unchanged, so numeric columns stay numeric."""
-    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS) or _NUMBER.fullmatch(value):
+    decimal number gets a leading ``'`` (so does such a text already behind quotes, to keep the round
+    trip exact); numbers (``int`` / ``float``, or a ``str`` such as ``"-0.5"``), ``None`` and every other
+    text are returned unchanged, so numeric columns stay numeric."""
+    if not isinstance(value, str) or not _risky(value):
         return value
     return "'" + value
+
+
+def csv_value(text: str) -> str:
+    """The value :func:`csv_cell` was given, from the cell text read back (one added quote removed):
+    the project's own readers of its CSV outputs (ids in ``predictions.csv``) go through this."""
+    return text[1:] if text.startswith("'") and _risky(text[1:]) else text
 
 
 def csv_row(row: Iterable[Any]) -> list[Any]:

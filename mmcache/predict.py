@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcache.csvsafe import csv_dict
 from mmcache.errors import BadInputError
 from mmcache.posts import Post, posts_from_lists
 
@@ -63,7 +64,8 @@ class PredictionResult:
         w = csv.DictWriter(buf, fieldnames=self.columns(), extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in self.rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+            w.writerow(csv_dict({k: (f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v))
+                                 for k, v in r.items()}))  # ids, texts and reasons come from the data
         return buf.getvalue()
 
     def to_jsonl(self) -> str:

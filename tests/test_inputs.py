@@ -226,3 +226,29 @@ def test_extract_where_every_row_fails_exits_non_zero_and_keeps_the_failures(tmp
     assert (cache / "posts" / cf.INDEX_NAME).is_file()
     # the same folder with its texts: something usable, a success
     assert cli.main(_extract(data, cache, models, "--modality", "both")) == 0
+
+
+@pytest.mark.parametrize("value", ["@user1", "=HYPERLINK(\"x\")", "'=already quoted", "''@two", "-5", "-0.5", "+3",
+                                   "-inf", "plain", "'just a quote", "", "\tTAB"])
+def test_csv_cells_round_trip_exactly_through_the_projects_own_reader(value):
+    # ids such as @user are written '@user for spreadsheets; the project's own readers of its CSV outputs
+    # (the ablation tables read predictions.csv ids and match them with the index) must get @user back
+    from mmcache.csvsafe import csv_cell, csv_value
+
+    written = csv_cell(value)
+    assert csv_value(written) == value
+    assert not written.lstrip("'").startswith(("=", "+", "-", "@", "\t")) or written.startswith("'") or written in ("-5", "-0.5", "+3")
+
+
+def test_predictions_csv_ids_are_spreadsheet_safe_and_read_back_unchanged():
+    import numpy as np
+
+    from mmcache.fuse.ablate.aggregate import _prediction_rows
+    from mmcache.fuse.runs import predictions_csv
+    from mmcache.fuse.targets import TargetSet
+
+    target = TargetSet("sentiment", ("sentiment",), (("positive", "negative"),))
+    text = predictions_csv(np.array(["@user1", "=2+2", "ok"], dtype=object), np.array([[0], [1], [0]]),
+                           np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=np.float32), target)
+    assert "\n'@user1," in text and "\n'=2+2," in text
+    assert [r["id"] for r in _prediction_rows(text)] == ["@user1", "=2+2", "ok"]

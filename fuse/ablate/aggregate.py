@@ -26,6 +26,7 @@ from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.targets import resolve_target
 
 from mmcache import cache as cf
+from mmcache.csvsafe import csv_value
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _agreement_scores(text: str | None, agree: dict[str, bool]) -> dict[str, dic
     agree / disagree."""
     if text is None:
         return None
-    rows = list(csv.DictReader(io.StringIO(text)))
+    rows = _prediction_rows(text)
     out = {}
     for part, want in (("agree", True), ("disagree", False)):
         sel = [r for r in rows if agree.get(r["id"]) is want]
@@ -324,11 +325,17 @@ def _read_predictions(run_dir: str | Path) -> str | None:
     return RunFolder(run_dir).predictions_text()
 
 
+def _prediction_rows(text: str) -> list[dict[str, str]]:
+    """predictions.csv rows as written before :func:`~mmcache.csvsafe.csv_cell` made them spreadsheet-safe
+    (an id such as ``@user`` is stored ``'@user``; the index holds ``@user``)."""
+    return [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
+
+
 def _parse_predictions(text: str, target) -> dict[str, list[tuple[int, int]]]:
     """id -> per member (true id or -1 when masked, predicted id), from predictions.csv text."""
     out = {}
     lookup = [{c: i for i, c in enumerate(classes)} for classes in target.classes]
-    for r in csv.DictReader(io.StringIO(text)):
+    for r in _prediction_rows(text):
         cells = []
         for m, idx in zip(target.members, lookup, strict=True):
             pre = f"{m}:" if target.multi else ""

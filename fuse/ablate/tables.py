@@ -16,6 +16,7 @@ from mmcache.fuse.ablate.best import markdown_section
 from mmcache.fuse.metrics import METRIC_NAMES, METRICS
 
 from mmcache.common import atomic_write_many, disk_full_error
+from mmcache.csvsafe import csv_row
 from mmcache.tables import format_table
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,7 @@ def _csv(table: dict[str, Any]) -> str:
         head.append(f"{part}_n")
         for k in METRICS:
             head += [f"{part}_{k}_mean", f"{part}_{k}_std", f"best_{part}_{k}"]
-    w.writerow(head)
+    w.writerow(csv_row(head))
     for r in table["rows"]:
         line = [table["dataset"], table.get("target") or "", r["kind"], r["head"], r["features"], r["encoder"],
                 _num(r.get("n_test")), _num(r.get("n_dropped")), r["seeds_finished"], r["seeds_failed"],
@@ -328,7 +329,7 @@ def _csv(table: dict[str, Any]) -> str:
             line.append(r[part]["n"])
             for k in METRICS:
                 line += [_num(r[part][k]["mean"]), _num(r[part][k]["std"]), r[f"best_{part}_{k}"]]
-        w.writerow(line)
+        w.writerow(csv_row(line))
     for ref in _references(table):
         line = [table["dataset"], table.get("target") or "", "reported", ref["head"] or "", "",
                 f"{REPORTED_LABEL}: {ref.get('source') or 'paper'}", "", "", "", "", ""]
@@ -338,7 +339,7 @@ def _csv(table: dict[str, Any]) -> str:
         line += ["", ""] * len(per) + [""] * (show_var + 2 * show_lr)
         for _ in parts:
             line += [""] + ["", "", False] * len(METRICS)
-        w.writerow(line)
+        w.writerow(csv_row(line))
     return buf.getvalue()
 
 
