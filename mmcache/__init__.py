@@ -8,8 +8,12 @@ The Python API (:mod:`mmcache.api`, imported on first use so ``import mmcache`` 
     mmcache.extract(dataset, **options)          # stage one -> ExtractSummary
     mmcache.train_fusion(head=..., dataset=...)  # stage two -> TrainResult (run_dir, metrics)
     mmcache.evaluate(run), mmcache.ablate(...), mmcache.analyze(run)
-    mmcache.load_cache(dataset)                  # arrays + sample index as numpy
+    mmcache.load_cache(dataset)                  # arrays + sample index as numpy (stored dtype)
     mmcache.Predictor.from_run(run).predict(texts=[...], images=[...])
+    mmcache.inspect / datasets / cache_info / verify_cache / merge_cache / export_cache / import_cache,
+    mmcache.bench, mmcache.demo: every other command, one call each; mmcache.EncoderSpec: an encoder's record
+
+The cache contract is :mod:`mmcache.cache` (h5py + numpy, never torch).
 """
 
 from pathlib import Path as _Path
@@ -22,9 +26,10 @@ if not (_here / "extract").is_dir() and (_here.parent / "extract" / "__init__.py
 
 __version__ = "0.1.0"
 
-_API = {"train_fusion": "mmcache.api", "evaluate": "mmcache.api", "ablate": "mmcache.api",
-        "analyze": "mmcache.api", "load_cache": "mmcache.api", "predict": "mmcache.api",
-        "CacheArrays": "mmcache.api", "Predictor": "mmcache.predict", "PredictionResult": "mmcache.predict",
+_API = {**{name: "mmcache.api" for name in (
+            "train_fusion", "evaluate", "ablate", "analyze", "load_cache", "predict", "CacheArrays", "datasets",
+            "inspect", "cache_info", "verify_cache", "merge_cache", "export_cache", "import_cache", "bench", "demo")},
+        "Predictor": "mmcache.predict", "PredictionResult": "mmcache.predict", "EncoderSpec": "mmcache.cache",
         "BadInputError": "mmcache.errors", "PipelineError": "mmcache.errors", "CacheError": "mmcache.errors"}
 __all__ = sorted([*_API, "extract"])
 
