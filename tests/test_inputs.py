@@ -242,7 +242,6 @@ def test_csv_cells_round_trip_exactly_through_the_projects_own_reader(value):
 
 def test_predictions_csv_ids_are_spreadsheet_safe_and_read_back_unchanged():
     import numpy as np
-
     from mmcache.fuse.ablate.aggregate import _prediction_rows
     from mmcache.fuse.runs import predictions_csv
     from mmcache.fuse.targets import TargetSet
