@@ -210,7 +210,7 @@ def test_single_model_dropout_ignores_the_global_rng(cache):
 def test_per_member_linear_is_a_plain_linear():
     # the stacked Linear's forward and backward, member by member, are bit for bit a plain Linear's
     # (n = 42 rows: member slices start off a 64-byte boundary, where MKL would otherwise sum differently)
-    from mmcache.fuse.stack import _BatchedLinear
+    from mmcache.fuse.stacked_layers import BatchedLinear as _BatchedLinear
 
     g = torch.Generator().manual_seed(0)
     m, n, i, o = 3, 7 * 6, 24, 40

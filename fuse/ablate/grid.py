@@ -126,7 +126,7 @@ def run_key(config: TrainConfig, data_fingerprint: str, default_target: str | No
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
 
 
-def _index_fingerprint(index: cf.SampleIndex) -> str:
+def index_fingerprint(index: cf.SampleIndex) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([index.fingerprint, list(index.classes)]).encode("utf-8"))
     h.update(np.asarray(index.labels, dtype=np.int64).tobytes())
@@ -240,7 +240,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
     skips: list[dict[str, Any]] = []
     for dataset in names:
         index = cf.read_index(cache_dir / dataset / cf.INDEX_NAME)
-        index_fp, split_fp = _index_fingerprint(index), index.split_fingerprint
+        index_fp, split_fp = index_fingerprint(index), index.split_fingerprint
         target_fps, default = _grid_targets(index, targets)
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
         for enc in encoders:

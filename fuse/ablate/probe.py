@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.fuse.ablate.grid import GridRun, _index_fingerprint
-from mmcache.fuse.ablate.stats import _scores
+from mmcache.fuse.ablate.grid import GridRun, index_fingerprint
+from mmcache.fuse.ablate.stats import scores_from_confusion
 from mmcache.fuse.data import FusionData, load_data
 from mmcache.fuse.metrics import METRICS, compute_metrics
 from mmcache.fuse.runs import predictions_csv
@@ -55,7 +55,7 @@ def _cache_key(run: GridRun) -> str:
     """Hash of what the probe's numbers depend on: the grid's data fingerprint (index, each feature file's
     settings), features, target and the probe's settings."""
     index = cf.read_index(Path(run.config.cache_dir) / run.dataset / cf.INDEX_NAME)
-    data_fp = "|".join([_index_fingerprint(index), *(_file_fp(getattr(run.encoder, m)) for m in run.encoder.modalities)])
+    data_fp = "|".join([index_fingerprint(index), *(_file_fp(getattr(run.encoder, m)) for m in run.encoder.modalities)])
     payload = json.dumps({"data": data_fp, "features": run.features, "target": run.target,
                           "files": [Path(getattr(run.encoder, m)).name for m in run.encoder.modalities],
                           "cs": PROBE_CS, "version": VERSION}, sort_keys=True)
@@ -76,7 +76,7 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray, c: int) -> float:
     """Macro-F1 over all ``c`` classes (absent ones score 0, as :func:`fuse.metrics.compute_metrics`), from
     numpy confusion counts: sklearn's checks cost ~40 ms a call, 13 calls per probe."""
     conf = np.bincount(y * c + pred, minlength=c * c).reshape(c, c).astype(np.float64)
-    return float(_scores(conf)["macro_f1"])
+    return float(scores_from_confusion(conf)["macro_f1"])
 
 
 def _fit_member(x: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], n_classes: int) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, c: int, w: np.ndarray) ->
     return (w @ onehot).reshape(w.shape[0], s, c, c)
 
 
-def _scores(conf: np.ndarray) -> dict[str, np.ndarray]:
+def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray]:
     """accuracy, macro-F1 and weighted-F1 from confusion counts (..., C, C); each (...,).
 
     Macro-F1 averages over the classes that occur (true or predicted): a class a bootstrap draw happens to
@@ -102,7 +102,7 @@ def replicate_scores(row: RowPredictions, pw: np.ndarray, sw: np.ndarray) -> dic
     metric on the drawn posts (``pw`` (B, n)); a task's metric is the mean over its members."""
     out = {k: np.zeros(pw.shape[0]) for k in METRICS}
     for y_true, y_pred, c in zip(row.y_true, row.y_pred, row.n_classes, strict=True):
-        per_seed = _scores(_confusion(y_true, y_pred, c, pw))  # each (B, S)
+        per_seed = scores_from_confusion(_confusion(y_true, y_pred, c, pw))  # each (B, S)
         for k in METRICS:
             out[k] += (per_seed[k] * sw).sum(1) / sw.sum(1) / len(row.y_true)
     return out
