@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcache.extract.adapters import get_adapter
-from mmcache.extract.hub import hub_reachable
+from mmcache.extract.hub import hub_reachable, looks_like_path
 from mmcache.extract.image_encoder import ImageEncoder, ImagePreprocessor, image_parts, load_image_encoder
 from mmcache.extract.runtime import PRECISIONS, resolve_precision
 from mmcache.extract.text_encoder import TextEncoder, load_text_encoder, text_parts
@@ -82,7 +82,12 @@ def load_tokenizer(spec: EncoderSpec):
 
     if not spec.source:
         raise BadInputError("the text provenance names no model (model_id / resolved_path)")
-    return AutoTokenizer.from_pretrained(spec.source, revision=spec.load_revision, trust_remote_code=False)
+    local = os.path.isdir(spec.source)
+    if not local and looks_like_path(spec.source):
+        raise ModelLoadError(f"could not load the tokenizer {spec.source!r}: no such folder")
+    # Offline (or the hub unreachable): never wait on network retries for a hub id, as load_config does.
+    return AutoTokenizer.from_pretrained(spec.source, revision=spec.load_revision, trust_remote_code=False,
+                                         local_files_only=local or not hub_reachable())
 
 
 def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict | None = None, *,

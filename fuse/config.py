@@ -14,7 +14,7 @@ from typing import Any
 
 from mmcache.fuse.data import FEATURES, MODALITY_ORDER
 from mmcache.fuse.heads import head_uses, list_heads
-from mmcache.fuse.runs import RunFolder, check_run_name
+from mmcache.fuse.runs import CONFIG_FILE, RunFolder, check_run_name
 
 from mmcache.errors import BadInputError
 
@@ -154,5 +154,5 @@ def load_run_config(run_dir: str | Path | RunFolder) -> TrainConfig:
     try:
         return TrainConfig.from_dict(folder.config_dict())
     except (TypeError, ValueError) as e:
-        raise BadInputError(f"{folder.path / 'config.json'}: not a valid run config ({e})") from None
+        raise BadInputError(f"{folder.path / CONFIG_FILE}: not a valid run config ({e})") from None
 

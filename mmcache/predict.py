@@ -107,9 +107,10 @@ def _load_verified_encoder(modality: str, recorded: dict[str, Any], device: str)
 
 
 def recorded_tokenizer(run: str | Path):
-    """A function texts -> token strings, from the tokenizer the run's text cache recorded (the same
-    source and revision rule as its encoder: :class:`~mmcache.cache.EncoderSpec`); None when the run has
-    no text cache or the tokenizer cannot be loaded (reports then show token positions)."""
+    """A function texts -> token strings (or a None per text when the tokenizer cannot be loaded: reports
+    then show token positions), from the tokenizer the run's text cache recorded (the same source and
+    revision rule as its encoder: :class:`~mmcache.cache.EncoderSpec`); None when the run has no text
+    cache. The tokenizer is loaded on first use: a command that refuses the run never loads it."""
     from mmcache.cache import EncoderSpec
     from mmcache.fuse.runs import RunFolder
 
@@ -117,17 +118,24 @@ def recorded_tokenizer(run: str | Path):
     spec = EncoderSpec.from_provenance("text", rec.get("provenance"), rec.get("config"))
     if not spec.source:
         return None
-    try:
-        from mmcache.extract.encoders import load_tokenizer
+    loaded: dict[str, Any] = {}
 
-        tok = load_tokenizer(spec)
-    except Exception as e:  # noqa: BLE001 -- optional: the analysis still runs with token positions
-        log.warning("token strings unavailable (%s): showing token positions", e)
-        return None
-    max_length = int(spec.max_length or 128)
+    def tokenizer():
+        if "tok" not in loaded:
+            try:
+                from mmcache.extract.encoders import load_tokenizer
 
-    def tokenize(texts: list[str]) -> list[list[str]]:
-        ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+                loaded["tok"] = load_tokenizer(spec)
+            except Exception as e:  # noqa: BLE001 -- optional: the analysis still runs with token positions
+                log.warning("token strings unavailable (%s): showing token positions", e)
+                loaded["tok"] = None
+        return loaded["tok"]
+
+    def tokenize(texts: list[str]) -> list[list[str] | None]:
+        tok = tokenizer()
+        if tok is None:
+            return [None] * len(texts)
+        ids = tok(list(texts), truncation=True, max_length=int(spec.max_length or 128))["input_ids"]
         return [tok.convert_ids_to_tokens(x) for x in ids]
 
     return tokenize
