@@ -67,6 +67,7 @@ UNFINISHED_MARKER = "UNFINISHED"  # present from the folder's creation until the
 CALIBRATION_FILE = "calibration.json"  # temperature scaling fitted by analyze
 ANALYSIS_DIR = "analysis"
 EVALUATIONS_DIR = "evaluations"
+TRACKING_DIR = "tb"  # TensorBoard event files (fuse/tracking.py); not sealed, never read back
 RUN_FILES = (CONFIG_FILE, PROVENANCE_FILE, SPLIT_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE, FINISHED_MARKER,
              LOG_FILE)
 SEALED_FILES = (CONFIG_FILE, PROVENANCE_FILE, SPLIT_FILE, HISTORY_FILE, MODEL_FILE, PREDICTIONS_FILE,
@@ -406,6 +407,10 @@ class RunFolder:
         os.replace(staged, final)
         shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def tracking_dir(self) -> Path:
+        """Where experiment trackers write (``tb/``: TensorBoard event files); not created here."""
+        return self.path / TRACKING_DIR
 
     def evaluation_paths(self, stem: str) -> tuple[Path, Path]:
         """(predictions .csv, metrics .json) of one evaluation, in ``evaluations/`` (created)."""

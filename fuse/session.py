@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mmcache.fuse import tracking
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import MODALITY_ORDER, FusionData, load_data
 from mmcache.fuse.engine import (
@@ -148,6 +149,7 @@ def open_run(config: TrainConfig, data: FusionData | None, *, allow_no_val: bool
     threads = config.threads or (small_model_threads() if device.type == "cpu" else None)
     folder.write_provenance(_provenance(data, device, threads))
     folder.write_split(data.split, data.split_ids)
+    tracking.start_run(run_dir, config.to_dict())  # the active run loggers (fuse/tracking.py), if any
     return config, data, device, run_dir, threads
 
 
@@ -191,6 +193,7 @@ def finish_run(run_dir: Path, config: TrainConfig, data: FusionData, model: Fusi
         **(extra or {}),
     }
     folder.finish(metrics)  # metrics.json, then the manifest (last)
+    tracking.end_run(run_dir, metrics)  # after the folder is sealed: a tracker never holds up a finished run
     logger.info("run %s: best epoch %d, val macro-F1 %s, test macro-F1 %s", run_dir, best_epoch,
                 _fmt(metrics["val"], "macro_f1"), _fmt(metrics["test"], "macro_f1"))
     return metrics

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmcache.fuse import tracking
 from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
@@ -298,6 +299,8 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
             logs.append(attach_run_log(run_dir))  # each member's train.log: the stack's log lines
         return _train_opened(opened, data, device, threads, t_start, eval_rows)
     finally:
+        for _, run_dir in opened:
+            tracking.close_run(run_dir)  # members that failed or were interrupted (finished ones are closed)
         for handler in logs:
             detach_run_log(handler)
 
@@ -406,6 +409,7 @@ def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: 
             row.update(lr=lr_now[k], seconds=seconds / m)
             fit.histories[i].append(row)
             RunFolder(run_dirs[i]).write_history(fit.histories[i])
+            tracking.log_epoch(run_dirs[i], epoch, row)
             if improved:
                 best_f1[i], fit.best_epoch[i], since[i] = row.get("val_macro_f1", -1.0), epoch, 0
                 fit.best[i] = stack.flat[k]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mmcache.fuse import tracking
 from mmcache.fuse.config import TrainConfig, load_run_config
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import (
@@ -109,6 +110,7 @@ def train(config: TrainConfig, data: FusionData | None = None, *, progress: bool
         raise Interrupted(f"run folder {run_dir} kept and marked unfinished after {len(history)} of "
                           f"{state['epochs']} epochs (a rerun trains it anew)") from None
     finally:
+        tracking.close_run(state.get("run_dir"))  # interrupted or failed: the loggers keep what they got
         detach_run_log(state.get("log"))
 
 
@@ -181,6 +183,7 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
             row.update(lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0)
             history.append(row)
             RunFolder(run_dir).write_history(history)
+            tracking.log_epoch(run_dir, epoch, row)
             if improved:
                 best_f1, best_epoch, since_best = row.get("val_macro_f1", -1.0), epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -45,17 +45,22 @@ def extract(dataset: str, *, keep_shards: bool = False, dist_backend: str = "aut
 
 
 def train_fusion(config: str | Path | dict[str, Any] | None = None, *, progress: bool | None = False, data=None,
-                 allow_no_val: bool = False, expected_split: dict[str, Any] | None = None, **options: Any):
+                 allow_no_val: bool = False, expected_split: dict[str, Any] | None = None, track=None,
+                 **options: Any):
     """Stage two: train one head on a cache. ``config``: a JSON file or dict (e.g. a run's
     config.json); keyword options (any :class:`~mmcache.fuse.train.TrainConfig` field: ``head``,
     ``dataset``, ``features``, ``epochs``, ...) override it. ``allow_no_val`` / ``expected_split``: as
-    :func:`mmcache.fuse.train.train`. Returns the :class:`~mmcache.fuse.train.TrainResult`: ``run_dir``,
-    resolved ``config``, ``metrics``, ``history``."""
+    :func:`mmcache.fuse.train.train`. ``track``: ``"auto"``, ``"tensorboard"``, ``"none"`` or a list of
+    run-logger factories (:mod:`mmcache.fuse.tracking`); None keeps the process's choice (none unless set).
+    Returns the :class:`~mmcache.fuse.train.TrainResult`: ``run_dir``, resolved ``config``, ``metrics``,
+    ``history``."""
+    from mmcache.fuse import tracking
     from mmcache.fuse.train import TrainConfig, train
 
     base = TrainConfig.from_json(config).to_dict() if isinstance(config, (str, Path)) else dict(config or {})
-    return train(TrainConfig.from_dict({**base, **options}), data, progress=progress, allow_no_val=allow_no_val,
-                 expected_split=expected_split)
+    with tracking.tracking(tracking.active() if track is None else track):
+        return train(TrainConfig.from_dict({**base, **options}), data, progress=progress,
+                     allow_no_val=allow_no_val, expected_split=expected_split)
 
 
 def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", *,
@@ -70,13 +75,15 @@ def evaluate(run: str | Path, dataset: str | None = None, split: str = "test", *
 
 
 def ablate(datasets: list[str] | None = None, *, base: str | Path | dict[str, Any] | None = None,
-           overrides: dict[str, Any] | None = None, **options: Any):
+           overrides: dict[str, Any] | None = None, track=None, **options: Any):
     """A grid of heads x features x encoders x seeds (:class:`~mmcache.fuse.ablate.AblationConfig`
     fields as keywords: ``heads``, ``features``, ``seeds``, ``jobs``, ``cache_dir``, ``shard`` (``"i/n"``
     or ``(i, n)``), ...); ``base``: the training config every run starts from (a JSON file or dict),
-    ``overrides``: TrainConfig fields that replace the base's. Returns the
+    ``overrides``: TrainConfig fields that replace the base's; ``track``: as :func:`train_fusion` (each run
+    logs into its own ``tb/``, so ``tensorboard --logdir <runs_dir>`` compares the grid). Returns the
     :class:`~mmcache.fuse.ablate.AblationResult` (``tables`` as written to ``results/ablation_<dataset>.*``)."""
     from mmcache.extract.extraction import parse_shard
+    from mmcache.fuse import tracking
     from mmcache.fuse.ablate import AblationConfig, run_ablation
     from mmcache.fuse.train import TrainConfig
 
@@ -84,7 +91,8 @@ def ablate(datasets: list[str] | None = None, *, base: str | Path | dict[str, An
     if isinstance(options.get("shard"), str):
         options["shard"] = parse_shard(options["shard"])
     config = TrainConfig.from_dict({**start, **(overrides or {})})
-    return run_ablation(AblationConfig(datasets=datasets, base=config, **options))
+    with tracking.tracking(tracking.active() if track is None else track):
+        return run_ablation(AblationConfig(datasets=datasets, base=config, **options))
 
 
 def datasets() -> dict[str, Any]:

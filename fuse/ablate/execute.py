@@ -33,6 +33,7 @@ import signal
 import time
 from typing import Any
 
+from mmcache.fuse import tracking
 from mmcache.fuse.ablate.grid import GridRun, run_status
 from mmcache.fuse.data import FusionData, load_data
 from mmcache.fuse.runs import RunFolder
@@ -85,11 +86,12 @@ def _execute(run: GridRun, allow_no_val: bool = False) -> dict[str, Any]:
 _STARTED = None  # in a worker: the queue that tells the parent which unit this pid works on
 
 
-def _worker_init(threads: int, level: int, started=None) -> None:
+def _worker_init(threads: int, level: int, started=None, loggers=None) -> None:
     import torch
 
     global _STARTED
     _STARTED = started
+    tracking.use(loggers)  # the parent's run loggers (--track): a spawned process starts with none
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -339,7 +341,7 @@ def _pool_round(units: dict[int, list[GridRun]], jobs: int, threads: int, allow_
     level = logging.getLogger().getEffectiveLevel()
     broken: list[int] = []
     with cfut.ProcessPoolExecutor(max_workers=min(jobs, len(units)), mp_context=ctx, initializer=_worker_init,
-                                  initargs=(threads, level, started)) as pool:
+                                  initargs=(threads, level, started, tracking.portable())) as pool:
         with _sigint_blocked():  # the workers start (and stay) with SIGINT blocked; the parent stops them
             futures = {pool.submit(_worker_unit, i, u, allow_no_val): i for i, u in units.items()}
         procs = dict(getattr(pool, "_processes", None) or {})  # pid -> Process: exit codes once one dies

@@ -76,6 +76,13 @@ class OneModality(str, Enum):
     image = "image"
 
 
+class Track(str, Enum):
+    """Experiment tracking of training runs (fuse/tracking.py); ``auto``: tensorboard when installed."""
+    auto = "auto"
+    tensorboard = "tensorboard"
+    none = "none"
+
+
 def _values(choices: type[Enum] | Callable[[], Iterable[str]]) -> list[str]:
     return [m.value for m in choices] if isinstance(choices, type) else list(choices())
 
@@ -169,6 +176,9 @@ Config = Annotated[Path | None, typer.Option(
 AllowNoVal = Annotated[bool, typer.Option(
     "--allow-no-val", help="train without a validation split (no early stopping; the last epoch is kept)")]
 Jobs = Annotated[int, typer.Option("--jobs", "-j", help="parallel training processes (0 = auto)")]
+TrackOpt = Annotated[Track, typer.Option(
+    "--track", help="log each run's epochs, test metrics and config to <run>/tb/ for TensorBoard (auto: when the "
+                    "tensorboard package is installed); never changes a run's numbers")]
 Plots = Annotated[bool, typer.Option("--plots/--no-plots", help="PNG figures (needs matplotlib)")]
 KeepShards = Annotated[bool, typer.Option("--keep-shards", help="keep the shard files after the verified merge")]
 Run = Annotated[Path, typer.Option("--run", help="run folder written by train-fusion")]

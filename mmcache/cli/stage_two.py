@@ -47,6 +47,8 @@ from mmcache.cli.options import (
     Target,
     TextCache,
     Threads,
+    Track,
+    TrackOpt,
     TrainBatchSize,
     given,
     given_by_user,
@@ -102,6 +104,7 @@ def train_fusion(
     runs_dir: RunsDir = None,
     run_name: Annotated[str | None, typer.Option(help="run folder name (default <dataset>-<head>-<features>-s<seed>-<time>)")] = None,
     allow_no_val: AllowNoVal = False,
+    track: TrackOpt = Track.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar / progress lines")] = False,
     as_json: Json = False,
 ) -> None:
@@ -129,7 +132,8 @@ def train_fusion(
         raise BadInputError(f"--head is required (or --config); heads: {', '.join(head_names())}")
     same_data = config is not None and merged.get("dataset") == base.get("dataset")
     result = api.train_fusion(merged, progress=False if quiet else None, allow_no_val=allow_no_val,
-                              expected_split=read_split(config.parent) if same_data else None)
+                              expected_split=read_split(config.parent) if same_data else None,
+                              track=Track(track).value)
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_train(result))
 
 
@@ -260,6 +264,7 @@ def ablate(
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="linear-probe baseline rows (logistic regression on the same features)")] = True,
     baseline: Annotated[str | None, typer.Option(help="head every row's paired delta is against (default: the best probe of its features)")] = None,
     bootstrap: Annotated[int, typer.Option(help="bootstrap replicates of the 95% intervals over test posts and seeds")] = 1000,
+    track: TrackOpt = Track.auto,
 ) -> None:
     """Train every head x features x encoder x seed on the cached datasets; write results/ablate/ablation_<dataset>.*
 
@@ -278,7 +283,8 @@ def ablate(
     training = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
     resolved = configfile.resolve_ablation(values, configfile.read_ablation(config) if config else {}, flags, training)
     options = {k: v for k, v in resolved.items() if k not in ("datasets", "base")}
-    result = api.ablate(resolved["datasets"], base=resolved["base"], **options)
+    # --track is not a grid setting (not in ablation_config.yaml): it changes no number, only what is logged
+    result = api.ablate(resolved["datasets"], base=resolved["base"], track=Track(track).value, **options)
     configfile.save_ablation_config(resolved)
     typer.echo(json.dumps(result.tables, indent=2, default=str) if as_json else format_ablation(result))
     if result.failed:
