@@ -415,3 +415,31 @@ def test_a_multi_target_run_is_refused_with_a_reason(demo32, capsys, tmp_path):
     for argv in (["predict", "--run", run, "--text", "hi", "--device", "cpu"], ["analyze", "--run", run]):
         code, out, err = _run(capsys, *argv)
         assert code == 2 and "single-target runs" in err and "Traceback" not in err
+
+
+def test_predict_in_memory_writes_no_files_and_prints_nothing(demo32, capfd, tmp_path, monkeypatch):
+    """No temporary cache per call (the temp dir and cwd are unchanged) and, with verbose=False, nothing
+    on stdout/stderr, not even transformers' "Loading weights" bars on the first (loading) call."""
+    import tempfile
+
+    from mmcache.predict import Predictor
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(tmp_path)
+    import transformers.utils.logging as tlog
+
+    tlog.enable_progress_bar()  # the caller's setting: must be restored after the quiet call
+    before = sorted(tmp_path.rglob("*"))
+    capfd.readouterr()
+    p = Predictor.from_run(demo32 / "runs" / "basic-mean", device="cpu")
+    img = demo32 / "data" / "images" / "demo_0004.png"
+    res = p.predict(texts=["what a lovely day"], images=[str(img)])
+    again = p.predict(texts=["awful"], images=[str(img)])
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert sorted(tmp_path.rglob("*")) == before
+    assert res.rows[0]["predicted"] in p.classes and again.rows[0]["predicted"] in p.classes
+    assert res.cache_dir is None and tlog.is_progress_bar_enabled()
