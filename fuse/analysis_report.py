@@ -134,6 +134,8 @@ def _figures(plt, out: Path, s: dict[str, Any]) -> dict[str, str]:
     ax.set_title("reliability (test)", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     figs["reliability"] = _fig_b64(fig, out / "reliability.png")
+    if "confusion_matrix" in s:
+        figs["confusion"] = _confusion_figure(plt, out, s["confusion_matrix"], s["classes"])
     if "attention" in s:
         rows = [r for r in s["attention"]["shares"] if r["n"]]
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
@@ -149,13 +151,32 @@ def _figures(plt, out: Path, s: dict[str, Any]) -> dict[str, str]:
     return figs
 
 
-def _heatmap(plt, out: Path, sid: str, img, weights: np.ndarray, grid: list[int]) -> str:
-    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+def _confusion_figure(plt, out: Path, cm: list[list[int]], classes: list[str]) -> str:
+    """Counts (rows = true class, columns = predicted) with a colour scale beside them."""
+    m = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    im = ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > m.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, fontsize=7, rotation=30)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (test)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="posts")
+    return _fig_b64(fig, out / "confusion.png")
+
+
+def _heatmap(plt, out: Path, sid: str, img, weights: np.ndarray, grid: list[int], caption: str = "") -> str:
+    """The image with its patch weights over it, titled with the post's true / predicted label, and a
+    colour scale (the weight of a patch) beside it."""
+    fig, ax = plt.subplots(figsize=(3.8, 3.2))
     w, h = img.size
     ax.imshow(img)
-    ax.imshow(weights.reshape(grid), cmap="inferno", alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
+    im = ax.imshow(weights.reshape(grid), cmap="inferno", alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(f"{sid}: patch attention", fontsize=8)
+    ax.set_title(f"{sid}: patch attention\n{caption}", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("attention weight", fontsize=7)
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in sid)[:60]
     return _fig_b64(fig, out / f"heatmap_{safe}.png")
 
@@ -192,15 +213,61 @@ def _html(s: dict[str, Any], figs: dict[str, str], gallery_html: str, heat_html:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse;margin:8px 0}}</style></head><body>
 <h1>{html.escape(Path(s['run']).name)}</h1><p>{html.escape(s['head'])} on {html.escape(s['dataset'])}, {html.escape(s['features'])}
-features, {s['n_test']} test posts.</p>{_scored_html(s.get('scored'))}
+features, {s['n_test']} test posts.</p>{_headline_html(s, img('confusion'))}{_scored_html(s.get('scored'))}
 <h2>Precision-recall and ROC AUC (test, one class vs rest)</h2>{img('pr_curves')}
 <table><tr><th>class</th><th>test posts</th><th>AP</th><th>ROC AUC</th></tr>{rows}</table>
 <p>macro AP {f(s['curves']['macro_ap'])}, macro ROC AUC {f(s['curves']['macro_roc_auc'])}</p>
 <h2>Calibration</h2>{img('reliability')}
 <p>{_temperature_line(c)} Test ECE {f(c['ece_test_before'])} before,
 {f(c['ece_test_after'])} after; test NLL {f(c['nll_test_before'])} before, {f(c['nll_test_after'])} after.</p>
-{att}<h2>Error gallery</h2>{gallery_html}</body></html>
+{att}<h2>Error gallery</h2>{gallery_html}{_config_html(s)}</body></html>
 """
+
+
+def _headline_html(s: dict[str, Any], confusion_img: str = "") -> str:
+    """Headline metrics with bootstrap intervals, the confusion matrix (table + figure), per-class table."""
+    if "headline" not in s:
+        return ""
+    hd, classes = s["headline"], s["classes"]
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ci = lambda c: "-" if c is None else f"{c[0]:.3f} &ndash; {c[1]:.3f}"  # noqa: E731
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1"}
+    head = "".join(f"<tr><td>{n}</td><td><b>{f(hd[k]['value'])}</b></td><td>{ci(hd[k]['ci'])}</td></tr>"
+                   for k, n in names.items())
+    cm = "".join(f"<tr><th>{html.escape(c)}</th>{''.join(f'<td>{v}</td>' for v in row)}</tr>"
+                 for c, row in zip(classes, s["confusion_matrix"], strict=True))
+    pc = "".join(f"<tr><td>{html.escape(c)}</td><td>{f(v['precision'])}</td><td>{f(v['recall'])}</td>"
+                 f"<td>{f(v['f1'])}</td><td>{v['support']}</td></tr>" for c, v in s["per_class"].items())
+    return (f'<section id="headline"><h2>Test metrics</h2><table><tr><th>metric</th><th>test</th>'
+            f"<th>{hd['level']:.0%} interval</th></tr>{head}</table><p>Intervals: percentile bootstrap, "
+            f"{hd['replicates']} resamples of the {hd['n']} test posts.</p></section>"
+            f'<section id="confusion"><h2>Confusion matrix (test; rows = true, columns = predicted)</h2>'
+            f"<table><tr><th>true \\ predicted</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}</tr>"
+            f"{cm}</table>{confusion_img}</section>"
+            f'<section id="per-class"><h2>Per class (test)</h2><table><tr><th>class</th><th>precision</th>'
+            f"<th>recall</th><th>F1</th><th>support</th></tr>{pc}</table></section>")
+
+
+def _config_html(s: dict[str, Any]) -> str:
+    """The run's training config and its provenance (encoders with identity, cache files, split)."""
+    out = ""
+    if "provenance" in s:
+        pv = s["provenance"]
+        enc = "".join(f"<tr><td>{html.escape(m)}</td><td>{html.escape(str(e['model']))}</td>"
+                      f"<td>{html.escape(str(e.get('weights_sha256') or e.get('commit_hash') or '-'))[:16]}</td>"
+                      f"<td>{html.escape(str(e.get('dtype')))}</td><td>{html.escape(str(e['file']))}</td></tr>"
+                      for m, e in pv["encoders"].items())
+        split = pv.get("split") or {}
+        out += (f'<section id="provenance"><h2>Provenance</h2><table><tr><th>modality</th><th>encoder</th>'
+                f"<th>weights</th><th>dtype</th><th>cache file</th></tr>{enc}</table>"
+                f"<p>Index {html.escape(str(pv.get('index')))} (fingerprint {html.escape(str(pv.get('index_fingerprint')))})"
+                f"; split {html.escape(str(split.get('source')))}, {html.escape(json.dumps(split.get('counts')))}"
+                f"; code {html.escape(str(pv.get('git_commit')))}.</p></section>")
+    if "config" in s:
+        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>"
+                       for k, v in s["config"].items())
+        out += f'<section id="config"><h2>Training config</h2><table>{rows}</table></section>'
+    return out
 
 
 def _scored_html(sc: dict[str, Any] | None) -> str:
@@ -245,7 +312,8 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
         gallery_html += (f"<h3>{title}</h3><table><tr><th>image</th><th>text</th><th>true</th><th>predicted</th>"
                          f"<th>probabilities</th></tr>{cells}</table>")
     files.append(_csv(out / "gallery.csv", ["list", "id", "true", "predicted", *(f"p_{c}" for c in s["classes"])], gal_rows))
-    heat_html = _heat_section(plt, out, s, attention, test_rows, index, heatmaps, tokenize, grid, processor) if attention else ""
+    heat_html = _heat_section(plt, out, s, attention, test_rows, index, heatmaps, tokenize, grid, processor,
+                              probs=probs, labels=labels) if attention else ""
     atomic_write(out / "analysis.json", json.dumps(s, indent=1, default=str) + "\n")
     atomic_write(out / "report.html", _html(s, figs, gallery_html, heat_html))
     files += [out / "analysis.json", out / "report.html"]
@@ -254,7 +322,8 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
 
 
 def _heat_section(plt, out: Path, s: dict[str, Any], att: dict[str, Any], test_rows: np.ndarray, index,
-                  k: int, tokenize, grid: list[int] | None, processor: dict[str, Any] | None = None) -> str:
+                  k: int, tokenize, grid: list[int] | None, processor: dict[str, Any] | None = None, *,
+                  probs: np.ndarray, labels: np.ndarray) -> str:
     """Heat maps of the first ``k`` gallery posts (mistakes first): patch weights over the image grid
     (token features with a known grid) and the text with its tokens weighted."""
     pos = {str(index.ids[r]): n for n, r in enumerate(test_rows)}
@@ -264,6 +333,7 @@ def _heat_section(plt, out: Path, s: dict[str, Any], att: dict[str, Any], test_r
     cells, saved = "", {}
     for sid, toks in zip(ids, tokens, strict=True):
         n = pos[sid]
+        caption = f"true {s['classes'][int(labels[n])]}, predicted {s['classes'][int(probs[n].argmax())]}"
         tw, iw = np.asarray(att["text_weights"][n]), np.asarray(att["image_weights"][n])
         if toks is None or len(toks) != tw.size:
             toks = [f"#{j}" for j in range(tw.size)]
@@ -272,9 +342,12 @@ def _heat_section(plt, out: Path, s: dict[str, Any], att: dict[str, Any], test_r
             img = _image(index, int(test_rows[n]))
             if img is not None:
                 img = model_view(img, processor)
-                img_html = f'<img src="data:image/png;base64,{_heatmap(plt, out, sid, img, iw, grid)}">'
+                img_html = f'<img src="data:image/png;base64,{_heatmap(plt, out, sid, img, iw, grid, caption)}">'
         saved[sid] = {"tokens": toks, "text_weights": tw.tolist(), "image_weights": iw.tolist(), "grid": grid}
-        cells += f"<tr><td>{img_html or '(vector features: one image token)'}</td><td>{_token_html(toks, tw)}</td></tr>"
+        img_html = img_html or "(vector features: one image token)"
+        cells += (f"<tr><td><b>{html.escape(sid)}</b>: {html.escape(caption)}</td><td>{img_html}</td>"
+                  f"<td>{_token_html(toks, tw)}</td></tr>")
     atomic_write(out / "attention_posts.json", json.dumps(saved, indent=1) + "\n")
-    return ("<h3>Per post: patch attention over the image grid, text tokens weighted</h3>"
-            f"<table><tr><th>image</th><th>text</th></tr>{cells}</table>") if cells else ""
+    return ('<section id="heatmaps"><h3>Per post: patch attention over the image grid (colour scale: the '
+            "patch's weight), text tokens weighted</h3>"
+            f"<table><tr><th>post</th><th>image</th><th>text</th></tr>{cells}</table></section>") if cells else ""

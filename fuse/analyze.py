@@ -278,6 +278,8 @@ def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]
         "gallery": {k: [str(data.ids[test_rows[p]]) for p in v] for k, v in _gallery(probs["test"], ys["test"], gallery).items()},
         "split_scored": sc.rows_for("test")[1], "scored": sc.what_was_scored("test", rows["test"]),
     }
+    summary.update(_headline(probs["test"], ys["test"], data.classes))
+    summary.update(_run_record(sc))
     if sc.model.explains:
         att = attention_maps(sc.model, data, rows["test"])
         groups = {"all": np.ones(len(test_rows), bool),
@@ -290,6 +292,37 @@ def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]
         summary["_attention_maps"] = att
     summary["_index"] = index
     return summary
+
+
+def _headline(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """What a reader asks first: test accuracy / macro-F1 / weighted-F1 with 95% bootstrap intervals
+    over test posts, the per-class table and the confusion matrix (rows = true class)."""
+    from mmcache.fuse.bootstrap import LEVEL, B, metric_intervals
+    from mmcache.fuse.metrics import METRICS, compute_metrics
+
+    pred = probs.argmax(-1)
+    m = compute_metrics(labels, pred, classes)
+    ci = metric_intervals(labels, pred, len(classes))
+    return {"headline": {"n": m["n"], "replicates": B, "level": LEVEL,
+                         **{k: {"value": m[k], "ci": ci[k]} for k in METRICS}},
+            "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"]}
+
+
+def _run_record(sc) -> dict[str, Any]:
+    """The run's training config and where its numbers come from: each encoder with its identity, the
+    cache files, the index and the split."""
+    prov = sc.run.provenance()
+    encoders = {}
+    for m, rec in (prov.get("caches") or {}).items():
+        conf, fprov = rec.get("config") or {}, rec.get("provenance") or {}
+        encoders[m] = {"model": rec.get("model") or fprov.get("model_id"), "file": rec.get("path"),
+                       "weights_sha256": conf.get("weights_sha256"), "commit_hash": conf.get("commit_hash"),
+                       "dtype": rec.get("dtype"), "layer": fprov.get("layer") or conf.get("layer")}
+    index = prov.get("index") or {}
+    return {"config": sc.config.to_dict(),
+            "provenance": {"dataset": prov.get("dataset"), "encoders": encoders, "index": index.get("path"),
+                           "index_fingerprint": index.get("fingerprint"), "split": prov.get("split"),
+                           "git_commit": prov.get("git_commit")}}
 
 
 def _write(sc, summary, probs, ys, rows, heatmaps: int, tokenize) -> AnalysisResult:

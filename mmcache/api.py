@@ -258,7 +258,7 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
             ids=None, labels=None, device: str = "auto", calibrated: bool = False,
             cache_features: str | Path | None = None, batch_size: int = 32, num_workers: int | None = None,
             cache_dir: str | Path | None = None, text_model: str | Path | None = None,
-            image_model: str | Path | None = None):
+            image_model: str | Path | None = None, verbose: bool = False):
     """Label posts with a finished run: parallel ``texts`` / ``images`` lists, a ``manifest`` (the
     ``folder`` format, label optional), or a ``dataset`` reader's ``split``. Returns a
     :class:`~mmcache.predict.PredictionResult` (rows, probabilities, metrics when labelled).
@@ -266,7 +266,8 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     The run's manifest is checked; with ``dataset`` (the run's own) its ``split.json`` decides the
     posts of ``split`` (:func:`mmcache.fuse.scoring.split_for_posts`). ``cache_dir``: where the run's
     cache index is (default: the run's recorded cache root). ``text_model`` / ``image_model``: the
-    encoder folders when they moved; their weights must still be the recorded ones."""
+    encoder folders when they moved; their weights must still be the recorded ones. Quiet
+    (no transformers progress bars or warnings) unless ``verbose``."""
     from mmcache.errors import BadInputError
     from mmcache.fuse.runs import RunFolder
     from mmcache.fuse.scoring import split_for_posts
@@ -291,7 +292,7 @@ def predict(run: str | Path, *, texts=None, images=None, manifest: str | Path | 
     else:
         posts = posts_from_lists(texts, images, ids, labels)
     return predictor.predict_posts(posts, cache_features=cache_features, name=name, batch_size=batch_size,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, verbose=verbose)
 
 
 def _run_index(folder, cache_dir: str | Path | None) -> Path | None:

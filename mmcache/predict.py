@@ -3,9 +3,10 @@
 :class:`Predictor` rebuilds the encoders a run's caches were made with from their recorded provenance
 (:func:`_load_verified_encoder`, the one place that loads stage-one encoders) and proves they are the
 same (weights hash or hub commit, tokenizer and processor settings, pooling, layer), encodes the posts
-through stage one's own extraction path into a normal cache (a temporary one unless
-``cache_features`` is given), then runs the head through stage two's own batching and prediction.
-So the probabilities for a run's own test posts equal its ``predictions.csv``.
+through stage one's own batch loops (:func:`~mmcache.extract.batches.run_text` / ``run_image``) straight
+into arrays in the cache's storage dtype (a normal cache on disk only when ``cache_features`` is given),
+then runs the head through stage two's own batching and prediction. So the probabilities for a run's
+own test posts equal its ``predictions.csv``. Library calls are quiet unless ``verbose=True``.
 
 A post whose text or image fails gets a row with the reason. Heads that attend over whatever tokens
 are there (:attr:`~mmcache.fuse.heads.FusionHead.handles_missing`) answer from the remaining modality;
@@ -19,7 +20,9 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +205,102 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
     return files_written
 
 
+class _MemoryFeatures:
+    """Stands in for stage one's :class:`~mmcache.cache.FeatureWriter` (the two methods its batch loops
+    call): encoded posts land in arrays instead of an HDF5 file. Values arrive already cast to the
+    storage dtype (``to_host``), so they are the numbers a cache file would hold.
+
+    ``arrays``: ``cls`` / ``mean`` (N, D), ``tokens`` (N, L, D) right-padded with zeros, ``mask``
+    (N, L) bool (True = real token), ``proj`` (N, P) when the encoder has one; ``valid`` (N,) bool;
+    ``reasons``: row -> why it failed."""
+
+    def __init__(self, n: int, length: int, d: int, dtype: str, proj_size: int | None) -> None:
+        self.arrays = {"cls": np.zeros((n, d), dtype), "mean": np.zeros((n, d), dtype),
+                       "tokens": np.zeros((n, length, d), dtype), "mask": np.zeros((n, length), bool)}
+        if proj_size:
+            self.arrays["proj"] = np.zeros((n, proj_size), dtype)
+        self.valid = np.zeros(n, bool)
+        self.reasons: dict[int, str] = {}
+
+    def write(self, rows: np.ndarray, *, cls, mean, tokens, mask, proj=None) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        t = mask.shape[1]
+        a = self.arrays
+        a["cls"][rows], a["mean"][rows] = cls, mean
+        a["tokens"][rows, :t], a["mask"][rows, :t] = tokens, mask
+        if proj is not None:
+            a["proj"][rows] = proj
+        self.valid[rows] = True
+
+    def write_failures(self, rows: np.ndarray, reasons: list[str]) -> None:
+        for r, why in zip(np.asarray(rows).tolist(), reasons, strict=True):
+            self.reasons[int(r)] = why
+            self.valid[int(r)] = False
+
+
+def _encode_modality(modality: str, enc, cfg, texts: list[str], files: list[str | None]) -> _MemoryFeatures:
+    """One modality of the posts through stage one's batch loop, into memory."""
+    import torch
+
+    from mmcache.extract.batches import progress_bar, run_image, run_text
+    from mmcache.extract.extraction import _TOKEN_LAYOUT, _torch_threads
+
+    n = len(texts)
+    num_tokens, _grid = _TOKEN_LAYOUT[modality](enc)
+    mem = _MemoryFeatures(n, num_tokens, enc.hidden_size, cfg.dtype, enc.proj_size)
+    redo = np.ones(n, dtype=bool)
+    with progress_bar(n, modality, False) as bar, torch.inference_mode(), _torch_threads(enc, modality, cfg):
+        if modality == "text":
+            run_text(mem, enc, texts, redo, cfg, bar)
+        else:
+            run_image(mem, enc, files, redo, cfg, bar)
+    return mem
+
+
+def _as_modality_data(modality: str, mem: _MemoryFeatures, features: str, recorded: dict[str, Any], grid):
+    """Encoded posts in memory -> stage two's :class:`~mmcache.fuse.data.ModalityData` (as
+    ``fuse.data._load_modality`` builds it from a file): x (N, L, D) storage dtype, mask (N, L)."""
+    import torch
+
+    from mmcache.cache import EncoderSpec
+    from mmcache.fuse.data import ModalityData
+
+    if features == "tokens":
+        x, mask = torch.from_numpy(mem.arrays["tokens"]), torch.from_numpy(mem.arrays["mask"])
+    else:
+        if features not in mem.arrays:
+            raise BadInputError(f"the {modality} encoder gives no {features!r} features")
+        x = torch.from_numpy(mem.arrays[features]).unsqueeze(1)  # (N, 1, D)
+        mask = torch.ones(x.shape[:2], dtype=torch.bool)
+    conf, prov = recorded.get("config") or {}, recorded.get("provenance") or {}
+    return ModalityData(modality=modality, path=Path("<memory>"), x=x, mask=mask,
+                        valid=torch.from_numpy(mem.valid.copy()), hidden_size=int(x.shape[-1]),
+                        model=EncoderSpec.from_provenance(modality, prov, conf).model,
+                        info={"grid": list(grid) if grid else None, "config": conf, "provenance": prov})
+
+
+@contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Silence transformers' progress bars ("Loading weights") and warnings for a library call,
+    restoring the caller's settings after; ``verbose=True`` leaves everything as it is."""
+    if verbose:
+        yield
+        return
+    import transformers.utils.logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 # --------------------------------------------------------------------------------------------- stage two
 
 def _moved(modality: str, recorded: dict[str, Any], folder: str | Path | None) -> dict[str, Any]:
@@ -213,6 +312,34 @@ def _moved(modality: str, recorded: dict[str, Any], folder: str | Path | None) -
     if not path.is_dir():
         raise BadInputError(f"--{modality}-model {folder}: no such folder")
     return {**recorded, "provenance": {**(recorded.get("provenance") or {}), "resolved_path": str(path)}}
+
+
+def _grid_of(modality: str, enc):  # the image encoder's patch grid, None for text
+    return tuple(enc.grid) if modality == "image" and getattr(enc, "grid", None) else None
+
+
+def _has_pil(posts: list[Post]) -> bool:
+    return any(p.image is not None and not isinstance(p.image, (str, Path)) for p in posts)
+
+
+@contextmanager
+def _no_folder() -> Iterator[None]:
+    yield None
+
+
+def _image_files(posts: list[Post], folder: Path | None) -> list[str | None]:
+    """Each post's image as a file stage one can read (None: none, or its image already failed)."""
+    files: list[str | None] = []
+    for i, p in enumerate(posts):
+        if p.image is None or "image" in p.problem:
+            files.append(None)
+        elif isinstance(p.image, (str, Path)):
+            files.append(str(Path(p.image).expanduser().resolve()))
+        elif hasattr(p.image, "save") and folder is not None:
+            files.append(_save_image(p.image, folder, i))
+        else:
+            raise BadInputError(f"post {p.id}: image must be a path or a PIL image, got {type(p.image).__name__}")
+    return files
 
 
 def _failure_reasons(path: Path) -> dict[str, str]:
@@ -249,6 +376,7 @@ class Predictor:
         self.recorded = {m: _moved(m, caches[m], (encoders or {}).get(m)) for m in self.uses}
         self.device = device
         self.temperature: float | None = None
+        self._encoders: dict[str, tuple[Any, Any]] = {}  # verified once, reused by every call
         if calibrated:
             from mmcache.fuse.runs import RunFolder
 
@@ -282,36 +410,73 @@ class Predictor:
         return self.predict_posts(posts_from_lists(texts, images, ids, labels), **kw)
 
     def predict_posts(self, posts: list[Post], *, cache_features: str | Path | None = None, name: str = "posts",
-                      batch_size: int = 32, num_workers: int | None = None) -> PredictionResult:
-        """Encode ``posts`` (into ``cache_features/name/`` when given, else a temporary cache) and label
-        them: one row per post, in order."""
-        if cache_features is not None:
-            return self._predict_in(posts, Path(cache_features), name, batch_size, num_workers)
-        with tempfile.TemporaryDirectory(prefix="mmcache-predict-") as tmp:
-            result = self._predict_in(posts, Path(tmp), name, batch_size, num_workers)
-        result.cache_dir = None
-        return result
-
-    # -- internals
-    def _predict_in(self, posts: list[Post], cache_dir: Path, name: str, batch_size: int,
-                    num_workers: int | None) -> PredictionResult:
-        from mmcache import cache as cf
-
-        encodable = [p for p in posts if "post" not in p.problem]
-        probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
-        notes = {p.id: p.problem["post"] for p in posts if "post" in p.problem}
-        if encodable:
-            files = encode_posts(encodable, self.recorded, self.classes, cache_dir, name, device=self.device,
-                                 batch_size=batch_size, num_workers=num_workers)
-            index = cf.read_index(cache_dir / name / cf.INDEX_NAME)
-            got, more = self._apply_head(files, index, encodable)
-            pos = {p.id: i for i, p in enumerate(posts)}
-            for sid, row in zip(index.ids.tolist(), got, strict=True):
-                probs[pos[sid]] = row
-            notes.update(more)
+                      batch_size: int = 32, num_workers: int | None = None, verbose: bool = False) -> PredictionResult:
+        """Encode ``posts`` (in memory; into the cache ``cache_features/name/`` when given) and label
+        them: one row per post, in order. Quiet (no transformers bars or warnings) unless ``verbose``."""
+        with _quiet(verbose):
+            encodable = [p for p in posts if "post" not in p.problem]
+            probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
+            notes = {p.id: p.problem["post"] for p in posts if "post" in p.problem}
+            folder = None
+            if encodable:
+                if cache_features is not None:
+                    folder = Path(cache_features) / name
+                    data, answer, more = self._load_cached(encodable, Path(cache_features), name, batch_size, num_workers)
+                else:
+                    data, answer, more = self._encode_in_memory(encodable, name, batch_size, num_workers)
+                got = self._apply_head(data, answer, len(encodable))
+                pos = {p.id: i for i, p in enumerate(posts)}
+                for p, row in zip(encodable, got, strict=True):
+                    probs[pos[p.id]] = row
+                notes.update(more)
         rows = self._rows(posts, probs, notes)
         return PredictionResult(classes=self.classes, rows=rows, probs=probs, metrics=self._metrics(rows, probs),
-                                cache_dir=cache_dir / name, scored=self._scored(rows))
+                                cache_dir=folder, scored=self._scored(rows))
+
+    # -- internals
+    def _encoder(self, modality: str, batch_size: int, workers: int):
+        """The verified encoder of ``modality`` and its stage-one config (loaded on first use)."""
+        if modality not in self._encoders:
+            self._encoders[modality] = _load_verified_encoder(modality, self.recorded[modality], self.device)
+        enc, cfg = self._encoders[modality]
+        cfg.batch_size, cfg.num_workers, cfg.progress = batch_size, workers, False
+        return enc, cfg
+
+    def _encode_in_memory(self, posts: list[Post], name: str, batch_size: int, num_workers: int | None):
+        """Stage one without a file: the posts through each verified encoder into arrays. A PIL image
+        given in memory is the one thing written (a lossless PNG in a temporary folder, removed after),
+        because stage one's image loop reads files in its worker processes."""
+        import torch
+
+        workers = num_workers if num_workers is not None else (0 if len(posts) < 64 else 2)
+        texts = [p.text for p in posts]
+        with tempfile.TemporaryDirectory(prefix="mmcache-predict-") if _has_pil(posts) else _no_folder() as tmp:
+            files = _image_files(posts, Path(tmp) if tmp else None)
+            mems = {}
+            for m in ("image", "text"):  # image first: the DataLoader forks before the tokenizer's threads
+                if m in self.uses:
+                    enc, cfg = self._encoder(m, batch_size, workers)
+                    mems[m] = (_encode_modality(m, enc, cfg, texts, files), _grid_of(m, enc))
+        loaded = {m: _as_modality_data(m, mem, self.config.features, self.recorded[m], grid)
+                  for m, (mem, grid) in mems.items()}
+        reasons = {m: {posts[r].id: why for r, why in mem.reasons.items()} for m, (mem, _g) in mems.items()}
+        labels = torch.as_tensor([self.classes.index(p.label) if p.label in self.classes else -1 for p in posts])
+        return self._fusion_data(loaded, reasons, np.asarray([p.id for p in posts]), labels, posts, name, None, "")
+
+    def _load_cached(self, posts: list[Post], cache_dir: Path, name: str, batch_size: int, num_workers: int | None):
+        """Stage one into a normal cache ``cache_dir/name/`` (``cache_features``), read back as stage two does."""
+        import torch
+
+        from mmcache import cache as cf
+        from mmcache.fuse.data import _load_modality
+
+        files = encode_posts(posts, self.recorded, self.classes, cache_dir, name, device=self.device,
+                             batch_size=batch_size, num_workers=num_workers)
+        index = cf.read_index(cache_dir / name / cf.INDEX_NAME)
+        loaded = {m: _load_modality(files[m], m, index, self.config.features, name) for m in self.uses}
+        reasons = {m: _failure_reasons(files[m]) for m in self.uses}
+        return self._fusion_data(loaded, reasons, index.ids, torch.from_numpy(index.labels), posts, name,
+                                 cache_dir / name / cf.INDEX_NAME, index.fingerprint)
 
     def _scored(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """What was scored: the run, each encoder (folder + identity), n answered, n without an answer by
@@ -331,26 +496,18 @@ class Predictor:
                 "n_dropped": sum(dropped.values()), "dropped_by_reason": dict(dropped),
                 "calibrated": self.temperature is not None}
 
-    def _load_encoded(self, files: dict[str, Path], index, posts: list[Post]):
-        """The encoded posts as stage-two data (a failed modality = an all-padding row), the index rows
-        the head can answer, and notes by post id."""
-        import torch
+    def _fusion_data(self, loaded: dict[str, Any], reasons: dict[str, dict[str, str]], ids: np.ndarray, labels,
+                     posts: list[Post], name: str, index_path: Path | None, fingerprint: str):
+        """The encoded posts as stage-two data (a failed modality = an all-padding row), the rows the
+        head can answer, and notes by post id."""
+        from mmcache.fuse.data import FusionData
 
-        from mmcache import cache as cf
-        from mmcache.fuse.data import FusionData, _load_modality
-
-        loaded, reasons = {}, {}
-        folder = files[self.uses[0]].parent
-        for m in self.uses:
-            loaded[m] = _load_modality(files[m], m, index, self.config.features, folder.name)
-            reasons[m] = _failure_reasons(files[m])
         valid = {m: md.valid.clone() for m, md in loaded.items()}
         for md in loaded.values():
             md.mask[~md.valid] = False  # a failed modality is an all-padding row: no real token
-        data = FusionData(dataset=folder.name, classes=self.classes, features=self.config.features,
-                          modalities=self.uses, ids=index.ids, labels=torch.from_numpy(index.labels),
-                          split_rows={}, text=loaded.get("text"), image=loaded.get("image"),
-                          index_path=folder / cf.INDEX_NAME, index_fingerprint=index.fingerprint)
+        data = FusionData(dataset=name, classes=self.classes, features=self.config.features,
+                          modalities=self.uses, ids=ids, labels=labels, split_rows={}, text=loaded.get("text"),
+                          image=loaded.get("image"), index_path=index_path, index_fingerprint=fingerprint)
         data.to(self.device)
         notes, answer = {}, []
         handles = getattr(self.model, "handles_missing", False)
@@ -367,14 +524,13 @@ class Predictor:
                 notes[p.id] = why
         return data, answer, notes
 
-    def _apply_head(self, files: dict[str, Path], index, posts: list[Post]) -> tuple[np.ndarray, dict[str, str]]:
-        """(N, C) probabilities in index order (NaN: no answer) and notes by post id."""
+    def _apply_head(self, data, answer: list[int], n: int) -> np.ndarray:
+        """(n, C) probabilities in post order (NaN: no answer), through stage two's batched predict."""
         import torch
 
         from mmcache.fuse.engine import predict
 
-        data, answer, notes = self._load_encoded(files, index, posts)
-        probs = np.full((len(posts), len(self.classes)), np.nan, dtype=np.float32)
+        probs = np.full((n, len(self.classes)), np.nan, dtype=np.float32)
         if answer:
             rows = torch.as_tensor(answer, dtype=torch.long, device=data.device)
             out = predict(self.model, data, rows, self.config.eval_batch_size, self.config.amp)
@@ -383,7 +539,7 @@ class Predictor:
 
                 out = apply_temperature(out, self.temperature)
             probs[answer] = out
-        return probs, notes
+        return probs
 
     def explain(self, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None, *,
                 ids: Sequence[str] | None = None, batch_size: int = 32) -> list[dict[str, Any]]:
@@ -392,22 +548,18 @@ class Predictor:
         ``image_weights`` over the patch ``grid`` (row-major) for ``tokens`` features."""
         import torch
 
-        from mmcache import cache as cf
         from mmcache.fuse.analyze import attention_maps, explaining_heads
 
         if not self.model.explains:
             raise BadInputError(f"explain needs an attention head ({', '.join(explaining_heads())}); this run is "
                                 f"{self.config.head!r}")
         posts = posts_from_lists(texts, images, ids)
-        with tempfile.TemporaryDirectory(prefix="mmcache-explain-") as tmp:
-            files = encode_posts(posts, self.recorded, self.classes, Path(tmp), "posts", device=self.device,
-                                 batch_size=batch_size, num_workers=0)
-            index = cf.read_index(Path(tmp) / "posts" / cf.INDEX_NAME)
-            out = self._rows(posts, *self._apply_head(files, index, posts))
-            data, answer, _notes = self._load_encoded(files, index, posts)
-            if not answer:
-                return out
-            att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device))
+        with _quiet(False):
+            data, answer, notes = self._encode_in_memory(posts, "posts", batch_size, 0)
+        out = self._rows(posts, self._apply_head(data, answer, len(posts)), notes)
+        if not answer:
+            return out
+        att = attention_maps(self.model, data, torch.as_tensor(answer, device=data.device))
         tokenize = recorded_tokenizer(self.run_dir)
         tokens = tokenize([posts[r].text for r in answer]) if tokenize else [None] * len(answer)
         grid = (self.recorded.get("image") or {}).get("grid") or ((self.recorded.get("image") or {}).get("config") or {}).get("grid")

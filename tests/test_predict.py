@@ -251,6 +251,16 @@ def test_analyze_writes_curves_calibration_attention_and_report(demo32, capsys, 
     assert "Error gallery" in report and "data:image/png;base64," in report and "src=\"http" not in report
     gallery = s["gallery"]["confident_mistakes"] + s["gallery"]["unsure_correct"]
     assert gallery and all(sid in report for sid in gallery)
+    # the first questions: headline metrics with intervals that hold them, the same numbers as metrics.json
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    for k in ("accuracy", "macro_f1", "weighted_f1"):
+        h = s["headline"][k]
+        assert h["value"] == pytest.approx(test[k]) and h["ci"][0] <= h["value"] <= h["ci"][1]
+    assert s["confusion_matrix"] == test["confusion_matrix"] and s["per_class"] == test["per_class"]
+    assert s["config"]["head"] == s["head"] and set(s["provenance"]["encoders"]) == {"text", "image"}
+    assert all(e["weights_sha256"] for e in s["provenance"]["encoders"].values())
+    for section in ('id="headline"', 'id="confusion"', 'id="per-class"', 'id="config"', 'id="provenance"'):
+        assert section in report
     if run_name == "basic-mean":
         assert "attention" not in s
         return
@@ -315,6 +325,8 @@ def test_analyze_without_matplotlib_still_writes_numbers(demo32, capsys, monkeyp
     names = {p.name for p in (run / "analysis").iterdir()}
     assert {"analysis.json", "pr_curves.csv", "reliability.csv", "attention_shares.csv", "gallery.csv", "report.html"} <= names
     assert not any(n.endswith(".png") for n in names)
+    report = (run / "analysis" / "report.html").read_text()
+    assert 'id="headline"' in report and 'id="confusion"' in report and 'id="per-class"' in report
 
 
 def test_heat_map_covers_the_region_the_encoder_saw():
@@ -415,3 +427,48 @@ def test_a_multi_target_run_is_refused_with_a_reason(demo32, capsys, tmp_path):
     for argv in (["predict", "--run", run, "--text", "hi", "--device", "cpu"], ["analyze", "--run", run]):
         code, out, err = _run(capsys, *argv)
         assert code == 2 and "single-target runs" in err and "Traceback" not in err
+
+
+def test_predict_in_memory_writes_no_files_and_prints_nothing(demo32, capfd, tmp_path, monkeypatch):
+    """No temporary cache per call (the temp dir and cwd are unchanged) and, with verbose=False, nothing
+    on stdout/stderr, not even transformers' "Loading weights" bars on the first (loading) call."""
+    import tempfile
+
+    from mmcache.predict import Predictor
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(tmp_path)
+    import transformers.utils.logging as tlog
+
+    tlog.enable_progress_bar()  # the caller's setting: must be restored after the quiet call
+    before = sorted(tmp_path.rglob("*"))
+    capfd.readouterr()
+    p = Predictor.from_run(demo32 / "runs" / "basic-mean", device="cpu")
+    img = demo32 / "data" / "images" / "demo_0004.png"
+    res = p.predict(texts=["what a lovely day"], images=[str(img)])
+    again = p.predict(texts=["awful"], images=[str(img)])
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert sorted(tmp_path.rglob("*")) == before
+    assert res.rows[0]["predicted"] in p.classes and again.rows[0]["predicted"] in p.classes
+    assert res.cache_dir is None and tlog.is_progress_bar_enabled()
+
+
+def test_bootstrap_intervals_narrow_with_more_posts_and_a_perfect_predictor_stays_at_one():
+    from mmcache.fuse.bootstrap import metric_intervals
+
+    rng = np.random.default_rng(0)
+    perfect = rng.integers(0, 3, 50)
+    assert all(v == [1.0, 1.0] for v in metric_intervals(perfect, perfect, 3).values())
+    widths = []
+    for n in (40, 4000):
+        y = rng.integers(0, 3, n)
+        pred = np.where(rng.random(n) < 0.7, y, (y + 1) % 3)  # ~70% accurate
+        ci = metric_intervals(y, pred, 3)
+        assert ci["accuracy"][0] <= float((pred == y).mean()) <= ci["accuracy"][1]
+        widths.append(ci["accuracy"][1] - ci["accuracy"][0])
+    assert widths[1] < widths[0] / 4
+    assert metric_intervals(np.zeros(0), np.zeros(0), 3)["macro_f1"] is None
