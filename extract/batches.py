@@ -455,7 +455,7 @@ def resolve_workers(num_workers: int | str, device, batches: int) -> int:
 
     ``auto``: on CUDA every core but one (the main process feeds the device and its copies), at most
     16; on a CPU device every core -- decoding and the forward then share the cores, and the forward
-    of a real encoder leaves them idle while it waits on memory (see _torch_threads in extraction)."""
+    of a real encoder leaves them idle while it waits on memory (see torch_threads in extraction)."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

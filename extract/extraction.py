@@ -72,7 +72,7 @@ __all__ = ["EMPTY_TEXT", "MODALITY_CHOICES", "ExtractConfig", "ExtractSummary", 
 # ---------------------------------------------------------------------------------------------- one shard
 
 @contextmanager
-def _torch_threads(enc, modality: str, cfg: ExtractConfig):
+def torch_threads(enc, modality: str, cfg: ExtractConfig):
     """On a CPU device, run the forward with ``cfg.threads`` torch threads (default: torch's own, i.e.
     all cores), restoring the process setting after. Measured side by side on an idle 2-core machine
     (small preset, 128 images): 2 workers + 2 threads 31 samples/s, 2 workers + 1 thread 18.5, against a
@@ -123,7 +123,7 @@ def _feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_in
 
 
 #: modality -> (tokens per row, patch grid or None) of a loaded encoder
-_TOKEN_LAYOUT = {"text": lambda enc: (enc.max_length, None), "image": lambda enc: (enc.num_tokens, tuple(enc.grid))}
+TOKEN_LAYOUT = {"text": lambda enc: (enc.max_length, None), "image": lambda enc: (enc.num_tokens, tuple(enc.grid))}
 
 
 def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_shards: int = 1,
@@ -157,7 +157,7 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
             merged.seconds = time.perf_counter() - t0
             return merged
     ids = [index.ids[r] for r in rows]
-    num_tokens, grid = _TOKEN_LAYOUT[modality](enc)
+    num_tokens, grid = TOKEN_LAYOUT[modality](enc)
     summary = ModalitySummary(modality=modality, model=model, path=str(path), total=len(rows), forced=cfg.force)
     needed = cf.planned_bytes(len(rows), enc.hidden_size, num_tokens, cfg.dtype)
     with shard_lock(index.dataset_dir, shard_index, num_shards), disk_full_as_error(path, needed):
@@ -248,7 +248,7 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
                 log.info("resuming %s: %d of %d rows done", path, int(done.sum()), len(done))
             t_loop = time.perf_counter()
             with progress_bar(int(redo.sum()), f"{modality} {path.stem}", cfg.progress) as bar, torch.inference_mode(), \
-                    _torch_threads(enc, modality, cfg) as threads:
+                    torch_threads(enc, modality, cfg) as threads:
                 if modality == "text":
                     texts = [index.texts[r] for r in rows]
                     summary.encoded, summary.failed = run_text(writer, enc, texts, redo, cfg, bar)

@@ -295,10 +295,10 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
                    tokenize: Callable[[list[str]], list[list[str]]] | None, grid: list[int] | None,
                    processor: dict[str, Any] | None = None) -> list[Path]:
     """Write everything ``analyze`` produces into ``out``; returns the paths written."""
-    from mmcache.fuse.plots import _pyplot
+    from mmcache.fuse.plots import pyplot
 
     files = _tables(out, s)
-    plt = _pyplot()
+    plt = pyplot()
     figs = _figures(plt, out, s) if plt is not None else {}
     pos = {str(index.ids[r]): k for k, r in enumerate(test_rows)}
     gallery_html, gal_rows = "", []

@@ -350,7 +350,7 @@ def _write(sc, summary, probs, ys, rows, heatmaps: int, tokenize) -> AnalysisRes
 
 def format_analysis(result: AnalysisResult) -> str:
     """What the CLI prints: AP / AUC per class, ECE before/after, attention shares, where the files are."""
-    from mmcache.fuse.report import _table as format_table
+    from mmcache.fuse.report import metrics_table as format_table
 
     s = result.summary
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

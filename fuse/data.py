@@ -263,7 +263,7 @@ def _model_of(ff: cf.FeatureFile) -> str | None:
     return cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config).model
 
 
-def _load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str) -> ModalityData:
+def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str) -> ModalityData:
     with cf.FeatureFile(path) as ff:
         if ff.modality != modality:
             raise BadInputError(f"{path} holds {ff.modality} features, not {modality}")
@@ -323,7 +323,7 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
         resolve_dataset(cache_dir, dataset)  # raises with the list of cached datasets
     index = cf.read_index(index_path)
     resolve_target(index, target)  # an unknown target fails before any feature is read
-    loaded = {m: _load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset)
+    loaded = {m: load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset)
               for m in mods}
 
     labels = torch.from_numpy(np.asarray(index.labels, dtype=np.int64))

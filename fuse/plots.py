@@ -23,7 +23,7 @@ __all__ = ["plot_table"]
 _warned = False
 
 
-def _pyplot():
+def pyplot():
     global _warned
     try:
         import matplotlib
@@ -49,7 +49,7 @@ def _error_bar(s: dict[str, Any]) -> tuple[float, float]:
 
 def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the figures of one dataset's table (see the module doc); returns their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return []
     from mmcache.fuse.metrics import METRIC_NAMES, METRICS

@@ -7,7 +7,7 @@ from typing import Any
 __all__ = ["format_eval", "format_metrics", "format_train"]
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def metrics_table(headers: list[str], rows: list[list[Any]]) -> str:
     from mmcache.tables import format_table
 
     return format_table(headers, rows)
@@ -41,7 +41,7 @@ def format_train(result) -> str:
     if m.get("split"):
         lines.append(f"split: {m['split'].get('source')} (fingerprint {m['split'].get('fingerprint')}; ids in split.json)")
     lines += _target_lines(m)
-    lines += ["", _table(HEADERS, [_row("train", m.get("train")), _row("val (best)", m.get("val")),
+    lines += ["", metrics_table(HEADERS, [_row("train", m.get("train")), _row("val (best)", m.get("val")),
                                    _row("test", m.get("test"))])]
     lines += _per_target(m.get("test"), "test")
     return "\n".join(lines)
@@ -68,7 +68,7 @@ def _per_target(metrics: dict[str, Any] | None, split: str) -> list[str]:
     per = metrics.get("targets") or {metrics.get("target") or "label": metrics}
     lines = []
     if "targets" in metrics:
-        lines += ["", _table(["target", "n", "accuracy", "macro-F1", "weighted-F1"], [_row(t, v) for t, v in per.items()])]
+        lines += ["", metrics_table(["target", "n", "accuracy", "macro-F1", "weighted-F1"], [_row(t, v) for t, v in per.items()])]
     lines.append("")
     for t, v in per.items():
         recalls = ", ".join(f"{c} {_f(x['recall'])}" for c, x in (v.get("per_class") or {}).items())
@@ -78,9 +78,9 @@ def _per_target(metrics: dict[str, Any] | None, split: str) -> list[str]:
 
 def format_metrics(m: dict[str, Any], name: str) -> str:
     """One metrics dict (``compute_metrics``): the summary row and the per-class table."""
-    lines = [_table(HEADERS, [_row(name, m)])]
+    lines = [metrics_table(HEADERS, [_row(name, m)])]
     if m.get("per_class"):
-        lines += ["", _table(["class", "precision", "recall", "F1", "support"],
+        lines += ["", metrics_table(["class", "precision", "recall", "F1", "support"],
                              [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]]
                               for c, v in m["per_class"].items()])]
     return "\n".join(lines)
@@ -102,11 +102,11 @@ def format_eval(result) -> str:
                      + (f"; {scored['note']}" if scored.get("note") else ""))
     if result.dropped.get("total"):
         lines.append(f"dropped {result.dropped['total']} samples with a missing modality")
-    lines += ["", _table(HEADERS, [_row(result.split, m)])]
+    lines += ["", metrics_table(HEADERS, [_row(result.split, m)])]
     if m.get("targets"):
         lines += _per_target(m, result.split)
     elif m.get("per_class"):
-        lines += ["", _table(["class", "precision", "recall", "F1", "support"],
+        lines += ["", metrics_table(["class", "precision", "recall", "F1", "support"],
                              [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]]
                               for c, v in m["per_class"].items()])]
     if result.predictions_path:

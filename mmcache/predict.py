@@ -243,13 +243,13 @@ def _encode_modality(modality: str, enc, cfg, texts: list[str], files: list[str 
     import torch
 
     from mmcache.extract.batches import progress_bar, run_image, run_text
-    from mmcache.extract.extraction import _TOKEN_LAYOUT, _torch_threads
+    from mmcache.extract.extraction import TOKEN_LAYOUT, torch_threads
 
     n = len(texts)
-    num_tokens, _grid = _TOKEN_LAYOUT[modality](enc)
+    num_tokens, _grid = TOKEN_LAYOUT[modality](enc)
     mem = _MemoryFeatures(n, num_tokens, enc.hidden_size, cfg.dtype, enc.proj_size)
     redo = np.ones(n, dtype=bool)
-    with progress_bar(n, modality, False) as bar, torch.inference_mode(), _torch_threads(enc, modality, cfg):
+    with progress_bar(n, modality, False) as bar, torch.inference_mode(), torch_threads(enc, modality, cfg):
         if modality == "text":
             run_text(mem, enc, texts, redo, cfg, bar)
         else:
@@ -259,7 +259,7 @@ def _encode_modality(modality: str, enc, cfg, texts: list[str], files: list[str 
 
 def _as_modality_data(modality: str, mem: _MemoryFeatures, features: str, recorded: dict[str, Any], grid):
     """Encoded posts in memory -> stage two's :class:`~mmcache.fuse.data.ModalityData` (as
-    ``fuse.data._load_modality`` builds it from a file): x (N, L, D) storage dtype, mask (N, L)."""
+    ``fuse.data.load_modality`` builds it from a file): x (N, L, D) storage dtype, mask (N, L)."""
     import torch
 
     from mmcache.cache import EncoderSpec
@@ -468,12 +468,12 @@ class Predictor:
         import torch
 
         from mmcache import cache as cf
-        from mmcache.fuse.data import _load_modality
+        from mmcache.fuse.data import load_modality
 
         files = encode_posts(posts, self.recorded, self.classes, cache_dir, name, device=self.device,
                              batch_size=batch_size, num_workers=num_workers)
         index = cf.read_index(cache_dir / name / cf.INDEX_NAME)
-        loaded = {m: _load_modality(files[m], m, index, self.config.features, name) for m in self.uses}
+        loaded = {m: load_modality(files[m], m, index, self.config.features, name) for m in self.uses}
         reasons = {m: _failure_reasons(files[m]) for m in self.uses}
         return self._fusion_data(loaded, reasons, index.ids, torch.from_numpy(index.labels), posts, name,
                                  cache_dir / name / cf.INDEX_NAME, index.fingerprint)

@@ -371,7 +371,7 @@ def test_plots_optional(caches, tmp_path, monkeypatch):
     assert all(p.stat().st_size > 1000 for p in paths[4:])
     import mmcache.fuse.plots
 
-    monkeypatch.setattr(mmcache.fuse.plots, "_pyplot", lambda: None)  # as without matplotlib
+    monkeypatch.setattr(mmcache.fuse.plots, "pyplot", lambda: None)  # as without matplotlib
     assert len(ab.write_results(tables, tmp_path / "res2")["synth"]) == 4  # md, csv, json, tex
 
 

@@ -319,7 +319,7 @@ def test_analyze_without_matplotlib_still_writes_numbers(demo32, capsys, monkeyp
     run = tmp_path / "run"
     shutil.copytree(demo32 / "runs" / "self_attention-tokens", run)
     (run / "analysis").exists() and shutil.rmtree(run / "analysis")
-    monkeypatch.setattr(plots, "_pyplot", lambda: None)
+    monkeypatch.setattr(plots, "pyplot", lambda: None)
     code, out, err = _run(capsys, "analyze", "--run", run)
     assert code == 0, err
     names = {p.name for p in (run / "analysis").iterdir()}
