@@ -137,10 +137,15 @@ def test_tokenizer_and_encoder_load_at_the_same_revision(monkeypatch):
         seen.update(src=src, **kw)
         return "tok"
 
+    from mmcache.extract import encoders
+
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
     spec = EncoderSpec.from_provenance("text", {"model_id": "owner/model", "commit_hash": None}, {"revision": "v2"})
-    assert load_tokenizer(spec) == "tok"
-    assert seen == {"src": "owner/model", "revision": "v2", "trust_remote_code": False}
+    for reachable in (True, False):  # offline (or the hub unreachable): local files only, never network retries
+        monkeypatch.setattr(encoders, "hub_reachable", lambda reachable=reachable: reachable)
+        assert load_tokenizer(spec) == "tok"
+        assert seen == {"src": "owner/model", "revision": "v2", "trust_remote_code": False,
+                        "local_files_only": not reachable}
 
 
 def test_recorded_spec_rebuilds_the_encoder_and_its_tokenizer(run):
