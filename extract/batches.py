@@ -16,6 +16,7 @@ from mmcache.extract.images import (
 
 from mmcache import cache as cf
 from mmcache.errors import ResumableError
+from mmcache.progress import progress as reporter
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,6 @@ def record_failures(writer: cf.FeatureWriter, failures: list[tuple[int, str]]) -
 
 def progress_bar(total: int, desc: str, progress: bool | None):
     """A tqdm bar on a terminal, a progress line every 10 s in a log file (None), nothing (False)."""
-    from mmcache.progress import progress as reporter
 
     return reporter(total, f"extract {desc}", "sample", enabled=progress)
 

@@ -15,6 +15,7 @@ from mmcache.extract.images import (
 
 from mmcache import cache as cf
 from mmcache.errors import BadInputError
+from mmcache.tables import format_table, human_bytes
 
 __all__ = ["EMPTY_TEXT", "MODALITY_CHOICES", "ExtractConfig", "ExtractSummary", "IndexInfo", "ModalitySummary",
            "format_extract_summary", "parse_shard", "reason_kind", "shard_rows"]
@@ -240,7 +241,6 @@ def reason_kind(reason: str) -> str:
 
 def format_extract_summary(s: ExtractSummary) -> str:
     """The closing summary the CLI prints: one table row per modality, then failures by reason."""
-    from mmcache.tables import format_table, human_bytes
 
     names = ", ".join(Path(m.path).name for m in s.modalities)
     head = (f"up to date: {s.cache_dir}/{Path(s.index_path).parent.name} ({names})" if s.up_to_date else

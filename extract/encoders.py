@@ -27,11 +27,14 @@ from typing import Any
 
 from mmcache.extract.adapters import get_adapter
 from mmcache.extract.hub import hub_reachable, looks_like_path
+from mmcache.extract.identity import decode_mode, encoder_config
 from mmcache.extract.image_encoder import ImageEncoder, ImagePreprocessor, image_parts, load_image_encoder
 from mmcache.extract.runtime import PRECISIONS, resolve_precision
 from mmcache.extract.text_encoder import TextEncoder, load_text_encoder, text_parts
 
+from mmcache import cache as cf
 from mmcache.cache.encoder import EncoderSpec, readable_name
+from mmcache.cache.export import imported_encoder_error
 from mmcache.common import resolve_device
 from mmcache.errors import BadInputError, ModelLoadError
 
@@ -104,10 +107,7 @@ def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict |
     otherwise :class:`BadInputError` naming what differs. ``precision`` defaults to the recorded one on
     CUDA (fp32 on CPU). :func:`load_encoder_for_cache` does this for a file path.
     """
-    from mmcache.extract.identity import decode_mode, encoder_config
 
-    from mmcache import cache as cf
-    from mmcache.cache.export import imported_encoder_error
 
     spec = modality if isinstance(modality, EncoderSpec) else EncoderSpec.from_provenance(modality, provenance, config)
     if msg := imported_encoder_error(spec.modality, spec.to_provenance()):  # `cache import`: no encoder to load
@@ -130,7 +130,6 @@ def load_encoder_from_provenance(modality: str | EncoderSpec, provenance: dict |
 def load_encoder_for_cache(path: str | os.PathLike, *, device: str = "cpu", precision: str | None = None):
     """:func:`load_encoder_from_provenance` for the feature file at ``path`` (its modality, provenance
     and config)."""
-    from mmcache import cache as cf
 
     with cf.FeatureFile(path) as ff:
         spec, conf = cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config), ff.config

@@ -59,6 +59,7 @@ from mmcache.extract.index_prep import (
 )
 
 from mmcache import cache as cf
+from mmcache.cache.lock import CacheBusyError
 from mmcache.errors import BadInputError, CacheError, Interrupted, PipelineError
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,6 @@ def _set_aside_unreadable(path: Path) -> None:
     try:
         cf.FeatureFile(path).close()
     except cf.CacheError as e:
-        from mmcache.cache.lock import CacheBusyError
 
         if isinstance(e, CacheBusyError):
             raise

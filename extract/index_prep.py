@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 from mmcache.extract.config import ExtractConfig, IndexInfo
+from mmcache.extract.datasets import load_dataset
+from mmcache.extract.split_policy import decide_split
 
 from mmcache import cache as cf
 from mmcache.cache.lock import folder_lock
@@ -52,8 +54,6 @@ def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInf
     when its content changed. Image paths are stored relative to the dataset folder (absolute if
     outside it). ``lock``: take the cache folder's write lock (:func:`shard_lock`) into it before anything
     is read or written there."""
-    from mmcache.extract.datasets import load_dataset
-    from mmcache.extract.split_policy import decide_split
 
     result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
     root = Path(result.root)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mmcache.fuse.plots import pyplot
 
 from mmcache.common import atomic_write
 from mmcache.csvsafe import csv_row
@@ -295,7 +296,6 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
                    tokenize: Callable[[list[str]], list[list[str]]] | None, grid: list[int] | None,
                    processor: dict[str, Any] | None = None) -> list[Path]:
     """Write everything ``analyze`` produces into ``out``; returns the paths written."""
-    from mmcache.fuse.plots import pyplot
 
     files = _tables(out, s)
     plt = pyplot()

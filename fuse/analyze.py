@@ -31,7 +31,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmcache.fuse.analysis_report import write_analysis
+from mmcache.fuse.bootstrap import LEVEL, B, metric_intervals
+from mmcache.fuse.engine import predict
+from mmcache.fuse.heads import get_head, list_heads
+from mmcache.fuse.metrics import METRICS, compute_metrics
+from mmcache.fuse.report import metrics_table as format_table
+from mmcache.fuse.runs import RunFolder
+from mmcache.fuse.scoring import open_for_scoring
 
+from mmcache import cache as cf
+from mmcache.common import resolve_device
 from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -142,7 +152,6 @@ def curves(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
 
 def explaining_heads() -> list[str]:
     """Registered heads that can explain their predictions (their ``explains`` hook), sorted."""
-    from mmcache.fuse.heads import get_head, list_heads
 
     return [h for h in list_heads() if get_head(h).explains]
 
@@ -185,8 +194,6 @@ def _share_table(shares: dict[str, list], groups: dict[str, np.ndarray]) -> list
 def _open(run_dir: str | Path, device: str, *, cache_dir: str | Path | None = None, split_choice: str | None = None):
     """The run and its checked data through the one door (:func:`fuse.scoring.open_for_scoring`):
     manifest, the run's recorded cache root, encoder identity, classes and split, as for evaluate."""
-    from mmcache.fuse.runs import RunFolder
-    from mmcache.fuse.scoring import open_for_scoring
 
     folder = RunFolder(run_dir).open(full=True)
     meta = folder.metrics()
@@ -221,11 +228,9 @@ def analyze_run(run_dir: str | Path, *, gallery: int = 6, heatmaps: int = 4, dev
     ``split_choice`` is ``"original"`` / ``"current"``; ``cache_dir`` overrides the run's recorded
     cache root. ``tokenize``: texts -> token strings, for the text heat maps (without it tokens are
     shown by position)."""
-    from mmcache.fuse.engine import predict
 
     if gallery < 0 or heatmaps < 0 or bins < 1:
         raise BadInputError("--gallery and --heatmaps must be >= 0")
-    from mmcache.common import resolve_device
 
     sc = _open(run_dir, str(resolve_device(device)), cache_dir=cache_dir, split_choice=split_choice)
     model, config, data = sc.model, sc.config, sc.data
@@ -264,7 +269,6 @@ def _calibration(sc, probs: dict[str, np.ndarray], ys: dict[str, np.ndarray],
 
 
 def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]:
-    from mmcache import cache as cf
 
     config, data = sc.config, sc.data
     index = cf.read_index(data.index_path)
@@ -297,8 +301,6 @@ def _summary(sc, probs, ys, rows, calib, scaled, gallery: int) -> dict[str, Any]
 def _headline(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """What a reader asks first: test accuracy / macro-F1 / weighted-F1 with 95% bootstrap intervals
     over test posts, the per-class table and the confusion matrix (rows = true class)."""
-    from mmcache.fuse.bootstrap import LEVEL, B, metric_intervals
-    from mmcache.fuse.metrics import METRICS, compute_metrics
 
     pred = probs.argmax(-1)
     m = compute_metrics(labels, pred, classes)
@@ -327,7 +329,6 @@ def _run_record(sc) -> dict[str, Any]:
 
 def _write(sc, summary, probs, ys, rows, heatmaps: int, tokenize) -> AnalysisResult:
     """Write into a staging folder, then swap it in for ``analysis/``."""
-    from mmcache.fuse.analysis_report import write_analysis
 
     att, index = summary.pop("_attention_maps", None), summary.pop("_index")
     data = sc.data
@@ -350,7 +351,6 @@ def _write(sc, summary, probs, ys, rows, heatmaps: int, tokenize) -> AnalysisRes
 
 def format_analysis(result: AnalysisResult) -> str:
     """What the CLI prints: AP / AUC per class, ECE before/after, attention shares, where the files are."""
-    from mmcache.fuse.report import metrics_table as format_table
 
     s = result.summary
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731

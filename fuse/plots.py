@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mmcache.fuse.metrics import METRIC_NAMES, METRICS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["plot_table"]
@@ -52,7 +54,6 @@ def plot_table(table: dict[str, Any], out_dir: str | Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
-    from mmcache.fuse.metrics import METRIC_NAMES, METRICS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

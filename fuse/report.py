@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmcache.tables import format_table
+
 __all__ = ["format_eval", "format_metrics", "format_train"]
 
 
 def metrics_table(headers: list[str], rows: list[list[Any]]) -> str:
-    from mmcache.tables import format_table
 
     return format_table(headers, rows)
 

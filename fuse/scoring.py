@@ -28,11 +28,13 @@ from typing import Any
 import torch
 from mmcache.fuse.config import TrainConfig, load_run_config
 from mmcache.fuse.data import MODALITY_ORDER, FusionData, load_data
+from mmcache.fuse.engine import build_head
 from mmcache.fuse.heads import FusionHead, head_uses
 from mmcache.fuse.runs import RunFolder
 from torch import Tensor
 
 from mmcache import cache as cf
+from mmcache.common import resolve_device
 from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,6 @@ def load_head(run: str | Path | RunFolder, device: str | torch.device = "cpu", *
               verify: bool = True) -> tuple[FusionHead, TrainConfig, dict[str, Any]]:
     """Rebuild a finished run's head with its best weights: (model in eval mode, config, metrics.json).
     ``verify``: check the manifest first (full hash); False when the caller already did."""
-    from mmcache.fuse.engine import build_head
 
     folder = run if isinstance(run, RunFolder) else RunFolder(run)
     if verify:
@@ -155,7 +156,6 @@ def open_for_scoring(run: str | Path | RunFolder, *, dataset: str | None = None,
     None: the run's own device kind. ``text_model`` / ``image_model``: accepted for symmetry with
     :func:`mmcache.api.predict` (scoring a cache needs no encoder; the identity check applies as always).
     ``data``: features already loaded (checked like loaded ones)."""
-    from mmcache.common import resolve_device
 
     del text_model, image_model  # scoring cached features loads no encoder
     if split_choice not in (None, *SPLIT_CHOICES):

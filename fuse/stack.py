@@ -54,7 +54,7 @@ from mmcache.fuse.config import TrainConfig
 from mmcache.fuse.data import FusionData
 from mmcache.fuse.engine import autocast, build_head, deterministic, lr_lambda, seed_everything
 from mmcache.fuse.heads import Attention, FusionHead, dropout_generator, set_dropout_generators
-from mmcache.fuse.runs import RunFolder
+from mmcache.fuse.runs import RunFolder, attach_run_log, detach_run_log
 from mmcache.fuse.session import finish_run, open_run
 from mmcache.fuse.stacked_layers import StackedLayerNorm, StackedLinear, stacked_values
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
@@ -289,7 +289,6 @@ def train_stack(configs: list[TrainConfig], data: FusionData | None = None, *, e
     """
     _check_stack(configs)
     t_start = time.perf_counter()
-    from mmcache.fuse.runs import attach_run_log, detach_run_log
 
     opened, logs = [], []
     try:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mmcache.fuse.metrics import compute_metrics
 from torch import Tensor
 
 from mmcache import cache as cf
@@ -178,7 +179,6 @@ def target_probs(logits: Tensor, sizes: list[int]) -> Tensor:
 # --------------------------------------------------------------------------------------------- metrics
 
 def _one(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from mmcache.fuse.metrics import compute_metrics
 
     m = compute_metrics(y, probs.argmax(-1) if len(probs) else np.zeros(0, np.int64), classes)
     if len(probs):

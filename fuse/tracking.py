@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from mmcache.fuse.runs import RunFolder
+
 from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -190,7 +192,6 @@ class TensorBoardLogger:
         self.config: dict[str, Any] = {}
 
     def on_run_start(self, run_dir: Path, config: dict[str, Any]) -> None:
-        from mmcache.fuse.runs import RunFolder
         from torch.utils.tensorboard import SummaryWriter
 
         self.config = config

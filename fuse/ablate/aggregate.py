@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from mmcache.fuse.ablate.grid import GridRun, run_status
+from mmcache.fuse.ablate.probe import PROBE_CS, probe_records
 from mmcache.fuse.ablate.stats import (
     DEFAULT_B,
     DEFAULT_SEED,
@@ -193,7 +194,6 @@ def _build_row(key: tuple[str, str, str, str], recs: list[dict[str, Any]], targe
 
 def _probe_rows(druns: list[GridRun], target, agree, probe_dir) -> tuple[list, list, dict[str, Any]]:
     """(probe rows, their records, what the table says about the probe)."""
-    from mmcache.fuse.ablate.probe import PROBE_CS, probe_records
 
     recs, errors = probe_records(druns, probe_dir)
     rows = []

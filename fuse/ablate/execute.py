@@ -40,7 +40,7 @@ from mmcache.fuse.runs import RunFolder
 from mmcache.fuse.stack import can_stack, max_members, probe_step_seconds, stack_key, train_stack
 from mmcache.fuse.train import train
 
-from mmcache.common import cpu_cores, disk_full_error, small_model_threads
+from mmcache.common import cpu_cores, disk_full_error, resolve_device, small_model_threads
 from mmcache.errors import BadInputError, DiskFullError, Interrupted, PipelineError
 from mmcache.locks import FileLock, describe, holder, try_lock
 from mmcache.progress import progress as reporter
@@ -429,7 +429,6 @@ def worth_stacking(config) -> bool:
     bench`, grid section, idle 2-core CPU): the stacked cls grid took 42.1 s vs 47.5 s one model per run,
     but the demo-sized tokens grid 23.1 s vs 15.4 s, so on a CPU token features train one model per
     run. On CUDA small heads are launch-bound and everything is stacked."""
-    from mmcache.common import resolve_device
 
     return config.features != "tokens" or resolve_device(config.device).type == "cuda"
 

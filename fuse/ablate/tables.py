@@ -14,6 +14,7 @@ from typing import Any
 from mmcache.fuse.ablate.aggregate import REPORTED_LABEL
 from mmcache.fuse.ablate.best import markdown_section
 from mmcache.fuse.metrics import METRIC_NAMES, METRICS
+from mmcache.fuse.plots import plot_table
 
 from mmcache.common import atomic_write_many, disk_full_error
 from mmcache.csvsafe import csv_row
@@ -417,7 +418,6 @@ def write_results(tables: dict[str, dict[str, Any]], results_dir: str | Path, *,
         written[dataset] = paths
     atomic_write_many(files)
     if plots:
-        from mmcache.fuse.plots import plot_table
 
         for dataset, table in tables.items():
             try:

@@ -41,6 +41,7 @@ import numpy as np
 
 from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.index import SampleIndex, read_index, write_index
+from mmcache.cache.lock import folder_lock
 from mmcache.cache.names import FEATURE_FIELDS, INDEX_NAME, OPTIONAL_FIELDS, feature_path, name_slug
 from mmcache.cache.reader import FeatureFile, write_failures_csv
 from mmcache.cache.writer import FeatureWriter
@@ -436,7 +437,6 @@ def import_features(cache_dir: str | Path, dataset: str, paths: list[str | Path]
     tables call the features (default ``imported/<the exported encoder's name>``, else ``imported``).
     An existing file from the same inputs is left as it is ("up to date"); any other existing file is
     refused unless ``force``."""
-    from mmcache.cache.lock import folder_lock
 
     sources = read_sources(paths, modality)
     folder = Path(cache_dir) / dataset
