@@ -97,7 +97,9 @@ class ExtractConfig:
             raise BadInputError(f"--max-image-pixels must be >= 1, got {self.max_image_pixels}")
         if self.max_resized_pixels < 1:
             raise BadInputError(f"--max-resized-pixels must be >= 1, got {self.max_resized_pixels}")
-        from mmcache.extract.adapters.base import parse_layer
+        from mmcache.extract.adapters.base import (
+            parse_layer,  # adapters import torch: not for reading a config
+        )
 
         self.text_layer, self.image_layer = parse_layer(self.text_layer), parse_layer(self.image_layer)
         for key in ("text_name", "image_name"):

@@ -95,6 +95,7 @@ def torch_threads(enc, modality: str, cfg: ExtractConfig):
 
 
 def _load_encoder(modality: str, cfg: ExtractConfig):
+    # encoders import transformers (seconds): loaded when an extraction runs, not when its records are read
     from mmcache.extract.encoders import load_encoder
 
     return load_encoder(cfg.encoder(modality), device=cfg.device)
@@ -294,7 +295,7 @@ def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndar
 def validate_models(cfg: ExtractConfig) -> None:
     """Before any work: each requested model is found, of a known family of its modality, and its
     tokenizer / image processor loads (a bad ``--text-model`` is reported before the image pass)."""
-    from mmcache.extract.encoders import validate_encoder
+    from mmcache.extract.encoders import validate_encoder  # transformers: only when models are checked
 
     for modality in ("image", "text"):
         if modality in cfg.modalities:
