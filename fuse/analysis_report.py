@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mmcache.fuse.plots import pyplot
+from mmcache.fuse import plots  # plots.pyplot(): matplotlib when installed (tests replace it to go without)
 
 from mmcache.common import atomic_write
 from mmcache.csvsafe import csv_row
@@ -298,7 +298,7 @@ def write_analysis(out: Path, s: dict[str, Any], *, probs: np.ndarray, labels: n
     """Write everything ``analyze`` produces into ``out``; returns the paths written."""
 
     files = _tables(out, s)
-    plt = pyplot()
+    plt = plots.pyplot()
     figs = _figures(plt, out, s) if plt is not None else {}
     pos = {str(index.ids[r]): k for k, r in enumerate(test_rows)}
     gallery_html, gal_rows = "", []

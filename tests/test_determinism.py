@@ -236,15 +236,17 @@ def test_per_member_linear_is_a_plain_linear():
 def test_train_own_loop_for_heads_that_cannot_stack_is_repeatable(cache, tmp_path, monkeypatch):
     # train()'s own loop (heads without a stacked form) still trains, with its dropout generator attached,
     # and repeats bit for bit after something else drew from the global RNG
-    import mmcache.fuse.stack as st
+    import mmcache.fuse.train as tr
 
-    monkeypatch.setattr(st, "can_stack", lambda config: False)
+    calls = []
+    monkeypatch.setattr(tr, "can_stack", lambda config: calls.append(config.head) or False)  # where train() asks
     data = load_data("synth", modalities=["text", "image"], features="tokens", cache_dir=cache)
     c = _base(cache, tmp_path, "self_attention", run_name="a")
     first = train(c, data).run_dir
     torch.manual_seed(99)  # what an earlier run in the same process left in the global RNG
     torch.rand(7)
     second = train(dataclasses.replace(c, run_name="b"), data).run_dir
+    assert calls == ["self_attention", "self_attention"]  # both runs took train()'s own loop
     _same_run(first, second)
 
 
