@@ -1,24 +1,27 @@
 """Percentile bootstrap intervals of the headline metrics over test posts (neutral helper: analyze's
-report uses it; ablation keeps its own paired, seed-aware version in :mod:`fuse.ablate.stats`)."""
+report uses it; the ablation tables' paired, seed-aware bootstrap in :mod:`fuse.ablate.stats` scores its
+draws with the same :func:`scores_from_confusion`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["metric_intervals"]
+__all__ = ["metric_intervals", "scores_from_confusion"]
 
 B, LEVEL, SEED = 1000, 0.95, 0
 
 
-def _scores(conf: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, macro-F1, weighted-F1 from confusion counts (B, C, C) (rows = true); each (B,).
-    Macro-F1 averages over the classes that occur (true or predicted) in a draw: a class a draw happens
-    to miss has no F1 (counting it 0 would pull a perfect predictor's interval down)."""
+def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """accuracy, macro-F1 and weighted-F1 from confusion counts (..., C, C) (rows = true); each (...,).
+
+    Macro-F1 averages over the classes that occur (true or predicted): a class a bootstrap draw happens to
+    miss entirely has no F1 (counting it 0 would pull a perfect predictor's interval down to 2/3). On a
+    test set where every class occurs this equals :func:`fuse.metrics.compute_metrics`' macro-F1."""
     tp = np.diagonal(conf, axis1=-2, axis2=-1)
     support, predicted = conf.sum(-1), conf.sum(-2)
+    total = np.maximum(support.sum(-1), 1)
     denom = support + predicted
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    total = np.maximum(support.sum(-1), 1)
     occurs = np.maximum((denom > 0).sum(-1), 1)
     return {"accuracy": tp.sum(-1) / total, "macro_f1": f1.sum(-1) / occurs,
             "weighted_f1": (f1 * support).sum(-1) / total}
@@ -38,4 +41,4 @@ def metric_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, *, 
     onehot[np.arange(n), y_true * n_classes + y_pred] = 1.0
     conf = (w @ onehot).reshape(b, n_classes, n_classes)  # each draw's confusion counts
     tail = (1 - level) / 2 * 100
-    return {k: [float(x) for x in np.percentile(v, [tail, 100 - tail])] for k, v in _scores(conf).items()}
+    return {k: [float(x) for x in np.percentile(v, [tail, 100 - tail])] for k, v in scores_from_confusion(conf).items()}

@@ -146,6 +146,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._hashed: str | None = None  # the result of a full verify of this object (hash once per command)
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -222,10 +223,14 @@ class RunFolder:
         """``verified`` or ``unverified`` (no manifest: warned); :class:`BadInputError` naming the first
         file that is missing or differs from the manifest. ``full``: hash every file (scoring); else the
         size + mtime fast path (ablate's reuse check), hashing only where the mtime moved."""
+        if full and self._hashed is not None:  # analyze opens, then scores: one hash of every file is enough
+            return self._hashed
         manifest = self.manifest()
         if manifest is None:  # warned when scoring; ablate's reuse check over many old runs stays quiet
             logger.log(logging.WARNING if full else logging.DEBUG, "run %s has no %s (made before runs were "
                        "sealed): its files are unverified", self.path, MANIFEST_FILE)
+            if full:
+                self._hashed = "unverified"
             return "unverified"
         for name, want in manifest["files"].items():
             path = self.path / name
@@ -238,6 +243,8 @@ class RunFolder:
             if (full or st.st_mtime_ns != want.get("mtime_ns")) and _sha256(path) != want.get("sha256"):
                 raise BadInputError(f"{path}: its content differs from the run's {MANIFEST_FILE} (edited or swapped "
                                     "since training); train the run again")
+        if full:
+            self._hashed = "verified"
         return "verified"
 
     def is_intact(self) -> bool:

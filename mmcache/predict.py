@@ -173,16 +173,7 @@ def encode_posts(posts: list[Post], recorded: dict[str, dict[str, Any]], classes
     from mmcache.extract.extraction import IndexInfo, extract_shard
 
     folder = Path(cache_dir) / name
-    files: list[str | None] = []
-    for i, p in enumerate(posts):
-        if p.image is None or "image" in p.problem:
-            files.append(None)
-        elif isinstance(p.image, (str, Path)):
-            files.append(str(Path(p.image).expanduser().resolve()))
-        elif hasattr(p.image, "save"):
-            files.append(_save_image(p.image, folder / "images", i))
-        else:
-            raise BadInputError(f"post {p.id}: image must be a path or a PIL image, got {type(p.image).__name__}")
+    files = _image_files(posts, folder / "images")
     ids = [p.id for p in posts]
     texts = [p.text for p in posts]
     labels = [classes.index(p.label) if p.label in classes else -1 for p in posts]

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from mmcache.fuse.ablate.grid import GridRun, index_fingerprint
-from mmcache.fuse.ablate.stats import scores_from_confusion
+from mmcache.fuse.bootstrap import scores_from_confusion
 from mmcache.fuse.data import FusionData, load_data
 from mmcache.fuse.metrics import METRICS, compute_metrics
 from mmcache.fuse.runs import predictions_csv

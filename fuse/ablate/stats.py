@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mmcache.fuse.bootstrap import scores_from_confusion
 from mmcache.fuse.metrics import METRICS
 
 from mmcache.errors import BadInputError
@@ -77,24 +78,6 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, c: int, w: np.ndarray) ->
     for j in range(s):  # S is small (the seeds); each line is one scatter
         onehot[np.flatnonzero(ok), cols[j, ok]] = 1.0
     return (w @ onehot).reshape(w.shape[0], s, c, c)
-
-
-def scores_from_confusion(conf: np.ndarray) -> dict[str, np.ndarray]:
-    """accuracy, macro-F1 and weighted-F1 from confusion counts (..., C, C); each (...,).
-
-    Macro-F1 averages over the classes that occur (true or predicted): a class a bootstrap draw happens to
-    miss entirely has no F1 (counting it 0, as fuse.metrics does for a class absent from a whole test
-    set, would pull a perfect predictor's interval down to 2/3). On a test set where every class
-    occurs this equals fuse.metrics' macro-F1."""
-    tp = np.diagonal(conf, axis1=-2, axis2=-1)
-    support, predicted = conf.sum(-1), conf.sum(-2)
-    total = support.sum(-1)
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    safe = np.where(total > 0, total, 1)
-    occurs = (denom > 0).sum(-1)
-    macro = f1.sum(-1) / np.where(occurs > 0, occurs, 1)
-    return {"accuracy": tp.sum(-1) / safe, "macro_f1": macro, "weighted_f1": (f1 * support).sum(-1) / safe}
 
 
 def replicate_scores(row: RowPredictions, pw: np.ndarray, sw: np.ndarray) -> dict[str, np.ndarray]:

@@ -196,8 +196,7 @@ def predict(
                          manifest=manifest, dataset=dataset, data_dir=data_dir, split=split,
                          options=key_values(option), split_file=split_file, device=device or DEFAULT_DEVICE,
                          calibrated=calibrated, cache_features=cache_features, batch_size=batch_size,
-                         # keywords the library gains separately: passed only when given
-                         **given(cache_dir=cache_dir, text_model=text_model, image_model=image_model))
+                         cache_dir=cache_dir, text_model=text_model, image_model=image_model)
     if output is not None:
         result.write(output)
         typer.echo(f"{len(result.rows)} rows written to {output}")
@@ -226,7 +225,7 @@ def analyze(
 
     choice = _split_choice(original_split, current_split)
     result = api.analyze(run, gallery=gallery, heatmaps=heatmaps, device=device or DEFAULT_DEVICE,
-                         **given(cache_dir=cache_dir, split_choice=choice))  # passed only when given
+                         cache_dir=cache_dir, split_choice=choice)
     typer.echo(json.dumps(result.summary, indent=2) if as_json else format_analysis(result))
 
 
