@@ -200,7 +200,7 @@ def cache_merge(
         typer.echo(f"nothing to merge: no shard files in {', '.join(map(str, paths))}")
     for r in results:
         left = "shard files removed" if r.removed_shards else ("shard files kept" if r.shards else "")
-        left = f"virtual: reads the {r.num_shards} shard files in place" if r.virtual else left
+        left = "shard files kept: the virtual merge reads them in place" if r.virtual else left
         typer.echo(f"{r.status} {r.num_shards} shards -> {r.path} ({r.num_samples} samples, {r.num_valid} valid, "
                    f"{r.num_failed} failed{', ' + left if left else ''})")
     csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv and r.num_failed})
