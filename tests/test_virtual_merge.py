@@ -131,6 +131,13 @@ def test_virtual_merge_equals_copying_merge_bit_for_bit(shards, tmp_path, capsys
     # merging again is an already-merged no-op that never removes the shards a virtual file reads
     res = cf.merge_shards(_text_file(v), 2, skip_if_merged=True)
     assert res.status == "already merged" and not res.removed_shards and len(cf.list_shard_files(v)) == 4
+    # --copy over a virtual merge: the same bytes in one self-contained file, the shards removed
+    assert cli.main(["cache", "merge", "--copy", str(v)]) == 0 and cf.list_shard_files(v) == []
+    for merged in cf.list_feature_files(v):
+        got, want = _datasets(merged), _datasets(c / merged.name)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want if want[k].dtype != object)
+        with h5py.File(merged, "r") as f:
+            assert "virtual" not in f.attrs and not f["cls"].is_virtual
 
 
 def test_moved_folder_still_reads(shards, tmp_path, monkeypatch):
