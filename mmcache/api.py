@@ -147,12 +147,14 @@ def verify_cache(path: str | Path = "cache") -> list[dict[str, Any]]:
     return verify(path)
 
 
-def merge_cache(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False) -> list:
+def merge_cache(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False,
+                copy: bool = False) -> list:
     """Combine the shard files of ``extract --shard i/n`` runs into the normal feature files
-    (:func:`mmcache.cache.merge_paths`); returns one MergeResult per shard set."""
+    (:func:`mmcache.cache.merge_paths`): virtual files over the shards (kept), or with ``copy`` verified
+    copies (shards removed unless ``keep_shards``); returns one MergeResult per shard set."""
     from mmcache.cache import merge_paths
 
-    return merge_paths(paths, keep_shards=keep_shards, force=force)
+    return merge_paths(paths, keep_shards=keep_shards, force=force, copy=copy)
 
 
 def bench(**options: Any) -> dict[str, Any]:

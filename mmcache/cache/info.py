@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.lock import CacheBusyError
 from mmcache.cache.names import FAILURES_NAME, INDEX_NAME, list_feature_files, list_shard_files
 from mmcache.cache.reader import FeatureFile, describe, repair_command
+from mmcache.cache.virtual import virtual_info
 from mmcache.errors import BadInputError, CacheError
 from mmcache.tables import fit_line, fit_table, format_table, human_bytes, terminal_width
 
@@ -67,8 +70,30 @@ def collect(path: str | Path = "cache") -> list[dict[str, Any]]:
             e["matches_index"] = None if want is None else want == e["index_fingerprint"]
             csv = f.parent / FAILURES_NAME
             e["failures_csv"] = str(csv) if csv.exists() else None
+            e["virtual"] = _virtual(f)
         entries.append(e)
     return entries
+
+
+def _virtual(path: Path) -> dict[str, Any] | None:
+    """``merged_from`` of a virtual merge (see :mod:`mmcache.cache.virtual`), else None."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return virtual_info(f)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _virtual_line(v: dict[str, Any]) -> str:
+    shards = v["shards"]
+    total = sum(int(s["bytes"]) for s in shards)
+    names = ", ".join(s["file"] for s in shards[:2]) + (", ..." if len(shards) > 2 else "")
+    return (f"  virtual over {v['num_shards']} shards ({names}; {human_bytes(total)}): it reads them in place, "
+            "keep them next to it (`cache merge --copy` makes one self-contained file)")
+
+
+def _virtual_note(e: dict) -> str:
+    return f" (virtual, {e['virtual']['num_shards']} shards)" if e.get("virtual") else ""
 
 
 def _state(e: dict) -> str:
@@ -106,7 +131,7 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
     if feats:
         out += ["", fit_table(
             ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
-            [[e["path"], e["modality"], e.get("name") or e["model"], _state(e), e["samples"], e["done"], e["valid"], e["failed"],
+            [[e["path"], e["modality"], e.get("name") or e["model"], _state(e) + _virtual_note(e), e["samples"], e["done"], e["valid"], e["failed"],
               "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], human_bytes(e["size_bytes"])]
              for e in feats], width)]
     for e in feats:
@@ -128,6 +153,8 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
                    f"index {e['index_fingerprint']}")
         out.append(f"  created {e.get('created')}, updated {e.get('updated') or '-'}"
                    + (f", shard {e['shard'][0]}/{e['shard'][1]}" if e.get("shard") else ""))
+        if e.get("virtual"):
+            out.append(_virtual_line(e["virtual"]))
         if e["failed"]:
             out.append(f"  {e['failed']} failed samples" + (f" (see {e['failures_csv']})" if e.get("failures_csv") else ""))
     if feats:

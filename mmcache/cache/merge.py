@@ -1,5 +1,7 @@
-"""Merging shards: the shard files of a sharded run (``*.shard-<i>-of-<n>.h5``) copied into the normal
-feature file, verified, and the shards removed.
+"""Merging shards: the shard files of a sharded run (``*.shard-<i>-of-<n>.h5``) combined into the normal
+feature file. By default a *virtual* merge (:mod:`mmcache.cache.virtual`): a small file whose arrays are
+HDF5 virtual datasets over the shards, written in O(metadata), the shards kept (they hold the data).
+``copy=True`` (``cache merge --copy``): a verified copy, the shards removed afterwards.
 
 Owns :func:`merge_shards` (one target), :func:`merge_paths` (what ``cache merge`` does), the grouping
 of shard files into merges (:func:`shard_groups`, :func:`expected_shards`) and :class:`MergeResult`.
@@ -32,6 +34,7 @@ from mmcache.cache.names import (
     parse_shard_name,
 )
 from mmcache.cache.reader import FeatureFile, write_failures_csv
+from mmcache.cache.virtual import VIRTUAL_ATTR, Source, source_record, virtual_info, write_virtual
 from mmcache.cache.writer import FeatureWriter
 from mmcache.errors import BadInputError, CacheError
 
@@ -53,6 +56,7 @@ class MergeResult:
     removed_shards: bool = False
     failures_csv: Path | None = None
     seconds: float = 0.0
+    virtual: bool = False  # the merged file reads the shards in place (they must stay)
 
 
 def expected_shards(target: str | Path, num_shards: int) -> list[Path]:
@@ -143,12 +147,12 @@ def _remove(paths: list[Path]) -> None:
 
 
 def merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = False, force: bool = False,
-                 skip_if_merged: bool = False) -> MergeResult:
+                 skip_if_merged: bool = False, copy: bool = False) -> MergeResult:
     """See :func:`_merge_shards`; holds the folder's write lock (:mod:`mmcache.cache.lock`) throughout."""
     try:
         with folder_lock(Path(target).parent):
             return _merge_shards(target, num_shards, keep_shards=keep_shards, force=force,
-                                 skip_if_merged=skip_if_merged)
+                                 skip_if_merged=skip_if_merged, copy=copy)
     except OSError as e:
         if is_disk_full(e):
             raise disk_full_error(Path(target), None, e) from None
@@ -156,9 +160,12 @@ def merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fal
 
 
 def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = False, force: bool = False,
-                  skip_if_merged: bool = False) -> MergeResult:
-    """Combine the ``num_shards`` shard files of ``target`` into ``target``, the normal single-process
-    feature file (a plain copy: no links to the shards, so the folder can be moved).
+                  skip_if_merged: bool = False, copy: bool = False) -> MergeResult:
+    """Combine the ``num_shards`` shard files of ``target`` into ``target``, the normal feature file.
+
+    Default: a virtual merge (:func:`_write_virtual_merge`), O(metadata), the shards kept whatever
+    ``keep_shards`` says (they hold the data; source names are relative, so the folder can be moved
+    as a whole). ``copy``: a plain, verified copy (no links to the shards) as described below.
 
     Validates before writing anything: every shard present (:class:`CacheError` naming the missing
     ones), same ``config_fingerprint`` and ``index_fingerprint`` (:class:`CacheMismatchError`), each
@@ -209,13 +216,16 @@ def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fa
                 if ff.complete and ff.index_fingerprint == index.fingerprint:
                     state = "same"
     if state == "same" and (missing or skip_if_merged):
+        virtual = _is_virtual(target)
+        keep_shards = keep_shards or virtual  # a virtual merge reads them: never remove its shards
         if not keep_shards:
             _remove(present)
         with FeatureFile(target) as ff:
             valid, n_all = int(ff.valid.sum()), len(ff.ids)
         return MergeResult(path=target, num_shards=num_shards, shards=present, status="already merged",
                            num_samples=n_all, num_valid=valid, num_failed=n_all - valid,
-                           removed_shards=bool(present) and not keep_shards, seconds=time.perf_counter() - t0)
+                           removed_shards=bool(present) and not keep_shards, seconds=time.perf_counter() - t0,
+                           virtual=virtual)
     if missing:
         which = ", ".join(f"shard {files.index(p)} ({p.name})" for p in missing)
         raise CacheError(f"cannot merge {target.name}: {len(missing)} of {num_shards} shards missing: {which}. "
@@ -250,19 +260,14 @@ def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fa
         raise CacheMismatchError(f"{target} exists and {what}; refusing to replace it with the merge "
                                  "(pass --force to replace it)")
 
-    ids = np.empty(n_total, dtype=object)
-    for m in metas:
-        ids[m.rows] = m.ids
     tmp = target.with_name(f".{target.name}.merging-{os.getpid()}")
     for stale in target.parent.glob(f".{target.name}.merging-*"):
         stale.unlink(missing_ok=True)  # left by a merge that was killed
     try:
-        check_free_space(tmp, sum(m.path.stat().st_size for m in metas))
-        sums = _copy_shards(tmp, metas, ids, n_total)
-        _verify_copy(tmp, metas, sums)
-        with h5py.File(tmp, "r+") as f:
-            f.attrs["complete"] = True
-            f.flush()
+        if copy:
+            _write_copy_merge(tmp, metas, n_total)
+        else:
+            _write_virtual_merge(tmp, metas, n_total)
         fsync(tmp)
         os.replace(tmp, target)
         fsync(target.parent)
@@ -270,13 +275,63 @@ def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fa
         tmp.unlink(missing_ok=True)
         raise
     failures_csv = write_failures_csv(target.parent)
-    with FeatureFile(target) as ff:
+    with FeatureFile(target) as ff:  # a virtual merge: also checks that every shard is the merged one
         valid = int(ff.valid.sum())
-    if not keep_shards:
+    remove = copy and not keep_shards
+    if remove:
         _remove([m.path for m in metas])
     return MergeResult(path=target, num_shards=num_shards, shards=[m.path for m in metas], status="merged",
-                       num_samples=n_total, num_valid=valid, num_failed=n_total - valid,
-                       removed_shards=not keep_shards, failures_csv=failures_csv, seconds=time.perf_counter() - t0)
+                       num_samples=n_total, num_valid=valid, num_failed=n_total - valid, removed_shards=remove,
+                       failures_csv=failures_csv, seconds=time.perf_counter() - t0, virtual=not copy)
+
+
+def _is_virtual(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return virtual_info(f) is not None
+
+
+def _write_copy_merge(tmp: Path, metas: list[_ShardMeta], n_total: int) -> None:
+    """``--copy``: every shard's rows copied into ``tmp``, verified against the shards, marked complete."""
+    ids = np.empty(n_total, dtype=object)
+    for m in metas:
+        ids[m.rows] = m.ids
+    check_free_space(tmp, sum(m.path.stat().st_size for m in metas))
+    sums = _copy_shards(tmp, metas, ids, n_total)
+    _verify_copy(tmp, metas, sums)
+    with h5py.File(tmp, "r+") as f:
+        f.attrs["complete"] = True
+        f.flush()
+
+
+def _write_virtual_merge(tmp: Path, metas: list[_ShardMeta], n_total: int) -> None:
+    """The small virtual file at ``tmp`` (it must lie in the shards' folder: source names are relative):
+    every dataset of the shards mapped (:func:`mmcache.cache.virtual.write_virtual`), the shards' file
+    attributes plus ``merged_from`` and ``virtual``; checked by reading ``row`` and ``done`` through it."""
+    sources = [Source(path=m.path, index=m.index, rows=m.rows) for m in metas]
+    with h5py.File(tmp, "w") as out:
+        copied = write_virtual(out, sources, n_total)
+        for key, value in metas[0].attrs.items():
+            if key != "last_run":
+                out.attrs[key] = value
+        out.attrs.update({
+            "shard": json.dumps(None), "num_samples": n_total, "num_done": n_total,
+            "num_valid": int(sum(int(np.count_nonzero(_read(m.path, "valid"))) for m in metas)),
+            "created": min(str(m.attrs.get("created", "")) for m in metas),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), VIRTUAL_ATTR: True, "complete": True,
+            "merged_from": json.dumps({"num_shards": len(metas), "virtual": True, "copied_bytes": copied,
+                                       "shards": [source_record(m.path, m.index, m.rows, m.attrs) for m in metas],
+                                       "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, default=str),
+        })
+        # a wrong mapping would show here: each row's index position and done bit, read through the file
+        if not np.array_equal(out["row"][...], np.arange(n_total)) or not out["done"][...].all():
+            raise CacheError(f"merge verification failed: the virtual file {tmp} does not map every row of the "
+                             "shards in order; the shards are kept, try `cache merge --copy`")
+        out.flush()
+
+
+def _read(path: Path, name: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[name][...]
 
 
 def _merge_fields(f) -> tuple[str, ...]:
@@ -362,9 +417,10 @@ def _has_checksums(path: Path) -> bool:
         return CHECKSUM in f
 
 
-def merge_paths(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False) -> list[MergeResult]:
+def merge_paths(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False,
+                copy: bool = False) -> list[MergeResult]:
     """What ``cache merge`` does: every shard set found in ``paths`` (dataset folders and/or shard
-    files) merged by :func:`merge_shards`. A folder without shard files but with merged feature files
+    files) merged by :func:`merge_shards` (virtual unless ``copy``). A folder without shard files but with merged feature files
     is fine (nothing to do); one with neither is a :class:`CacheError`."""
     if not paths:
         raise BadInputError("name a dataset folder or shard files to merge")
@@ -372,4 +428,5 @@ def merge_paths(paths: list[str | Path], *, keep_shards: bool = False, force: bo
         p = Path(raw)
         if p.is_dir() and not list_shard_files(p) and not list_feature_files(p):
             raise CacheError(f"no shard files (*.shard-<i>-of-<n>.h5) and no feature files in {p}")
-    return [merge_shards(target, n, keep_shards=keep_shards, force=force) for target, n in shard_groups(paths)]
+    return [merge_shards(target, n, keep_shards=keep_shards, force=force, copy=copy)
+            for target, n in shard_groups(paths)]

@@ -22,6 +22,7 @@ from mmcache.cache.h5io import attrs_dict, json_attr, open_h5, read_strs
 from mmcache.cache.index import read_index
 from mmcache.cache.integrity import CHECKSUM, CHECKSUM_FIELDS, Damage, scan_file
 from mmcache.cache.names import FAILURES_NAME, FEATURE_FIELDS, INDEX_NAME, OPTIONAL_FIELDS, list_feature_files
+from mmcache.cache.virtual import check_sources
 from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, CacheError
 
@@ -67,6 +68,7 @@ class FeatureFile:
         if self._f.attrs.get("format") != "mmcache-features":
             self._f.close()
             raise CacheError(f"{self.path} is not an mmcache feature file")
+        check_sources(self._f, self.path)  # a virtual merge: its shards there and unchanged (else closes, raises)
         a = self._f.attrs
         self.modality: str = str(a["modality"])
         self.hidden_size: int = int(a["hidden_size"])

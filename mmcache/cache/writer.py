@@ -35,6 +35,7 @@ from mmcache.cache.integrity import (
     scan_file,
 )
 from mmcache.cache.names import DTYPES, FORMAT_VERSION, OPTIONAL_FIELDS, REASON, REASON_BYTES, STR
+from mmcache.cache.virtual import check_sources
 from mmcache.errors import BadInputError
 
 # Target <= 256 KiB per chunk: small enough that a scattered row write (length-sorted text batches)
@@ -85,6 +86,7 @@ class FeatureWriter:
         cfg_fp = fingerprint(config)
         if path.exists() and not force:
             f = open_h5(path, "r+")
+            check_sources(f, path)  # a virtual merge writes into its shards: they must be the merged ones
             attrs = f.attrs
             problems = []
             if attrs.get("format") != "mmcache-features":

@@ -186,10 +186,13 @@ def cache_merge(
     paths: Annotated[list[Path], typer.Argument(help="dataset folder(s) and/or shard files (*.shard-<i>-of-<n>.h5)")],
     keep_shards: KeepShards = False,
     force: Annotated[bool, typer.Option("--force", help="replace a merged file made with other settings")] = False,
+    copy: Annotated[bool, typer.Option("--copy", help="copy every shard into one file (verified; shards removed "
+                                       "unless --keep-shards) instead of the virtual merge that reads them in place")] = False,
     as_json: Json = False,
 ) -> None:
-    """Combine the shard files of `extract --shard i/n` runs into the normal feature file."""
-    results = api.merge_cache(paths, keep_shards=keep_shards, force=force)
+    """Combine the shard files of `extract --shard i/n` runs into the normal feature file: a small virtual file
+    over the shards (they stay), or with --copy one file holding everything."""
+    results = api.merge_cache(paths, keep_shards=keep_shards, force=force, copy=copy)
     if as_json:
         typer.echo(json.dumps([r.__dict__ for r in results], indent=2, default=str))
         return
@@ -197,6 +200,7 @@ def cache_merge(
         typer.echo(f"nothing to merge: no shard files in {', '.join(map(str, paths))}")
     for r in results:
         left = "shard files removed" if r.removed_shards else ("shard files kept" if r.shards else "")
+        left = "shard files kept: the virtual merge reads them in place" if r.virtual else left
         typer.echo(f"{r.status} {r.num_shards} shards -> {r.path} ({r.num_samples} samples, {r.num_valid} valid, "
                    f"{r.num_failed} failed{', ' + left if left else ''})")
     csvs = sorted({str(r.failures_csv) for r in results if r.failures_csv and r.num_failed})
