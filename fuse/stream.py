@@ -46,8 +46,14 @@ __all__ = ["DEFAULT_FRACTION", "StreamPlan", "StreamedArray", "default_budget", 
 # for the model, its activations and optimizer state, the OS page cache that the HDF5 reads go through,
 # and the other processes of an ablation (which runs several jobs side by side).
 DEFAULT_FRACTION = 0.5
-BUFFER_SHARE = 0.5  # of the budget left after the resident arrays: the shuffle buffer
-PREFETCH_SHARE = 0.125  # the same, for the queue of blocks read ahead
+# Of the budget, first the resident arrays and WORKING_BYTES (the model, one batch in float32 and its
+# activations, torch's scratch: measured 10-15 MB for self_attention on 64 x 512 tokens, batch 16) are set
+# aside; of the rest, BUFFER_SHARE is the shuffle buffer and PREFETCH_SHARE the blocks read ahead (each is
+# read whole, then its wanted rows copied: up to twice that). Measured peak RSS over the interpreter's
+# (tests/test_stream.py's child, 128 KB rows): 20, 25, 47 MB for budgets of 24, 32, 64 MB.
+WORKING_BYTES = 16 << 20
+BUFFER_SHARE = 0.5
+PREFETCH_SHARE = 0.1
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -160,7 +166,7 @@ class StreamPlan:
 def plan_stream(paths: dict[str, Path], field_name: str, resident: int, budget: int, needed: int) -> StreamPlan:
     """The stream of ``field_name`` of the modality files ``paths`` within ``budget`` bytes, of which
     ``resident`` are taken by the in-memory arrays. :class:`BadInputError` when not even the blocks fit."""
-    free = budget - resident
+    free = max(0, budget - resident - WORKING_BYTES)
     # A block is at most a quarter of the read-ahead share, so a small budget still has blocks in flight.
     readers = {m: BlockReader(p, field_name, block_bytes=min(BLOCK_BYTES, int(PREFETCH_SHARE * free) // 4))
                for m, p in paths.items()}
@@ -173,10 +179,10 @@ def plan_stream(paths: dict[str, Path], field_name: str, resident: int, budget: 
     if free <= 0 or buffer_rows < block_rows:
         for r in readers.values():
             r.close()
-        need = resident + int(block_rows * row_bytes / BUFFER_SHARE)
+        need = resident + WORKING_BYTES + int(block_rows * row_bytes / BUFFER_SHARE)
         raise BadInputError(f"--max-memory {budget:,} bytes is too small to stream these features: the in-memory "
-                            f"arrays take {resident:,} and a buffer of one block {block_rows * row_bytes:,}; give "
-                            f"at least {need:,}")
+                            f"arrays take {resident:,}, training {WORKING_BYTES:,} and a buffer of one block "
+                            f"{block_rows * row_bytes:,}; give at least {need:,}")
     return StreamPlan(budget=budget, needed=needed, buffer_rows=buffer_rows, prefetch=max(1, prefetch),
                       arrays=arrays)
 
