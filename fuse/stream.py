@@ -126,9 +126,6 @@ class StreamedArray:
         raise BadInputError(f"{self.reader.path}: its features are streamed (over the memory budget), not in "
                             "memory; give a larger --max-memory for this command")
 
-    def release(self) -> None:
-        self._last = None
-
 
 # --------------------------------------------------------------------------------------------- plan
 
