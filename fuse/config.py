@@ -32,6 +32,13 @@ class TrainConfig:
     threads for the run (1 is often fastest for small heads on a busy machine, and float results can
     depend on it, so it is part of the config; None on a CPU =
     :func:`~mmcache.common.small_model_threads`, recorded in provenance.json).
+
+    ``max_memory``: bytes the run's feature arrays may take in memory (None:
+    :func:`fuse.stream.default_budget`, half of MemAvailable); over it they are streamed from the cache files
+    (:mod:`fuse.stream`) in an order drawn from ``stream_seed`` -- not the member seed, so every member of a
+    stack is served by the same pass. A streamed run with a shuffle buffer as large as its train split equals
+    the in-memory run whose ``seed`` is ``stream_seed`` bit for bit; with a smaller buffer the order (block
+    shuffle), so the numbers, differ. In memory, ``stream_seed`` is unused.
     """
 
     head: str = "basic"
@@ -56,6 +63,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     threads: int | None = None
+    max_memory: int | None = None  # bytes; config files may say "4G"
+    stream_seed: int = 0
     modalities: list[str] | None = None
     target: str | None = None  # a target or task of the dataset's index (None = its default); resolved in config.json
     text_cache: str | None = None
@@ -104,7 +113,8 @@ class TrainConfig:
                   ("eval_batch_size", self.eval_batch_size >= 1), ("lr", self.lr > 0),
                   ("weight_decay", self.weight_decay >= 0), ("warmup_frac", 0 <= self.warmup_frac < 1),
                   ("grad_clip", self.grad_clip >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
-                  ("patience", self.patience >= 0), ("threads", self.threads is None or self.threads >= 1)]
+                  ("patience", self.patience >= 0), ("threads", self.threads is None or self.threads >= 1),
+                  ("max_memory", self.max_memory is None or self.max_memory >= 1 << 20)]
         for name, ok in checks:
             if not ok:
                 raise BadInputError(f"invalid {name}: {getattr(self, name)!r}")
@@ -123,10 +133,16 @@ class TrainConfig:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check one config value's type against the field default (JSON has no int/float distinction)."""
     if value is None:
-        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads", "target"):
+        if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads", "target",
+                   "max_memory"):
             return None
         raise BadInputError(f"config key {key!r} may not be null")
     ok = True
+    if key == "max_memory":
+        from mmcache.fuse.stream import parse_size
+
+        return parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else \
+            _wrong_type(key, value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -143,8 +159,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, str) or default is None:
         ok = isinstance(value, str)
     if not ok:
-        raise BadInputError(f"config key {key!r}: wrong type {type(value).__name__} ({value!r})")
+        _wrong_type(key, value)
     return value
+
+
+def _wrong_type(key: str, value: Any):
+    raise BadInputError(f"config key {key!r}: wrong type {type(value).__name__} ({value!r})")
 
 
 def load_run_config(run_dir: str | Path | RunFolder) -> TrainConfig:

@@ -12,6 +12,10 @@ What is loaded depends on ``features``:
   (CLIP); the width seen by the heads is then P.
 * ``tokens``: ``tokens`` (N, L, D) and ``mask`` (N, L) bool, True = real token.
 
+Over the memory budget (``max_memory``) the feature arrays are not read whole but streamed
+(:mod:`fuse.stream`): ``x`` is then a :class:`~fuse.stream.StreamedArray` and :attr:`FusionData.stream` the
+plan the trainers draw their batches from; ``mask``, ``valid`` and labels stay in memory.
+
 Samples whose required modality is missing in the cache (``valid`` False: unreadable image, empty
 text, ...) are dropped from every split and counted in :attr:`FusionData.dropped`.
 """
@@ -26,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmcache.fuse.stream import default_budget, plan_stream
 from mmcache.fuse.targets import TargetSet, resolve_target, target_report
 from torch import Tensor
 
 from mmcache import cache as cf
+from mmcache.cache.blocks import array_nbytes
 from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)
@@ -113,14 +119,14 @@ class ModalityData:
     """One modality's features for every sample of the index, in index order.
 
     x: (N, L, D) in the stored dtype (float16 usually, float32 if the cache was written so); L = 1 for
-    cls/mean. :meth:`FusionData.batch` casts to float32 (exact), so keeping float16 halves memory and
+    cls/mean. Streamed (over the memory budget): a :class:`~fuse.stream.StreamedArray` of that shape. :meth:`FusionData.batch` casts to float32 (exact), so keeping float16 halves memory and
     changes no number.
     mask: (N, L) bool, True = real token.  valid: (N,) bool, features present.
     """
 
     modality: str
     path: Path
-    x: Tensor
+    x: Tensor  # or a fuse.stream.StreamedArray
     mask: Tensor
     valid: Tensor
     hidden_size: int
@@ -165,6 +171,7 @@ class FusionData:
     target: TargetSet | None = None
     target_labels: Tensor | None = None
     index: cf.SampleIndex | None = field(default=None, repr=False)
+    stream: Any = field(default=None, repr=False)  # a fuse.stream.StreamPlan when features are streamed
 
     @property
     def device(self) -> torch.device:
@@ -204,17 +211,20 @@ class FusionData:
                 md.x, md.mask, md.valid = md.x.to(device), md.mask.to(device), md.valid.to(device)
         return self
 
-    def batch(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    def batch(self, rows: Tensor, resident: dict[str, Tensor] | None = None
+              ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """Features of ``rows`` ((B,) int64, on :attr:`device`) as the heads take them:
         ``text (B, Lt, Dt) float32, text_mask (B, Lt) bool, image (B, Li, Di) float32, image_mask``;
         None for a modality not loaded. Token sequences are cut to the batch's longest real length
-        (padding never changes a prediction, so this only saves time)."""
+        (padding never changes a prediction, so this only saves time). ``resident``: the rows' features
+        already read ({modality: (B, L, D)}, a streamed batch) instead of ``x[rows]``."""
         out: list[Tensor | None] = []
         for md in (self.text, self.image):
             if md is None:
                 out += [None, None]
                 continue
-            x, m = md.x[rows], md.mask[rows]
+            x = resident[md.modality] if resident is not None else md.x[rows]
+            m = md.mask[rows]
             if md.trim:
                 used = m.any(0)
                 length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
@@ -243,7 +253,9 @@ class FusionData:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: what was loaded and how many samples each split keeps."""
+        extra = {"streamed": self.stream.summary()} if self.stream is not None else {}
         return {
+            **extra,
             "dataset": self.dataset, "features": self.features, "modalities": list(self.modalities),
             "target": self.target.name if self.target else None,
             "targets": self.target.to_dict() if self.target else None, "classes": self.classes, "samples": {s: int(r.numel()) for s, r in self.split_rows.items()},
@@ -263,7 +275,10 @@ def _model_of(ff: cf.FeatureFile) -> str | None:
     return cf.EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config).model
 
 
-def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str) -> ModalityData:
+def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: str, dataset: str,
+                  streamed: bool = False) -> ModalityData:
+    """One modality's arrays, checked against the index. ``streamed``: the feature array itself is not read
+    (``x`` is set by the caller to a stream); the mask is."""
     with cf.FeatureFile(path) as ff:
         if ff.modality != modality:
             raise BadInputError(f"{path} holds {ff.modality} features, not {modality}")
@@ -280,8 +295,15 @@ def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: st
         if features == "proj" and not ff.config.get("proj_size"):
             raise BadInputError(f"{path} has no proj array: its {modality} encoder has no joint-space projection "
                                 "(only CLIP-style checkpoints do); use --features cls, mean or tokens")
+        if streamed:  # only the small arrays; x is the caller's StreamedArray
+            fields = ("mask",) if features == "tokens" else ()
         arrays = ff.load(fields, dtype=None)  # stored dtype; batches are cast to float32
-        if features == "tokens":
+        if streamed:
+            n, d = len(index), int(ff.config["proj_size"]) if features == "proj" else ff.hidden_size
+            mask = (torch.from_numpy(arrays["mask"]) if features == "tokens"
+                    else torch.ones((n, 1), dtype=torch.bool))
+            x = torch.empty((0, mask.shape[1], d), dtype=torch.float16)  # replaced by the stream
+        elif features == "tokens":
             x, mask = torch.from_numpy(arrays["tokens"]), torch.from_numpy(arrays["mask"])
         else:
             x = torch.from_numpy(arrays[features]).unsqueeze(1)  # (N, 1, D)
@@ -294,13 +316,15 @@ def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: st
 def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, ...] | list[str],
               features: str = "cls", cache_dir: str | Path = "cache", text_cache: str | Path | None = None,
               image_cache: str | Path | None = None, device: str | torch.device = "cpu",
-              target: str | None = None) -> FusionData:
+              target: str | None = None, max_memory: int | None = None) -> FusionData:
     """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``,
     labelled with ``target`` (a target or task name of the index; None = its default).
 
     Features stay in the stored dtype (float16 usually: half the memory of float32); batches are cast
     to float32 on the fly, which is exact, so the numbers are the same as with float32 arrays. Samples of train/val/test missing any of ``modalities`` are dropped
     and counted; split ``none`` is not used.
+    ``max_memory``: bytes the feature arrays may take (None: :func:`fuse.stream.default_budget`); more than
+    that and they are streamed from the files instead (:mod:`fuse.stream`; the decision is logged).
     Raises :class:`CacheError` for missing / unfinished / misaligned caches, :class:`BadInputError` for
     ambiguous or unknown choices.
     """
@@ -323,8 +347,19 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
         resolve_dataset(cache_dir, dataset)  # raises with the list of cached datasets
     index = cf.read_index(index_path)
     resolve_target(index, target)  # an unknown target fails before any feature is read
-    loaded = {m: load_modality(find_cache(cache_dir, dataset, m, given[m]), m, index, features, dataset)
-              for m in mods}
+    paths = {m: find_cache(cache_dir, dataset, m, given[m]) for m in mods}
+    needed, resident = _feature_bytes(paths, features, len(index))
+    budget = max_memory if max_memory is not None else default_budget(torch.device(device))
+    streamed = needed > budget
+    logger.info("%s %s features need %.1f MiB, memory budget %.1f MiB: %s", dataset, features, needed / 2**20,
+                budget / 2**20, "streamed from the cache files" if streamed else "read into memory")
+    loaded = {m: load_modality(paths[m], m, index, features, dataset, streamed) for m in mods}
+    plan = plan_stream(paths, features, resident, budget, needed) if streamed else None
+    if plan is not None:
+        for m, arr in plan.arrays.items():
+            loaded[m].x = arr
+        logger.info("streaming: shuffle buffer %d rows, %d blocks of %d rows read ahead", plan.buffer_rows,
+                    plan.prefetch, plan.block_rows)
 
     labels = torch.from_numpy(np.asarray(index.labels, dtype=np.int64))
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(index.classes)):
@@ -333,9 +368,21 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
                       ids=index.ids, labels=labels, split_rows={}, text=loaded.get("text"),
                       image=loaded.get("image"), index_path=index_path, index_fingerprint=index.fingerprint,
                       index_attrs=dict(index.attrs), split=index.split_info(), split_ids=index.split_ids(),
-                      index=index)
+                      index=index, stream=plan)
     data = _attach_target(data, target)
     return data.to(device)
+
+
+def _feature_bytes(paths: dict[str, Path], features: str, n: int) -> tuple[int, int]:
+    """(bytes of the big feature arrays as stored, bytes of what stays in memory when they are streamed:
+    the (N, L) bool masks plus ~64 bytes a sample of ids, labels and split rows)."""
+    needed, resident = 0, 64 * n
+    for p in paths.values():
+        nbytes, shape = array_nbytes(p, features)
+        needed += nbytes
+        if features == "tokens" and len(shape) == 3:
+            resident += shape[0] * shape[1]
+    return needed, resident
 
 
 def _attach_target(data: FusionData, name: str | None) -> FusionData:

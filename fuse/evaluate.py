@@ -34,7 +34,8 @@ class EvalResult:
 def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test", *,
              cache_dir: str | Path | None = None, text_cache: str | Path | None = None,
              image_cache: str | Path | None = None, device: str | None = None, data: FusionData | None = None,
-             write: bool = True, split_choice: str | None = None, target: str | None = None) -> EvalResult:
+             write: bool = True, split_choice: str | None = None, target: str | None = None,
+             max_memory: int | None = None) -> EvalResult:
     """Score a finished run again on ``split`` of its own dataset, or of ``dataset`` (cross-dataset).
 
     The run and its data come through the one door, :func:`fuse.scoring.open_for_scoring` (manifest,
@@ -50,11 +51,11 @@ def evaluate(run_dir: str | Path, dataset: str | None = None, split: str = "test
     (score the run's own ``split`` ids) or ``"current"`` (the cache's current split, labelled as a
     different split in the metrics and the file name: ``<dataset>-<split>-current-<fingerprint>``).
     The metrics say what was scored: ``scored`` (feature files with their identity, n scored, n dropped
-    by reason).
+    by reason). ``max_memory``: as for :func:`fuse.data.load_data` (over it, the features are streamed).
     """
     sc = open_for_scoring(run_dir, dataset=dataset, split=split, cache_dir=cache_dir, text_cache=text_cache,
                           image_cache=image_cache, split_choice=split_choice, target=target, device=device,
-                          data=data)
+                          data=data, max_memory=max_memory)
     config, data, rows, scored = sc.config, sc.data, sc.rows, sc.scored
     with deterministic(sc.device, config.threads):
         probs = predict(sc.model, data, rows, config.eval_batch_size, config.amp)

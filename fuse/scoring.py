@@ -148,14 +148,16 @@ def open_for_scoring(run: str | Path | RunFolder, *, dataset: str | None = None,
                      image_cache: str | Path | None = None, split_choice: str | None = None,
                      target: str | None = None, device: str | torch.device | None = "cpu",
                      text_model: str | Path | None = None, image_model: str | Path | None = None,
-                     data: FusionData | None = None) -> Scoring:
+                     data: FusionData | None = None, max_memory: int | None = None) -> Scoring:
     """A finished run and the checked data to score it on (see the module docstring for the checks).
 
     ``dataset``: another cached dataset (cross-dataset; same encoders and classes), None = the run's own.
     ``target``: score against another target of the index (classes must equal the run's). ``device``
     None: the run's own device kind. ``text_model`` / ``image_model``: accepted for symmetry with
     :func:`mmcache.api.predict` (scoring a cache needs no encoder; the identity check applies as always).
-    ``data``: features already loaded (checked like loaded ones)."""
+    ``data``: features already loaded (checked like loaded ones). ``max_memory``: bytes the features may take
+    in memory (None: the default budget, :func:`fuse.stream.default_budget`); over it they are streamed
+    (read block by block in row order), so evaluate / analyze / predict --dataset work on any cache size."""
 
     del text_model, image_model  # scoring cached features loads no encoder
     if split_choice not in (None, *SPLIT_CHOICES):
@@ -179,7 +181,7 @@ def open_for_scoring(run: str | Path | RunFolder, *, dataset: str | None = None,
         caches = _cache_paths(config, prov, root, other, same, cache_dir is not None, given)
         data = load_data(other, modalities=config.modalities or sorted(head_uses(config.head)),
                          features=config.features, cache_dir=root, text_cache=caches["text"],
-                         image_cache=caches["image"], device=dev, target=wanted)
+                         image_cache=caches["image"], device=dev, target=wanted, max_memory=max_memory)
     else:
         data.to(dev)
     data = data.with_target(wanted) if wanted else data

@@ -48,7 +48,7 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
         mods = config.modalities or [m for m in MODALITY_ORDER if m in needed]
         data = load_data(config.dataset, modalities=mods, features=config.features, cache_dir=config.cache_dir,
                          text_cache=config.text_cache, image_cache=config.image_cache, device=device,
-                         target=config.target)
+                         target=config.target, max_memory=config.max_memory)
     else:
         if data.features != config.features:
             raise BadInputError(f"preloaded data holds {data.features!r} features, config asks for {config.features!r}")

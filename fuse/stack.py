@@ -57,6 +57,7 @@ from mmcache.fuse.heads import Attention, FusionHead, dropout_generator, set_dro
 from mmcache.fuse.runs import RunFolder, attach_run_log, detach_run_log
 from mmcache.fuse.session import finish_run, open_run
 from mmcache.fuse.stacked_layers import StackedLayerNorm, StackedLinear, stacked_values
+from mmcache.fuse.stream import epoch_batches
 from mmcache.fuse.targets import class_weights, score_targets, target_loss, target_probs
 from torch import Tensor, nn
 
@@ -358,6 +359,8 @@ def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: 
     schedule = lr_lambda(total, round(cfg.warmup_frac * total))
     weight = class_weights(data.target_labels[train_rows], data.target.sizes) if cfg.class_balanced else None
     gens = [torch.Generator().manual_seed(c.seed) for c in configs]  # batch order, as train() always drew it
+    # Streamed features: one order for the whole stack, from the run's stream_seed (part of the stack key).
+    stream_gen = torch.Generator().manual_seed(cfg.stream_seed) if data.stream is not None else None
     drop_gens = [dropout_generator(c.seed, device) for c in configs]
     lengths = _run_lengths(data)
     with torch.no_grad():
@@ -374,18 +377,18 @@ def _fit(stack: _Stack, configs: list[TrainConfig], run_dirs: list[Path], data: 
         stack.module.train()
         set_dropout_generators(stack.module, [drop_gens[i] for i in active])
         m = len(active)
-        orders = torch.stack([train_rows[torch.randperm(n_train, generator=gens[i]).to(device)] for i in active])
         loss_sum = torch.zeros(m, device=device)
         lr_m, wd_m = [configs[i].lr for i in active], [configs[i].weight_decay for i in active]
-        for start in range(0, n_train, cfg.batch_size):
-            rows = orders[:, start:start + cfg.batch_size]  # (M, b)
-            f = schedule(step)
-            loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1,
-                               lengths)
-            step += 1
-            loss_sum += loss * rows.shape[1]
-            if on_step is not None:
-                on_step(epoch)
+        with epoch_batches(data, train_rows, cfg.batch_size, [gens[i] for i in active], stream_gen, epoch,
+                           cfg.stream_seed) as batches:
+            for rows, resident in batches:  # rows (M, b); resident: streamed features of rows[0] or None
+                f = schedule(step)
+                loss = _train_step(stack, data, rows, cfg, weight, state, [lr * f for lr in lr_m], wd_m, step + 1,
+                                   lengths, resident)
+                step += 1
+                loss_sum += loss * rows.shape[1]
+                if on_step is not None:
+                    on_step(epoch)
         train_loss = (loss_sum / n_train).tolist()
         lr_now = [lr * schedule(step) for lr in lr_m]
         val_probs = _predict_stack(stack, data, val_rows, cfg, eval_rows) if val_rows.numel() else None
@@ -444,29 +447,35 @@ def _run_lengths(data: FusionData) -> dict[str, int]:
     return out
 
 
-def _train_batch(data: FusionData, rows: Tensor, lengths: dict[str, int] | None) -> tuple:
+def _train_batch(data: FusionData, rows: Tensor, lengths: dict[str, int] | None,
+                 resident: dict[str, Tensor] | None = None) -> tuple:
     """``data.batch(rows)`` with token sequences cut to ``lengths`` (:func:`_run_lengths`) instead of the
-    batch's own longest; ``lengths`` None: ``data.batch``."""
+    batch's own longest; ``lengths`` None: ``data.batch``. ``resident``: the features of ``rows``
+    ({modality: (M*b, L, D)}, a streamed batch) instead of ``x[rows]``."""
     if lengths is None:
-        return data.batch(rows)
+        return data.batch(rows, resident)
     out: list[Tensor | None] = []
     for name, md in (("text", data.text), ("image", data.image)):
         if md is None:
             out += [None, None]
             continue
         n = lengths.get(name, md.x.shape[1])
-        out += [md.x[rows, :n].float(), md.mask[rows, :n]]
+        x = md.x[rows, :n] if resident is None else resident[name][:, :n]
+        out += [x.float().contiguous(), md.mask[rows, :n]]
     return tuple(out)
 
 
 def _train_step(stack: _Stack, data: FusionData, rows: Tensor, cfg: TrainConfig, weight: list | None,
                 state: dict[str, Tensor], lr: list[float], wd: list[float], step: int,
-                lengths: dict[str, int] | None = None) -> Tensor:
+                lengths: dict[str, int] | None = None, resident: dict[str, Tensor] | None = None) -> Tensor:
     """One optimizer step of every member on its own batch ``rows`` (M, b); returns the losses (M,).
-    ``lengths``: token lengths to cut to (:func:`_train_batch`)."""
+    ``lengths``: token lengths to cut to (:func:`_train_batch`). ``resident``: streamed features of the
+    batch every member shares ({modality: (b, L, D)}; then every row of ``rows`` is the same)."""
     m, b = rows.shape
+    if resident is not None and m > 1:  # member-major, as rows.reshape(-1)
+        resident = {k: v.repeat(m, *([1] * (v.dim() - 1))) for k, v in resident.items()}
     with autocast(data.device, cfg.amp):
-        logits = stack.module(*_train_batch(data, rows.reshape(-1), lengths))
+        logits = stack.module(*_train_batch(data, rows.reshape(-1), lengths, resident))
     loss = _member_losses(logits.float().view(m, b, -1), data.target_labels[rows], data.target.sizes, weight,
                           cfg.label_smoothing)
     grad = stack.gradient(loss.sum())

@@ -48,6 +48,7 @@ from mmcache.fuse.runs import (
 )
 from mmcache.fuse.session import finish_run, open_run
 from mmcache.fuse.stack import can_stack, fit_members
+from mmcache.fuse.stream import epoch_batches
 from mmcache.fuse.targets import class_weights, score_targets, target_loss
 
 from mmcache.errors import Interrupted, PipelineError
@@ -137,6 +138,7 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
             optimizer, lr_lambda(total, round(config.warmup_frac * total)))
         weights = class_weights(data.target_labels[train_rows], target.sizes) if config.class_balanced else None
         shuffle = torch.Generator().manual_seed(config.seed)
+        stream_gen = torch.Generator().manual_seed(config.stream_seed)  # used when the features are streamed
         logger.info("training %s on %s, target %s (%s features): %d train / %d val / %d test samples, %d parameters, %s",
                     config.head, data.dataset, target.name, config.features, train_rows.numel(), val_rows.numel(),
                     test_rows.numel(), n_params, device)
@@ -150,22 +152,23 @@ def _train(config: TrainConfig, data: FusionData | None, progress: bool | None, 
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            order = train_rows[torch.randperm(train_rows.numel(), generator=shuffle).to(device)]
             loss_sum = torch.zeros((), device=device)
-            for start in range(0, order.numel(), config.batch_size):
-                rows = order[start:start + config.batch_size]
-                with autocast(device, config.amp):
-                    logits = model(*data.batch(rows))
-                loss = target_loss(logits.float(), data.target_labels[rows], target.sizes, weights,
-                                   config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * rows.numel()
-                bar.update(1, epoch=f"{epoch}/{config.epochs}")
+            with epoch_batches(data, train_rows, config.batch_size, [shuffle], stream_gen, epoch,
+                               config.stream_seed) as batches:
+                for rows_m, resident in batches:
+                    rows = rows_m[0]
+                    with autocast(device, config.amp):
+                        logits = model(*data.batch(rows, resident))
+                    loss = target_loss(logits.float(), data.target_labels[rows], target.sizes, weights,
+                                       config.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    loss_sum += loss.detach() * rows.numel()
+                    bar.update(1, epoch=f"{epoch}/{config.epochs}")
             train_loss = float(loss_sum) / train_rows.numel()
             if not math.isfinite(train_loss):
                 raise PipelineError(f"training loss became {train_loss} in epoch {epoch}; try a lower --lr")

@@ -63,7 +63,8 @@ def _group_data(run: GridRun, cache_dir: str) -> FusionData:
     if run.group not in _DATA:
         _DATA.clear()  # one group at a time: token features can be gigabytes
         _DATA[run.group] = load_data(run.dataset, modalities=run.encoder.modalities, features=run.features,
-                                     cache_dir=cache_dir, text_cache=run.encoder.text, image_cache=run.encoder.image)
+                                     cache_dir=cache_dir, text_cache=run.encoder.text, image_cache=run.encoder.image,
+                                     max_memory=run.config.max_memory)
     return _DATA[run.group]
 
 

@@ -111,6 +111,9 @@ def _comparable(config: TrainConfig | dict[str, Any], default_target: str | None
         d.pop(k, None)
     if d.get("target") in (None, default_target):
         d.pop("target", None)
+    for k, default in (("max_memory", None), ("stream_seed", 0)):  # added later: old runs keep their keys
+        if d.get(k) == default:
+            d.pop(k, None)
     for m in MODALITIES:
         if d.get(f"{m}_cache"):
             d[f"{m}_cache"] = Path(d[f"{m}_cache"]).name

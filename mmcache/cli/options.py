@@ -163,6 +163,9 @@ Json = Annotated[bool, typer.Option("--json", help="print JSON instead of tables
 Threads = Annotated[int | None, typer.Option("--threads", help=(
     "CPU torch threads (default: extract all cores; train-fusion 1-2, 2 only with 4+ cores and 2 free; "
     "ablate cores // jobs); fewer on a busy machine"))]
+MaxMemory = Annotated[str | None, typer.Option("--max-memory", help=(
+    "bytes the feature arrays may take in memory, e.g. 512M, 4G (default: half of the free RAM, or of the free "
+    "GPU memory on CUDA); larger features are streamed from the cache files"))]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="max epochs per run (default: train-fusion, ablate 30; demo 40; bench 5)")]
 Dim = Annotated[int | None, typer.Option("--dim", show_default="256", help="shared latent width")]
 Lr = Annotated[float | None, typer.Option("--lr", show_default="3e-4", help="peak learning rate")]

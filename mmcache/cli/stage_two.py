@@ -33,6 +33,7 @@ from mmcache.cli.options import (
     Json,
     LazyHelpCommand,
     Lr,
+    MaxMemory,
     OptDataset,
     OriginalSplit,
     Patience,
@@ -63,6 +64,15 @@ from mmcache.errors import BadInputError, PipelineError
 def _text(path: Path | None) -> str | None:
     """TrainConfig / AblationConfig keep folders as strings (they are written to config.json)."""
     return None if path is None else str(path)
+
+
+def _bytes(text: str | None) -> int | None:
+    """--max-memory in bytes (BadInputError, exit 2, for a bad value)."""
+    if text is None:
+        return None
+    from mmcache.fuse.stream import parse_size
+
+    return parse_size(text)
 
 
 def _split_choice(original: bool, current: bool) -> str | None:
@@ -99,6 +109,7 @@ def train_fusion(
     device: DeviceOpt = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", show_default="on", help="bf16 autocast on CUDA (CPU never)")] = None,
     threads: Threads = None,
+    max_memory: MaxMemory = None,
     head_option: Annotated[list[str] | None, typer.Option(help="head-specific KEY=VALUE (repeatable)")] = None,
     cache_dir: CacheDir = None,
     runs_dir: RunsDir = None,
@@ -120,7 +131,7 @@ def train_fusion(
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
                   grad_clip=grad_clip, label_smoothing=label_smoothing, class_balanced=class_balanced,
                   patience=patience, seed=seed, device=device, amp=amp, threads=threads,
-                  cache_dir=_text(cache_dir), runs_dir=_text(runs_dir), run_name=run_name)
+                  max_memory=_bytes(max_memory), cache_dir=_text(cache_dir), runs_dir=_text(runs_dir), run_name=run_name)
     if head_option:
         flags["head_options"] = json_values(head_option, "--head-option")
     merged = {**base, **flags}
@@ -150,6 +161,7 @@ def evaluate(
     device: DeviceOpt = DEFAULT_DEVICE,
     original_split: OriginalSplit = False,
     current_split: CurrentSplit = False,
+    max_memory: MaxMemory = None,
     as_json: Json = False,
 ) -> None:
     """Score a saved run again (its own test split, or another dataset's: cross-dataset evaluation)."""
@@ -157,7 +169,8 @@ def evaluate(
 
     choice = _split_choice(original_split, current_split)
     result = api.evaluate(run, dataset, split, cache_dir=cache_dir, text_cache=text_cache, image_cache=image_cache,
-                          device=device or DEFAULT_DEVICE, split_choice=choice, target=target)
+                          device=device or DEFAULT_DEVICE, split_choice=choice, target=target,
+                          max_memory=_bytes(max_memory))
     typer.echo(json.dumps(result.metrics, indent=2) if as_json else format_eval(result))
 
 
@@ -249,6 +262,7 @@ def ablate(
     patience: Patience = None,
     batch_size: TrainBatchSize = None,
     device: DeviceOpt = None,
+    max_memory: MaxMemory = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     runs_dir: RunsDir = Path("runs/ablate"),
     results_dir: Annotated[Path | None, typer.Option(help="where ablation_<dataset>.md|csv|json go (default results/<name of --runs-dir>, e.g. results/ablate)")] = None,
@@ -279,7 +293,8 @@ def ablate(
                   dropouts=numbers(dropouts, float, "--dropouts"), wait_timeout=wait_timeout, probe=probe,
                   baseline=baseline, bootstrap=bootstrap)
     flags = given_by_user(ctx, values, {"datasets": "dataset"})
-    training = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device)
+    training = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device,
+                     max_memory=_bytes(max_memory))
     resolved = configfile.resolve_ablation(values, configfile.read_ablation(config) if config else {}, flags, training)
     options = {k: v for k, v in resolved.items() if k not in ("datasets", "base")}
     # --track is not a grid setting (not in ablation_config.yaml): it changes no number, only what is logged

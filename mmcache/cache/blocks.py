@@ -1,0 +1,118 @@
+"""Reading a feature file's big array in row blocks aligned to its HDF5 chunking, each done row checked
+against its checksum as it is read (stage two's streamed training: arrays larger than memory).
+
+h5py + numpy only (the cache contract: stage two reads through this, never through stage one). A block is
+a whole number of HDF5 chunks along the row axis, so every chunk is decompressed / read once per pass;
+damage raises the same :class:`~mmcache.errors.CacheError` text style as ``FeatureFile.load``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from mmcache.cache.h5io import json_attr, open_h5
+from mmcache.cache.integrity import CHECKSUM, nonfinite_rows, row_crc32
+from mmcache.cache.reader import repair_command
+from mmcache.errors import CacheError
+
+__all__ = ["BLOCK_BYTES", "BlockReader", "array_nbytes", "checksum_column"]
+
+BLOCK_BYTES = 4 << 20  # rows per read: a few MiB (whole chunks), big enough for near-sequential disk speed
+
+
+def checksum_column(f, field: str) -> int | None:
+    """Column of ``field`` in the file's ``checksum`` (N, K) uint32 array (its ``fields`` attribute says the
+    order), or None when the file has no checksums or none for that field. (A local helper: checksums are
+    being generalised to several groups elsewhere; the integrator reconciles.)"""
+    if CHECKSUM not in f:
+        return None
+    order = json.loads(f[CHECKSUM].attrs.get("fields", "[]"))
+    return order.index(field) if field in order else None
+
+
+class BlockReader:
+    """Row blocks of one array (``tokens`` (N, L, D), ``cls`` (N, D), ...) of one feature file.
+
+    ``block_rows``: rows per block, a multiple of the array's chunk rows (about :data:`BLOCK_BYTES`).
+    :meth:`read` is safe to call from a background thread (one lock per reader: h5py serialises anyway).
+    """
+
+    def __init__(self, path: str | Path, field: str, *, block_bytes: int = BLOCK_BYTES) -> None:
+        self.path, self.field = Path(path), field
+        self._f = open_h5(self.path, "r")
+        if field not in self._f:
+            self._f.close()
+            raise CacheError(f"{self.path} has no {field!r} array; re-extract it with this project")
+        ds = self._f[field]
+        self.shape: tuple[int, ...] = tuple(ds.shape)
+        self.dtype = ds.dtype
+        self.row_bytes = int(ds.dtype.itemsize * np.prod(ds.shape[1:], dtype=np.int64))
+        chunk = int(ds.chunks[0]) if ds.chunks else 1
+        self.block_rows = min(max(1, self.shape[0]),
+                              max(chunk, (block_bytes // max(self.row_bytes, 1)) // chunk * chunk))
+        self._done = self._f["done"][...]
+        col = checksum_column(self._f, field)
+        self._crc = None if col is None else self._f[CHECKSUM][:, col]
+        self._lock = threading.Lock()
+        self.provenance = json_attr(self._f.attrs, "provenance", {})
+        self.modality = str(self._f.attrs.get("modality", ""))
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    def block_of(self, row: int) -> tuple[int, int]:
+        """The block [a, b) holding ``row``."""
+        a = row // self.block_rows * self.block_rows
+        return a, min(self.rows, a + self.block_rows)
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) in the stored dtype, (b - a, ...), every done row verified (checksum, else NaN/Inf)."""
+        out = np.empty((b - a, *self.shape[1:]), dtype=self.dtype)
+        with self._lock:
+            self._f[self.field].read_direct(out, np.s_[a:b])
+        done = self._done[a:b]
+        if self._crc is not None:
+            bad = np.flatnonzero(done & (row_crc32(out) != self._crc[a:b]))
+        elif out.dtype.kind == "f":
+            bad = np.flatnonzero(done & nonfinite_rows(out))
+        else:
+            bad = np.zeros(0, dtype=np.int64)
+        if bad.size:
+            raise self._damage(a + bad)
+        return out
+
+    def _damage(self, rows: np.ndarray) -> CacheError:
+        ids = self._f["id"].asstr()[rows[:10].tolist()] if rows.size else []
+        shown = ", ".join(f"{i} (row {r})" for i, r in zip(ids, rows[:10], strict=False))
+        more = " ..." if rows.size > 10 else ""
+        return CacheError(f"{self.path}: {rows.size} damaged rows in a block read for training ({self.field}: "
+                          f"{rows.size}): {shown}{more}. They are never used for training: recompute them with "
+                          f"`{repair_command(self.path, self.provenance, self.modality)}` (or rerun the extract "
+                          f"command that made the file); `python cli.py cache verify {self.path.parent}` lists "
+                          "every damaged row")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._f.id.valid:
+                self._f.close()
+
+    def __enter__(self) -> BlockReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def array_nbytes(path: str | Path, field: str) -> tuple[int, tuple[int, ...]]:
+    """Bytes of array ``field`` of a feature file as stored, and its shape (without reading it);
+    (0, ()) when the file has no such array (the loader then says what is wrong)."""
+    with open_h5(Path(path), "r") as f:
+        if field not in f:
+            return 0, ()
+        ds = f[field]
+        return int(ds.dtype.itemsize * np.prod(ds.shape, dtype=np.int64)), tuple(ds.shape)
