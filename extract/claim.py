@@ -131,9 +131,9 @@ def _shard_done(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int
         return False  # unreadable: extract_shard says why (or --repair rebuilds it)
 
 
-def _claim_one(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int, n: int):
+def _claim_one(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int, n: int, claimed: list[int]):
     """Try shard ``i``: None when another worker holds it, True when it is complete already, else the
-    :class:`ModalitySummary` of extracting (or resuming) it."""
+    :class:`ModalitySummary` of extracting (or resuming) it (``i`` appended to ``claimed`` first)."""
     lock = ExitStack()
     try:
         lock.enter_context(shard_lock(index.dataset_dir, i, n))
@@ -143,6 +143,7 @@ def _claim_one(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int,
         if _shard_done(cfg, modality, enc, index, i, n):
             return True
         log.info("claimed %s shard %d/%d", modality, i, n)
+        claimed.append(i)
         return extract_shard(cfg, modality, i, n, index=index, encoder=enc)
 
 
@@ -157,25 +158,26 @@ def _log_wait(index: IndexInfo, held: list[int], n: int, poll_s: float) -> None:
 
 
 def claim_modality(cfg: ExtractConfig, modality: str, index: IndexInfo, num_shards: int, start: int = 0, *,
-                   wait: bool = True, poll_s: float = POLL_S, encoder=None) -> tuple[ModalitySummary, list[int]]:
+                   wait: bool = True, poll_s: float = POLL_S, encoder=None,
+                   claimed: list[int] | None = None) -> tuple[ModalitySummary, list[int]]:
     """Claim and extract shards of ``modality`` until none is left: complete, or (``wait=False``) held by
     another worker. Returns this worker's part (counts over the shards it extracted; ``path`` is the
-    merged file's) and the shards it extracted, in order."""
+    merged file's) and the shards it extracted, in order (also appended to ``claimed`` as each is taken:
+    after an error its last entry names the shard that failed)."""
     enc = encoder or _load_encoder(modality, cfg)
     n = num_shards
     pending = [(start + k) % n for k in range(n)]
     parts: list[ModalitySummary] = []
-    claimed: list[int] = []
+    claimed = [] if claimed is None else claimed
     last_log = float("-inf")
     while pending:
         held = []
         for i in pending:
-            got = _claim_one(cfg, modality, enc, index, i, n)
+            got = _claim_one(cfg, modality, enc, index, i, n, claimed)
             if got is None:
                 held.append(i)
             elif got is not True:
                 parts.append(got)
-                claimed.append(i)
         progressed, pending = len(held) < len(pending), held
         if progressed or not pending:
             continue

@@ -199,15 +199,16 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
         n = (cfg.claim_shards or default_num_shards(index.num_samples, world)) if claiming else world
         results: dict[str, ModalitySummary] = {}
         error: BaseException | None = None
+        taken: list[int] = []  # the shards this rank claimed, the one it works on last
         try:
             for modality in ("image", "text"):
                 if modality in cfg.modalities:
-                    results[modality] = _work(cfg, modality, index, rank, world, n, claiming)
+                    results[modality] = _work(cfg, modality, index, rank, world, n, claiming, taken)
             mine: dict[str, Any] = {"ok": True, "summaries": {m: asdict(s) for m, s in results.items()}}
         except Exception as e:  # noqa: BLE001 -- reported to rank 0 at the end barrier, then re-raised
             error, mine = e, _describe_error(e)
         mine["rank"] = rank
-        mine["where"] = f"claiming from {n} shards" if claiming else f"shard {rank}/{world}"
+        mine["where"] = f"shard {taken[-1] if claiming and taken else rank}/{n}"
         statuses: list[Any] = [None] * world
         dist.all_gather_object(statuses, mine)  # the end barrier
     if error is not None:
@@ -262,12 +263,15 @@ def _claiming(cfg: ExtractConfig) -> bool:
     return True
 
 
-def _work(cfg: ExtractConfig, modality: str, index, rank: int, world: int, n: int, claiming: bool) -> ModalitySummary:
+def _work(cfg: ExtractConfig, modality: str, index, rank: int, world: int, n: int, claiming: bool,
+          taken: list[int]) -> ModalitySummary:
     """This rank's part of ``modality``: its fixed shard, or the shards it claims from ``n`` (starting
-    at its own block, ``rank * n // world``, so ranks do not contend for the first shards)."""
+    at its own block, ``rank * n // world``, so ranks do not contend for the first shards; each appended
+    to ``taken`` when claimed)."""
     if not claiming:
         return extract_shard(cfg, modality, rank, world, index=index)
-    mine, claimed = claim_modality(cfg, modality, index, n, rank * n // world, wait=False)
-    log.info("rank %d extracted %d of %d %s shards (%s)", rank, len(claimed), n, modality,
-             ", ".join(map(str, claimed)) or "none")
+    before = len(taken)
+    mine, _ = claim_modality(cfg, modality, index, n, rank * n // world, wait=False, claimed=taken)
+    log.info("rank %d extracted %d of %d %s shards (%s)", rank, len(taken) - before, n, modality,
+             ", ".join(map(str, taken[before:])) or "none")
     return mine
