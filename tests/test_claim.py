@@ -153,18 +153,27 @@ def test_claim_skips_held_shards_then_reclaims_a_dead_holders(data, models, refe
 
 # --------------------------------------------------------------------------------------------- processes
 
-_SLOW_THEN_DIE = """
+_WORKER = """
 import os, sys, time
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 from mmcache import cache as cf
-_write, _calls = cf.FeatureWriter.write, [0]
-def write(self, rows, **kw):  # a worker that stalls, then dies hard (kill -9), after its first write
-    _write(self, rows, **kw)
-    _calls[0] += 1
-    if _calls[0] == {after}:
-        time.sleep(1.5)  # meanwhile the other worker finishes its shard and waits for this one
-        os.kill(os.getpid(), 9)
-cf.FeatureWriter.write = write
+from mmcache.extract import claim
+marker = Path({marker!r})
+if {stall!r}:  # worker 0: stalls after its first write (the test then kills it with -9)
+    _write = cf.FeatureWriter.write
+    def write(self, rows, **kw):
+        _write(self, rows, **kw)
+        marker.touch()
+        time.sleep(600)
+    cf.FeatureWriter.write = write
+else:  # worker 1: claims only once worker 0 is inside its first shard (the index race stays)
+    _claim = claim.claim_modality
+    def claim_modality(*a, **kw):
+        while not marker.exists():
+            time.sleep(0.05)
+        return _claim(*a, **kw)
+    claim.claim_modality = claim_modality
 from mmcache import cli
 sys.exit(cli.main())
 """
@@ -173,26 +182,39 @@ sys.exit(cli.main())
 def test_two_claim_workers_one_killed_mid_shard(data, models, reference, tmp_path):
     cache = tmp_path / "cache"
     folder = cache / data.name
-    dying = tmp_path / "dying_cli.py"
-    dying.write_text(_SLOW_THEN_DIE.format(repo=str(REPO), after=1))
     args = _args(data, models, cache, "--modality", "text", "--claim", "--num-shards", "2", "--keep-shards")
     procs = []
-    for slot, script in ((0, dying), (1, REPO / "cli.py")):  # start together: both race for index.h5
+    for slot in (0, 1):  # started together: both race for index.h5 (one writes it, the other waits, none fails)
+        script = tmp_path / f"worker{slot}.py"
+        script.write_text(_WORKER.format(repo=str(REPO), marker=str(tmp_path / "first-write"), stall=slot == 0))
         env = {**os.environ, **ENV, "SLURM_ARRAY_TASK_ID": str(slot), "SLURM_ARRAY_TASK_COUNT": "2"}
         procs.append(subprocess.Popen([sys.executable, str(script), *args, *(["--json"] if slot else [])],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    out0, err0 = procs[0].communicate(timeout=120)
-    out1, err1 = procs[1].communicate(timeout=120)
-    assert procs[0].returncode == -signal.SIGKILL, err0[-2000:]
-    assert procs[1].returncode == 0, err1[-3000:]
+    dying, survivor = procs
+    try:
+        err1 = []
+        for line in survivor.stderr:  # the survivor finished shard 1 and waits for shard 0, held by worker 0
+            err1.append(line)
+            if "waiting for shard 0" in line:
+                break
+        assert f"pid {dying.pid}" in err1[-1], "".join(err1)[-3000:]
+        dying.kill()  # kill -9 mid-shard: the kernel drops its locks
+        out1, rest = survivor.communicate(timeout=120)
+        err1 = "".join(err1) + rest
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert dying.returncode == -signal.SIGKILL
+    assert survivor.returncode == 0, err1[-3000:]
     summary = json.loads(out1)
     (text,) = summary["modalities"]
-    # worker 0 started at shard 0 (rows 0..5) and died after its first write (a batch or two of one row):
-    # the survivor resumed that shard from there and did every other row; nothing finished was recomputed
+    # worker 0 started at shard 0 (rows 0..5) and was killed after its first write (a batch or two of one
+    # row): the survivor resumed that shard from there and did every other row; nothing was recomputed
     k = text["already_done"]
     assert text["complete"] and text["total"] == N and 0 < k < 6 and text["encoded"] + text["failed"] == N - k
     assert "text: extracted 2 of 2 shards (1, 0)" in summary["notes"]
-    assert "recovered a stale cache lock" in err1 and "waiting for shard 0" in err1
+    assert "recovered a stale cache lock" in err1
     shard0 = folder / reference["text"].name.replace(".h5", ".shard-0-of-2.h5")
     info = cf.describe(shard0)  # --keep-shards: the reclaimed shard's own record of its last run
     assert info["complete"] and info["last_run"]["encoded"] + info["last_run"]["failed"] == 6 - k
