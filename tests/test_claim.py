@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 from mmcache.extract import tiny_models as tm
 from mmcache.extract.claim import claim_modality, default_num_shards, worker_slot
+from mmcache.extract.distributed import LaunchEnv, run_distributed_extract
 from mmcache.extract.extraction import ExtractConfig, prepare_index, run_extract
 from PIL import Image
 
 from mmcache import cache as cf
 from mmcache import cli
+from mmcache.errors import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
 N = 13
@@ -175,6 +177,7 @@ else:  # worker 1: claims only once worker 0 is inside its first shard (the inde
         return _claim(*a, **kw)
     claim.claim_modality = claim_modality
 from mmcache import cli
+from mmcache.errors import BadInputError
 sys.exit(cli.main())
 """
 
@@ -231,6 +234,12 @@ def test_claim_bad_flags_exit_2(data, models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err and "Traceback" not in err, (extra, err)
     assert not list(cache.glob("*/*.h5"))  # refused before any work
+    # under torchrun (checked before the process group starts): --num-shards needs claiming
+    ranks = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2)
+    for kw, words in ((dict(claim=False, claim_shards=4), "drop --no-claim"),
+                      (dict(force=True, claim_shards=4), "rebuilds its fixed shard")):
+        with pytest.raises(BadInputError, match=words):
+            run_distributed_extract(_cfg(data, models, cache, **kw), ranks)
 
 
 # --------------------------------------------------------------------------------------------- torchrun
