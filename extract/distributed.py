@@ -6,14 +6,19 @@ torchrun starts one process per GPU and tells each its place through the environ
 
 1. rank 0 reads the dataset and writes ``index.h5`` (only rank 0 writes it: no races); every rank
    learns the outcome through one broadcast (a barrier), then the others read the index file;
-2. rank ``r`` extracts shard ``r`` of ``WORLD_SIZE`` (contiguous rows) into its own shard file, with the
-   single-process resume rules: a complete shard is a no-op, an interrupted one resumes;
+2. each rank claims shards (:mod:`extract.claim`): ``--num-shards`` contiguous shards (default: ~8 per
+   rank, >= 1000 rows each), each rank taking the next one whose lock is free, starting at its own
+   block, so a slow node no longer holds the rest; a rank with nothing left to claim goes to the end
+   barrier. With ``--no-claim`` (and with ``--force`` / ``--retry-failed``) rank ``r`` extracts the
+   fixed shard ``r`` of ``WORLD_SIZE``. Either way the single-process resume rules hold: a complete
+   shard is a no-op, an interrupted one resumes;
 3. one gather (a barrier) collects every rank's outcome; then rank 0 merges the shards into the normal
    feature file (:func:`mmcache.cache.merge_shards`: a verified copy, shard files removed
    afterwards unless ``keep_shards``) and rewrites ``failures.csv``.
 
 There are no collectives during the work, only at the start and the end, and the process group's
-timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one.
+timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one
+(with claiming: for the last shard the others hold).
 A rank that dies (``kill -9``, out of memory) makes torchrun stop the others; every shard file stays
 resumable, so relaunching the same command finishes only the missing work. A rank that fails with an
 error reports it in the final gather, and rank 0 names it.
