@@ -70,6 +70,8 @@ class ExtractConfig:
     length_window: int | None = None  # rows per length-sorting window; default 64 * text_batch_size
     progress: bool | None = None  # tqdm bars: None = only on a terminal
     shard: tuple[int, int] = (0, 1)  # (shard_index, num_shards)
+    claim: bool | None = None  # claim shards through their locks (extract.claim); None: yes under torchrun
+    claim_shards: int | None = None  # shards to claim from (--num-shards without --shard); None: from the size
     command: str | None = None  # the command line of this run: stored in provenance, quoted by resume hints
 
     def validate(self) -> None:
@@ -108,6 +110,20 @@ class ExtractConfig:
         i, n = self.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise BadInputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")
+        self._validate_claim()
+
+    def _validate_claim(self) -> None:
+        if self.claim_shards is not None and (not isinstance(self.claim_shards, int) or self.claim_shards < 1):
+            raise BadInputError(f"--num-shards must be a positive integer, got {self.claim_shards!r}")
+        if not self.claim:
+            return
+        if self.shard != (0, 1):
+            raise BadInputError("--claim takes the next free shard itself: give --num-shards n, not --shard i/n")
+        if self.force or self.retry_failed:
+            # a worker cannot tell a shard rebuilt by another worker of this run from an old one: each would
+            # rebuild (or retry) it again. One fixed run does it once.
+            raise BadInputError("--force / --retry-failed cannot be combined with --claim; run them once without "
+                                "claiming (under torchrun: --no-claim)")
 
     @property
     def modalities(self) -> tuple[str, ...]:

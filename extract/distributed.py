@@ -6,14 +6,19 @@ torchrun starts one process per GPU and tells each its place through the environ
 
 1. rank 0 reads the dataset and writes ``index.h5`` (only rank 0 writes it: no races); every rank
    learns the outcome through one broadcast (a barrier), then the others read the index file;
-2. rank ``r`` extracts shard ``r`` of ``WORLD_SIZE`` (contiguous rows) into its own shard file, with the
-   single-process resume rules: a complete shard is a no-op, an interrupted one resumes;
+2. each rank claims shards (:mod:`extract.claim`): ``--num-shards`` contiguous shards (default: ~8 per
+   rank, >= 1000 rows each), each rank taking the next one whose lock is free, starting at its own
+   block, so a slow node no longer holds the rest; a rank with nothing left to claim goes to the end
+   barrier. With ``--no-claim`` (and with ``--force`` / ``--retry-failed``) rank ``r`` extracts the
+   fixed shard ``r`` of ``WORLD_SIZE``. Either way the single-process resume rules hold: a complete
+   shard is a no-op, an interrupted one resumes;
 3. one gather (a barrier) collects every rank's outcome; then rank 0 merges the shards into the normal
    feature file (:func:`mmcache.cache.merge_shards`: a verified copy, shard files removed
    afterwards unless ``keep_shards``) and rewrites ``failures.csv``.
 
 There are no collectives during the work, only at the start and the end, and the process group's
-timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one.
+timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one
+(with claiming: for the last shard the others hold).
 A rank that dies (``kill -9``, out of memory) makes torchrun stop the others; every shard file stays
 resumable, so relaunching the same command finishes only the missing work. A rank that fails with an
 error reports it in the final gather, and rank 0 names it.
@@ -26,13 +31,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from mmcache.extract.claim import (
+    claim_modality,
+    combine,
+    default_num_shards,
+    merge_claimed,
+    run_claim_extract,
+)
 from mmcache.extract.extraction import (
     ExtractConfig,
     ExtractSummary,
@@ -40,7 +51,6 @@ from mmcache.extract.extraction import (
     extract_shard,
     load_index_info,
     prepare_index,
-    reason_kind,
     run_extract,
     validate_models,
 )
@@ -152,9 +162,12 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
     if env is not None:
         cfg.device = rank_device(cfg.device, env.local_rank)
     if env is None or env.world_size == 1:
+        if cfg.claim:
+            return run_claim_extract(cfg, keep_shards=keep_shards)
         return run_extract(cfg)
     if cfg.shard != (0, 1):
         raise BadInputError("--shard cannot be combined with torchrun: each rank extracts the shard of its RANK")
+    claiming = _claiming(cfg)
     if timeout_s <= 0:
         raise BadInputError(f"the process group timeout must be positive, got {timeout_s}")
     validate_models(cfg)  # every rank, before the process group: a bad model fails fast everywhere
@@ -187,17 +200,20 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
                 raise PipelineError(f"{index.path} changed while the launch started; rerun it")
             index.status = msg[0]["status"]
 
-        # 2. this rank's shard; no collectives while working
+        # 2. this rank's shard (or the shards it claims); no collectives while working
+        n = (cfg.claim_shards or default_num_shards(index.num_samples, world)) if claiming else world
         results: dict[str, ModalitySummary] = {}
         error: BaseException | None = None
+        taken: list[int] = []  # the shards this rank claimed, the one it works on last
         try:
             for modality in ("image", "text"):
                 if modality in cfg.modalities:
-                    results[modality] = extract_shard(cfg, modality, rank, world, index=index)
+                    results[modality] = _work(cfg, modality, index, rank, world, n, claiming, taken)
             mine: dict[str, Any] = {"ok": True, "summaries": {m: asdict(s) for m, s in results.items()}}
         except Exception as e:  # noqa: BLE001 -- reported to rank 0 at the end barrier, then re-raised
             error, mine = e, _describe_error(e)
         mine["rank"] = rank
+        mine["where"] = f"shard {taken[-1] if claiming and taken else rank}/{n}"
         statuses: list[Any] = [None] * world
         dist.all_gather_object(statuses, mine)  # the end barrier
     if error is not None:
@@ -209,7 +225,7 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
                               seconds=time.perf_counter() - t0)
     failed = [s for s in statuses if not s["ok"]]
     if failed:
-        which = "; ".join(f"rank {s['rank']} (shard {s['rank']}/{world}): {s['type']}: {s['error']}" for s in failed)
+        which = "; ".join(f"rank {s['rank']} ({s['where']}): {s['type']}: {s['error']}" for s in failed)
         cls = BadInputError if all(s["bad_input"] for s in failed) else PipelineError
         raise cls(f"{len(failed)} of {world} ranks failed: {which}. Finished batches are saved; fix the cause and "
                   "rerun the same launch to finish the missing work")
@@ -220,29 +236,47 @@ def run_distributed_extract(cfg: ExtractConfig, env: LaunchEnv | None = None, *,
         if modality not in cfg.modalities:
             continue
         parts = [ModalitySummary(**s["summaries"][modality]) for s in statuses]
-        model = parts[0].model
         target = Path(parts[0].path)  # a shard file (or the merged file, when already merged)
         target = cf.parse_shard_name(target)[0] if cf.parse_shard_name(target) else target
         all_done = all(p.up_to_date for p in parts)
-        res = cf.merge_shards(target, world, keep_shards=keep_shards, force=cfg.force, skip_if_merged=all_done)
-        if res.failures_csv is not None:
+        res, note = merge_claimed(target, n, keep_shards=keep_shards, skip_if_merged=all_done, force=cfg.force)
+        if res is not None and res.failures_csv is not None:
             failures_csv = str(res.failures_csv)
-        left = "shard files removed" if res.removed_shards else ("shard files kept" if res.shards else "")
-        notes.append(f"{modality}: {res.status} {world} shards into {target.name} in {res.seconds:.1f} s"
-                     + (f" ({left})" if left else ""))
-        with cf.FeatureFile(target) as ff:
-            failures = dict(Counter(reason_kind(r) for _sid, r in ff.failures()))
-            complete = ff.complete
-        modalities.append(ModalitySummary(
-            modality=modality, model=model, path=str(target), total=res.num_samples,
-            already_done=sum(p.already_done for p in parts), encoded=sum(p.encoded for p in parts),
-            failed=sum(p.failed for p in parts), valid=res.num_valid, failures=failures,
-            seconds=max(p.seconds for p in parts) + res.seconds, samples_per_s=sum(p.samples_per_s for p in parts),
-            size_bytes=target.stat().st_size, complete=complete, up_to_date=all_done and res.status == "already merged",
-            forced=cfg.force))
+        notes.append(f"{modality}: {note}")
+        modalities.append(combine(parts, target, index.num_samples, res))
     if failures_csv is None and modalities:
         failures_csv = str(cf.write_failures_csv(index.dataset_dir))
     return ExtractSummary(dataset=cfg.dataset, cache_dir=str(cfg.cache_dir), index_path=str(index.path),
                           index_status=index.status, num_samples=index.num_samples, shard=(0, 1),
                           modalities=modalities, failures_csv=failures_csv, seconds=time.perf_counter() - t0,
                           ranks=world, notes=notes)
+
+
+def _claiming(cfg: ExtractConfig) -> bool:
+    """Claim shards under torchrun? ``--claim`` / ``--no-claim``; by default yes, except with ``--force`` /
+    ``--retry-failed`` (which a claim cannot do once per shard: each rank gets its fixed shard then)."""
+    if cfg.claim is not None:
+        if not cfg.claim and cfg.claim_shards not in (None, 1):
+            raise BadInputError("--num-shards without --shard needs claiming: drop --no-claim (under torchrun each "
+                                "rank then claims from that many shards)")
+        return cfg.claim
+    if cfg.force or cfg.retry_failed:
+        if cfg.claim_shards not in (None, 1):
+            raise BadInputError("--num-shards cannot be combined with --force / --retry-failed under torchrun: "
+                                "each rank rebuilds its fixed shard")
+        return False
+    return True
+
+
+def _work(cfg: ExtractConfig, modality: str, index, rank: int, world: int, n: int, claiming: bool,
+          taken: list[int]) -> ModalitySummary:
+    """This rank's part of ``modality``: its fixed shard, or the shards it claims from ``n`` (starting
+    at its own block, ``rank * n // world``, so ranks do not contend for the first shards; each appended
+    to ``taken`` when claimed)."""
+    if not claiming:
+        return extract_shard(cfg, modality, rank, world, index=index)
+    before = len(taken)
+    mine, _ = claim_modality(cfg, modality, index, n, rank * n // world, wait=False, claimed=taken)
+    log.info("rank %d extracted %d of %d %s shards (%s)", rank, len(taken) - before, n, modality,
+             ", ".join(map(str, taken[before:])) or "none")
+    return mine

@@ -340,8 +340,16 @@ def _refuse_if_nothing_usable(summaries: list[ModalitySummary], failures_csv: st
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """Index, then each requested modality (image before text), then ``failures.csv`` (unsharded
     runs only: a sharded run leaves that to the merge). Returns the summary; raises
-    :class:`BadInputError` / :class:`PipelineError` (incl. :class:`CacheError`)."""
+    :class:`BadInputError` / :class:`PipelineError` (incl. :class:`CacheError`). With ``cfg.claim``:
+    one worker claiming shards (:func:`extract.claim.run_claim_extract`)."""
     cfg.validate()
+    if cfg.claim:
+        from mmcache.extract.claim import run_claim_extract  # claim imports this module
+
+        return run_claim_extract(cfg)
+    if cfg.claim_shards is not None and cfg.claim_shards != 1:
+        raise BadInputError(f"--num-shards {cfg.claim_shards} needs --shard i (one fixed shard) or --claim "
+                            "(claim shards until all are done)")
     t0 = time.perf_counter()
     validate_models(cfg)
     with ExitStack() as lock, disk_full_as_error(Path(cfg.cache_dir)):

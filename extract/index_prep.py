@@ -48,18 +48,19 @@ def _read_old_index(path: Path) -> cf.SampleIndex | None:
         return None
 
 
-def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None) -> IndexInfo:
+def prepare_index(cfg: ExtractConfig, lock: ExitStack | None = None, lock_with=None) -> IndexInfo:
     """Read the dataset, decide the split (:func:`extract.split_policy.decide_split`: the stored split
     is kept unless another is asked for with ``resplit``) and (re)write ``<cache>/<name>/index.h5``
     when its content changed. Image paths are stored relative to the dataset folder (absolute if
     outside it). ``lock``: take the cache folder's write lock (:func:`shard_lock`) into it before anything
-    is read or written there."""
+    is read or written there; ``lock_with(dataset_dir)``: the lock to take instead (claim workers: the
+    index lock of :mod:`extract.claim`)."""
 
     result = load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
     root = Path(result.root)
     dataset_dir = Path(cfg.cache_dir) / cache_name(cfg, root)
     if lock is not None:
-        lock.enter_context(shard_lock(dataset_dir, *cfg.shard))
+        lock.enter_context(lock_with(dataset_dir) if lock_with else shard_lock(dataset_dir, *cfg.shard))
     path = dataset_dir / cf.INDEX_NAME
     old = _read_old_index(path)
     splits = decide_split(result.samples, old, split_file=cfg.split_file, seed=cfg.seed, resplit=cfg.resplit,

@@ -178,7 +178,8 @@ def test_failing_rank_is_named_by_rank0(data, models, tmp_path):
     cache = tmp_path / "cache"
     crash = tmp_path / "raise_cli.py"
     crash.write_text(_CRASH.format(repo=str(REPO), mode="raise", after=1))
-    r = _torchrun(crash, _args(data, models, cache, "--modality", "text"), cache)
+    # fixed shards (--no-claim): claiming, rank 0 could go on to finish the shard rank 1 failed on
+    r = _torchrun(crash, _args(data, models, cache, "--modality", "text", "--no-claim"), cache)
     assert r.returncode == 1
     assert "error: 1 of 2 ranks failed: rank 1 (shard 1/2): PipelineError: disk full (test)" in r.stderr
     assert "rerun the same launch" in r.stderr

@@ -113,7 +113,8 @@ def extract(
     max_image_pixels: Annotated[int | None, typer.Option(help="refuse larger images (decompression bombs)")] = None,
     max_resized_pixels: Annotated[int | None, typer.Option(help="refuse images the processor's resize would make larger (extreme aspect ratios; default 4000000)")] = None,
     shard: Annotated[str | None, typer.Option(help="i/n (or i with --num-shards n): extract only shard i of n into its own .shard file; combine with `cache merge`")] = None,
-    num_shards: Annotated[int | None, typer.Option(help="n, with --shard i (job arrays: --shard $TASK_ID --num-shards n)")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="n, with --shard i (job arrays: --shard $TASK_ID --num-shards n); with --claim or under torchrun: the shards to claim from (default: ~8 per worker, >= 1000 rows each)")] = None,
+    claim: Annotated[bool | None, typer.Option("--claim/--no-claim", show_default=False, help="claim the next free shard through its lock until all are done, then merge (independent workers, e.g. Slurm arrays: `--claim --num-shards 64`); default: on under torchrun, off otherwise")] = None,
     keep_shards: KeepShards = False,
     dist_backend: Annotated[str, typer.Option(help="torchrun: auto (nccl on CUDA, gloo on CPU) | gloo | nccl")] = "auto",
     dist_timeout_hours: Annotated[float, typer.Option(help="torchrun: longest wait at the start/end barrier")] = 48.0,
@@ -134,10 +135,10 @@ def extract(
         device=device or DEFAULT_DEVICE, batch_size=batch_size, text_batch_size=text_batch_size,
         image_batch_size=image_batch_size, decode=decode, num_workers=num_workers, threads=threads, patch_pool=patch_pool,
         force=force, retry_failed=retry_failed, repair=repair, split_file=split_file, seed=seed,
-        resplit=resplit, shard=shard, num_shards=num_shards, progress=False if no_progress else None,
+        resplit=resplit, **_shard_values(shard, num_shards, claim), progress=False if no_progress else None,
         keep_shards=keep_shards, dist_backend=dist_backend, dist_timeout_hours=dist_timeout_hours,
         **given(max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels))
-    flags = given_by_user(ctx, values, {"options": "option", "progress": "no_progress"})
+    flags = given_by_user(ctx, values, {"options": "option", "progress": "no_progress", "claim_shards": "num_shards"})
     resolved = configfile.resolve_extract(values, configfile.read_extract(config) if config else {}, flags)
     settings = {k: v for k, v in resolved.items() if k not in configfile.EXTRACT_RUN_KEYS}
     summary = api.extract(
@@ -147,6 +148,14 @@ def extract(
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints (the merged files)
         configfile.save_extract_config(summary.index_path, resolved)
         typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))
+
+
+def _shard_values(shard: str | None, num_shards: int | None, claim: bool | None) -> dict:
+    """``--num-shards n`` without ``--shard``: the shards to claim from (``--claim``, torchrun); with
+    ``--shard i``: the fixed shard's n, as before."""
+    if shard is None and num_shards is not None:
+        return {"shard": None, "num_shards": None, "claim": claim, "claim_shards": num_shards}
+    return {"shard": shard, "num_shards": num_shards, "claim": claim}
 
 
 @cache_app.command("info")
