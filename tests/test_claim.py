@@ -257,6 +257,6 @@ def test_torchrun_ranks_claim_shards_and_equal_single_process(data, models, refe
     assert summary["ranks"] == 2 and all(m["complete"] and m["encoded"] + m["failed"] == N for m in summary["modalities"])
     assert sum("merged 4 shards into" in n for n in summary["notes"]) == 2
     folder = cache / data.name
-    assert cf.list_shard_files(folder) == []
+    assert len(cf.list_shard_files(folder)) == 8  # the virtual merge reads them where they are: kept
     for ref in reference.values():
         _assert_same(folder / ref.name, ref)
