@@ -39,6 +39,13 @@ class TrainConfig:
     stack is served by the same pass. A streamed run with a shuffle buffer as large as its train split equals
     the in-memory run whose ``seed`` is ``stream_seed`` bit for bit; with a smaller buffer the order (block
     shuffle), so the numbers, differ. In memory, ``stream_seed`` is unused.
+
+    ``shuffle_buffer``: rows of that shuffle window (None / 0: auto, the largest power of two the budget
+    allows; more than it allows is a :class:`BadInputError`). ``streamed``: None = auto (streamed when the
+    features exceed the budget), True / False = streamed / in memory whatever the budget. Both are written
+    RESOLVED into config.json (:func:`fuse.data.choose_streaming`), so the order a run was trained in --
+    which free memory chose when they were auto -- is part of its config: a rerun of the stored config gives
+    the same numbers on any machine that can hold the window, and an ablation's key tells runs apart by it.
     """
 
     head: str = "basic"
@@ -65,6 +72,8 @@ class TrainConfig:
     threads: int | None = None
     max_memory: int | None = None  # bytes; config files may say "4G"
     stream_seed: int = 0
+    shuffle_buffer: int | None = None  # rows of the streamed shuffle window; None / 0 = auto from the budget
+    streamed: bool | None = None  # None = auto (over the budget); resolved in config.json
     modalities: list[str] | None = None
     target: str | None = None  # a target or task of the dataset's index (None = its default); resolved in config.json
     text_cache: str | None = None
@@ -114,7 +123,8 @@ class TrainConfig:
                   ("weight_decay", self.weight_decay >= 0), ("warmup_frac", 0 <= self.warmup_frac < 1),
                   ("grad_clip", self.grad_clip >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
                   ("patience", self.patience >= 0), ("threads", self.threads is None or self.threads >= 1),
-                  ("max_memory", self.max_memory is None or self.max_memory >= 1 << 20)]
+                  ("max_memory", self.max_memory is None or self.max_memory >= 1 << 20),
+                  ("shuffle_buffer", self.shuffle_buffer is None or self.shuffle_buffer >= 0)]
         for name, ok in checks:
             if not ok:
                 raise BadInputError(f"invalid {name}: {getattr(self, name)!r}")
@@ -134,7 +144,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check one config value's type against the field default (JSON has no int/float distinction)."""
     if value is None:
         if key in ("dataset", "modalities", "text_cache", "image_cache", "run_name", "threads", "target",
-                   "max_memory"):
+                   "max_memory", "shuffle_buffer", "streamed"):
             return None
         raise BadInputError(f"config key {key!r} may not be null")
     ok = True
@@ -143,7 +153,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
         return parse_size(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else \
             _wrong_type(key, value)
-    if isinstance(default, bool):
+    if isinstance(default, bool) or key == "streamed":
         ok = isinstance(value, bool)
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -154,7 +164,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, dict)
     elif key == "modalities":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    elif key == "threads":
+    elif key in ("threads", "shuffle_buffer"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, str) or default is None:
         ok = isinstance(value, str)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmcache.fuse.stream import default_budget, plan_stream
+from mmcache.fuse.stream import default_budget, plan_stream, resolve_window
 from mmcache.fuse.targets import TargetSet, resolve_target, target_report
 from torch import Tensor
 
@@ -40,7 +40,7 @@ from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FEATURES", "SPLITS", "FusionData", "ModalityData", "extract_command", "find_cache",
+__all__ = ["FEATURES", "SPLITS", "FusionData", "ModalityData", "choose_streaming", "extract_command", "find_cache",
            "list_cached_datasets", "load_data", "resolve_dataset"]
 
 FEATURES = ("cls", "mean", "tokens", "proj")  # proj: joint-space embeddings, only in CLIP-style caches
@@ -316,7 +316,8 @@ def load_modality(path: Path, modality: str, index: cf.SampleIndex, features: st
 def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, ...] | list[str],
               features: str = "cls", cache_dir: str | Path = "cache", text_cache: str | Path | None = None,
               image_cache: str | Path | None = None, device: str | torch.device = "cpu",
-              target: str | None = None, max_memory: int | None = None) -> FusionData:
+              target: str | None = None, max_memory: int | None = None, streamed: bool | None = None,
+              shuffle_buffer: int | None = None) -> FusionData:
     """Load ``features`` of ``modalities`` for ``dataset`` (None: the only cached one) onto ``device``,
     labelled with ``target`` (a target or task name of the index; None = its default).
 
@@ -325,6 +326,7 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     and counted; split ``none`` is not used.
     ``max_memory``: bytes the feature arrays may take (None: :func:`fuse.stream.default_budget`); more than
     that and they are streamed from the files instead (:mod:`fuse.stream`; the decision is logged).
+    ``streamed`` / ``shuffle_buffer``: a run's recorded choice (see :func:`choose_streaming`), None = auto.
     Raises :class:`CacheError` for missing / unfinished / misaligned caches, :class:`BadInputError` for
     ambiguous or unknown choices.
     """
@@ -348,13 +350,13 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     index = cf.read_index(index_path)
     resolve_target(index, target)  # an unknown target fails before any feature is read
     paths = {m: find_cache(cache_dir, dataset, m, given[m]) for m in mods}
-    needed, resident = _feature_bytes(paths, features, len(index))
     budget = max_memory if max_memory is not None else default_budget(torch.device(device))
-    streamed = needed > budget
+    streamed, _ = choose_streaming(paths, features, budget, streamed, shuffle_buffer)
+    needed, resident = _feature_bytes(paths, features, len(index))
     logger.info("%s %s features need %.1f MiB, memory budget %.1f MiB: %s", dataset, features, needed / 2**20,
                 budget / 2**20, "streamed from the cache files" if streamed else "read into memory")
     loaded = {m: load_modality(paths[m], m, index, features, dataset, streamed) for m in mods}
-    plan = plan_stream(paths, features, resident, budget, needed) if streamed else None
+    plan = plan_stream(paths, features, resident, budget, needed, shuffle_buffer) if streamed else None
     if plan is not None:
         for m, arr in plan.arrays.items():
             loaded[m].x = arr
@@ -371,6 +373,29 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
                       index=index, stream=plan)
     data = _attach_target(data, target)
     return data.to(device)
+
+
+def choose_streaming(paths: dict[str, Path], features: str, budget: int, streamed: bool | None = None,
+                     shuffle_buffer: int | None = None) -> tuple[bool, int | None]:
+    """(streamed, shuffle window rows or None in memory) of the ``features`` of ``paths`` within ``budget``
+    bytes, without reading any feature: what a run records in its config.json, and what the ablation key of
+    a grid cell is computed from before it trains. ``streamed`` None: streamed when the feature arrays need
+    more than the budget; True / False: a run's recorded choice, kept (False over the budget is a
+    :class:`BadInputError` naming it, not a silently different run). ``shuffle_buffer``: rows, None / 0 =
+    auto (:func:`fuse.stream.resolve_window`); one over what the budget allows is a :class:`BadInputError`."""
+    arrays = [array_nbytes(p, features) for p in paths.values()]  # (bytes, shape): metadata only
+    n = max((shape[0] for _, shape in arrays if shape), default=0)
+    needed, resident = _feature_bytes(paths, features, n)
+    if streamed is None:
+        streamed = needed > budget
+    elif not streamed and needed > budget:
+        raise BadInputError(f"the config says streamed: false (trained in memory), but its {features} features "
+                            f"need {needed:,} bytes, over the memory budget of {budget:,} (--max-memory; default "
+                            f"half of the free memory); give --max-memory {needed} or more to reproduce it")
+    if not streamed:
+        return False, None
+    row_bytes = sum(nbytes // max(1, shape[0]) for nbytes, shape in arrays if shape)
+    return True, resolve_window(budget, resident, row_bytes, n, shuffle_buffer)
 
 
 def _feature_bytes(paths: dict[str, Path], features: str, n: int) -> tuple[int, int]:

@@ -48,7 +48,8 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
         mods = config.modalities or [m for m in MODALITY_ORDER if m in needed]
         data = load_data(config.dataset, modalities=mods, features=config.features, cache_dir=config.cache_dir,
                          text_cache=config.text_cache, image_cache=config.image_cache, device=device,
-                         target=config.target, max_memory=config.max_memory)
+                         target=config.target, max_memory=config.max_memory, streamed=config.streamed,
+                         shuffle_buffer=config.shuffle_buffer)
     else:
         if data.features != config.features:
             raise BadInputError(f"preloaded data holds {data.features!r} features, config asks for {config.features!r}")
@@ -60,12 +61,27 @@ def _resolve_with_data(config: TrainConfig, data: FusionData | None, device: tor
         if config.modalities is not None and set(config.modalities) != set(data.modalities):
             raise BadInputError(f"config modalities {config.modalities} differ from the preloaded data's "
                                 f"{list(data.modalities)}")
+        _check_stream(config, data)
         data.to(device)
         data = data.with_target(config.target)
     paths = {m: (str(md.path) if (md := data.modality(m)) else None) for m in MODALITY_ORDER}
+    window = data.stream.buffer_rows if data.stream is not None else config.shuffle_buffer
     resolved = dataclasses.replace(config, dataset=data.dataset, device=str(device), modalities=list(data.modalities),
-                                   text_cache=paths["text"], image_cache=paths["image"], target=data.target.name)
+                                   text_cache=paths["text"], image_cache=paths["image"], target=data.target.name,
+                                   streamed=data.stream is not None, shuffle_buffer=window)
     return resolved, data
+
+
+def _check_stream(config: TrainConfig, data: FusionData) -> None:
+    """Preloaded data must be streamed (or not) with the window the config names, if it names one: the
+    resolved config.json must describe the order the run is really trained in."""
+    plan = data.stream
+    if config.streamed is not None and config.streamed != (plan is not None):
+        raise BadInputError(f"the config says streamed: {str(config.streamed).lower()}, but the preloaded data is "
+                            f"{'streamed' if plan is not None else 'in memory'}")
+    if plan is not None and config.shuffle_buffer and config.shuffle_buffer != plan.buffer_rows:
+        raise BadInputError(f"the config's shuffle_buffer {config.shuffle_buffer} differs from the preloaded data's "
+                            f"stream window of {plan.buffer_rows} rows")
 
 
 def _provenance(data: FusionData, device: torch.device, threads: int | None) -> dict[str, Any]:

@@ -16,6 +16,12 @@ order, so the batches are exactly the in-memory ones of a run whose ``seed`` equ
 (``tests/test_stream.py``). Smaller buffers shuffle only within a window (block shuffle): the order differs,
 the numbers too, training still works.
 
+The order is a function of ``stream_seed``, the files and the window alone, never of the free memory: a block
+is at most 1/:data:`BLOCKS_PER_BUFFER` of the window (not of the budget), and the window is the config's
+``shuffle_buffer`` or, when that is auto, resolved from the budget (:func:`resolve_window`) and then written
+into the run's config.json with ``streamed`` (:func:`fuse.data.choose_streaming`), so a rerun of the stored
+config and the ablation key (:func:`fuse.ablate.grid.run_key`) see the window the run was trained with.
+
 Validation, test and scoring read sequentially through :class:`StreamedArray` (no shuffle, no thread).
 """
 
@@ -34,13 +40,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmcache.cache.blocks import BLOCK_BYTES, BlockReader
+from mmcache.cache.blocks import BLOCK_BYTES, BlockReader, array_nbytes
 from mmcache.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_FRACTION", "StreamPlan", "StreamedArray", "default_budget", "epoch_batches", "parse_size",
-           "plan_stream"]
+           "plan_stream", "resolve_window"]
 
 # Share of MemAvailable (or free device memory) a run's features may take by default. Half: the rest is
 # for the model, its activations and optimizer state, the OS page cache that the HDF5 reads go through,
@@ -54,6 +60,9 @@ DEFAULT_FRACTION = 0.5
 WORKING_BYTES = 16 << 20
 BUFFER_SHARE = 0.5
 PREFETCH_SHARE = 0.1
+# A block (the unit the epoch order shuffles) is at most this fraction of the shuffle buffer, so that a window
+# mixes many blocks. Derived from the buffer, not from the budget: the order depends on the window alone.
+BLOCKS_PER_BUFFER = 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -160,26 +169,49 @@ class StreamPlan:
             a.reader.close()
 
 
-def plan_stream(paths: dict[str, Path], field_name: str, resident: int, budget: int, needed: int) -> StreamPlan:
+def resolve_window(budget: int, resident: int, row_bytes: int, n_rows: int, shuffle_buffer: int | None) -> int:
+    """Rows of the shuffle window of a stream within ``budget`` bytes (``resident`` taken by the in-memory
+    arrays, ``row_bytes`` a row of every streamed modality together). ``shuffle_buffer`` (rows) when given:
+    :class:`BadInputError` naming the budget when it does not fit. Auto (None / 0): the largest power of two
+    that fits, at most ``n_rows`` -- rounded down so that a little more or less free memory leaves the
+    window, so the numbers and the ablation key, as they were. 0 when nothing fits (:func:`plan_stream` says so)."""
+    most = int(BUFFER_SHARE * max(0, budget - resident - WORKING_BYTES) // max(1, row_bytes))
+    if shuffle_buffer:
+        if shuffle_buffer > most:
+            raise BadInputError(f"--shuffle-buffer {shuffle_buffer:,} rows does not fit the memory budget of "
+                                f"{budget:,} bytes (--max-memory; default half of the free memory): it allows at "
+                                f"most {most:,} rows of {row_bytes:,} bytes")
+        return shuffle_buffer
+    return min(n_rows, 1 << (most.bit_length() - 1)) if most > 0 else 0
+
+
+def plan_stream(paths: dict[str, Path], field_name: str, resident: int, budget: int, needed: int,
+                shuffle_buffer: int | None = None) -> StreamPlan:
     """The stream of ``field_name`` of the modality files ``paths`` within ``budget`` bytes, of which
-    ``resident`` are taken by the in-memory arrays. :class:`BadInputError` when not even the blocks fit."""
+    ``resident`` are taken by the in-memory arrays; ``shuffle_buffer``: the window's rows (None: auto, see
+    :func:`resolve_window`). :class:`BadInputError` when not even one block fits, or the window does not."""
     free = max(0, budget - resident - WORKING_BYTES)
-    # A block is at most a quarter of the read-ahead share, so a small budget still has blocks in flight.
-    readers = {m: BlockReader(p, field_name, block_bytes=min(BLOCK_BYTES, int(PREFETCH_SHARE * free) // 4))
-               for m, p in paths.items()}
+    row_bytes, n_rows = 0, 0
+    for p in paths.values():
+        nbytes, shape = array_nbytes(p, field_name)
+        n_rows = shape[0] if shape else 0
+        row_bytes += nbytes // max(1, n_rows)
+    buffer_rows = resolve_window(budget, resident, row_bytes, n_rows, shuffle_buffer)
+    block_bytes = min(BLOCK_BYTES, buffer_rows * row_bytes // BLOCKS_PER_BUFFER)
+    readers = {m: BlockReader(p, field_name, block_bytes=block_bytes) for m, p in paths.items()}
     vector = field_name != "tokens"
     arrays = {m: StreamedArray(r, vector) for m, r in readers.items()}
-    row_bytes = sum(r.row_bytes for r in readers.values())
     block_rows = max(r.block_rows for r in readers.values())
     prefetch = int(PREFETCH_SHARE * free // max(1, block_rows * row_bytes))
-    buffer_rows = int(BUFFER_SHARE * free // max(1, row_bytes))
     if free <= 0 or buffer_rows < block_rows:
         for r in readers.values():
             r.close()
         need = resident + WORKING_BYTES + int(block_rows * row_bytes / BUFFER_SHARE)
-        raise BadInputError(f"--max-memory {budget:,} bytes is too small to stream these features: the in-memory "
-                            f"arrays take {resident:,}, training {WORKING_BYTES:,} and a buffer of one block "
-                            f"{block_rows * row_bytes:,}; give at least {need:,}")
+        what = f"--shuffle-buffer {shuffle_buffer:,} rows" if shuffle_buffer else f"--max-memory {budget:,} bytes"
+        raise BadInputError(f"{what} is too small to stream these features: the in-memory arrays take "
+                            f"{resident:,} bytes, training {WORKING_BYTES:,} and a buffer of one block "
+                            f"({block_rows:,} rows) {block_rows * row_bytes:,}; give a --max-memory of at least "
+                            f"{need:,}" + (f" and a --shuffle-buffer of at least {block_rows}" if shuffle_buffer else ""))
     return StreamPlan(budget=budget, needed=needed, buffer_rows=buffer_rows, prefetch=max(1, prefetch),
                       arrays=arrays)
 

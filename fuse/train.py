@@ -11,7 +11,10 @@ Determinism: a run's numbers are a function of its config, data and seed alone. 
 ``config.seed``, shuffling and dropout masks come from the run's own ``torch.Generator`` s, deterministic
 algorithms are switched on for the duration of a run; a head that can be stacked is trained as a stack of
 one (:func:`fuse.stack.fit_members`), the path every ablation stack takes, so the same config, seed and
-machine give identical numbers alone, in a stack, or resumed. Mixed precision (bf16 autocast) is used on CUDA only.
+machine give identical numbers alone, in a stack, or resumed. Streamed features (over ``max_memory``) are
+trained in an order set by ``streamed``, ``shuffle_buffer`` and ``stream_seed``; the first two are written
+resolved into config.json, so the free memory that chose them is not part of the numbers
+(:mod:`fuse.stream`). Mixed precision (bf16 autocast) is used on CUDA only.
 """
 
 from __future__ import annotations

@@ -238,3 +238,145 @@ def test_peak_rss_under_budget(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["peak"] - got["base"] < budget, got
     assert got["acc"] > 0.5
+
+
+# --------------------------------------------------------------------------------------------- the key
+# The module cache: 200 rows of 2 x 64 x 64 float16 tokens = 16 KiB a row, 3.1 MiB in all, 32-row chunks.
+# With no working allowance (the autouse fixture) a budget of 2 MiB streams with an auto window of 32 rows
+# (62 fit, rounded down to a power of two), 3 MiB with 64 rows (94 fit).
+CLI_TINY = ["--head", "self_attention", "--features", "tokens", "--dim", "8", "--attention-heads", "2",
+            "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--patience", "0", "--device", "cpu",
+            "--threads", "1", "-q"]
+
+
+def _free_ram(monkeypatch, nbytes: int) -> None:
+    """Simulate MemAvailable (the default budget is half of it)."""
+    from mmcache.fuse import stack
+
+    monkeypatch.setattr(stack, "available_memory", lambda device: nbytes)
+
+
+def _train_cli(capsys, cache, runs, name, *extra):
+    code, _, err = run_cli(capsys, "train-fusion", *CLI_TINY, "--cache-dir", cache, "--runs-dir", runs,
+                           "--run-name", name, *extra)
+    assert code == 0, err
+    return runs / name
+
+
+def test_default_budget_window_is_in_config_and_a_rerun_reproduces_it(cache, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    _free_ram(monkeypatch, 4 << 20)
+    small = _train_cli(capsys, cache, runs, "small")
+    _free_ram(monkeypatch, 6 << 20)
+    larger = _train_cli(capsys, cache, runs, "larger")
+    cfg = {d.name: json.loads((d / "config.json").read_text()) for d in (small, larger)}
+    assert cfg["small"]["streamed"] is True and cfg["small"]["shuffle_buffer"] == 32
+    assert cfg["larger"]["streamed"] is True and cfg["larger"]["shuffle_buffer"] == 64
+    assert cfg["small"]["max_memory"] is None  # the budget stays "default": the window is what counts
+    hist = {d.name: json.loads((d / "history.json").read_text()) for d in (small, larger)}
+    assert hist["small"][0]["train_loss"] != hist["larger"][0]["train_loss"]  # another window, another order
+
+    # rerun of the stored config with plenty of free RAM (auto would now read it into memory): the same run
+    _free_ram(monkeypatch, 1 << 30)
+    rerun = _train_cli(capsys, cache, runs, "rerun", "--config", small / "config.json")
+    assert json.loads((rerun / "config.json").read_text())["shuffle_buffer"] == 32
+    _same_run(small, rerun)
+    in_memory = _train_cli(capsys, cache, runs, "in-memory")  # the same flags, auto: in memory, recorded so
+    assert json.loads((in_memory / "config.json").read_text())["streamed"] is False
+
+    # too little free RAM for the recorded window: refused, naming the budget, not trained with another one
+    _free_ram(monkeypatch, 2 << 20)
+    code, _, err = run_cli(capsys, "train-fusion", "--config", small / "config.json", "--run-name", "tight")
+    line = one_error_line(err)
+    assert code == 2 and "--shuffle-buffer 32 rows" in line and f"{1 << 20:,} bytes" in line
+    assert not (runs / "tight").exists()
+
+
+def test_explicit_shuffle_buffer_is_used_or_refused(cache, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    run = _train_cli(capsys, cache, runs, "w48", "--max-memory", "3M", "--shuffle-buffer", "48")
+    assert json.loads((run / "config.json").read_text())["shuffle_buffer"] == 48
+    for flags, what in ((["--max-memory", "2M", "--shuffle-buffer", "100"], "--max-memory"),
+                        (["--max-memory", "2M", "--shuffle-buffer", "16"], "at least 32"),  # under one block
+                        (["--shuffle-buffer", "-1"], "shuffle_buffer")):
+        code, _, err = run_cli(capsys, "train-fusion", *CLI_TINY, "--cache-dir", cache, "--runs-dir", runs, *flags)
+        assert code == 2 and what in one_error_line(err), (flags, err)
+    with pytest.raises(BadInputError, match="streamed: false"):  # a config trained in memory, now over budget
+        load_data("synth", modalities=MODS, features="tokens", cache_dir=cache, max_memory=2 << 20, streamed=False)
+
+
+def _ablate_grid(cache, runs, base: TrainConfig, features: str):
+    import mmcache.fuse.ablate as ab
+
+    return ab.expand_grid(base, datasets=["synth"], heads=["basic"], features=[features], seeds=1, cache_dir=cache,
+                          runs_dir=runs)
+
+
+def test_ablate_key_tells_stream_windows_apart(cache, tmp_path, monkeypatch):
+    import mmcache.fuse.ablate as ab
+
+    trained = []
+    real = ab.execute.train
+    monkeypatch.setattr(ab.execute, "train", lambda config, data=None, **kw: trained.append(config.run_name)
+                        or real(config, data=data, **kw))
+    base = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "head": "basic"})
+    grid = {mib: _ablate_grid(cache, tmp_path, TrainConfig(**{**base.to_dict(), "max_memory": int(mib * 2**20)}),
+                              "tokens") for mib in (1.5, 2, 3)}
+    assert [r.config.shuffle_buffer for r in grid[2]] == [32] and [r.config.shuffle_buffer for r in grid[3]] == [64]
+    assert grid[1.5][0].key == grid[2][0].key  # another budget, the same window (32): the same run
+    ab.run_grid(grid[2], threads=1)
+    assert trained == [grid[2][0].name]
+    assert json.loads((grid[2][0].run_dir / "config.json").read_text())["shuffle_buffer"] == 32
+    ab.run_grid(grid[1.5], threads=1)  # reused
+    ab.run_grid(grid[3], threads=1)  # another window: trained, not reused
+    assert trained == [grid[2][0].name, grid[3][0].name] and grid[3][0].key != grid[2][0].key
+    # streamed with a window holding the whole train split is still not the in-memory run
+    full = _ablate_grid(cache, tmp_path, TrainConfig(**{**base.to_dict(), "max_memory": 8 << 20, "streamed": True,
+                                                        "shuffle_buffer": 120}), "tokens")
+    memory = _ablate_grid(cache, tmp_path, base, "tokens")
+    assert memory[0].config.streamed is False
+    assert len({full[0].key, memory[0].key, grid[2][0].key, grid[3][0].key}) == 4
+
+
+def _old_key(config: dict, data_fp: str) -> str:
+    """The run key as ablate computed it before streaming was recorded (fuse/ablate/grid.py at 4086020), for
+    a config on the dataset's default target."""
+    import hashlib
+    d = {k: v for k, v in config.items() if k not in ("runs_dir", "run_name", "device", "threads", "cache_dir",
+                                                      "target", "streamed", "shuffle_buffer")}
+    for k, default in (("max_memory", None), ("stream_seed", 0)):
+        if d.get(k) == default:
+            d.pop(k)
+    d.update(text_cache=Path(d["text_cache"]).name, image_cache=Path(d["image_cache"]).name,
+             modalities=sorted(d["modalities"]))
+    payload = json.dumps({"config": d, "data": data_fp}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
+
+
+def test_ablate_keeps_the_keys_of_old_in_memory_runs(cache, tmp_path, monkeypatch):
+    import mmcache.fuse.ablate as ab
+    from mmcache.fuse.ablate import grid as grid_mod
+    from mmcache.fuse.runs import RunFolder
+
+    base = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "head": "basic", "features": "cls"})
+    runs = _ablate_grid(cache, tmp_path, base, "cls")
+    run = runs[0]
+    assert run.config.streamed is False and run.config.max_memory is not None  # the grid's budget, pinned
+    seen = {}
+    real_key = grid_mod.run_key
+    monkeypatch.setattr(grid_mod, "run_key", lambda cfg, fp, default=None: seen.setdefault("fp", fp) and
+                        real_key(cfg, fp, default))
+    _ablate_grid(cache, tmp_path, base, "cls")
+    old_style = {k: v for k, v in run.config.to_dict().items() if k not in ("streamed", "shuffle_buffer")}
+    assert run.key == _old_key({**old_style, "max_memory": None}, seen["fp"])
+    ab.run_grid(runs, threads=1)
+    # the folder as the code before this change left it: no streamed / shuffle_buffer, the default budget
+    folder = RunFolder(run.run_dir)
+    folder.write_config({**old_style, "max_memory": None, "run_name": run.name, "runs_dir": str(run.run_dir.parent)})
+    folder.seal()
+    trained = []
+    monkeypatch.setattr(ab.execute, "train", lambda *a, **kw: trained.append(a))
+    again = _ablate_grid(cache, tmp_path, base, "cls")
+    assert [r.name for r in again] == [run.name] and ab.run_status(again[0]) == "finished"
+    out = ab.run_grid(again, threads=1)
+    assert trained == [] and out["reused"] == [run.name]

@@ -64,7 +64,8 @@ def _group_data(run: GridRun, cache_dir: str) -> FusionData:
         _DATA.clear()  # one group at a time: token features can be gigabytes
         _DATA[run.group] = load_data(run.dataset, modalities=run.encoder.modalities, features=run.features,
                                      cache_dir=cache_dir, text_cache=run.encoder.text, image_cache=run.encoder.image,
-                                     max_memory=run.config.max_memory)
+                                     max_memory=run.config.max_memory, streamed=run.config.streamed,
+                                     shuffle_buffer=run.config.shuffle_buffer)
     return _DATA[run.group]
 
 

@@ -15,19 +15,23 @@ from typing import Any
 
 import numpy as np
 from mmcache.fuse.config import TrainConfig
-from mmcache.fuse.data import FEATURES, extract_command, list_cached_datasets
+from mmcache.fuse.data import FEATURES, choose_streaming, extract_command, list_cached_datasets
 from mmcache.fuse.heads import head_uses, list_heads
 from mmcache.fuse.runs import RunFolder
+from mmcache.fuse.stream import default_budget
 from mmcache.fuse.targets import available_targets, resolve_target
 
 from mmcache import cache as cf
+from mmcache.common import resolve_device
 from mmcache.errors import BadInputError, CacheError, MissingCacheError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FEATURES = ("cls", "tokens")
 DEFAULT_SEEDS = 5
-KEY_EXCLUDED = ("runs_dir", "run_name", "device", "threads", "cache_dir")
+# Not in the key: where runs go and what they run on. max_memory neither: it decides the numbers only through
+# `streamed` and `shuffle_buffer`, which the grid resolves from it and which are (see _comparable).
+KEY_EXCLUDED = ("runs_dir", "run_name", "device", "threads", "cache_dir", "max_memory")
 MODALITIES = ("text", "image")
 
 
@@ -105,15 +109,21 @@ class GridRun:
 
 def _comparable(config: TrainConfig | dict[str, Any], default_target: str | None = None) -> dict[str, Any]:
     """The config fields that determine a run's numbers, feature files by name. The target is left out
-    when it is the dataset's default (so runs from before targets existed keep their keys)."""
+    when it is the dataset's default (so runs from before targets existed keep their keys); ``streamed`` and
+    ``shuffle_buffer`` count only when the run streamed."""
     d = dict(config.to_dict() if isinstance(config, TrainConfig) else config)
     for k in KEY_EXCLUDED:
         d.pop(k, None)
     if d.get("target") in (None, default_target):
         d.pop("target", None)
-    for k, default in (("max_memory", None), ("stream_seed", 0)):  # added later: old runs keep their keys
-        if d.get(k) == default:
-            d.pop(k, None)
+    if d.get("stream_seed") == 0:  # added later: old runs keep their keys
+        d.pop("stream_seed", None)
+    # A streamed run's order is drawn per window: the window is in the key, with the fact that it streamed (a
+    # full window is not the in-memory order). In memory both are left out: those runs, and the runs from
+    # before they were recorded, keep their keys.
+    streamed, window = d.pop("streamed", None), d.pop("shuffle_buffer", None)
+    if streamed:
+        d["streamed"] = {"shuffle_buffer": window}
     for m in MODALITIES:
         if d.get(f"{m}_cache"):
             d[f"{m}_cache"] = Path(d[f"{m}_cache"]).name
@@ -239,6 +249,9 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         if not names:
             raise MissingCacheError(f"no dataset cache in {cache_dir}/; create one with {extract_command('<name>')}")
 
+    # One budget for the whole grid, resolved now: how each cell streams is part of its key, and a worker
+    # loading its data later (with other free memory) must choose the same.
+    budget = base.max_memory if base.max_memory is not None else default_budget(resolve_device(base.device))
     runs: list[GridRun] = []
     skips: list[dict[str, Any]] = []
     for dataset in names:
@@ -246,6 +259,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         index_fp, split_fp = index_fingerprint(index), index.split_fingerprint
         target_fps, default = _grid_targets(index, targets)
         encoders, file_fps = _encoders(cache_dir, dataset, explicit)
+        memory = {(enc, feat): _memory_fields(base, enc, feat, budget) for enc in encoders for feat in features}
         for enc in encoders:
             for head in heads:
                 reason = _skip_reason(head, enc, dataset)
@@ -258,7 +272,7 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
             cfg = dataclasses.replace(base, dataset=dataset, head=head, features=feat, seed=seed,
                                       modalities=enc.modalities, text_cache=enc.text, image_cache=enc.image,
                                       cache_dir=str(cache_dir), run_name=None, target=target, lr=lr, dim=dim,
-                                      dropout=dropout)
+                                      dropout=dropout, **memory[(enc, feat)])
             cfg.validate()
             data_fp = "|".join([index_fp, *(file_fps[getattr(enc, m)] for m in enc.modalities)]) + (
                 f"|{target_fps[target]}" if target_fps[target] else "")
@@ -280,6 +294,15 @@ def expand_grid(base: TrainConfig | None = None, *, datasets: list[str] | None =
         raise MissingCacheError(f"nothing to run in {cache_dir}/" + (f" ({why})" if why else ": no complete feature files"))
     runs.sort(key=GridRun.sort_key)
     return runs
+
+
+def _memory_fields(base: TrainConfig, enc: Encoder, features: str, budget: int) -> dict[str, Any]:
+    """The memory fields of the cells of one data group: the grid's budget, whether they stream and the
+    shuffle window (:func:`fuse.data.choose_streaming`; an explicit window over the budget: BadInputError)."""
+    paths = {m: Path(getattr(enc, m)) for m in enc.modalities}
+    streamed, window = choose_streaming(paths, features, budget, base.streamed, base.shuffle_buffer)
+    return {"max_memory": budget, "streamed": streamed,
+            "shuffle_buffer": window if streamed else base.shuffle_buffer}
 
 
 def _axis(name: str, values: list | None, default: Any, tag: str) -> tuple[list, bool, str]:

@@ -166,6 +166,9 @@ Threads = Annotated[int | None, typer.Option("--threads", help=(
 MaxMemory = Annotated[str | None, typer.Option("--max-memory", help=(
     "bytes the feature arrays may take in memory, e.g. 512M, 4G (default: half of the free RAM, or of the free "
     "GPU memory on CUDA); larger features are streamed from the cache files"))]
+ShuffleBuffer = Annotated[int | None, typer.Option("--shuffle-buffer", help=(
+    "rows in the shuffle window when the features are streamed (over --max-memory); 0 = auto: the largest power "
+    "of two the budget allows. The value used is recorded in config.json (it decides the training order)"))]
 Epochs = Annotated[int | None, typer.Option("--epochs", help="max epochs per run (default: train-fusion, ablate 30; demo 40; bench 5)")]
 Dim = Annotated[int | None, typer.Option("--dim", show_default="256", help="shared latent width")]
 Lr = Annotated[float | None, typer.Option("--lr", show_default="3e-4", help="peak learning rate")]

@@ -43,6 +43,7 @@ from mmcache.cli.options import (
     RunCacheDir,
     RunsDir,
     Seed,
+    ShuffleBuffer,
     SplitFile,
     SplitOpt,
     Target,
@@ -110,6 +111,7 @@ def train_fusion(
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", show_default="on", help="bf16 autocast on CUDA (CPU never)")] = None,
     threads: Threads = None,
     max_memory: MaxMemory = None,
+    shuffle_buffer: ShuffleBuffer = None,
     head_option: Annotated[list[str] | None, typer.Option(help="head-specific KEY=VALUE (repeatable)")] = None,
     cache_dir: CacheDir = None,
     runs_dir: RunsDir = None,
@@ -131,7 +133,8 @@ def train_fusion(
                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
                   grad_clip=grad_clip, label_smoothing=label_smoothing, class_balanced=class_balanced,
                   patience=patience, seed=seed, device=device, amp=amp, threads=threads,
-                  max_memory=_bytes(max_memory), cache_dir=_text(cache_dir), runs_dir=_text(runs_dir), run_name=run_name)
+                  max_memory=_bytes(max_memory), shuffle_buffer=shuffle_buffer, cache_dir=_text(cache_dir),
+                  runs_dir=_text(runs_dir), run_name=run_name)
     if head_option:
         flags["head_options"] = json_values(head_option, "--head-option")
     merged = {**base, **flags}
@@ -263,6 +266,7 @@ def ablate(
     batch_size: TrainBatchSize = None,
     device: DeviceOpt = None,
     max_memory: MaxMemory = None,
+    shuffle_buffer: ShuffleBuffer = None,
     cache_dir: CacheDir = DEFAULT_CACHE_DIR,
     runs_dir: RunsDir = Path("runs/ablate"),
     results_dir: Annotated[Path | None, typer.Option(help="where ablation_<dataset>.md|csv|json go (default results/<name of --runs-dir>, e.g. results/ablate)")] = None,
@@ -294,7 +298,7 @@ def ablate(
                   baseline=baseline, bootstrap=bootstrap)
     flags = given_by_user(ctx, values, {"datasets": "dataset"})
     training = given(epochs=epochs, dim=dim, lr=lr, patience=patience, batch_size=batch_size, device=device,
-                     max_memory=_bytes(max_memory))
+                     max_memory=_bytes(max_memory), shuffle_buffer=shuffle_buffer)
     resolved = configfile.resolve_ablation(values, configfile.read_ablation(config) if config else {}, flags, training)
     options = {k: v for k, v in resolved.items() if k not in ("datasets", "base")}
     # --track is not a grid setting (not in ablation_config.yaml): it changes no number, only what is logged
