@@ -185,3 +185,53 @@ def test_kill_9_during_the_add_keeps_stored_fields_and_the_rerun_resumes(lean, f
     np.testing.assert_allclose(after["tokens"], full["tokens"], atol=1e-5)
     with cf.FeatureFile(lean) as ff:
         assert all(ff.fields_complete().values()) and ff.verify().rows.size == 0
+
+
+def _writer(path: Path, **kw) -> cf.FeatureWriter:
+    return cf.FeatureWriter.open(path, ids=[f"r{i}" for i in range(6)], index_fp="f", modality="text",
+                                 hidden_size=4, num_tokens=3, dtype="float32", config={"m": 1}, **kw)
+
+
+def _batch(rows, t: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    b = len(rows)
+    return {"cls": rng.normal(size=(b, 4)), "mean": rng.normal(size=(b, 4)), "tokens": rng.normal(size=(b, t, 4)),
+            "mask": np.ones((b, t), bool)}
+
+
+def test_a_row_failing_while_fields_are_added_is_no_longer_valid(tmp_path):
+    """E.g. an image deleted between the lean extract and the add: its added fields would be zeros, so
+    the row stops being valid (its checksum follows, verify stays clean); other rows are untouched."""
+    path = tmp_path / "text--x.h5"
+    rows = np.arange(6)
+    with _writer(path, fields=("cls", "mean")) as w:
+        v = _batch(rows)
+        w.write(rows, cls=v["cls"], mean=v["mean"])
+        assert w.finalize()
+    before = _arrays(path)
+    with _writer(path, fields=("cls", "mean", "tokens")) as w:
+        assert w.todo_mask().all() and w.arrays == ("cls", "mean", "tokens", "mask")
+        w.write_failures(np.array([2]), ["unreadable image: gone"])
+        ok = np.array([0, 1, 3, 4, 5])
+        v = _batch(ok)
+        w.write(ok, **v)
+        assert w.finalize() and not w.todo_mask().any()
+    after = _arrays(path)
+    assert after["cls"].tobytes() == before["cls"].tobytes()
+    assert after["valid"].tolist() == [True, True, False, True, True, True]
+    np.testing.assert_array_equal(after["tokens"][ok, :2], v["tokens"].astype(np.float32))
+    with cf.FeatureFile(path) as ff:
+        assert ff.verify().rows.size == 0 and ff.failures() == [("r2", "unreadable image: gone")]
+
+
+def test_fields_parse_and_flow_through_the_extract_config_file(tmp_path):
+    from mmcache import configfile
+
+    assert "fields" in configfile.extract_keys()
+    (tmp_path / "e.yaml").write_text("dataset: demo\nfields: [mean, cls]\n")
+    file = configfile.read_extract(tmp_path / "e.yaml")
+    cfg = ExtractConfig(**{k: v for k, v in configfile.resolve_extract({}, file, {}).items() if k not in
+                           configfile.EXTRACT_RUN_KEYS and k != "shard"})
+    cfg.validate()
+    assert cfg.fields == ("cls", "mean")
+    assert ExtractConfig(dataset="demo").fields is None  # default: everything, exactly as before

@@ -337,7 +337,9 @@ class FeatureWriter:
         deleted since): ``valid`` becomes False (and its checksum follows), so no head uses a row whose
         added fields are zeros. A crash in between is a checksum mismatch: the row is recomputed."""
         f = self._f
-        hit = ~self._todo[0][rows] & f["done"][rows] & f["valid"][rows]
+        later = np.logical_or.reduce([todo[rows] for todo in self._todo[1:]]) if len(self._todo) > 1 else False
+        # only rows written in a later group now: a done row that is merely in a recomputed batch stays as it is
+        hit = later & ~self._todo[0][rows] & f["done"][rows] & f["valid"][rows]
         if not hit.any():
             return
         r = rows[hit]
