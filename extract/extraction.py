@@ -248,6 +248,7 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
                                hidden_size=enc.hidden_size, num_tokens=num_tokens, dtype=cfg.dtype, config=conf,
                                provenance=file_provenance(enc, cfg, index), grid=grid, force=cfg.force,
                                shard=shard, proj_size=enc.proj_size, fields=fields) as writer:
+        writer.rewrite_done = False  # finished rows in a recomputed batch keep their bytes (see _write_groups)
         _verify_for_resume(writer, summary)
         done = writer.done_mask()
         redo = writer.todo_mask(retry_failed=cfg.retry_failed)

@@ -81,6 +81,8 @@ class FeatureWriter:
 
     def __init__(self, path: Path, f: h5py.File, up_to_date: bool) -> None:
         self.path, self._f = path, f
+        #: write() / write_failures() of a row done in every group rewrite it (False: such rows are skipped)
+        self.rewrite_done = True
         self._load_groups()
         self.up_to_date = up_to_date and not self.todo_mask().any()
 
@@ -296,11 +298,16 @@ class FeatureWriter:
         return out
 
     def _write_groups(self, rows: np.ndarray, values: dict[str, np.ndarray], reasons: np.ndarray) -> None:
-        """Per field group, the rows still to do there: values and their checksums, flush, then the
-        done bits (a crash in between: recomputed)."""
+        """Per field group, the rows still to do there (and rows done everywhere, with
+        :attr:`rewrite_done`): values and their checksums, flush, then the done bits (a crash in
+        between: recomputed). A row pending in some group is never rewritten in the groups where it
+        is done: adding fields leaves the stored ones untouched."""
         f = self._f
+        # a row finished in every group is written again only when asked for (rewrite_done): extraction
+        # turns that off, so recomputing a batch for its other rows never tears a finished row
+        again = ~np.logical_or.reduce([todo[rows] for todo in self._todo]) & self.rewrite_done
         for g, todo in zip(self.groups, self._todo, strict=True):
-            m = todo[rows]
+            m = todo[rows] | again
             if not m.any():
                 continue
             r = rows[m]
