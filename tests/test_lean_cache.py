@@ -129,15 +129,30 @@ def test_stage_two_and_export_on_a_lean_cache(lean, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert "stores cls, mean but this needs tokens" in err[0] and "--fields cls,mean,tokens" in err[0]
-    assert "python cli.py extract --dataset folder" in err[0]
+    assert "python cli.py extract --dataset folder" in err[0] and "--text-max-length 16 --dtype float32" in err[0]
     assert main([*args, "--features", "cls"]) == 0
     capsys.readouterr()
-    code = main(["cache", "export", "--dataset", lean.parent.name, "--cache-dir", str(cache), "--out", str(tmp_path / "x"),
-                 "--fields", "tokens"])
+    export_err = _export_refusal(cache, lean, tmp_path, capsys)
+    assert "--fields cls,mean,tokens" in export_err
+    # the command the message names works as it is: it adds tokens, then the tokens head trains
+    command = err[0].split("`")[1].split()
+    assert command[:3] == ["python", "cli.py", "extract"] and main(command[2:] + ["--no-progress"]) == 0
+    with cf.FeatureFile(lean) as ff:
+        assert ff.fields == ("cls", "mean", "tokens") and all(ff.fields_complete().values())
+    assert main([*args, "--features", "tokens"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "info", str(cache)]) == 0
+    assert "fields cls, mean, tokens\n" in capsys.readouterr().out
+
+
+def _export_refusal(cache: Path, lean: Path, tmp_path: Path, capsys) -> str:
+    code = main(["cache", "export", "--dataset", lean.parent.name, "--cache-dir", str(cache), "--out",
+                 str(tmp_path / "x"), "--fields", "tokens"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(err) == 1 and "--fields cls,mean,tokens" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and not (tmp_path / "x").exists()
     assert main(["cache", "info", str(cache)]) == 0
     assert "fields cls, mean  (lean" in capsys.readouterr().out
+    return err[0]
 
 
 _KILL = textwrap.dedent("""
@@ -235,3 +250,20 @@ def test_fields_parse_and_flow_through_the_extract_config_file(tmp_path):
     cfg.validate()
     assert cfg.fields == ("cls", "mean")
     assert ExtractConfig(dataset="demo").fields is None  # default: everything, exactly as before
+
+
+def test_default_file_keeps_the_layout_of_files_written_before_lean_caches(tmp_path):
+    """No --fields: the same arrays and checksum columns as before (one field group); a file without
+    the new `fields` attribute (written before) reports every field it holds, complete."""
+    with _writer(tmp_path / "a.h5") as w:
+        v = _batch(np.arange(6))
+        w.write(np.arange(6), **v)
+        w.finalize()
+    with h5py.File(tmp_path / "a.h5", "r+") as f:
+        assert sorted(k for k in f) == ["checksum", "cls", "done", "failure", "id", "mask", "mean", "row", "tokens",
+                                        "valid"]
+        assert f["checksum"].attrs["fields"] == '["cls", "mean", "tokens", "mask", "valid"]'
+        del f.attrs["fields"]  # as an older writer left it
+    with cf.FeatureFile(tmp_path / "a.h5") as ff:
+        assert ff.fields == ("cls", "mean", "tokens") and all(ff.fields_complete().values())
+        np.testing.assert_array_equal(ff.load(("tokens",))["tokens"][:, :2], v["tokens"].astype(np.float32))

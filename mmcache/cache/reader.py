@@ -46,9 +46,10 @@ def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, m
     return extract_command(path, provenance, modality) + " --repair"
 
 
-def extract_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None) -> str:
-    """The extract call that made a feature file (best effort from its provenance), without the
-    option that says what to do (``--repair``, ``--fields ...``)."""
+def extract_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None,
+                    config: dict[str, Any] | None = None) -> str:
+    """The extract call that made a feature file (best effort from its provenance and ``config``),
+    without the option that says what to do (``--repair``, ``--fields ...``)."""
     path = Path(path)
     prov = provenance or {}
     folder = path.parent
@@ -71,7 +72,21 @@ def extract_command(path: str | Path, provenance: dict[str, Any] | None = None, 
             parts.append(f"--{modality}-layer {spec.layer}")
         if spec.name:  # the file's name comes from it: the same file is found again
             parts.append(f"--{modality}-name {spec.name}")
+        parts += _value_options(modality, config or {})
     return " ".join(parts)
+
+
+def _value_options(modality: str, config: dict[str, Any]) -> list[str]:
+    """The options off their default that change a file's values (a command without them would be
+    refused as "made with different settings"), from the file's config."""
+    out = []
+    if modality == "text" and config.get("max_length") not in (None, 128):
+        out.append(f"--text-max-length {config['max_length']}")
+    if modality == "image" and config.get("patch_pool") not in (None, 1):
+        out.append(f"--patch-pool {config['patch_pool']}")
+    if config.get("dtype") not in (None, "float16"):
+        out.append(f"--dtype {config['dtype']}")
+    return out
 
 
 class FeatureFile:
@@ -148,7 +163,7 @@ class FeatureFile:
     def add_fields_command(self, fields) -> str:
         """The extract call that adds ``fields`` to this file (computing only what it lacks)."""
         want = [k for k in FIELD_CHOICES if k in (*self.fields, *fields)]
-        return f"{extract_command(self.path, self.provenance, self.modality)} --fields {','.join(want)}"
+        return f"{extract_command(self.path, self.provenance, self.modality, self.config)} --fields {','.join(want)}"
 
     def _check_fields(self, arrays) -> None:
         """:class:`MissingFieldsError` unless every field holding ``arrays`` is stored and complete."""
