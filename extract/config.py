@@ -14,6 +14,7 @@ from mmcache.extract.images import (
 )
 
 from mmcache import cache as cf
+from mmcache.cache.names import parse_fields
 from mmcache.errors import BadInputError
 from mmcache.tables import format_table, human_bytes
 
@@ -56,6 +57,9 @@ class ExtractConfig:
     num_workers: int | str = "auto"  # image decoding processes (0 = in the main process; auto: batches.resolve_workers)
     threads: int | None = None  # CPU device: torch threads for the forward; None = torch's default (all cores)
     patch_pool: int = 1
+    # what the feature files store: comma list / list of cls, mean, tokens, proj (tokens brings its mask);
+    # None: everything the encoder gives (an existing file: what it stores). Not part of a file's identity.
+    fields: str | list[str] | tuple[str, ...] | None = None
     force: bool = False
     retry_failed: bool = False  # recompute rows recorded as failures (e.g. after fixing the files)
     repair: bool = False  # also rebuild a feature file HDF5 cannot open (damaged rows: every run repairs)
@@ -107,6 +111,7 @@ class ExtractConfig:
         for key in ("text_name", "image_name"):
             if getattr(self, key) is not None and not str(getattr(self, key)).strip():
                 raise BadInputError(f"--{key.replace('_', '-')} must not be empty")
+        self.fields = parse_fields(self.fields)
         i, n = self.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise BadInputError(f"shard must be i/n with 0 <= i < n, got {i}/{n}")

@@ -60,6 +60,7 @@ from mmcache.extract.index_prep import (
 
 from mmcache import cache as cf
 from mmcache.cache.lock import CacheBusyError
+from mmcache.cache.names import field_arrays
 from mmcache.errors import BadInputError, CacheError, Interrupted, PipelineError
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,14 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     ids = [index.ids[r] for r in rows]
     num_tokens, grid = TOKEN_LAYOUT[modality](enc)
     summary = ModalitySummary(modality=modality, model=model, path=str(path), total=len(rows), forced=cfg.force)
-    needed = cf.planned_bytes(len(rows), enc.hidden_size, num_tokens, cfg.dtype)
+    fields = _fields_for(cfg, modality, enc)
+    needed = cf.planned_bytes(len(rows), enc.hidden_size, num_tokens, cfg.dtype,
+                              None if fields is None else field_arrays(fields), enc.proj_size or 0)
     with shard_lock(index.dataset_dir, shard_index, num_shards), disk_full_as_error(path, needed):
         if cfg.repair:
             _set_aside_unreadable(path)
         _write_shard(cfg, modality, path, rows, ids, index, enc, conf, num_tokens, grid, summary,
-                     (shard_index, num_shards) if num_shards > 1 else None)
+                     (shard_index, num_shards) if num_shards > 1 else None, fields)
     with cf.FeatureFile(path) as ff:
         summary.complete = ff.complete
         summary.valid = int(ff.valid.sum())
@@ -174,6 +177,15 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     summary.size_bytes = path.stat().st_size
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _fields_for(cfg: ExtractConfig, modality: str, enc) -> tuple[str, ...] | None:
+    """``--fields`` for this modality's file (None: everything / what an existing file stores); ``proj``
+    of an encoder without a projection is refused (exit 2)."""
+    if cfg.fields is not None and "proj" in cfg.fields and not enc.proj_size:
+        raise BadInputError(f"--fields proj: the {modality} encoder {enc.name} has no joint-space projection "
+                            "(only CLIP-style checkpoints do); ask for cls, mean or tokens")
+    return cfg.fields
 
 
 def _keep_recorded_decode(cfg: ExtractConfig, modality: str, path: Path) -> ExtractConfig:
@@ -221,25 +233,25 @@ def _verify_for_resume(writer: cf.FeatureWriter, summary: ModalitySummary) -> No
                     "`extract --force` rebuilds it with them", writer.path)
     if damage:
         log.warning("%s: %s; recomputing them", writer.path, damage.describe())
-        writer.mark_not_done(damage.rows)
+        writer.mark_damaged(damage)
         summary.repaired = int(damage.rows.size)
     log.info("verified %s in %.2f s", writer.path, time.perf_counter() - t)
 
 
 def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index: IndexInfo, enc, conf: dict,
-                 num_tokens: int, grid, summary: ModalitySummary, shard) -> None:
-    """Open (create / resume / verify) ``path`` and compute every row that is not done."""
+                 num_tokens: int, grid, summary: ModalitySummary, shard, fields=None) -> None:
+    """Open (create / resume / verify / add ``fields``) ``path`` and compute every row that is not done
+    in some field group (an add computes every row, but writes only the added arrays)."""
     import torch
 
     with cf.FeatureWriter.open(path, ids=ids, rows=rows, index_fp=index.fingerprint, modality=modality,
                                hidden_size=enc.hidden_size, num_tokens=num_tokens, dtype=cfg.dtype, config=conf,
                                provenance=file_provenance(enc, cfg, index), grid=grid, force=cfg.force,
-                               shard=shard, proj_size=enc.proj_size) as writer:
+                               shard=shard, proj_size=enc.proj_size, fields=fields) as writer:
+        writer.rewrite_done = False  # finished rows in a recomputed batch keep their bytes (see _write_groups)
         _verify_for_resume(writer, summary)
         done = writer.done_mask()
-        redo = ~done
-        if cfg.retry_failed:
-            redo[writer.failed_rows()] = True
+        redo = writer.todo_mask(retry_failed=cfg.retry_failed)
         summary.already_done = int((~redo).sum())
         if writer.up_to_date and not redo.any():
             summary.up_to_date = True

@@ -132,7 +132,8 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
         out += ["", fit_table(
             ["file", "modality", "model", "state", "samples", "done", "valid", "failed", "tokens", "dtype", "size"],
             [[e["path"], e["modality"], e.get("name") or e["model"], _state(e) + _virtual_note(e), e["samples"], e["done"], e["valid"], e["failed"],
-              "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])), e["dtype"], human_bytes(e["size_bytes"])]
+              "x".join(map(str, e["arrays"]["tokens"]["shape"][1:])) if "tokens" in e["arrays"] else "-",
+              e["dtype"], human_bytes(e["size_bytes"])]
              for e in feats], width)]
     for e in feats:
         prov, conf = e["provenance"], e["config"]
@@ -140,6 +141,11 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
         for name, a in e["arrays"].items():
             out.append(f"  {name:<7} {tuple(a['shape'])} {a['dtype']}")
         out.append("  valid   (N,) bool   done (N,) bool   failure (N,) utf-8[160]   id (N,) str   row (N,) int64")
+        if "fields" in e:
+            status = e.get("fields_complete") or {}
+            shown = ", ".join(k + ("" if status.get(k, True) else " (being added: incomplete)") for k in e["fields"])
+            lean = "" if "tokens" in e["fields"] else "  (lean: `extract --fields` adds more)"
+            out.append(f"  fields {shown}{lean}")
         spec = EncoderSpec.from_provenance(e["modality"], prov, conf)
         rev = spec.commit_hash or spec.resolved_path or "-"
         fam = f", family {spec.family}, layer {spec.layer or 'last'}" if spec.family else ""
@@ -159,7 +165,7 @@ def _format_info(entries: list[dict[str, Any]], width: int) -> str:
             out.append(f"  {e['failed']} failed samples" + (f" (see {e['failures_csv']})" if e.get("failures_csv") else ""))
     if feats:
         unverifiable = sum(1 for e in feats if e.get("checksums") is False)
-        out += ["", "checked against their checksums here: cls, mean, mask, valid; `cache verify` checks the "
+        out += ["", "checked against their checksums here: cls, mean, mask, valid (those stored); `cache verify` checks the "
                 "token arrays too" + (f". {unverifiable} file(s) have no checksums (older version)" if unverifiable
                                      else "")]
     bad = [e for e in entries if e["kind"] == "unreadable"]

@@ -86,46 +86,97 @@ class Damage:
         return f"{rows.size} damaged rows ({where}): {shown}"
 
 
+@dataclass(frozen=True)
+class FieldGroup:
+    """Arrays written together, with their own ``done`` bits and ``checksum`` array. Group 0 is what a
+    file was created with (``done``, ``checksum``; it also owns ``valid`` and ``failure``); fields added
+    later by ``extract --fields`` form groups 1, 2, ... (``done.<k>``, ``checksum.<k>``), so a kill -9
+    while they are computed never touches the rows the first group finished."""
+
+    done: str
+    checksum: str | None  # None: a file written before checksums existed
+    arrays: tuple[str, ...]
+
+
+def field_groups(f: h5py.File) -> list[FieldGroup]:
+    """The groups of an open feature file, group 0 first. A group exists once its ``done.<k>`` does
+    (created last when fields are added); a file written before groups existed is one group."""
+    if CHECKSUM in f:
+        base = tuple(json.loads(f[CHECKSUM].attrs.get("fields", "[]")))
+    else:
+        base = tuple(k for k in (*CHECKSUM_FIELDS, "proj") if k in f)
+    out = [FieldGroup("done", CHECKSUM if CHECKSUM in f else None, base)]
+    k = 1
+    while f"done.{k}" in f:
+        crc = f"{CHECKSUM}.{k}"
+        out.append(FieldGroup(f"done.{k}", crc, tuple(json.loads(f[crc].attrs["fields"]))))
+        k += 1
+    return out
+
+
 def scan_file(f: h5py.File, path: Path, fields, keep: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], Damage]:
-    """Read ``fields`` block by block, checking each done row against its checksum (when the file has
-    them) and float rows for NaN/Inf. Returns (the arrays named in ``keep``, whole; the damage)."""
-    done = f["done"][...]
-    crc_ds = f[CHECKSUM] if CHECKSUM in f else None
-    crcs = crc_ds[...] if crc_ds is not None else None
-    order = json.loads(crc_ds.attrs.get("fields", "[]")) if crc_ds is not None else []
-    damage = Damage(path=Path(path), ids=np.asarray(f["id"].asstr()[...], dtype=object), checked=tuple(fields), verifiable=crc_ds is not None)
+    """Read ``fields`` block by block, checking each row done in the field's group against its
+    checksum (when the file has them) and float rows for NaN/Inf. Returns (the arrays named in
+    ``keep``, whole; the damage)."""
+    groups = field_groups(f)
+    owner = {a: g for g in groups for a in g.arrays}
+    dones: dict[str, np.ndarray] = {}
+    crcs: dict[str, np.ndarray] = {}
+    damage = Damage(path=Path(path), ids=np.asarray(f["id"].asstr()[...], dtype=object), checked=tuple(fields),
+                    verifiable=groups[0].checksum is not None)
     out: dict[str, np.ndarray] = {}
     for name in fields:
-        ds = f[name]
-        n = ds.shape[0]
-        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
-        step = max(1, min(n, _SCAN_BYTES // max(row_bytes, 1)))
-        whole = np.empty(ds.shape, dtype=ds.dtype) if name in keep else None
-        buf = None if whole is not None else np.empty((step, *ds.shape[1:]), dtype=ds.dtype)
-        want = crcs[:, order.index(name)] if crcs is not None and name in order else None
-        bad: list[np.ndarray] = []
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            block = whole[a:b] if whole is not None else buf[:b - a]
-            ds.read_direct(block, np.s_[a:b])
-            d = done[a:b]
-            if want is not None:  # a matching checksum proves the bytes written, and writes are finite
-                bad.append(a + np.flatnonzero(d & (row_crc32(block) != want[a:b])))
-            elif block.dtype.kind == "f":
-                bad.append(a + np.flatnonzero(d & nonfinite_rows(block)))
-        rows = np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype=np.int64)
+        g = owner.get(name, groups[0])
+        done = dones.setdefault(g.done, f[g.done][...])
+        want = None
+        if g.checksum is not None and name in g.arrays:
+            if g.checksum not in crcs:
+                crcs[g.checksum] = f[g.checksum][...]
+            want = crcs[g.checksum][:, g.arrays.index(name)]
+        arr, rows = _scan_array(f[name], done, want, whole=name in keep)
         if rows.size:
             damage.rows_by_field[name] = rows
-        if whole is not None:
-            out[name] = whole
+        if arr is not None:
+            out[name] = arr
     return out, damage
 
 
-def planned_bytes(n: int, hidden_size: int, num_tokens: int, dtype: str) -> int:
-    """Bytes a feature file of ``n`` rows takes on disk once allocated (its arrays; metadata is small)."""
+def _scan_array(ds, done: np.ndarray, want: np.ndarray | None, whole: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """One array read block by block: (the whole array when ``whole``, its damaged done rows)."""
+    n = ds.shape[0]
+    row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+    step = max(1, min(n, _SCAN_BYTES // max(row_bytes, 1)))
+    arr = np.empty(ds.shape, dtype=ds.dtype) if whole else None
+    buf = None if whole else np.empty((step, *ds.shape[1:]), dtype=ds.dtype)
+    bad: list[np.ndarray] = []
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        block = arr[a:b] if arr is not None else buf[:b - a]
+        ds.read_direct(block, np.s_[a:b])
+        d = done[a:b]
+        if want is not None:  # a matching checksum proves the bytes written, and writes are finite
+            bad.append(a + np.flatnonzero(d & (row_crc32(block) != want[a:b])))
+        elif block.dtype.kind == "f":
+            bad.append(a + np.flatnonzero(d & nonfinite_rows(block)))
+    return arr, (np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype=np.int64))
+
+
+def array_row_bytes(name: str, hidden_size: int, num_tokens: int, dtype: str, proj_size: int = 0) -> int:
+    """Bytes one row of feature array ``name`` takes on disk."""
     item = np.dtype(dtype).itemsize
-    per_row = (2 * hidden_size * item + num_tokens * hidden_size * item + num_tokens + 2 + REASON_BYTES
-               + 4 * len(CHECKSUM_FIELDS) + 8 + 64)  # + row, id
+    return {"cls": hidden_size * item, "mean": hidden_size * item, "tokens": num_tokens * hidden_size * item,
+            "mask": num_tokens, "proj": proj_size * item}[name]
+
+
+def planned_bytes(n: int, hidden_size: int, num_tokens: int, dtype: str, arrays=None, proj_size: int = 0,
+                  bookkeeping: bool = True) -> int:
+    """Bytes a feature file of ``n`` rows takes on disk once allocated (its arrays; metadata is small).
+    ``arrays``: the feature arrays it stores (default cls, mean, tokens, mask); ``bookkeeping=False``:
+    only those arrays, their checksums and done bits (fields added to an existing file)."""
+    arrays = ("cls", "mean", "tokens", "mask") if arrays is None else tuple(arrays)
+    per_row = sum(array_row_bytes(a, hidden_size, num_tokens, dtype, proj_size) for a in arrays) + 4 * len(arrays) + 1
+    if bookkeeping:
+        per_row += 1 + REASON_BYTES + 4 + 8 + 64  # valid, failure, its checksum, row, id
     return int(n * per_row + (1 << 20))
 
 
@@ -150,11 +201,11 @@ def disk_full_error(path: Path, needed: int | None, cause: BaseException | None 
                          "Finished rows are kept; free space (or use another --cache-dir)")
 
 
-def check_free_space(path: Path, needed: int) -> None:
+def check_free_space(path: Path, needed: int, replacing: bool = True) -> None:
     """Raise :class:`DiskFullError` when the filesystem of ``path`` cannot hold ``needed`` more bytes
-    (a file at ``path`` about to be replaced counts as free)."""
+    (a file at ``path`` about to be replaced counts as free, unless ``replacing=False``: it grows)."""
     path = Path(path)
-    free = _free_bytes(path.parent) + (path.stat().st_size if path.exists() else 0)
+    free = _free_bytes(path.parent) + (path.stat().st_size if replacing and path.exists() else 0)
     if needed > free:
         raise DiskFullError(f"not enough disk space for {path}: needs {needed:,} bytes, {free:,} available on "
                             "that filesystem. Free space (or use another --cache-dir, --patch-pool, float16)")

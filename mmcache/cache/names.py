@@ -29,6 +29,10 @@ FAILURES_NAME = "failures.csv"
 MODALITIES = ("text", "image")
 FEATURE_FIELDS = ("cls", "mean", "tokens", "mask")
 OPTIONAL_FIELDS = ("proj",)  # (N, P) joint-space embedding, only from checkpoints with a projection (CLIP)
+# What `extract --fields` may ask for, and the arrays each one stores (``tokens`` brings its ``mask``).
+FIELD_CHOICES = ("cls", "mean", "tokens", "proj")
+FIELD_ARRAYS = {"cls": ("cls",), "mean": ("mean",), "tokens": ("tokens", "mask"), "proj": ("proj",)}
+FIELDS_ATTR = "fields"  # file attribute: JSON list of the FIELD_CHOICES the file stores (absent: every one it has)
 DTYPES = ("float16", "float32")  # storage dtypes of cls / mean / tokens
 STR = h5py.string_dtype("utf-8")
 # Failure reasons are fixed-length so that writing one touches only preallocated raw bytes (variable-
@@ -38,6 +42,27 @@ REASON = h5py.string_dtype("utf-8", REASON_BYTES)
 
 
 # --------------------------------------------------------------------------------------------- names
+
+def parse_fields(spec) -> tuple[str, ...] | None:
+    """``"cls,mean"`` or ``["cls", "mean"]`` -> ``("cls", "mean")`` in :data:`FIELD_CHOICES` order;
+    None / ``""`` / ``"all"`` -> None (everything the encoder gives). Unknown names: :class:`BadInputError`."""
+    if spec is None:
+        return None
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    items = [s for s in items if s]
+    if not items or items == ["all"]:
+        return None
+    bad = [s for s in items if s not in FIELD_CHOICES]
+    if bad:
+        raise BadInputError(f"--fields: unknown field(s) {', '.join(map(repr, bad))}; expected a comma list of "
+                            f"{', '.join(FIELD_CHOICES)} (tokens brings its mask)")
+    return tuple(k for k in FIELD_CHOICES if k in items)
+
+
+def field_arrays(fields) -> tuple[str, ...]:
+    """The arrays that store ``fields`` (:data:`FIELD_CHOICES`), in storage order."""
+    return tuple(a for k in FIELD_CHOICES if k in fields for a in FIELD_ARRAYS[k])
+
 
 def model_slug(model: str) -> str:
     """File-name form of a model id: ``facebook/dinov2-base`` -> ``facebook--dinov2-base``; a local

@@ -20,16 +20,37 @@ import numpy as np
 from mmcache.cache.encoder import EncoderSpec
 from mmcache.cache.h5io import attrs_dict, json_attr, open_h5, read_strs
 from mmcache.cache.index import read_index
-from mmcache.cache.integrity import CHECKSUM, CHECKSUM_FIELDS, Damage, scan_file
-from mmcache.cache.names import FAILURES_NAME, FEATURE_FIELDS, INDEX_NAME, OPTIONAL_FIELDS, list_feature_files
+from mmcache.cache.integrity import CHECKSUM, Damage, field_groups, scan_file
+from mmcache.cache.names import (
+    FAILURES_NAME,
+    FEATURE_FIELDS,
+    FIELD_ARRAYS,
+    FIELD_CHOICES,
+    INDEX_NAME,
+    OPTIONAL_FIELDS,
+    list_feature_files,
+)
 from mmcache.cache.virtual import check_sources
 from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, CacheError
 
 log = logging.getLogger(__name__)
 
+class MissingFieldsError(CacheError, BadInputError):
+    """A feature file lacks fields a request needs (a lean cache, ``extract --fields``), or holds them
+    only for some rows (an interrupted add). The message names the command that adds them; exit 2
+    (the call can be fixed), and a :class:`CacheError` for callers that handle cache problems."""
+
+
 def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None) -> str:
     """The extract call that recomputes a feature file's damaged rows (best effort from its provenance)."""
+    return extract_command(path, provenance, modality) + " --repair"
+
+
+def extract_command(path: str | Path, provenance: dict[str, Any] | None = None, modality: str | None = None,
+                    config: dict[str, Any] | None = None) -> str:
+    """The extract call that made a feature file (best effort from its provenance and ``config``),
+    without the option that says what to do (``--repair``, ``--fields ...``)."""
     path = Path(path)
     prov = provenance or {}
     folder = path.parent
@@ -52,7 +73,21 @@ def repair_command(path: str | Path, provenance: dict[str, Any] | None = None, m
             parts.append(f"--{modality}-layer {spec.layer}")
         if spec.name:  # the file's name comes from it: the same file is found again
             parts.append(f"--{modality}-name {spec.name}")
-    return " ".join(parts) + " --repair"
+        parts += _value_options(modality, config or {})
+    return " ".join(parts)
+
+
+def _value_options(modality: str, config: dict[str, Any]) -> list[str]:
+    """The options off their default that change a file's values (a command without them would be
+    refused as "made with different settings"), from the file's config."""
+    out = []
+    if modality == "text" and config.get("max_length") not in (None, 128):
+        out.append(f"--text-max-length {config['max_length']}")
+    if modality == "image" and config.get("patch_pool") not in (None, 1):
+        out.append(f"--patch-pool {config['patch_pool']}")
+    if config.get("dtype") not in (None, "float16"):
+        out.append(f"--dtype {config['dtype']}")
+    return out
 
 
 class FeatureFile:
@@ -112,6 +147,47 @@ class FeatureFile:
         return [(i, r) for i, r, d, v in zip(self.ids, reasons, done, valid, strict=True) if d and not v]
 
     @property
+    def fields(self) -> tuple[str, ...]:
+        """The ``extract --fields`` the file stores (of cls, mean, tokens, proj): every array a field
+        group holds (arrays a kill -9 left half-created, before their group existed, do not count)."""
+        owned = {a for g in field_groups(self._f) for a in g.arrays if a in self._f}
+        return tuple(k for k in FIELD_CHOICES if set(FIELD_ARRAYS[k]) <= owned)
+
+    def fields_complete(self) -> dict[str, bool]:
+        """Stored field -> whether every row of it is written: the first group's fields follow
+        :attr:`complete`; fields added later are complete when their group's ``done.<k>`` is all True."""
+        out = {}
+        for i, g in enumerate(field_groups(self._f)):
+            whole = self.complete if i == 0 else bool(self._f[g.done][...].all())
+            out.update({k: whole for k in FIELD_CHOICES if FIELD_ARRAYS[k][0] in g.arrays})
+        return {k: out[k] for k in self.fields}
+
+    def add_fields_command(self, fields) -> str:
+        """The extract call that adds ``fields`` to this file (computing only what it lacks)."""
+        want = [k for k in FIELD_CHOICES if k in (*self.fields, *fields)]
+        return f"{extract_command(self.path, self.provenance, self.modality, self.config)} --fields {','.join(want)}"
+
+    def _check_fields(self, arrays) -> None:
+        """:class:`MissingFieldsError` unless every field holding ``arrays`` is stored and complete."""
+        needed = [k for k in FIELD_CHOICES if set(FIELD_ARRAYS[k]) & set(arrays)]
+        status = self.fields_complete()
+        lacking = [k for k in needed if k not in status]
+        partial = [k for k in needed if status.get(k) is False and k not in self._first_group_fields()]
+        if not lacking and not partial:
+            return
+        have = ", ".join(self.fields) or "none"
+        why = (f"has no {FIELD_ARRAYS[lacking[0]][0]!r} array (a lean cache: extract --fields)" if lacking else
+               f"holds {', '.join(partial)} only for some rows (adding them was interrupted)")
+        verb = "add" if lacking else "finish"
+        raise MissingFieldsError(f"{self.path} {why}: it stores {have} but this needs {', '.join(needed)}; "
+                                 f"{verb} them with `{self.add_fields_command(needed)}` (computes only what is "
+                                 "missing, the stored fields are kept)")
+
+    def _first_group_fields(self) -> tuple[str, ...]:
+        g = field_groups(self._f)[0]
+        return tuple(k for k in FIELD_CHOICES if FIELD_ARRAYS[k][0] in g.arrays)
+
+    @property
     def has_checksums(self) -> bool:
         """False for files written before per-row checksums existed (they cannot be verified)."""
         return CHECKSUM in self._f
@@ -124,13 +200,16 @@ class FeatureFile:
         ``verify`` (default): every done row of the arrays read (and ``valid``) is checked against its
         checksum and for NaN/Inf while it is read; damage raises :class:`CacheError` naming the rows and
         the command that recomputes them. A file without checksums (older version) is checked for
-        NaN/Inf only, with a warning."""
+        NaN/Inf only, with a warning.
+
+        A field the file does not store (a lean cache) or holds only for some rows (an interrupted
+        ``extract --fields`` add) raises :class:`MissingFieldsError` (a :class:`BadInputError`) naming
+        what the file stores and the command that adds the rest."""
         for name in fields:
             if name not in FEATURE_FIELDS + OPTIONAL_FIELDS:
                 raise BadInputError(f"unknown cache field {name!r}; expected one of "
                                     f"{', '.join(FEATURE_FIELDS + OPTIONAL_FIELDS)}")
-            if name not in self._f:  # a file written by another tool may lack an array
-                raise CacheError(f"{self.path} has no {name!r} array; re-extract it with this project")
+        self._check_fields(fields)
         names = tuple(dict.fromkeys(fields))
         if verify:
             arrays, damage = scan_file(self._f, self.path, (*names, "valid"), keep=names)
@@ -154,7 +233,7 @@ class FeatureFile:
     def verify(self, fields=None) -> Damage:
         """Check every done row of ``fields`` (default: all arrays) without keeping them."""
         if fields is None:
-            fields = CHECKSUM_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in self._f)
+            fields = tuple(a for g in field_groups(self._f) for a in g.arrays)
         return scan_file(self._f, self.path, tuple(fields))[1]
 
     def nbytes_on_disk(self) -> int:
@@ -186,7 +265,8 @@ def describe(path: str | Path, *, locking: bool | None = None, verify: bool = Tr
     with FeatureFile(path, locking=locking) as ff:
         f = ff._f
         done, valid, attrs = ff.done, ff.valid, ff.attrs  # each read once (cache info lists many files)
-        damage = ff.verify(("cls", "mean", "mask", "valid")) if verify else None
+        small = tuple(k for k in ("cls", "mean", "mask") if k in f)
+        damage = ff.verify((*small, "valid")) if verify else None
         spec = EncoderSpec.from_provenance(ff.modality, ff.provenance, ff.config)
         return {
             "path": str(path), "kind": "features", "modality": ff.modality,
@@ -195,6 +275,7 @@ def describe(path: str | Path, *, locking: bool | None = None, verify: bool = Tr
             "valid": int(valid.sum()), "failed": int((done & ~valid).sum()),
             "arrays": {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)}
                        for k in FEATURE_FIELDS + OPTIONAL_FIELDS if k in f},
+            "fields": list(ff.fields), "fields_complete": ff.fields_complete(),
             "hidden_size": ff.hidden_size, "num_tokens": ff.num_tokens, "dtype": ff.dtype,
             "grid": ff.grid, "shard": ff.shard, "size_bytes": ff.nbytes_on_disk(),
             "index_fingerprint": ff.index_fingerprint,

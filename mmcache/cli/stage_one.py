@@ -101,6 +101,7 @@ def extract(
     num_workers: Annotated[str, typer.Option(help="image decoding processes: auto (from the cores and the device) or a number (0: main process)")] = "auto",
     threads: Threads = None,
     patch_pool: Annotated[int, typer.Option(help="average-pool the patch grid K x K before storing")] = 1,
+    fields: Annotated[str | None, typer.Option(help="what to store: comma list of cls, mean, tokens (with its mask), proj (default: everything the encoder gives; an existing file: what it stores). A superset on an existing file adds only the missing fields")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild feature files made with other settings")] = False,
     retry_failed: Annotated[bool, typer.Option(help="recompute samples recorded as failures")] = False,
     repair: Annotated[bool, typer.Option(help="recompute damaged rows (every run does) and rebuild a feature file HDF5 cannot open")] = False,
@@ -134,7 +135,7 @@ def extract(
         image_name=image_name, text_max_length=text_max_length, dtype=dtype, precision=precision,
         device=device or DEFAULT_DEVICE, batch_size=batch_size, text_batch_size=text_batch_size,
         image_batch_size=image_batch_size, decode=decode, num_workers=num_workers, threads=threads, patch_pool=patch_pool,
-        force=force, retry_failed=retry_failed, repair=repair, split_file=split_file, seed=seed,
+        fields=fields, force=force, retry_failed=retry_failed, repair=repair, split_file=split_file, seed=seed,
         resplit=resplit, **_shard_values(shard, num_shards, claim), progress=False if no_progress else None,
         keep_shards=keep_shards, dist_backend=dist_backend, dist_timeout_hours=dist_timeout_hours,
         **given(max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels))
