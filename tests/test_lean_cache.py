@@ -267,3 +267,20 @@ def test_default_file_keeps_the_layout_of_files_written_before_lean_caches(tmp_p
     with cf.FeatureFile(tmp_path / "a.h5") as ff:
         assert ff.fields == ("cls", "mean", "tokens") and all(ff.fields_complete().values())
         np.testing.assert_array_equal(ff.load(("tokens",))["tokens"][:, :2], v["tokens"].astype(np.float32))
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["virtual", "copy"])
+def test_lean_shards_merge_virtual_and_copied(data, bert, lean, tmp_path, copy):
+    """Shards of a lean extract merge (every array a shard holds, whatever it stores) into the values of
+    the unsharded lean file; shards of different --fields are refused by a copying merge."""
+    cache = tmp_path / "sharded"
+    for i in range(2):
+        run_extract(_cfg(data, cache, bert, fields="cls,mean", shard=(i, 2)))
+    folder = cache / data.name
+    (res,) = cf.merge_paths([folder], copy=copy)
+    got, want = _arrays(res.path), _arrays(lean)
+    assert set(got) == set(want) and "tokens" not in got
+    for name in ("cls", "mean", "valid", "done", "checksum"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    with cf.FeatureFile(res.path) as ff:
+        assert ff.fields == ("cls", "mean") and ff.complete and not ff.verify()

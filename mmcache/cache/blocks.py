@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmcache.cache.h5io import json_attr, open_h5
-from mmcache.cache.integrity import CHECKSUM, nonfinite_rows, row_crc32
+from mmcache.cache.integrity import field_groups, nonfinite_rows, row_crc32
 from mmcache.cache.reader import repair_command
 from mmcache.errors import CacheError
 
@@ -24,14 +24,21 @@ __all__ = ["BLOCK_BYTES", "BlockReader", "array_nbytes", "checksum_column"]
 BLOCK_BYTES = 4 << 20  # rows per read: a few MiB (whole chunks), big enough for near-sequential disk speed
 
 
-def checksum_column(f, field: str) -> int | None:
-    """Column of ``field`` in the file's ``checksum`` (N, K) uint32 array (its ``fields`` attribute says the
-    order), or None when the file has no checksums or none for that field. (A local helper: checksums are
-    being generalised to several groups elsewhere; the integrator reconciles.)"""
-    if CHECKSUM not in f:
+def field_group(f, field: str):
+    """The :class:`~mmcache.cache.integrity.FieldGroup` that owns ``field`` (its done bits and checksum
+    array): fields added to a lean cache later have their own (:func:`~mmcache.cache.integrity.field_groups`)."""
+    groups = field_groups(f)
+    return next((g for g in groups if field in g.arrays), groups[0])
+
+
+def checksum_column(f, field: str) -> tuple[str, int] | None:
+    """(checksum array name, column) of ``field`` in its field group, or None when the file has no
+    checksums or none for that field."""
+    g = field_group(f, field)
+    if g.checksum is None or g.checksum not in f:
         return None
-    order = json.loads(f[CHECKSUM].attrs.get("fields", "[]"))
-    return order.index(field) if field in order else None
+    order = json.loads(f[g.checksum].attrs.get("fields", "[]"))
+    return (g.checksum, order.index(field)) if field in order else None
 
 
 class BlockReader:
@@ -54,9 +61,10 @@ class BlockReader:
         chunk = int(ds.chunks[0]) if ds.chunks else 1
         self.block_rows = min(max(1, self.shape[0]),
                               max(chunk, (block_bytes // max(self.row_bytes, 1)) // chunk * chunk))
-        self._done = self._f["done"][...]
+        # rows done in the field's own group (an add still under way has rows not done yet)
+        self._done = self._f[field_group(self._f, field).done][...]
         col = checksum_column(self._f, field)
-        self._crc = None if col is None else self._f[CHECKSUM][:, col]
+        self._crc = None if col is None else self._f[col[0]][:, col[1]]
         self._lock = threading.Lock()
         self.provenance = json_attr(self._f.attrs, "provenance", {})
         self.modality = str(self._f.attrs.get("modality", ""))

@@ -24,22 +24,21 @@ import numpy as np
 from mmcache.cache.h5io import attrs_dict, fsync, json_attr, read_strs, selection, write_rows
 from mmcache.cache.identity import CacheMismatchError, config_diff
 from mmcache.cache.index import read_index
-from mmcache.cache.integrity import CHECKSUM, check_free_space, disk_full_error, is_disk_full
+from mmcache.cache.integrity import check_free_space, disk_full_error, is_disk_full
 from mmcache.cache.lock import folder_lock
 from mmcache.cache.names import (
     INDEX_NAME,
-    OPTIONAL_FIELDS,
+    STR,
     list_feature_files,
     list_shard_files,
     parse_shard_name,
 )
 from mmcache.cache.reader import FeatureFile, write_failures_csv
 from mmcache.cache.virtual import VIRTUAL_ATTR, Source, source_record, virtual_info, write_virtual
-from mmcache.cache.writer import FeatureWriter
+from mmcache.cache.writer import early_dcpl
 from mmcache.errors import BadInputError, CacheError
 
 _MERGE_BLOCK_BYTES = 64 << 20  # rows copied per step: bounded memory for any cache size
-_MERGE_FIELDS = ("cls", "mean", "tokens", "mask", "valid", "failure")  # then "done", last
 
 
 @dataclass
@@ -335,7 +334,26 @@ def _read(path: Path, name: str) -> np.ndarray:
 
 
 def _merge_fields(f) -> tuple[str, ...]:
-    return _MERGE_FIELDS + tuple(k for k in OPTIONAL_FIELDS if k in f)
+    """Every row-aligned array of a feature file but ``id`` / ``row`` (written from the index), whatever
+    it stores (a lean cache lacks ``tokens``; fields added later bring ``done.<k>`` / ``checksum.<k>``):
+    the done bits last, so a copy is complete only once every value is in."""
+    names = sorted(k for k, v in f.items() if isinstance(v, h5py.Dataset) and k not in ("id", "row"))
+    return tuple(k for k in names if not k.startswith("done")) + tuple(k for k in names if k.startswith("done"))
+
+
+def _create_like(out, f0, ids: np.ndarray, n_total: int) -> None:
+    """The arrays of ``f0`` (a shard) in ``out`` for ``n_total`` rows: same dtypes, row shapes, chunk rows,
+    fill values and attributes, storage allocated now (as the writer does: a later repair only rewrites
+    raw bytes)."""
+    out.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
+    out.create_dataset("row", data=np.arange(n_total, dtype=np.int64))
+    for name in _merge_fields(f0):
+        ds = f0[name]
+        chunks = (max(1, min(n_total, ds.chunks[0] if ds.chunks else n_total)), *ds.shape[1:])
+        new = out.create_dataset(name, shape=(n_total, *ds.shape[1:]), dtype=ds.dtype, chunks=chunks,
+                                 fillvalue=ds.fillvalue, dcpl=early_dcpl())
+        for key, value in ds.attrs.items():
+            new.attrs[key] = value
 
 
 def _block_rows(ds) -> int:
@@ -364,15 +382,16 @@ def _copy_shards(tmp: Path, metas: list[_ShardMeta], ids: np.ndarray, n_total: i
     sums: dict[tuple[int, str], str] = {}
     with h5py.File(tmp, "w") as out:
         with h5py.File(metas[0].path, "r") as f0:
-            d, length = f0["tokens"].shape[2], f0["tokens"].shape[1]
-            proj_size = f0["proj"].shape[1] if "proj" in f0 else None
-        with_crc = all(_has_checksums(m.path) for m in metas)
-        FeatureWriter.create_arrays(out, n_total, list(ids), None, d, length, str(ref["dtype"]), checksums=with_crc,
-                              proj_size=proj_size)
+            layout = _merge_fields(f0)
+            _create_like(out, f0, ids, n_total)
         runs = []
         for m in metas:
             with h5py.File(m.path, "r") as src:
-                for name in (*_merge_fields(src), *([CHECKSUM] if with_crc else []), "done"):
+                if _merge_fields(src) != layout:
+                    raise CacheError(f"cannot merge: {m.path.name} stores other arrays ({', '.join(_merge_fields(src))}) "
+                                     f"than {metas[0].path.name} ({', '.join(layout)}); extract them with the same "
+                                     "--fields")
+                for name in layout:
                     h = hashlib.sha256()
                     for sl, trows, order in _blocks(m, _block_rows(src[name])):
                         values = src[name][sl][order]
@@ -401,7 +420,7 @@ def _verify_copy(tmp: Path, metas: list[_ShardMeta], sums: dict[tuple[int, str],
     """Re-read the written file and compare every copied array with the shards' checksums."""
     with h5py.File(tmp, "r") as f:
         for m in metas:
-            for name in (*_merge_fields(f), *([CHECKSUM] if CHECKSUM in f else []), "done"):
+            for name in _merge_fields(f):
                 h = hashlib.sha256()
                 for _sl, trows, _order in _blocks(m, _block_rows(f[name])):
                     h.update(np.ascontiguousarray(_read_target(f[name], trows)).tobytes())
@@ -410,11 +429,6 @@ def _verify_copy(tmp: Path, metas: list[_ShardMeta], sums: dict[tuple[int, str],
                                      f"copy {tmp}; the shards are kept, try the merge again")
         if not f["done"][...].all():
             raise CacheError(f"merge verification failed: {tmp} has rows not done")
-
-
-def _has_checksums(path: Path) -> bool:
-    with h5py.File(path, "r") as f:
-        return CHECKSUM in f
 
 
 def merge_paths(paths: list[str | Path], *, keep_shards: bool = False, force: bool = False,

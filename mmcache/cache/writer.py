@@ -61,7 +61,7 @@ _FEATURE_ARRAYS = ("cls", "mean", "tokens", "mask", "proj")
 _CHUNK_BYTES = 1 << 18
 
 
-def _early_dcpl() -> h5py.h5p.PropDCID:
+def early_dcpl() -> h5py.h5p.PropDCID:
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     return dcpl
@@ -206,7 +206,7 @@ class FeatureWriter:
             _create_checksums(f, f"{CHECKSUM}.{k}", missing, n)
             f.flush()
             f.create_dataset(f"done.{k}", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False,
-                             dcpl=_early_dcpl())
+                             dcpl=early_dcpl())
             stored = [x for x in FIELD_CHOICES if set(FIELD_ARRAYS[x]) <= {*self.arrays, *missing}]
             f.attrs[FIELDS_ATTR] = json.dumps(stored)
             f.flush()
@@ -227,7 +227,7 @@ class FeatureWriter:
             arrays = ("cls", "mean", "tokens", "mask", *(("proj",) if proj_size else ()))
         f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
         f.create_dataset("row", data=np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64))
-        dcpl = _early_dcpl
+        dcpl = early_dcpl
         f.create_dataset("done", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
         f.create_dataset("valid", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
         f.create_dataset("failure", shape=(n,), dtype=REASON, chunks=(_chunk_rows(REASON_BYTES, n),), dcpl=dcpl())
@@ -426,12 +426,12 @@ def _create_features(f, n: int, d: int, length: int, dtype: str, arrays, proj_si
         row_bytes = int(np.prod(shape)) * (1 if name == "mask" else item)
         extra = {"fillvalue": False} if name == "mask" else {}
         f.create_dataset(name, shape=(n, *shape), dtype=kind, chunks=(_chunk_rows(row_bytes, n), *shape),
-                         dcpl=_early_dcpl(), **extra)
+                         dcpl=early_dcpl(), **extra)
 
 
 def _create_checksums(f, name: str, arrays, n: int) -> None:
     k = len(arrays)
-    f.create_dataset(name, shape=(n, k), dtype=np.uint32, chunks=(_chunk_rows(4 * k, n), k), dcpl=_early_dcpl())
+    f.create_dataset(name, shape=(n, k), dtype=np.uint32, chunks=(_chunk_rows(4 * k, n), k), dcpl=early_dcpl())
     f[name].attrs["fields"] = json.dumps(list(arrays))
     f[name].attrs["algorithm"] = "crc32 (zlib) of each row's stored bytes"
 
