@@ -43,7 +43,7 @@ from mmcache.errors import BadInputError
 
 log = logging.getLogger(__name__)
 BENCH_DIR = Path(__file__).resolve().parent
-SECTIONS = ("extraction", "cache_io", "training", "memory", "grid", "io")
+SECTIONS = ("extraction", "cache_io", "training", "memory", "grid", "io", "scale")
 
 
 @dataclass
@@ -312,6 +312,10 @@ def format_report(r: dict[str, Any]) -> str:
         from mmcache.bench.grid import format_grid
 
         out += format_grid(r["grid"])
+    if r.get("scale"):
+        from mmcache.bench.scale import format_scale
+
+        out += format_scale(r["scale"])
     out += ["", f"total bench time: {r['seconds']:.0f} s"]
     return "\n".join(out)
 
@@ -385,6 +389,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             result["grid"] = bench_grid(tmp, device, samples=cfg.grid_samples, tokens_large=cfg.grid_tokens_large,
                                         heads=list(cfg.heads) if cfg.heads else None,
                                         partial=Path(cfg.out_dir) / "grid_partial.json")
+        if "scale" in cfg.sections:  # past one machine's memory and disk (lean, merge, claim, stream)
+            from mmcache.bench.scale import bench_scale
+
+            result["scale"] = bench_scale(tmp / "scale")
     result["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

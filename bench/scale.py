@@ -52,7 +52,8 @@ def at_scale(fields: dict[str, Any] | None, stream: dict[str, Any] | None) -> di
     from mmcache.cache.integrity import planned_bytes
 
     gpu = _gpu_rates()
-    ratio = (fields or {}).get("time_ratio", {})  # modality -> lean seconds / full seconds, measured here
+    # modality -> lean / full extract seconds, measured in this run (1 when not measured)
+    ratio = {m: fields[m]["ratio"]["seconds"] for m in ("text", "image")} if fields else {}
     rows = []
     for label, arrays in FIELD_SETS.items():
         per_post = {m: planned_bytes(1_000_000, s["hidden"], s["tokens"], "float16", arrays=arrays) / 1e6

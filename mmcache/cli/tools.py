@@ -74,7 +74,7 @@ def bench(
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="measure peak RSS in child processes")] = True,
     out_dir: Annotated[Path, typer.Option(help="where results.json and results.md go")] = Path("bench"),
     work_dir: Annotated[Path, typer.Option(help="generated data, models and scratch caches")] = Path("cache/bench"),
-    only: Annotated[str | None, typer.Option(help="sections a,b of: extraction (with cache_io, training, memory), grid (default all)")] = None,
+    only: Annotated[str | None, typer.Option(help="sections a,b of: extraction (with cache_io, training, memory), grid, io, scale (default: extraction, grid)")] = None,
     grid_samples: Annotated[int, typer.Option(help="posts in the grid section's synthetic 768-d cache")] = 4500,
     grid_tokens_large: Annotated[bool, typer.Option(help="grid section: also the tokens grid on that cache (~25 min one model per run on a 2-core CPU)")] = False,
 ) -> None:
