@@ -35,7 +35,7 @@ from mmcache.cache.names import (
 )
 from mmcache.cache.reader import FeatureFile, write_failures_csv
 from mmcache.cache.virtual import VIRTUAL_ATTR, Source, source_record, virtual_info, write_virtual
-from mmcache.cache.writer import early_dcpl
+from mmcache.cache.writer import chunk_rows, early_dcpl
 from mmcache.errors import BadInputError, CacheError
 
 _MERGE_BLOCK_BYTES = 64 << 20  # rows copied per step: bounded memory for any cache size
@@ -355,7 +355,8 @@ def _create_like(out, f0, ids: np.ndarray, n_total: int) -> None:
     out.create_dataset("row", data=np.arange(n_total, dtype=np.int64))
     for name in _merge_fields(f0):
         ds = f0[name]
-        chunks = (max(1, min(n_total, ds.chunks[0] if ds.chunks else n_total)), *ds.shape[1:])
+        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+        chunks = (chunk_rows(row_bytes, n_total), *ds.shape[1:])  # the writer's rule for n_total rows
         new = out.create_dataset(name, shape=(n_total, *ds.shape[1:]), dtype=ds.dtype, chunks=chunks,
                                  fillvalue=ds.fillvalue, dcpl=early_dcpl())
         for key, value in ds.attrs.items():
