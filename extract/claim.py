@@ -31,11 +31,12 @@ from pathlib import Path
 
 from mmcache.extract.config import ExtractConfig, ExtractSummary, IndexInfo, ModalitySummary, shard_rows
 from mmcache.extract.extraction import (
-    _feature_file,
-    _keep_recorded_decode,
-    _load_encoder,
-    _merged_summary,
     extract_shard,
+    feature_file,
+    holds_fields,
+    keep_recorded_decode,
+    load_modality_encoder,
+    merged_summary,
     reason_kind,
     validate_models,
 )
@@ -114,19 +115,19 @@ def index_lock(dataset_dir: Path):
 def _shard_done(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int, n: int) -> bool:
     """Is shard ``i`` of ``n`` complete, for this index and these settings (its own file, or the merged
     file after a merge)? Called with the shard's lock held. No verification read: a resume verifies."""
-    path = _feature_file(cfg, modality, enc, index.dataset_dir.name, i, n)
+    path = feature_file(cfg, modality, enc, index.dataset_dir.name, i, n)
     spec = cfg.encoder(modality)
     conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=spec.revision,
-                          decode=_keep_recorded_decode(cfg, modality, path).decode)
+                          decode=keep_recorded_decode(cfg, modality, path).decode)
     if not path.exists():
         if n == 1:
             return False
-        return _merged_summary(cfg, modality, spec.model, shard_rows(index.num_samples, i, n), conf, index,
+        return merged_summary(cfg, modality, spec.model, shard_rows(index.num_samples, i, n), conf, index,
                                cf.parse_shard_name(path)[0]) is not None
     try:
         with cf.FeatureFile(path) as ff:
             return bool(ff.complete and ff.index_fingerprint == index.fingerprint
-                        and not cf.encoder_difference(ff.config, conf))
+                        and not cf.encoder_difference(ff.config, conf) and holds_fields(ff, cfg.fields))
     except cf.CacheError:
         return False  # unreadable: extract_shard says why (or --repair rebuilds it)
 
@@ -164,7 +165,7 @@ def claim_modality(cfg: ExtractConfig, modality: str, index: IndexInfo, num_shar
     another worker. Returns this worker's part (counts over the shards it extracted; ``path`` is the
     merged file's) and the shards it extracted, in order (also appended to ``claimed`` as each is taken:
     after an error its last entry names the shard that failed)."""
-    enc = encoder or _load_encoder(modality, cfg)
+    enc = encoder or load_modality_encoder(modality, cfg)
     n = num_shards
     pending = [(start + k) % n for k in range(n)]
     parts: list[ModalitySummary] = []
@@ -187,7 +188,7 @@ def claim_modality(cfg: ExtractConfig, modality: str, index: IndexInfo, num_shar
             _log_wait(index, pending, n, poll_s)
             last_log = time.monotonic()
         time.sleep(poll_s)
-    first = _feature_file(cfg, modality, enc, index.dataset_dir.name, 0, n)
+    first = feature_file(cfg, modality, enc, index.dataset_dir.name, 0, n)
     target = cf.parse_shard_name(first)[0] if n > 1 else first
     mine = ModalitySummary(modality=modality, model=cfg.encoder(modality).model, path=str(target),
                            total=sum(p.total for p in parts), already_done=sum(p.already_done for p in parts),

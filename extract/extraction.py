@@ -95,7 +95,7 @@ def torch_threads(enc, modality: str, cfg: ExtractConfig):
         torch.set_num_threads(old)
 
 
-def _load_encoder(modality: str, cfg: ExtractConfig):
+def load_modality_encoder(modality: str, cfg: ExtractConfig):
     # encoders import transformers (seconds): loaded when an extraction runs, not when its records are read
     from mmcache.extract.encoders import load_encoder
 
@@ -112,7 +112,7 @@ def file_slug(enc, cfg: ExtractConfig, modality: str) -> str:
     return f"{slug}.{layer}" if layer.startswith("mean") else f"{slug}.layer{layer}"
 
 
-def _feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_index: int, num_shards: int) -> Path:
+def feature_file(cfg: ExtractConfig, modality: str, enc, dataset: str, shard_index: int, num_shards: int) -> Path:
     """Where this modality's file goes: the readable name's file, or a file of the same encoder under
     its older name (the model folder's last component) when only that exists."""
     spec = cfg.encoder(modality)
@@ -148,14 +148,14 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
     rows = shard_rows(index.num_samples, shard_index, num_shards)
     asked = cfg.encoder(modality)
     model = asked.model
-    enc = encoder or _load_encoder(modality, cfg)
-    path = _feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
-    cfg = _keep_recorded_decode(cfg, modality, path)
+    enc = encoder or load_modality_encoder(modality, cfg)
+    path = feature_file(cfg, modality, enc, index.dataset_dir.name, shard_index, num_shards)
+    cfg = keep_recorded_decode(cfg, modality, path)
     conf = encoder_config(enc, modality, dtype=cfg.dtype, revision=asked.revision, decode=cfg.decode)
     if paths is not None:
         paths[modality] = path
     if num_shards > 1 and not path.exists() and not cfg.force:
-        merged = _merged_summary(cfg, modality, model, rows, conf, index, cf.parse_shard_name(path)[0])
+        merged = merged_summary(cfg, modality, model, rows, conf, index, cf.parse_shard_name(path)[0])
         if merged is not None:
             merged.seconds = time.perf_counter() - t0
             return merged
@@ -188,7 +188,7 @@ def _fields_for(cfg: ExtractConfig, modality: str, enc) -> tuple[str, ...] | Non
     return cfg.fields
 
 
-def _keep_recorded_decode(cfg: ExtractConfig, modality: str, path: Path) -> ExtractConfig:
+def keep_recorded_decode(cfg: ExtractConfig, modality: str, path: Path) -> ExtractConfig:
     """``cfg`` with the image decode policy an existing file recorded (a file made before draft decoding
     resumes with full decodes: one file never mixes the two); ``--force`` starts over with the asked one."""
     if modality != "image" or cfg.force or not path.is_file():
@@ -277,7 +277,16 @@ def _write_shard(cfg: ExtractConfig, modality: str, path: Path, rows, ids, index
                 "num_workers": cfg.num_workers, "threads": threads, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
 
-def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndarray, conf: dict,
+def holds_fields(ff: cf.FeatureFile, fields) -> bool:
+    """Does ``ff`` hold every one of ``fields`` (``--fields``; None: whatever it stores), each complete? A
+    lean file asked for more is not up to date: the missing fields are added (only they are computed)."""
+    if fields is None:
+        return True
+    done = ff.fields_complete()
+    return all(done.get(k, False) for k in fields)
+
+
+def merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndarray, conf: dict,
                     index: IndexInfo, full: Path) -> ModalitySummary | None:
     """A shard whose file is gone because it was merged already: when the merged file is complete,
     made with the same settings for the same index (and ``--retry-failed`` has nothing to redo in
@@ -287,7 +296,7 @@ def _merged_summary(cfg: ExtractConfig, modality: str, model: str, rows: np.ndar
     try:
         with cf.FeatureFile(full) as ff:
             a = ff.attrs
-            if not (ff.complete and not cf.encoder_difference(ff.config, conf)
+            if not (ff.complete and not cf.encoder_difference(ff.config, conf) and holds_fields(ff, cfg.fields)
                     and a.get("index_fingerprint") == index.fingerprint and len(ff.ids) == index.num_samples):
                 return None
             valid, done = ff.valid[rows], ff.done[rows]

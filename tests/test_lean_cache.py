@@ -284,3 +284,22 @@ def test_lean_shards_merge_virtual_and_copied(data, bert, lean, tmp_path, copy):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     with cf.FeatureFile(res.path) as ff:
         assert ff.fields == ("cls", "mean") and ff.complete and not ff.verify()
+
+
+def test_adding_tokens_to_a_claimed_lean_cache_merges_them_again(data, bert, full, tmp_path):
+    """Fields added to the shards of a merged lean cache reach the merged file: the shards' complete lean
+    files are not "up to date" for a request with more fields, and a merge whose shards gained arrays is
+    made again (not reported "already merged")."""
+    cache = tmp_path / "claimed"
+    first = run_extract(_cfg(data, cache, bert, fields="cls,mean", claim=True, claim_shards=2))
+    merged = _path(first)
+    assert "tokens" not in _arrays(merged)
+    cls_before = _arrays(merged)["cls"]
+    second = run_extract(_cfg(data, cache, bert, fields="cls,mean,tokens", claim=True, claim_shards=2))
+    assert _path(second) == merged
+    got = _arrays(merged)
+    np.testing.assert_array_equal(got["cls"], cls_before)
+    np.testing.assert_array_equal(got["tokens"], full["tokens"])
+    np.testing.assert_array_equal(got["mask"], full["mask"])
+    with cf.FeatureFile(merged) as ff:
+        assert ff.fields == ("cls", "mean", "tokens") and all(ff.fields_complete().values()) and not ff.verify()

@@ -35,7 +35,7 @@ from mmcache.cache.names import (
 )
 from mmcache.cache.reader import FeatureFile, write_failures_csv
 from mmcache.cache.virtual import VIRTUAL_ATTR, Source, source_record, virtual_info, write_virtual
-from mmcache.cache.writer import early_dcpl
+from mmcache.cache.writer import chunk_rows, early_dcpl
 from mmcache.errors import BadInputError, CacheError
 
 _MERGE_BLOCK_BYTES = 64 << 20  # rows copied per step: bounded memory for any cache size
@@ -123,8 +123,10 @@ def _read_shard_meta(path: Path, i: int, n: int) -> _ShardMeta:
                           done=int(done.sum()), complete=bool(attrs.get("complete")) and bool(done.all()))
 
 
-def _target_state(target: Path, cfg_fp: str, index_fp: str) -> str:
-    """'absent' | 'same' (complete, same settings and index) | 'same-incomplete' | 'other' | 'unreadable'."""
+def _target_state(target: Path, cfg_fp: str, index_fp: str, arrays: tuple[str, ...] = ()) -> str:
+    """'absent' | 'same' (complete, same settings and index, every one of the shards' ``arrays``) |
+    'same-incomplete' (also: the shards gained arrays since, e.g. fields added to a lean cache: merged
+    again) | 'other' | 'unreadable'."""
     if not target.exists():
         return "absent"
     try:
@@ -135,6 +137,8 @@ def _target_state(target: Path, cfg_fp: str, index_fp: str) -> str:
             same = a.get("config_fingerprint") == cfg_fp and a.get("index_fingerprint") == index_fp
             if not same:
                 return "other"
+            if any(k not in f for k in arrays):
+                return "same-incomplete"
             return "same" if bool(a.get("complete")) and bool(f["done"][...].all()) else "same-incomplete"
     except (OSError, KeyError):
         return "unreadable"
@@ -207,7 +211,9 @@ def _merge_shards(target: str | Path, num_shards: int, *, keep_shards: bool = Fa
 
     missing = [p for p in files if not p.exists()]
     if ref is not None:
-        state = _target_state(target, ref.attrs["config_fingerprint"], ref.attrs["index_fingerprint"])
+        with h5py.File(ref.path, "r") as f0:
+            arrays = _merge_fields(f0)
+        state = _target_state(target, ref.attrs["config_fingerprint"], ref.attrs["index_fingerprint"], arrays)
     else:
         state = "absent"
         if target.exists() and index is not None:
@@ -349,7 +355,8 @@ def _create_like(out, f0, ids: np.ndarray, n_total: int) -> None:
     out.create_dataset("row", data=np.arange(n_total, dtype=np.int64))
     for name in _merge_fields(f0):
         ds = f0[name]
-        chunks = (max(1, min(n_total, ds.chunks[0] if ds.chunks else n_total)), *ds.shape[1:])
+        row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+        chunks = (chunk_rows(row_bytes, n_total), *ds.shape[1:])  # the writer's rule for n_total rows
         new = out.create_dataset(name, shape=(n_total, *ds.shape[1:]), dtype=ds.dtype, chunks=chunks,
                                  fillvalue=ds.fillvalue, dcpl=early_dcpl())
         for key, value in ds.attrs.items():

@@ -67,7 +67,7 @@ def early_dcpl() -> h5py.h5p.PropDCID:
     return dcpl
 
 
-def _chunk_rows(row_bytes: int, n: int) -> int:
+def chunk_rows(row_bytes: int, n: int) -> int:
     return max(1, min(n, _CHUNK_BYTES // max(row_bytes, 1)))
 
 
@@ -205,7 +205,7 @@ class FeatureWriter:
             _create_features(f, n, hidden_size, num_tokens, dtype, missing, proj_size)
             _create_checksums(f, f"{CHECKSUM}.{k}", missing, n)
             f.flush()
-            f.create_dataset(f"done.{k}", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False,
+            f.create_dataset(f"done.{k}", shape=(n,), dtype=bool, chunks=(chunk_rows(1, n),), fillvalue=False,
                              dcpl=early_dcpl())
             stored = [x for x in FIELD_CHOICES if set(FIELD_ARRAYS[x]) <= {*self.arrays, *missing}]
             f.attrs[FIELDS_ATTR] = json.dumps(stored)
@@ -228,9 +228,9 @@ class FeatureWriter:
         f.create_dataset("id", data=np.asarray(ids, dtype=object), dtype=STR)
         f.create_dataset("row", data=np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64))
         dcpl = early_dcpl
-        f.create_dataset("done", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
-        f.create_dataset("valid", shape=(n,), dtype=bool, chunks=(_chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
-        f.create_dataset("failure", shape=(n,), dtype=REASON, chunks=(_chunk_rows(REASON_BYTES, n),), dcpl=dcpl())
+        f.create_dataset("done", shape=(n,), dtype=bool, chunks=(chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
+        f.create_dataset("valid", shape=(n,), dtype=bool, chunks=(chunk_rows(1, n),), fillvalue=False, dcpl=dcpl())
+        f.create_dataset("failure", shape=(n,), dtype=REASON, chunks=(chunk_rows(REASON_BYTES, n),), dcpl=dcpl())
         _create_features(f, n, d, length, dtype, arrays, proj_size)
         if checksums:
             # valid before proj: the column order of files written before lean caches (shard merges copy columns)
@@ -425,13 +425,13 @@ def _create_features(f, n: int, d: int, length: int, dtype: str, arrays, proj_si
         kind = bool if name == "mask" else dtype
         row_bytes = int(np.prod(shape)) * (1 if name == "mask" else item)
         extra = {"fillvalue": False} if name == "mask" else {}
-        f.create_dataset(name, shape=(n, *shape), dtype=kind, chunks=(_chunk_rows(row_bytes, n), *shape),
+        f.create_dataset(name, shape=(n, *shape), dtype=kind, chunks=(chunk_rows(row_bytes, n), *shape),
                          dcpl=early_dcpl(), **extra)
 
 
 def _create_checksums(f, name: str, arrays, n: int) -> None:
     k = len(arrays)
-    f.create_dataset(name, shape=(n, k), dtype=np.uint32, chunks=(_chunk_rows(4 * k, n), k), dcpl=early_dcpl())
+    f.create_dataset(name, shape=(n, k), dtype=np.uint32, chunks=(chunk_rows(4 * k, n), k), dcpl=early_dcpl())
     f[name].attrs["fields"] = json.dumps(list(arrays))
     f[name].attrs["algorithm"] = "crc32 (zlib) of each row's stored bytes"
 
