@@ -56,6 +56,7 @@ def at_scale(fields: dict[str, Any] | None, stream: dict[str, Any] | None) -> di
     ratio = {m: fields[m]["ratio"]["seconds"] for m in ("text", "image")} if fields else {}
     rows = []
     for label, arrays in FIELD_SETS.items():
+        # bytes a post takes on disk (the file's fixed ~1 MiB of metadata spread over a million rows)
         per_post = {m: planned_bytes(1_000_000, s["hidden"], s["tokens"], "float16", arrays=arrays) / 1e6
                     for m, s in (("text", TEXT_SHAPE), ("image", IMAGE_SHAPE))}
         lean = arrays != FIELD_SETS["cls,mean,tokens (default)"]
@@ -83,10 +84,10 @@ def format_at_scale(r: dict[str, Any]) -> list[str]:
     gpu = r.get("gpu")
     head = ["fields", "text KB/post", "image KB/post", "1M posts TB", "10M posts TB"]
     if gpu:
-        head += ["1M: GPU-hours (path)", "10M: GPU-hours (path)", "10M: GPU-hours (forward limit)"]
+        head += ["1M: GPU-hours (path)", "10M: GPU-hours (path)", "10M: GPU-hours (forward alone)"]
     body = []
     for x in r["rows"]:
-        line = [x["fields"], f"{x['bytes_per_post']['text'] * 1e3:.1f}", f"{x['bytes_per_post']['image'] * 1e3:.1f}",
+        line = [x["fields"], f"{x['bytes_per_post']['text'] / 1e3:.1f}", f"{x['bytes_per_post']['image'] / 1e3:.1f}",
                 f"{x[f'tb_{POSTS[0]}']:.3f}", f"{x[f'tb_{POSTS[1]}']:.2f}"]
         if gpu:
             line += [f"{x[f'gpu_hours_{POSTS[0]}']:.1f}", f"{x[f'gpu_hours_{POSTS[1]}']:.1f}",
