@@ -239,7 +239,7 @@ def combine(parts: list[ModalitySummary], target: Path, num_samples: int,
         with cf.FeatureFile(target) as ff:
             out.failures = dict(Counter(reason_kind(r) for _sid, r in ff.failures()))
             out.complete, out.valid = bool(ff.complete), int(ff.valid.sum())
-        out.size_bytes = target.stat().st_size
+            out.size_bytes = ff.nbytes_on_disk()  # a virtual merge: with its shards
     return out
 
 

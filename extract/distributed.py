@@ -13,8 +13,8 @@ torchrun starts one process per GPU and tells each its place through the environ
    fixed shard ``r`` of ``WORLD_SIZE``. Either way the single-process resume rules hold: a complete
    shard is a no-op, an interrupted one resumes;
 3. one gather (a barrier) collects every rank's outcome; then rank 0 merges the shards into the normal
-   feature file (:func:`mmcache.cache.merge_shards`: a verified copy, shard files removed
-   afterwards unless ``keep_shards``) and rewrites ``failures.csv``.
+   feature file (:func:`mmcache.cache.merge_shards`: a virtual merge over the shard files, which stay
+   and hold the data) and rewrites ``failures.csv``.
 
 There are no collectives during the work, only at the start and the end, and the process group's
 timeout is long (:data:`DEFAULT_TIMEOUT_S`): a rank that finishes early waits for the slowest one

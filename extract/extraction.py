@@ -174,7 +174,7 @@ def extract_shard(cfg: ExtractConfig, modality: str, shard_index: int = 0, num_s
         summary.complete = ff.complete
         summary.valid = int(ff.valid.sum())
         summary.failures = dict(Counter(reason_kind(r) for _sid, r in ff.failures()))
-    summary.size_bytes = path.stat().st_size
+        summary.size_bytes = ff.nbytes_on_disk()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -198,6 +198,7 @@ def verify(path: str | Path = "cache") -> list[dict[str, Any]]:
         try:
             with FeatureFile(f) as ff:
                 damage = ff.verify()
+                e["size_bytes"] = ff.nbytes_on_disk()  # a virtual merge: with the shards it reads
                 e["done"], e["samples"] = int(ff.done.sum()), len(ff.done)
                 e["repair"] = repair_command(f, ff.provenance, ff.modality) if damage else None
         except CacheBusyError as err:

@@ -8,7 +8,8 @@ dtypes only). Layout, one folder per dataset::
     cache/<dataset>/image--<model-slug>.h5
     cache/<dataset>/failures.csv                 every failed sample of every modality file, with a reason
     cache/<dataset>/text--<slug>.shard-<i>-of-<n>.h5   shard i of n of a sharded run (see shard_path);
-                                                        merge_shards copies a full set into text--<slug>.h5
+                                                        merge_shards maps a full set into text--<slug>.h5
+                                                        (HDF5 virtual datasets; a copy with copy=True)
 
 The schema is a public contract, documented in docs/cache-format.md; bump
 :data:`FORMAT_VERSION` on any incompatible change.

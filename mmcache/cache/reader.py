@@ -30,7 +30,7 @@ from mmcache.cache.names import (
     OPTIONAL_FIELDS,
     list_feature_files,
 )
-from mmcache.cache.virtual import check_sources
+from mmcache.cache.virtual import check_sources, virtual_info
 from mmcache.csvsafe import csv_row
 from mmcache.errors import BadInputError, CacheError
 
@@ -237,7 +237,10 @@ class FeatureFile:
         return scan_file(self._f, self.path, tuple(fields))[1]
 
     def nbytes_on_disk(self) -> int:
-        return self.path.stat().st_size
+        """Bytes of the file, and of its shards for a virtual merge (they hold its data)."""
+        info = virtual_info(self._f)
+        shards = sum((self.path.parent / r["file"]).stat().st_size for r in info["shards"]) if info else 0
+        return self.path.stat().st_size + shards
 
     def close(self) -> None:
         if self._f.id.valid:
