@@ -58,7 +58,8 @@ class ShardExtractor:
     """One Ray actor: encoders loaded once (per modality, on first use), then one shard per batch.
 
     ``__call__`` takes ``{"shard": (1,) int}`` and returns it with ``"summaries"``: (1,) str, the JSON
-    of ``{modality: {"target": merged file, "part": ModalitySummary or None (the shard was complete)}}``."""
+    of ``{modality: {"target": merged file, "part": ModalitySummary or None (the shard was complete)}}``,
+    or ``{"error": {...}}`` when the shard raised a :class:`PipelineError`."""
 
     def __init__(self, cfg: ExtractConfig, index_path: str, fingerprint: str, num_shards: int):
         self.cfg = dataclasses.replace(cfg, progress=False)  # no bars from actors
@@ -72,10 +73,17 @@ class ShardExtractor:
         out = []
         for i in batch["shard"]:
             done = {}
-            for modality in ("image", "text"):  # image first: the DataLoader forks before the tokenizer's threads
-                if modality in self.cfg.modalities:
-                    got, target = self._shard(modality, int(i))
-                    done[modality] = {"target": str(target), "part": None if got is True else dataclasses.asdict(got)}
+            try:
+                for modality in ("image", "text"):  # image first: the DataLoader forks before the tokenizer's threads
+                    if modality in self.cfg.modalities:
+                        got, target = self._shard(modality, int(i))
+                        part = None if got is True else dataclasses.asdict(got)
+                        done[modality] = {"target": str(target), "part": part}
+            except PipelineError as e:
+                # returned, not raised: Ray would retry it in vain (bad input, a mismatching cache) and its
+                # wrapper loses the type the CLI maps to an exit code. Other shards go on.
+                done = {"error": {"shard": int(i), "type": type(e).__name__, "message": str(e),
+                                  "bad_input": isinstance(e, BadInputError)}}
             out.append(json.dumps(done))
         return {"shard": batch["shard"], "summaries": out}
 
@@ -140,7 +148,8 @@ def _cluster(ray, address: str | None):
 
 
 def _run_actors(ray, cfg: ExtractConfig, index, n: int, concurrency: int | None, gpus: int) -> list[dict]:
-    """Every shard through the actor pool; the per-shard summaries, as dicts."""
+    """Every shard through the actor pool; the per-shard results, as dicts. Raises once all shards ran:
+    :class:`BadInputError` when every failed shard failed on bad input, else :class:`PipelineError`."""
     from ray.data import ActorPoolStrategy
 
     if concurrency is None:
@@ -153,23 +162,17 @@ def _run_actors(ray, cfg: ExtractConfig, index, n: int, concurrency: int | None,
     log.info("ray: %d shards on %d actors (%d GPU each)", n, concurrency, gpus)
     try:
         rows = ds.take_all()
-    except Exception as e:  # noqa: BLE001 -- Ray wraps the actor's error; name its cause
-        raise _unwrap(e) from e
-    return [json.loads(r["summaries"]) for r in rows]
-
-
-def _unwrap(e: BaseException) -> Exception:
-    """The project's own error inside Ray's wrappers (an actor's BadInputError stays exit 2), else a
-    PipelineError naming the failure."""
-    seen = e
-    while seen is not None:
-        for cand in (seen, getattr(seen, "cause", None)):
-            if isinstance(cand, PipelineError):
-                return cand
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    first = " ".join(str(e).split())[:500]
-    return PipelineError(f"the Ray extraction failed: {type(e).__name__}: {first}. Finished shards are kept; "
-                         "rerun to finish the rest")
+    except Exception as e:  # noqa: BLE001 -- a Ray failure (a node lost beyond its retries, an actor that cannot start)
+        first = " ".join(str(e).split())[:500]
+        raise PipelineError(f"the Ray extraction failed: {type(e).__name__}: {first}. Finished shards are kept; "
+                            "rerun to finish the rest") from e
+    results = [json.loads(r["summaries"]) for r in rows]
+    failed = sorted((r["error"] for r in results if "error" in r), key=lambda f: f["shard"])
+    if failed:
+        which = "; ".join(f"shard {f['shard']}/{n}: {f['type']}: {f['message']}" for f in failed)
+        cls = BadInputError if all(f["bad_input"] for f in failed) else PipelineError
+        raise cls(f"{len(failed)} of {n} shards failed: {which}. Finished shards are kept; fix the cause and rerun")
+    return results
 
 
 def run_ray_extract(cfg: ExtractConfig, *, num_shards: int | None = None, concurrency: int | None = None,

@@ -22,6 +22,7 @@ from PIL import Image
 
 from mmcache import cache as cf
 from mmcache import cli
+from mmcache.errors import BadInputError, PipelineError
 
 N = 13
 MAX_LEN = 16
@@ -85,14 +86,24 @@ def test_ray_two_actors_two_shards_equal_single_process_and_rerun_is_noop(data, 
 
     ref = {m.modality: Path(m.path) for m in run_extract(_cfg(data, models, tmp_path / "ref")).modalities}
     t0 = time.perf_counter()
+    # a fault in one shard: text shard 1 is not HDF5. It is named; the other shards finish and are kept
+    folder = Path(ref["text"]).parent.name
+    bad = tmp_path / "ray" / folder / f"{ref['text'].stem}.shard-1-of-2.h5"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(PipelineError, match=r"1 of 2 shards failed: shard 1/2: .*") as err:
+        run_ray_extract(_cfg(data, models, tmp_path / "ray"), num_shards=2, concurrency=2)
+    assert not isinstance(err.value, BadInputError) and "Traceback" not in str(err.value)
+    bad.unlink()
     s = run_ray_extract(_cfg(data, models, tmp_path / "ray"), num_shards=2, concurrency=2)
     assert [m.modality for m in s.modalities] == list(cf.MODALITIES)
-    for m in s.modalities:
-        assert (m.encoded + m.failed, m.complete, m.up_to_date) == (N, True, False), m
+    for m in s.modalities:  # only text shard 1 was left: rows 6..12
+        assert (m.encoded + m.failed, m.complete, m.up_to_date) == ((N - N // 2, True, False) if m.modality == "text"
+                                                                   else (0, True, False)), m
         assert Path(m.path).name == ref[m.modality].name and not cf.parse_shard_name(Path(m.path))
         _assert_same(Path(m.path), ref[m.modality])
     assert len(list(Path(s.index_path).parent.glob("*.shard-*-of-2.h5"))) == 4  # virtual merge: kept
-    assert any("2 of 2 shards" in n for n in s.notes), s.notes
+    assert "text: ray extracted 1 of 2 shards" in s.notes and "image: ray extracted 0 of 2 shards" in s.notes, s.notes
     with capsys.disabled():
         print(f"ray extract: {time.perf_counter() - t0:.1f} s")
 
