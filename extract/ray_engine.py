@@ -147,14 +147,18 @@ def _cluster(ray, address: str | None):
         ray.shutdown()
 
 
-def _run_actors(ray, cfg: ExtractConfig, index, n: int, concurrency: int | None, gpus: int) -> list[dict]:
+def _default_concurrency(ray, gpus: int) -> int:
+    """One actor per GPU of the cluster (GPU workers), else per CPU."""
+    res = ray.cluster_resources()
+    return max(1, int(res.get("GPU", 0)) if gpus else int(res.get("CPU", 1)))
+
+
+def _run_actors(ray, cfg: ExtractConfig, index, n: int, concurrency: int, gpus: int) -> list[dict]:
     """Every shard through the actor pool; the per-shard results, as dicts. Raises once all shards ran:
     :class:`BadInputError` when every failed shard failed on bad input, else :class:`PipelineError`."""
     from ray.data import ActorPoolStrategy
 
-    if concurrency is None:
-        res = ray.cluster_resources()
-        concurrency = max(1, min(n, int(res.get("GPU", 0)) if gpus else int(res.get("CPU", 1))))
+    concurrency = min(concurrency, n)  # an actor without a shard would only load encoders
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.progress)
     ds = ray.data.from_items([{"shard": i} for i in range(n)]).map_batches(
         ShardExtractor, batch_size=1, compute=ActorPoolStrategy(size=concurrency), num_gpus=gpus,
@@ -190,7 +194,8 @@ def run_ray_extract(cfg: ExtractConfig, *, num_shards: int | None = None, concur
         index = prepare_index(cfg)
     gpus = _gpus_per_worker(cfg) if num_gpus_per_worker is None else num_gpus_per_worker
     with _cluster(ray, address):
-        n = num_shards or cfg.claim_shards or default_num_shards(index.num_samples, concurrency or 1)
+        concurrency = concurrency or _default_concurrency(ray, gpus)
+        n = num_shards or cfg.claim_shards or default_num_shards(index.num_samples, concurrency)
         log.info("sample index %s: %d samples (%s); %d shards", index.path, index.num_samples, index.status, n)
         results = _run_actors(ray, cfg, index, n, concurrency, gpus)
     modalities, notes, failures_csv = [], [index.split_summary] if index.split_summary else [], None
