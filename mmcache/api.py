@@ -29,14 +29,18 @@ __all__ = ["CacheArrays", "ablate", "analyze", "bench", "cache_info", "datasets"
 
 
 def extract(dataset: str, *, keep_shards: bool = False, dist_backend: str = "auto",
-            dist_timeout_s: float | None = None, **options: Any):
+            dist_timeout_s: float | None = None, engine: str = "local", ray_address: str | None = None,
+            **options: Any):
     """Stage one: encode ``dataset`` into ``cache_dir/<dataset>/`` (any
     :class:`~mmcache.extract.extraction.ExtractConfig` field as a keyword: ``data_dir``, ``text_model``,
     ``image_model``, ``device``, ``batch_size``, ``dtype``, ...). Resumes, or is a no-op when up to date.
     ``shard`` may be ``"i/n"`` (or ``"i"`` with ``num_shards=n``) as on the command line. Under torchrun
     (``RANK`` / ``WORLD_SIZE`` set) each rank extracts its part and rank 0 merges them
     (``keep_shards``, ``dist_backend``, ``dist_timeout_s``: :mod:`mmcache.extract.distributed`).
-    Returns the :class:`~mmcache.extract.extraction.ExtractSummary` (rank 0: of the merged files)."""
+    ``engine="ray"``: the shards run on a Ray cluster (``ray_address``, default a local one;
+    :mod:`mmcache.extract.ray_engine`, the ``ray`` extra). Returns the
+    :class:`~mmcache.extract.extraction.ExtractSummary` (rank 0: of the merged files)."""
+    from mmcache.errors import BadInputError
     from mmcache.extract.distributed import DEFAULT_TIMEOUT_S, run_distributed_extract
     from mmcache.extract.extraction import ExtractConfig, parse_shard
 
@@ -44,6 +48,14 @@ def extract(dataset: str, *, keep_shards: bool = False, dist_backend: str = "aut
     if shard is None or isinstance(shard, str):  # the command line's form; None -> (0, 1)
         shard = parse_shard(shard, num_shards)
     cfg = ExtractConfig(dataset=dataset, shard=tuple(shard), **options)
+    if engine not in ("local", "ray"):
+        raise BadInputError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "ray":
+        from mmcache.extract.ray_engine import run_ray_extract
+
+        return run_ray_extract(cfg, address=ray_address, keep_shards=keep_shards)
+    if ray_address is not None:
+        raise BadInputError("--ray-address needs --engine ray")
     return run_distributed_extract(cfg, keep_shards=keep_shards, backend=dist_backend,
                                    timeout_s=DEFAULT_TIMEOUT_S if dist_timeout_s is None else dist_timeout_s)
 

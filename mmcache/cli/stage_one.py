@@ -119,6 +119,8 @@ def extract(
     keep_shards: KeepShards = False,
     dist_backend: Annotated[str, typer.Option(help="torchrun: auto (nccl on CUDA, gloo on CPU) | gloo | nccl")] = "auto",
     dist_timeout_hours: Annotated[float, typer.Option(help="torchrun: longest wait at the start/end barrier")] = 48.0,
+    engine: Annotated[str, typer.Option(help="local (this process, --claim, torchrun) | ray: the shards (--num-shards) run on a Ray cluster, then merge (needs the ray extra)")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="--engine ray: an existing cluster (auto, ray://host:10001); default: start a local one")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
     as_json: Json = False,
 ) -> None:
@@ -145,7 +147,7 @@ def extract(
     summary = api.extract(
         settings.pop("dataset"), **settings, command=resume_command(CALL[0]),
         keep_shards=resolved["keep_shards"], dist_backend=resolved["dist_backend"],
-        dist_timeout_s=resolved["dist_timeout_hours"] * 3600)
+        dist_timeout_s=resolved["dist_timeout_hours"] * 3600, engine=engine, ray_address=ray_address)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 prints (the merged files)
         configfile.save_extract_config(summary.index_path, resolved)
         typer.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else format_extract_summary(summary))

@@ -1,0 +1,131 @@
+"""``extract --engine ray`` (extract/ray_engine.py): Ray Data actors extract shards under the shard lock.
+
+A local Ray cluster (2 CPUs, started by the function), 2 shards on 2 actors, text + image: the merged
+cache equals a single-process extract's and a rerun is a no-op. Without ray installed, `--engine ray`
+exits 2 with the install hint. Tiny random BERT / DINOv2 checkpoints, a 13-post folder dataset.
+"""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from mmcache.extract import tiny_models as tm
+from mmcache.extract.extraction import ExtractConfig, run_extract
+from PIL import Image
+
+from mmcache import cache as cf
+from mmcache import cli
+from mmcache.errors import BadInputError, PipelineError
+
+N = 13
+MAX_LEN = 16
+WORDS = "i love this great day but hate the awful rain so sad today with friends".split()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"bert": tm.build_bert(root / "bert", hidden_size=16, num_heads=2, seed=41),
+            "dinov2": tm.build_dinov2(root / "dinov2", hidden_size=16, num_heads=2, patch_size=8, image_size=32,
+                                      seed=42)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("posts")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(N):
+        name = f"img/p{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(int(rng.integers(20, 50)), 30, 3), dtype=np.uint8)).save(root / name)
+        text = "" if i == 9 else " ".join(rng.choice(WORDS, size=int(rng.integers(1, 25))))  # one failure
+        rows.append({"id": f"p{i:02d}", "text": text, "image": name, "label": ["positive", "neutral", "negative"][i % 3]})
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def _cfg(data, models, cache, **kw) -> ExtractConfig:
+    return ExtractConfig(**{**dict(dataset="folder", data_dir=data, cache_dir=cache, text_model=str(models["bert"]),
+                                   image_model=str(models["dinov2"]), text_max_length=MAX_LEN, dtype="float32",
+                                   device="cpu", batch_size=1, num_workers=0, threads=1, progress=False), **kw})
+
+
+def _args(data, models, cache) -> list[str]:
+    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
+            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
+            "--text-max-length", str(MAX_LEN), "--dtype", "float32", "--device", "cpu", "--batch-size", "1",
+            "--num-workers", "0", "--threads", "1", "--no-progress"]
+
+
+def _assert_same(path: Path, ref: Path) -> None:
+    with h5py.File(ref, "r") as a, h5py.File(path, "r") as b:
+        for key in ("id", "row", "done", "valid", "failure", "mask"):
+            assert np.array_equal(a[key][...], b[key][...]), key
+        for key in ("cls", "mean", "tokens"):
+            np.testing.assert_allclose(b[key][...], a[key][...], atol=1e-5, rtol=1e-5, err_msg=key)
+        assert a.attrs["config_fingerprint"] == b.attrs["config_fingerprint"] and bool(b.attrs["complete"])
+    with cf.FeatureFile(path) as ff:
+        assert ff.has_checksums and not ff.verify()
+
+
+@pytest.mark.slow
+def test_ray_two_actors_two_shards_equal_single_process_and_rerun_is_noop(data, models, tmp_path, capsys):
+    pytest.importorskip("ray.data")
+    from mmcache.extract.ray_engine import run_ray_extract
+
+    ref = {m.modality: Path(m.path) for m in run_extract(_cfg(data, models, tmp_path / "ref")).modalities}
+    t0 = time.perf_counter()
+    # a fault in one shard: text shard 1 is not HDF5. It is named; the other shards finish and are kept
+    folder = Path(ref["text"]).parent.name
+    bad = tmp_path / "ray" / folder / f"{ref['text'].stem}.shard-1-of-2.h5"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(PipelineError, match=r"1 of 2 shards failed: shard 1/2: .*") as err:
+        run_ray_extract(_cfg(data, models, tmp_path / "ray"), num_shards=2, concurrency=2)
+    assert not isinstance(err.value, BadInputError) and "Traceback" not in str(err.value)
+    bad.unlink()
+    s = run_ray_extract(_cfg(data, models, tmp_path / "ray"), num_shards=2, concurrency=2)
+    assert [m.modality for m in s.modalities] == list(cf.MODALITIES)
+    for m in s.modalities:  # only text shard 1 was left: rows 6..12
+        assert (m.encoded + m.failed, m.complete, m.up_to_date) == ((N - N // 2, True, False) if m.modality == "text"
+                                                                   else (0, True, False)), m
+        assert Path(m.path).name == ref[m.modality].name and not cf.parse_shard_name(Path(m.path))
+        _assert_same(Path(m.path), ref[m.modality])
+    assert len(list(Path(s.index_path).parent.glob("*.shard-*-of-2.h5"))) == 4  # virtual merge: kept
+    assert "text: ray extracted 1 of 2 shards" in s.notes and "image: ray extracted 0 of 2 shards" in s.notes, s.notes
+    with capsys.disabled():
+        print(f"ray extract: {time.perf_counter() - t0:.1f} s")
+
+    # the rerun goes through the command line: `--engine ray` finds every shard complete and merged
+    assert cli.main([*_args(data, models, tmp_path / "ray"), "--engine", "ray", "--num-shards", "2", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for m in again["modalities"]:
+        assert (m["encoded"], m["up_to_date"], m["already_done"]) == (0, True, N), m
+        _assert_same(Path(m["path"]), ref[m["modality"]])
+    assert any("already merged" in n for n in again["notes"]) and any("0 of 2 shards" in n for n in again["notes"])
+
+
+def test_engine_ray_without_ray_exits_2(data, models, tmp_path, monkeypatch, capsys):
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kw):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert cli.main([*_args(data, models, tmp_path), "--engine", "ray", "--num-shards", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'mmcache[ray]'" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*/index.h5"))  # refused before any work
