@@ -132,7 +132,7 @@ def _shard_done(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int
         return False  # unreadable: extract_shard says why (or --repair rebuilds it)
 
 
-def _claim_one(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int, n: int, claimed: list[int]):
+def claim_one(cfg: ExtractConfig, modality: str, enc, index: IndexInfo, i: int, n: int, claimed: list[int]):
     """Try shard ``i``: None when another worker holds it, True when it is complete already, else the
     :class:`ModalitySummary` of extracting (or resuming) it (``i`` appended to ``claimed`` first)."""
     lock = ExitStack()
@@ -174,7 +174,7 @@ def claim_modality(cfg: ExtractConfig, modality: str, index: IndexInfo, num_shar
     while pending:
         held = []
         for i in pending:
-            got = _claim_one(cfg, modality, enc, index, i, n, claimed)
+            got = claim_one(cfg, modality, enc, index, i, n, claimed)
             if got is None:
                 held.append(i)
             elif got is not True:

@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from mmcache.extract.claim import POLL_S, _claim_one, combine, default_num_shards, merge_claimed
+from mmcache.extract.claim import POLL_S, claim_one, combine, default_num_shards, merge_claimed
 from mmcache.extract.config import ExtractConfig, ExtractSummary, ModalitySummary
 from mmcache.extract.extraction import feature_file, load_modality_encoder, validate_models
 from mmcache.extract.index_prep import disk_full_as_error, load_index_info, prepare_index
@@ -97,7 +97,7 @@ class ShardExtractor:
         path = feature_file(self.cfg, modality, enc, self.index.dataset_dir.name, i, self.n)
         target = cf.parse_shard_name(path)[0] if self.n > 1 else path
         while True:
-            got = _claim_one(self.cfg, modality, enc, self.index, i, self.n, [])
+            got = claim_one(self.cfg, modality, enc, self.index, i, self.n, [])
             if got is not None:
                 return got, target
             time.sleep(POLL_S)
