@@ -375,6 +375,18 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     return data.to(device)
 
 
+def require_features(cache_dir: str | Path, dataset: str, modalities, features: str,
+                     given: dict[str, str | Path | None] | None = None) -> None:
+    """Check, without reading any feature, that the caches of ``modalities`` store ``features`` (a lean
+    cache may not): :class:`~mmcache.cache.MissingFieldsError` (exit 2) naming what the file stores and the
+    ``extract --fields`` command that adds the rest. What an ablation asks before it trains anything."""
+    arrays = ("tokens", "mask") if features == "tokens" else (features,)
+    for m in MODALITY_ORDER:
+        if m in set(modalities):
+            with cf.FeatureFile(find_cache(cache_dir, dataset, m, (given or {}).get(m))) as ff:
+                ff.require_fields(arrays)
+
+
 def choose_streaming(paths: dict[str, Path], features: str, budget: int, streamed: bool | None = None,
                      shuffle_buffer: int | None = None) -> tuple[bool, int | None]:
     """(streamed, shuffle window rows or None in memory) of the ``features`` of ``paths`` within ``budget``

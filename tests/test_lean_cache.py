@@ -145,6 +145,19 @@ def test_stage_two_and_export_on_a_lean_cache(lean, tmp_path, capsys):
     assert "fields cls, mean, tokens\n" in capsys.readouterr().out
 
 
+def test_ablate_refuses_a_features_mode_the_lean_cache_lacks_before_training(lean, tmp_path, capsys):
+    """A grid asking `tokens` of a `cls,mean` cache is exit 2 with the one line naming the add command,
+    before any run trains (not a grid of failed cells after the others were trained)."""
+    cache, runs = lean.parent.parent, tmp_path / "runs"
+    code = main(["ablate", "--heads", "text_only", "--features", "cls,tokens", "--seeds", "1", "--epochs", "1",
+                 "--cache-dir", str(cache), "--runs-dir", str(runs), "--results-dir", str(tmp_path / "results"),
+                 "--no-probe", "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("INFO")]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert "stores cls, mean but this needs tokens" in err[0] and "--fields cls,mean,tokens" in err[0]
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def _export_refusal(cache: Path, lean: Path, tmp_path: Path, capsys) -> str:
     code = main(["cache", "export", "--dataset", lean.parent.name, "--cache-dir", str(cache), "--out",
                  str(tmp_path / "x"), "--fields", "tokens"])

@@ -73,6 +73,8 @@ from mmcache.fuse.ablate.grid import (
 )
 from mmcache.fuse.ablate.tables import format_tables, write_results
 from mmcache.fuse.config import TrainConfig
+from mmcache.fuse.data import require_features
+from mmcache.fuse.heads import head_uses
 from mmcache.fuse.metrics import METRICS
 
 from mmcache.errors import BadInputError, PipelineError
@@ -152,6 +154,10 @@ def run_ablation(config: AblationConfig) -> AblationResult:
                        seeds=config.seeds, cache_dir=config.cache_dir, runs_dir=config.runs_dir, skipped=skipped,
                        targets=config.targets, lrs=config.lrs, dims=config.dims, dropouts=config.dropouts)
     selected = shard_runs(runs, config.shard)
+    if not config.aggregate_only:  # a features mode a (lean) cache lacks: refused before anything trains
+        for key in {(r.config.cache_dir, r.dataset, tuple(sorted(r.config.modalities or head_uses(r.head))), r.features,
+                     r.encoder.text, r.encoder.image) for r in selected}:
+            require_features(key[0], key[1], key[2], key[3], {"text": key[4], "image": key[5]})
     if config.aggregate_only:
         done = {"trained": [], "reused": [], "failed": {}, "stale": [], "elsewhere": []}
     else:

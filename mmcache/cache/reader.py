@@ -167,7 +167,7 @@ class FeatureFile:
         want = [k for k in FIELD_CHOICES if k in (*self.fields, *fields)]
         return f"{extract_command(self.path, self.provenance, self.modality, self.config)} --fields {','.join(want)}"
 
-    def _check_fields(self, arrays) -> None:
+    def require_fields(self, arrays) -> None:
         """:class:`MissingFieldsError` unless every field holding ``arrays`` is stored and complete."""
         needed = [k for k in FIELD_CHOICES if set(FIELD_ARRAYS[k]) & set(arrays)]
         status = self.fields_complete()
@@ -209,7 +209,7 @@ class FeatureFile:
             if name not in FEATURE_FIELDS + OPTIONAL_FIELDS:
                 raise BadInputError(f"unknown cache field {name!r}; expected one of "
                                     f"{', '.join(FEATURE_FIELDS + OPTIONAL_FIELDS)}")
-        self._check_fields(fields)
+        self.require_fields(fields)
         names = tuple(dict.fromkeys(fields))
         if verify:
             arrays, damage = scan_file(self._f, self.path, (*names, "valid"), keep=names)
