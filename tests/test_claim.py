@@ -8,7 +8,6 @@ random BERT / DINOv2 checkpoints, a 13-post folder dataset, 1 thread per process
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -22,11 +21,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import tiny_models as tm
+from conftest import tiny_encoders, write_posts
 from mmcache.extract.claim import claim_modality, default_num_shards, worker_slot
 from mmcache.extract.distributed import LaunchEnv, run_distributed_extract
 from mmcache.extract.extraction import ExtractConfig, prepare_index, run_extract
-from PIL import Image
 
 from mmcache import cache as cf
 from mmcache import cli
@@ -35,35 +33,18 @@ from mmcache.errors import BadInputError
 REPO = Path(__file__).resolve().parents[1]
 N = 13
 MAX_LEN = 16
-WORDS = "i love this great day but hate the awful rain so sad today with friends".split()
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"bert": tm.build_bert(root / "bert", hidden_size=16, num_heads=2, seed=41),
-            "dinov2": tm.build_dinov2(root / "dinov2", hidden_size=16, num_heads=2, patch_size=8, image_size=32,
-                                      seed=42)}
+    return tiny_encoders(tmp_path_factory.mktemp("models"), seed=41)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("posts")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(4)
-    rows = []
-    for i in range(N):
-        name = f"img/p{i:02d}.png"
-        Image.fromarray(rng.integers(0, 256, size=(int(rng.integers(20, 50)), 30, 3), dtype=np.uint8)).save(root / name)
-        text = "" if i == 9 else " ".join(rng.choice(WORDS, size=int(rng.integers(1, 25))))  # one failure
-        rows.append({"id": f"p{i:02d}", "text": text, "image": name, "label": ["positive", "neutral", "negative"][i % 3]})
-    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    return write_posts(tmp_path_factory.mktemp("posts"), N, 4)
 
 
 def _cfg(data, models, cache, **kw) -> ExtractConfig:

@@ -8,7 +8,6 @@ folder dataset (one missing image, one empty text), 1 thread per rank.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -18,10 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import tiny_models as tm
+from conftest import tiny_encoders, write_posts
 from mmcache.extract.distributed import launch_env, rank_device
 from mmcache.extract.extraction import ExtractConfig, parse_shard, run_extract
-from PIL import Image
 
 from mmcache import cache as cf
 from mmcache import cli
@@ -30,38 +28,18 @@ from mmcache.errors import BadInputError, CacheError
 REPO = Path(__file__).resolve().parents[1]
 N = 13  # odd: shards of 6 and 7 rows
 MAX_LEN = 16
-WORDS = "i love this great day but hate the awful rain so sad today with friends".split()
 
 
 # --------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"bert": tm.build_bert(root / "bert", hidden_size=16, num_heads=2, seed=21),
-            "dinov2": tm.build_dinov2(root / "dinov2", hidden_size=16, num_heads=2, patch_size=8, image_size=32,
-                                      seed=22)}
+    return tiny_encoders(tmp_path_factory.mktemp("models"), seed=21)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("posts")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(3)
-    rows = []
-    for i in range(N):
-        name = f"img/p{i:02d}.png"
-        if i == 4:
-            name = "img/missing.png"  # a failure inside shard 0
-        else:
-            Image.fromarray(rng.integers(0, 256, size=(int(rng.integers(20, 50)), 30, 3), dtype=np.uint8)).save(root / name)
-        text = "" if i == 9 else " ".join(rng.choice(WORDS, size=int(rng.integers(1, 25))))  # a failure in shard 1
-        rows.append({"id": f"p{i:02d}", "text": text, "image": name, "label": ["positive", "neutral", "negative"][i % 3]})
-    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    return write_posts(tmp_path_factory.mktemp("posts"), N, 3, missing_image=4)
 
 
 def _args(data, models, cache, *extra) -> list[str]:

@@ -8,7 +8,6 @@ through it; stage two trains on it. Tiny random BERT / DINOv2 checkpoints, an 18
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -17,41 +16,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from mmcache.extract import tiny_models as tm
-from PIL import Image
+from conftest import tiny_encoders, write_posts
 
 from mmcache import cache as cf
 from mmcache import cli
 from mmcache.errors import CacheError
 
 N = 18
-WORDS = "i love this great day but hate the awful rain so sad today with friends".split()
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {"bert": tm.build_bert(root / "bert", hidden_size=16, num_heads=2, seed=31),
-            "dinov2": tm.build_dinov2(root / "dinov2", hidden_size=16, num_heads=2, patch_size=8, image_size=32,
-                                      seed=32)}
+    return tiny_encoders(tmp_path_factory.mktemp("models"), seed=31)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vposts")
-    (root / "img").mkdir()
-    rng = np.random.default_rng(5)
-    rows = []
-    for i in range(N):
-        name = f"img/p{i:02d}.png"
-        Image.fromarray(rng.integers(0, 256, size=(int(rng.integers(20, 50)), 30, 3), dtype=np.uint8)).save(root / name)
-        text = "" if i == 11 else " ".join(rng.choice(WORDS, size=int(rng.integers(1, 20))))  # a failure in shard 1
-        rows.append({"id": f"p{i:02d}", "text": text, "image": name, "label": ["positive", "neutral", "negative"][i % 3]})
-    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "text", "image", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    return write_posts(tmp_path_factory.mktemp("vposts"), N, 5, empty_text=11, max_words=20)
 
 
 def _args(data, models, cache, *extra) -> list[str]:
