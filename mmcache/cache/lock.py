@@ -5,7 +5,9 @@ file says who holds it (JSON: pid, host, command, since) so a refusal can name t
 itself is a ``flock`` on that file, which the kernel drops when the holder dies (``kill -9``
 included), so a crashed writer never blocks the next run. A lock file whose holder is gone is
 recovered automatically (logged). Where ``flock`` is not supported, the pid in the file decides
-(alive on this host = held; another host's lock = held until its holder releases it).
+(alive on this host = held; another host's lock = held until its holder releases it). The mechanism
+(open + flock + holder JSON + recovery) is the core's, :mod:`mmcache.locks`; this module adds what is
+specific to cache folders: the lock file names, the shard kinds, re-entrancy and the refusal's wording.
 
 Two kinds of holders:
 
@@ -20,63 +22,32 @@ Re-entrant per process: a process that already holds a folder's lock (``run_extr
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
 import socket
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mmcache.errors import BadInputError, CacheError
+from mmcache.locks import FileLock, acquire, describe, holder, read_holder
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 
-try:  # pragma: no cover -- every POSIX system has it
-    import fcntl
-except ImportError:  # pragma: no cover -- Windows: the pid in the file decides
-    fcntl = None  # type: ignore[assignment]
+__all__ = ["LOCK_NAME", "CacheBusyError", "describe_holder", "folder_lock", "read_holder", "writer_of"]
 
 
 class CacheBusyError(CacheError, BadInputError):
     """Another live process writes this cache folder (the CLI exits 2: wait, or stop that process)."""
 
 
-_HELD: dict[tuple[str, str], list[Any]] = {}  # (folder, kind) -> [count, fds]
-
-
-def _info() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500],
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def read_holder(path: Path) -> dict[str, Any] | None:
-    """The holder a lock file names, or None (no file, empty, unreadable)."""
-    try:
-        raw = Path(path).read_text(encoding="utf-8").strip()
-        return json.loads(raw) if raw else None
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_HELD: dict[tuple[str, str], list[Any]] = {}  # (folder, kind) -> [count, locks]
 
 
 def describe_holder(h: dict[str, Any]) -> str:
-    return (f"pid {h.get('pid')} on host {h.get('host')} since {h.get('since')} "
-            f"(command: {h.get('command') or '?'})")
+    """``pid 123 on host x since ... (command: ...)`` for messages."""
+    return describe(h, command=True)
 
 
 def _busy(folder: Path, holders: list[dict[str, Any]]) -> CacheBusyError:
@@ -88,47 +59,15 @@ def _busy(folder: Path, holders: list[dict[str, Any]]) -> CacheBusyError:
                           f"override a live lock ({gone})")
 
 
-def _flock(fd: int, shared: bool) -> bool | None:
-    """True: locked; False: held by someone else; None: flock unsupported here."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        return True
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return False
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-
-
-def _holder_live(h: dict[str, Any] | None) -> bool:
-    if not h:
-        return False
-    if h.get("host") != socket.gethostname():
-        return True  # cannot check another machine's pids
-    return int(h.get("pid", -1)) != os.getpid() and _alive(int(h.get("pid", -1)))
-
-
-def _take(path: Path, shared: bool, folder: Path) -> int:
-    """Open + lock ``path``; write our info unless shared. Returns the fd; raises CacheBusyError."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        got = _flock(fd, shared)
-        previous = read_holder(path)
-        if got is False or (got is None and _holder_live(previous)):
-            raise _busy(folder, _live_holders(folder, path, previous))
-        if previous and previous.get("pid") != os.getpid():
-            log.warning("recovered a stale cache lock %s left by %s (no longer running)", path,
-                        describe_holder(previous))
-        os.ftruncate(fd, 0)
-        if not shared:
-            os.pwrite(fd, json.dumps(_info()).encode(), 0)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+def _take(path: Path, shared: bool, folder: Path) -> FileLock:
+    """Lock ``path`` (shared: no holder written); raises CacheBusyError naming the live holders."""
+    lock, previous = acquire(path, shared=shared)
+    if lock is None:
+        raise _busy(folder, _live_holders(folder, path, previous))
+    if previous:
+        log.warning("recovered a stale cache lock %s left by %s (no longer running)", path,
+                    describe_holder(previous))
+    return lock
 
 
 def _live_holders(folder: Path, path: Path, previous: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -143,25 +82,10 @@ def _live_holders(folder: Path, path: Path, previous: dict[str, Any] | None) -> 
 
 
 def _is_locked(path: Path) -> bool:
-    if fcntl is None:  # pragma: no cover
-        return _holder_live(read_holder(path))
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return holder(path) is not None
     except OSError:
         return False
-    try:
-        got = _flock(fd, shared=False)
-        return got is False or (got is None and _holder_live(read_holder(path)))
-    finally:
-        os.close(fd)
-
-
-def _release(path: Path, fd: int, owner: bool) -> None:
-    try:
-        if owner:
-            os.ftruncate(fd, 0)  # an empty lock file means: nobody
-    finally:
-        os.close(fd)  # drops the flock
 
 
 @contextmanager
@@ -183,24 +107,22 @@ def folder_lock(folder: str | Path, *, shard_file: str | None = None):
         finally:
             held[0] -= 1
         return
-    main = folder / LOCK_NAME
-    fds: list[tuple[Path, int, bool]] = []
+    locks: list[FileLock] = []
     try:
-        fds.append((main, _take(main, shared=bool(shard_file), folder=folder), not shard_file))
+        locks.append(_take(folder / LOCK_NAME, shared=bool(shard_file), folder=folder))
         if shard_file:
-            p = folder / f"{LOCK_NAME}-{shard_file}"
-            fds.append((p, _take(p, shared=False, folder=folder), True))
+            locks.append(_take(folder / f"{LOCK_NAME}-{shard_file}", shared=False, folder=folder))
     except BaseException:
-        for p, fd, owner in reversed(fds):
-            _release(p, fd, owner)
+        for lock in reversed(locks):
+            lock.release()
         raise
-    _HELD[key] = [1, fds]
+    _HELD[key] = [1, locks]
     try:
         yield
     finally:
         del _HELD[key]
-        for p, fd, owner in reversed(fds):
-            _release(p, fd, owner)
+        for lock in reversed(locks):
+            lock.release()
 
 
 def writer_of(folder: str | Path) -> dict[str, Any] | None:
