@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import time
 from pathlib import Path
 
 import h5py
@@ -66,7 +65,6 @@ def test_ray_two_actors_two_shards_equal_single_process_and_rerun_is_noop(data, 
     from mmcache.extract.ray_engine import run_ray_extract
 
     ref = {m.modality: Path(m.path) for m in run_extract(_cfg(data, models, tmp_path / "ref")).modalities}
-    t0 = time.perf_counter()
     # a fault in one shard: text shard 1 is not HDF5. It is named; the other shards finish and are kept
     folder = Path(ref["text"]).parent.name
     bad = tmp_path / "ray" / folder / f"{ref['text'].stem}.shard-1-of-2.h5"
@@ -85,8 +83,6 @@ def test_ray_two_actors_two_shards_equal_single_process_and_rerun_is_noop(data, 
         _assert_same(Path(m.path), ref[m.modality])
     assert len(list(Path(s.index_path).parent.glob("*.shard-*-of-2.h5"))) == 4  # virtual merge: kept
     assert "text: ray extracted 1 of 2 shards" in s.notes and "image: ray extracted 0 of 2 shards" in s.notes, s.notes
-    with capsys.disabled():
-        print(f"ray extract: {time.perf_counter() - t0:.1f} s")
 
     # the rerun goes through the command line: `--engine ray` finds every shard complete and merged
     assert cli.main([*_args(data, models, tmp_path / "ray"), "--engine", "ray", "--num-shards", "2", "--json"]) == 0
