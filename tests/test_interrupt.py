@@ -98,14 +98,17 @@ def test_sigint_ablate_keeps_finished_runs_and_the_hint_resumes(tmp_path):
             "--dim", "16", "-j", "2", "--no-plots"]
     run = Running(args, tmp_path)
     grid = tmp_path / "runs" / "grid" / "synth"
-    run.wait_for(lambda: len(list(grid.glob("*/metrics.json"))) >= 1)
+    # a run is finished once sealed (manifest written last), not when its metrics.json appears: an
+    # interrupt between the two leaves it unfinished (seen in CI when the check counted metrics.json)
+    run.wait_for(lambda: any(is_finished(d) for d in grid.iterdir() if d.is_dir()) if grid.is_dir() else False)
     code, seconds = run.interrupt()
     assert code == 130, run.err
     assert seconds < 15  # workers are terminated, not waited for
     line = run.final_line()
-    finished = sorted(p.parent.name for p in grid.glob("*/metrics.json"))
+    finished = sorted(d.name for d in grid.iterdir() if d.is_dir() and is_finished(d))
     m = re.search(r"kept (\d+) of 9 finished runs in runs/grid/synth", line)
-    assert m and int(m.group(1)) == len(finished) >= 1, line
+    # counted on disk as the workers stop: one sealing in that instant may be counted or not
+    assert m and 1 <= int(m.group(1)) <= len(finished) <= int(m.group(1)) + 1, line
     # run folders the interrupt cut short (marked UNFINISHED unless killed before the marker was written)
     unfinished = [d for d in grid.iterdir() if d.is_dir() and not d.name.startswith(".") and not is_finished(d)]  # .locks: run locks
     assert all((d / UNFINISHED_MARKER).is_file() for d in unfinished if (d / "metrics.json").is_file())
