@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from mmcache.cache.h5io import json_attr, open_h5
-from mmcache.cache.integrity import field_groups, nonfinite_rows, row_crc32
-from mmcache.cache.reader import repair_command
+from mmcache.cache.integrity import Damage, damaged_rows, field_groups
+from mmcache.cache.reader import damage_error
 from mmcache.errors import CacheError
 
 __all__ = ["BLOCK_BYTES", "BlockReader", "array_nbytes", "checksum_column"]
@@ -83,26 +83,12 @@ class BlockReader:
         out = np.empty((b - a, *self.shape[1:]), dtype=self.dtype)
         with self._lock:
             self._f[self.field].read_direct(out, np.s_[a:b])
-        done = self._done[a:b]
-        if self._crc is not None:
-            bad = np.flatnonzero(done & (row_crc32(out) != self._crc[a:b]))
-        elif out.dtype.kind == "f":
-            bad = np.flatnonzero(done & nonfinite_rows(out))
-        else:
-            bad = np.zeros(0, dtype=np.int64)
+        bad = damaged_rows(out, self._done[a:b], None if self._crc is None else self._crc[a:b])
         if bad.size:
-            raise self._damage(a + bad)
+            ids = np.asarray(self._f["id"].asstr()[...], dtype=object)  # only on damage: names the rows
+            raise damage_error(Damage(path=self.path, ids=ids, checked=(self.field,), verifiable=self._crc is not None,
+                                      rows_by_field={self.field: a + bad}), self.provenance, self.modality)
         return out
-
-    def _damage(self, rows: np.ndarray) -> CacheError:
-        ids = self._f["id"].asstr()[rows[:10].tolist()] if rows.size else []
-        shown = ", ".join(f"{i} (row {r})" for i, r in zip(ids, rows[:10], strict=False))
-        more = " ..." if rows.size > 10 else ""
-        return CacheError(f"{self.path}: {rows.size} damaged rows in a block read for training ({self.field}: "
-                          f"{rows.size}): {shown}{more}. They are never used for training: recompute them with "
-                          f"`{repair_command(self.path, self.provenance, self.modality)}` (or rerun the extract "
-                          f"command that made the file); `python cli.py cache verify {self.path.parent}` lists "
-                          "every damaged row")
 
     def close(self) -> None:
         with self._lock:

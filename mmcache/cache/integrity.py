@@ -153,12 +153,19 @@ def _scan_array(ds, done: np.ndarray, want: np.ndarray | None, whole: bool) -> t
         b = min(n, a + step)
         block = arr[a:b] if arr is not None else buf[:b - a]
         ds.read_direct(block, np.s_[a:b])
-        d = done[a:b]
-        if want is not None:  # a matching checksum proves the bytes written, and writes are finite
-            bad.append(a + np.flatnonzero(d & (row_crc32(block) != want[a:b])))
-        elif block.dtype.kind == "f":
-            bad.append(a + np.flatnonzero(d & nonfinite_rows(block)))
+        bad.append(a + damaged_rows(block, done[a:b], None if want is None else want[a:b]))
     return arr, (np.unique(np.concatenate(bad)) if bad else np.zeros(0, dtype=np.int64))
+
+
+def damaged_rows(block: np.ndarray, done: np.ndarray, crcs: np.ndarray | None) -> np.ndarray:
+    """(K,) int64 positions in ``block`` (B, ...) of done rows whose bytes do not match ``crcs`` (B,) uint32,
+    or, without checksums, that hold NaN/Inf (a matching checksum proves the bytes written, and writes are
+    finite)."""
+    if crcs is not None:
+        return np.flatnonzero(done & (row_crc32(block) != crcs))
+    if block.dtype.kind == "f":
+        return np.flatnonzero(done & nonfinite_rows(block))
+    return np.zeros(0, dtype=np.int64)
 
 
 def array_row_bytes(name: str, hidden_size: int, num_tokens: int, dtype: str, proj_size: int = 0) -> int:

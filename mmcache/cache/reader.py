@@ -90,6 +90,15 @@ def _value_options(modality: str, config: dict[str, Any]) -> list[str]:
     return out
 
 
+def damage_error(damage: Damage, provenance: dict[str, Any] | None, modality: str | None) -> CacheError:
+    """The one message for damaged rows met while reading (whole arrays or streamed blocks): which rows,
+    that they are never trained on, and the command that recomputes them."""
+    path = damage.path
+    return CacheError(f"{path}: {damage.describe()}. They are never used for training: recompute them with "
+                      f"`{repair_command(path, provenance, modality)}` (or rerun the extract command that made the "
+                      f"file); `python cli.py cache verify {path.parent}` lists every damaged row")
+
+
 class FeatureFile:
     """Read access to one modality file. Arrays load whole (one contiguous read each), never per batch."""
 
@@ -217,10 +226,7 @@ class FeatureFile:
                 log.warning("%s has no checksums (written by an older version): only NaN/Inf can be detected; "
                             "rebuild it with `extract --force` to make it verifiable", self.path)
             if damage:
-                raise CacheError(f"{self.path}: {damage.describe()}. They are never used for training: recompute "
-                                 f"them with `{repair_command(self.path, self.provenance, self.modality)}` (or "
-                                 "rerun the extract command that made the file); `python cli.py cache verify "
-                                 f"{self.path.parent}` lists every damaged row")
+                raise damage_error(damage, self.provenance, self.modality)
         else:
             arrays = {}
             for name in names:
