@@ -351,8 +351,7 @@ def load_data(dataset: str | None = None, *, modalities: set[str] | tuple[str, .
     resolve_target(index, target)  # an unknown target fails before any feature is read
     paths = {m: find_cache(cache_dir, dataset, m, given[m]) for m in mods}
     budget = max_memory if max_memory is not None else default_budget(torch.device(device))
-    streamed, _ = choose_streaming(paths, features, budget, streamed, shuffle_buffer)
-    needed, resident = _feature_bytes(paths, features, len(index))
+    streamed, _, needed, resident = _choose(_array_sizes(paths, features), features, budget, streamed, shuffle_buffer)
     logger.info("%s %s features need %.1f MiB, memory budget %.1f MiB: %s", dataset, features, needed / 2**20,
                 budget / 2**20, "streamed from the cache files" if streamed else "read into memory")
     loaded = {m: load_modality(paths[m], m, index, features, dataset, streamed) for m in mods}
@@ -395,9 +394,23 @@ def choose_streaming(paths: dict[str, Path], features: str, budget: int, streame
     more than the budget; True / False: a run's recorded choice, kept (False over the budget is a
     :class:`BadInputError` naming it, not a silently different run). ``shuffle_buffer``: rows, None / 0 =
     auto (:func:`fuse.stream.resolve_window`); one over what the budget allows is a :class:`BadInputError`."""
-    arrays = [array_nbytes(p, features) for p in paths.values()]  # (bytes, shape): metadata only
+    streamed, window, _, _ = _choose(_array_sizes(paths, features), features, budget, streamed, shuffle_buffer)
+    return streamed, window
+
+
+def _array_sizes(paths: dict[str, Path], features: str) -> list[tuple[int, tuple[int, ...]]]:
+    """(bytes as stored, shape) of each file's ``features`` array: metadata only, read once per decision."""
+    return [array_nbytes(p, features) for p in paths.values()]
+
+
+def _choose(arrays: list[tuple[int, tuple[int, ...]]], features: str, budget: int, streamed: bool | None,
+            shuffle_buffer: int | None) -> tuple[bool, int | None, int, int]:
+    """:func:`choose_streaming` on the sizes of :func:`_array_sizes`, plus the bytes the feature arrays
+    need and the bytes that stay in memory when they are streamed (the (N, L) bool masks plus ~64 bytes a
+    sample of ids, labels and split rows)."""
     n = max((shape[0] for _, shape in arrays if shape), default=0)
-    needed, resident = _feature_bytes(paths, features, n)
+    needed = sum(nbytes for nbytes, _ in arrays)
+    resident = 64 * n + sum(shape[0] * shape[1] for _, shape in arrays if features == "tokens" and len(shape) == 3)
     if streamed is None:
         streamed = needed > budget
     elif not streamed and needed > budget:
@@ -405,21 +418,9 @@ def choose_streaming(paths: dict[str, Path], features: str, budget: int, streame
                             f"need {needed:,} bytes, over the memory budget of {budget:,} (--max-memory; default "
                             f"half of the free memory); give --max-memory {needed} or more to reproduce it")
     if not streamed:
-        return False, None
+        return False, None, needed, resident
     row_bytes = sum(nbytes // max(1, shape[0]) for nbytes, shape in arrays if shape)
-    return True, resolve_window(budget, resident, row_bytes, n, shuffle_buffer)
-
-
-def _feature_bytes(paths: dict[str, Path], features: str, n: int) -> tuple[int, int]:
-    """(bytes of the big feature arrays as stored, bytes of what stays in memory when they are streamed:
-    the (N, L) bool masks plus ~64 bytes a sample of ids, labels and split rows)."""
-    needed, resident = 0, 64 * n
-    for p in paths.values():
-        nbytes, shape = array_nbytes(p, features)
-        needed += nbytes
-        if features == "tokens" and len(shape) == 3:
-            resident += shape[0] * shape[1]
-    return needed, resident
+    return True, resolve_window(budget, resident, row_bytes, n, shuffle_buffer), needed, resident
 
 
 def _attach_target(data: FusionData, name: str | None) -> FusionData:
