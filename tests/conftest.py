@@ -67,3 +67,22 @@ def tiny_encoders(root, seed: int) -> dict:
     return {"bert": tm.build_bert(root / "bert", hidden_size=16, num_heads=2, seed=seed),
             "dinov2": tm.build_dinov2(root / "dinov2", hidden_size=16, num_heads=2, patch_size=8, image_size=32,
                                       seed=seed + 1)}
+
+
+def extract_args(data, models, cache, *extra, batch_size: int = 1, max_len: int = 16) -> list[str]:
+    """``cli.py extract`` arguments for :func:`write_posts` data and :func:`tiny_encoders` models (float32, CPU,
+    no workers, no progress bars), then ``extra``."""
+    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
+            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
+            "--text-max-length", str(max_len), "--dtype", "float32", "--device", "cpu", "--batch-size", str(batch_size),
+            "--num-workers", "0", "--no-progress", *extra]
+
+
+def extract_cfg(data, models, cache, **kw):
+    """The :class:`ExtractConfig` of :func:`extract_args` (batch size 1, text length 16), ``kw`` overriding."""
+    from mmcache.extract.extraction import ExtractConfig
+
+    base = dict(dataset="folder", data_dir=data, cache_dir=cache, text_model=str(models["bert"]),
+                image_model=str(models["dinov2"]), text_max_length=16, dtype="float32", device="cpu", batch_size=1,
+                num_workers=0, progress=False)
+    return ExtractConfig(**{**base, **kw})

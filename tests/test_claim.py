@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_encoders, write_posts
+from conftest import extract_args, extract_cfg, tiny_encoders, write_posts
 from mmcache.extract.claim import claim_modality, default_num_shards, worker_slot
 from mmcache.extract.distributed import LaunchEnv, run_distributed_extract
 from mmcache.extract.extraction import ExtractConfig, prepare_index, run_extract
@@ -32,7 +32,6 @@ from mmcache.errors import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
 N = 13
-MAX_LEN = 16
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1"}
 
@@ -48,16 +47,11 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, models, cache, **kw) -> ExtractConfig:
-    return ExtractConfig(**{**dict(dataset="folder", data_dir=data, cache_dir=cache, text_model=str(models["bert"]),
-                                   image_model=str(models["dinov2"]), text_max_length=MAX_LEN, dtype="float32",
-                                   device="cpu", batch_size=1, num_workers=0, progress=False), **kw})
+    return extract_cfg(data, models, cache, **kw)
 
 
 def _args(data, models, cache, *extra) -> list[str]:
-    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
-            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
-            "--text-max-length", str(MAX_LEN), "--dtype", "float32", "--device", "cpu", "--batch-size", "1",
-            "--num-workers", "0", "--no-progress", *extra]
+    return extract_args(data, models, cache, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_encoders, write_posts
+from conftest import extract_args, tiny_encoders, write_posts
 from mmcache.extract.distributed import launch_env, rank_device
 from mmcache.extract.extraction import ExtractConfig, parse_shard, run_extract
 
@@ -43,10 +43,7 @@ def data(tmp_path_factory):
 
 
 def _args(data, models, cache, *extra) -> list[str]:
-    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
-            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
-            "--text-max-length", str(MAX_LEN), "--dtype", "float32", "--device", "cpu", "--batch-size", "3",
-            "--num-workers", "0", "--no-progress", *extra]
+    return extract_args(data, models, cache, *extra, batch_size=3, max_len=MAX_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_encoders, write_posts
+from conftest import extract_args, extract_cfg, tiny_encoders, write_posts
 from mmcache.extract.extraction import ExtractConfig, run_extract
 
 from mmcache import cache as cf
@@ -22,7 +22,6 @@ from mmcache import cli
 from mmcache.errors import BadInputError, PipelineError
 
 N = 13
-MAX_LEN = 16
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +35,11 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, models, cache, **kw) -> ExtractConfig:
-    return ExtractConfig(**{**dict(dataset="folder", data_dir=data, cache_dir=cache, text_model=str(models["bert"]),
-                                   image_model=str(models["dinov2"]), text_max_length=MAX_LEN, dtype="float32",
-                                   device="cpu", batch_size=1, num_workers=0, threads=1, progress=False), **kw})
+    return extract_cfg(data, models, cache, threads=1, **kw)
 
 
 def _args(data, models, cache) -> list[str]:
-    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
-            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
-            "--text-max-length", str(MAX_LEN), "--dtype", "float32", "--device", "cpu", "--batch-size", "1",
-            "--num-workers", "0", "--threads", "1", "--no-progress"]
+    return extract_args(data, models, cache, "--threads", "1")
 
 
 def _assert_same(path: Path, ref: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_encoders, write_posts
+from conftest import extract_args, tiny_encoders, write_posts
 
 from mmcache import cache as cf
 from mmcache import cli
@@ -36,10 +36,7 @@ def data(tmp_path_factory):
 
 
 def _args(data, models, cache, *extra) -> list[str]:
-    return ["extract", "--dataset", "folder", "--data-dir", str(data), "--cache-dir", str(cache),
-            "--text-model", str(models["bert"]), "--image-model", str(models["dinov2"]),
-            "--text-max-length", "12", "--dtype", "float32", "--device", "cpu", "--batch-size", "4",
-            "--num-workers", "0", "--no-progress", *extra]
+    return extract_args(data, models, cache, *extra, batch_size=4, max_len=12)
 
 
 @pytest.fixture(scope="module")
